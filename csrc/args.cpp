@@ -1,0 +1,220 @@
+#include "args.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+namespace tfkernels {
+
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.dim() << "-D " << t.sizes();
+  return s.str();
+}
+
+}  // namespace
+
+GeluApprox parse_gelu_approximate(c10::string_view approximate) {
+  if (approximate == "none") return GeluApprox::kNone;
+  if (approximate == "tanh") return GeluApprox::kTanh;
+  TORCH_CHECK(false, "tfkernels: approximate must be \"none\" or \"tanh\", got \"",
+              std::string(approximate), "\"");
+}
+
+void check_dtype_in(const at::Tensor& t, const char* name, c10::ArrayRef<at::ScalarType> allowed) {
+  TORCH_CHECK(t.defined(), "tfkernels: ", name, " is an undefined tensor");
+  for (auto dtype : allowed) {
+    if (t.scalar_type() == dtype) return;
+  }
+  std::ostringstream s;
+  for (size_t i = 0; i < allowed.size(); ++i) s << (i ? ", " : "") << allowed[i];
+  TORCH_CHECK(false, "tfkernels: ", name, " must have dtype in {", s.str(), "} on ", t.device().type(),
+              ", got ", t.scalar_type());
+}
+
+void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
+  TORCH_CHECK(t.dim() == rank, "tfkernels: ", name, " must be a ", rank, "-D tensor ", layout, ", got ",
+              shape_str(t));
+}
+
+void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "tfkernels: ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "tfkernels: ", name, " must be on the device of ", ref_name,
+              " (", ref.device(), "), got ", t.device());
+}
+
+void check_dim_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected, const char* what) {
+  TORCH_CHECK(t.size(dim) == expected, "tfkernels: ", name, ".shape[", dim, "] (", what, ") must be ",
+              expected, ", got ", t.size(dim), " (", name, " is ", shape_str(t), ")");
+}
+
+void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "tfkernels: ", name,
+              " must be contiguous in its last dimension (stride 1), got strides ", t.strides());
+}
+
+static void check_floating_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                                const char* ref_name) {
+  check_same_device(t, name, ref, ref_name);
+  check_same_dtype(t, name, ref, ref_name);
+}
+
+AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    bool is_causal, c10::string_view causal_alignment,
+                                    c10::optional<double> scale,
+                                    const c10::optional<at::Tensor>& seqlens_k) {
+  check_dtype_in(q, "q", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  check_rank(q, "q", 4, "[B, H, Sq, D]");
+  check_rank(k, "k", 4, "[B, Hkv, Sk, D]");
+  check_rank(v, "v", 4, "[B, Hkv, Sk, D]");
+  check_floating_like(k, "k", q, "q");
+  check_floating_like(v, "v", q, "q");
+
+  AttentionShape s{};
+  s.batch = q.size(0);
+  s.heads = q.size(1);
+  s.seqlen_q = q.size(2);
+  s.head_dim = q.size(3);
+  s.kv_heads = k.size(1);
+  s.seqlen_k = k.size(2);
+  TORCH_CHECK(s.head_dim >= 1 && s.head_dim <= kMaxHeadDim, "tfkernels: head dim q.shape[3] must be in [1, ",
+              kMaxHeadDim, "], got ", s.head_dim);
+  check_dim_size(k, "k", 0, s.batch, "batch, as q");
+  check_dim_size(k, "k", 3, s.head_dim, "head dim, as q");
+  check_dim_size(v, "v", 0, s.batch, "batch, as q");
+  check_dim_size(v, "v", 1, s.kv_heads, "kv heads, as k");
+  check_dim_size(v, "v", 2, s.seqlen_k, "Sk, as k");
+  check_dim_size(v, "v", 3, s.head_dim, "head dim, as q");
+  TORCH_CHECK(s.kv_heads >= 1 && s.heads % s.kv_heads == 0, "tfkernels: the number of query heads (q.shape[1] = ",
+              s.heads, ") must be a multiple of the number of kv heads (k.shape[1] = ", s.kv_heads, ")");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+
+  TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
+              "tfkernels: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
+              std::string(causal_alignment), "\"");
+  s.causal = is_causal;
+  s.bottom_right = causal_alignment == "bottom_right";
+
+  double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
+  TORCH_CHECK(std::isfinite(sc), "tfkernels: scale must be finite, got ", sc);
+  s.scale = static_cast<float>(sc);
+
+  s.has_seqlens_k = seqlens_k.has_value() && seqlens_k->defined();
+  if (s.has_seqlens_k) {
+    const at::Tensor& lens = *seqlens_k;
+    TORCH_CHECK(lens.scalar_type() == at::kInt || lens.scalar_type() == at::kLong,
+                "tfkernels: seqlens_k must have dtype int32 or int64, got ", lens.scalar_type());
+    TORCH_CHECK(lens.dim() == 1 && lens.size(0) == s.batch, "tfkernels: seqlens_k must be a 1-D tensor [B] with B = ",
+                s.batch, ", got ", shape_str(lens));
+    check_same_device(lens, "seqlens_k", q, "q");
+    // Values can be read without a host sync only on the CPU; CUDA kernels clamp
+    // lengths to [0, Sk] instead of reading them back.
+    if (lens.device().is_cpu() && s.batch > 0) {
+      const int64_t lo = lens.min().item<int64_t>();
+      const int64_t hi = lens.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi <= s.seqlen_k, "tfkernels: seqlens_k values must lie in [0, Sk = ", s.seqlen_k,
+                  "], got min ", lo, " and max ", hi);
+    }
+  }
+  return s;
+}
+
+void check_attention_grad_args(const AttentionShape& s, const at::Tensor& q, const at::Tensor& grad_out,
+                               const c10::optional<at::Tensor>& grad_lse, const at::Tensor& out,
+                               const at::Tensor& lse) {
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
+    check_floating_like(t, name, q, "q");
+    TORCH_CHECK(t.sizes() == q.sizes(), "tfkernels: ", name, " must have the shape of q ", q.sizes(), ", got ",
+                t.sizes());
+    check_last_dim_contiguous(t, name);
+  }
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.batch &&
+                  lse.size(1) == s.heads && lse.size(2) == s.seqlen_q,
+              "tfkernels: lse must be float32 [B, H, Sq] = [", s.batch, ", ", s.heads, ", ", s.seqlen_q, "], got ",
+              lse.scalar_type(), " ", lse.sizes());
+  check_same_device(lse, "lse", q, "q");
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    TORCH_CHECK(grad_lse->sizes() == lse.sizes() && grad_lse->scalar_type() == at::kFloat,
+                "tfkernels: grad_lse must be float32 of the shape of lse ", lse.sizes(), ", got ",
+                grad_lse->scalar_type(), " ", grad_lse->sizes());
+    check_same_device(*grad_lse, "grad_lse", q, "q");
+  }
+}
+
+QkvShape check_qkv_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        int64_t num_heads, int64_t num_kv_heads) {
+  check_dtype_in(x, "x", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  check_rank(x, "x", 3, "[B, S, E]");
+  check_rank(weight, "weight", 2, "[(H + 2*Hkv) * D, E]");
+  check_floating_like(weight, "weight", x, "x");
+  TORCH_CHECK(num_heads >= 1, "tfkernels: num_heads must be >= 1, got ", num_heads);
+  TORCH_CHECK(num_kv_heads >= 1 && num_heads % num_kv_heads == 0, "tfkernels: num_heads (", num_heads,
+              ") must be a multiple of num_kv_heads, got num_kv_heads = ", num_kv_heads);
+  QkvShape s{x.size(0), x.size(1), x.size(2), num_heads, num_kv_heads, 0};
+  check_dim_size(weight, "weight", 1, s.embed, "E, as x.shape[2]");
+  const int64_t rows = weight.size(0);
+  const int64_t groups = num_heads + 2 * num_kv_heads;
+  TORCH_CHECK(rows % groups == 0 && rows > 0, "tfkernels: weight.shape[0] must be (num_heads + 2*num_kv_heads) * "
+              "head_dim = ", groups, " * D, got ", rows);
+  s.head_dim = rows / groups;
+  if (bias.has_value() && bias->defined()) {
+    check_floating_like(*bias, "bias", x, "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == rows, "tfkernels: bias must be a 1-D tensor [", rows,
+                "], got ", shape_str(*bias));
+  }
+  return s;
+}
+
+void check_qkv_grad_args(const QkvShape& s, const at::Tensor& x, const at::Tensor& grad_q, const at::Tensor& grad_k,
+                         const at::Tensor& grad_v) {
+  const std::vector<int64_t> q_shape{s.batch, s.heads, s.seqlen, s.head_dim};
+  const std::vector<int64_t> kv_shape{s.batch, s.kv_heads, s.seqlen, s.head_dim};
+  for (auto [t, name, shape] : {std::tuple<const at::Tensor&, const char*, const std::vector<int64_t>&>{
+                                    grad_q, "grad_q", q_shape},
+                                {grad_k, "grad_k", kv_shape},
+                                {grad_v, "grad_v", kv_shape}}) {
+    check_floating_like(t, name, x, "x");
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "tfkernels: ", name, " must have shape ", at::IntArrayRef(shape),
+                ", got ", t.sizes());
+  }
+}
+
+LinearShape check_linear_args(const at::Tensor& x, const char* x_name, const at::Tensor& weight,
+                              const char* weight_name, const c10::optional<at::Tensor>& bias, const char* bias_name) {
+  check_dtype_in(x, x_name, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  TORCH_CHECK(x.dim() >= 1, "tfkernels: ", x_name, " must have at least 1 dimension [..., K], got a scalar");
+  check_rank(weight, weight_name, 2, "[N, K]");
+  check_floating_like(weight, weight_name, x, x_name);
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  LinearShape s{rows, x.size(-1), weight.size(0)};
+  check_dim_size(weight, weight_name, 1, s.in_features, "K, as the last dim of the input");
+  if (bias.has_value() && bias->defined()) {
+    check_floating_like(*bias, bias_name, x, x_name);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.out_features, "tfkernels: ", bias_name,
+                " must be a 1-D tensor [", s.out_features, "], got ", shape_str(*bias));
+  }
+  return s;
+}
+
+void check_rows_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name,
+                     int64_t features) {
+  check_floating_like(t, name, x, x_name);
+  bool ok = t.dim() == x.dim() && t.size(-1) == features;
+  for (int64_t d = 0; ok && d + 1 < x.dim(); ++d) ok = t.size(d) == x.size(d);
+  TORCH_CHECK(ok, "tfkernels: ", name, " must have the leading dims of ", x_name, " ", x.sizes(),
+              " and last dim ", features, ", got ", t.sizes());
+}
+
+}  // namespace tfkernels

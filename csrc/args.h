@@ -1,0 +1,70 @@
+// Argument validation shared by every device's kernels. Each check names the
+// argument, what was expected and what came, so a user never has to guess.
+// The functions return plain structs of sizes and flags that kernels consume.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <cstdint>
+
+namespace tfkernels {
+
+enum class GeluApprox { kNone, kTanh };
+
+GeluApprox parse_gelu_approximate(c10::string_view approximate);
+
+// Floating dtype among `allowed` (CPU: f32, f64, bf16, f16; CUDA kernels may allow fewer).
+void check_dtype_in(const at::Tensor& t, const char* name, c10::ArrayRef<at::ScalarType> allowed);
+void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout);
+void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
+void check_dim_size(const at::Tensor& t, const char* name, int64_t dim, int64_t expected, const char* what);
+void check_last_dim_contiguous(const at::Tensor& t, const char* name);
+
+struct AttentionShape {
+  int64_t batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim;
+  float scale;           // softmax scale (default 1/sqrt(head_dim))
+  bool causal;
+  bool bottom_right;     // causal alignment: query i sees keys j <= i + (len_k - Sq)
+  bool has_seqlens_k;
+};
+
+constexpr int64_t kMaxHeadDim = 256;
+
+// Validates q, k, v (and seqlens_k, including its values when it lives on the CPU)
+// and resolves the scale and alignment.
+AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    bool is_causal, c10::string_view causal_alignment,
+                                    c10::optional<double> scale,
+                                    const c10::optional<at::Tensor>& seqlens_k);
+
+// For the backward: grad_out and out like q, lse float32 [B,H,Sq], grad_lse like lse.
+void check_attention_grad_args(const AttentionShape& shape, const at::Tensor& q,
+                               const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse,
+                               const at::Tensor& out, const at::Tensor& lse);
+
+struct QkvShape {
+  int64_t batch, seqlen, embed, heads, kv_heads, head_dim;
+  int64_t out_features() const { return (heads + 2 * kv_heads) * head_dim; }
+};
+
+QkvShape check_qkv_args(const at::Tensor& x, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, int64_t num_heads, int64_t num_kv_heads);
+void check_qkv_grad_args(const QkvShape& shape, const at::Tensor& x, const at::Tensor& grad_q,
+                         const at::Tensor& grad_k, const at::Tensor& grad_v);
+
+// A linear layer x [..., K] times weight [N, K]^T (+ bias [N]); rows = prod(leading dims).
+struct LinearShape {
+  int64_t rows, in_features, out_features;
+};
+
+LinearShape check_linear_args(const at::Tensor& x, const char* x_name, const at::Tensor& weight,
+                              const char* weight_name, const c10::optional<at::Tensor>& bias,
+                              const char* bias_name);
+// `t` must be [..., features] with the same leading dims as `x`.
+void check_rows_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name,
+                     int64_t features);
+
+}  // namespace tfkernels

@@ -1,0 +1,41 @@
+"""Comparison rules shared by the tests (see DESIGN.md, Conventions)."""
+import torch
+
+# Float64 results must agree to near round-off of a few reductions.
+FLOAT64_TOL = dict(rtol=1e-9, atol=1e-10)
+
+
+def high_precision(t):
+    """The dtype the oracle runs in: float64 on the CPU, float32 on the GPU."""
+    if t is None:
+        return None
+    return t.to(torch.float64 if t.device.type == "cpu" else torch.float32)
+
+
+def max_abs_err(a, b):
+    a, b = a.double(), b.double()
+    both_inf = torch.isinf(a) & torch.isinf(b) & (torch.sign(a) == torch.sign(b))
+    diff = (a - b).abs().masked_fill(both_inf, 0.0)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def assert_flash_rule(actual, ref_high, ref_low, name="output", factor=2.0):
+    """FlashAttention's rule: the kernel's max error against the high-precision
+    reference is at most `factor` x the error of the same reference computed in
+    the kernel's dtype, plus an epsilon of the dtype's round-off at the size of
+    the values (so an exact low-precision reference does not demand exactness).
+    """
+    assert actual.shape == ref_high.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref_high.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: contains NaN (unwritten or invalid elements)"
+    finite = ref_high[torch.isfinite(ref_high)]
+    magnitude = float(finite.abs().max()) if finite.numel() else 1.0
+    eps = torch.finfo(actual.dtype).eps * max(magnitude, 1e-3)
+    err = max_abs_err(actual, ref_high)
+    ref_err = max_abs_err(ref_low, ref_high)
+    bound = factor * ref_err + eps
+    assert err <= bound, f"{name}: max error {err:.3e} > {factor} x reference error {ref_err:.3e} + eps {eps:.1e}"
+
+
+def assert_close_float64(actual, expected, name="output"):
+    assert not torch.isnan(actual).any(), f"{name}: contains NaN"
+    torch.testing.assert_close(actual, expected, **FLOAT64_TOL, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,247 @@
+"""The public functional API: thin wrappers over torch.ops.tfkernels.*.
+
+Each op gets a fake (meta) kernel, so torch.compile(fullgraph=True) traces it
+without a graph break, and an autograd formula whose backward calls the
+registered backward op, so compiled graphs and CUDA graphs see only our ops.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loading the library registers the ops)
+
+__all__ = ["flash_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"]
+
+_ops = torch.ops.tfkernels
+_GELU_FORMS = ("none", "tanh")
+_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"tfkernels: {name} must be one of {choices}, got {value!r}")
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --------------------------------------------------------------------------- attention
+
+def flash_attention(q, k, v, *, is_causal=False, causal_alignment="top_left", scale=None, seqlens_k=None,
+                    return_lse=False, deterministic=False):
+    """Tiled attention with online softmax: softmax(q k^T * scale + mask) v.
+
+    q [B,H,Sq,D]; k, v [B,Hkv,Sk,D] with H % Hkv == 0 (GQA/MQA). Returns out
+    [B,H,Sq,D], and with return_lse also lse [B,H,Sq] in float32. A query row that
+    sees no key gets 0 and lse = -inf. `deterministic=True` makes the CUDA backward
+    bitwise reproducible (the default may accumulate dq with atomics); the CPU
+    backward is always deterministic.
+    """
+    _check_choice("causal_alignment", causal_alignment, _ALIGNMENTS)
+    out, lse = _ops.flash_attention_fwd(q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("tfkernels::flash_attention_fwd")
+def _(q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic):
+    batch, heads, seqlen_q, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+
+
+@torch.library.register_fake("tfkernels::flash_attention_bwd")
+def _(grad_out, grad_lse, q, k, v, out, lse, is_causal, causal_alignment, scale, seqlens_k, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
+    ctx.attrs = (is_causal, causal_alignment, scale, deterministic)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, seqlens_k = ctx.saved_tensors
+    is_causal, causal_alignment, scale, deterministic = ctx.attrs
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_q, grad_k, grad_v = _ops.flash_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, is_causal,
+                                                      causal_alignment, scale, seqlens_k, deterministic)
+    return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+torch.library.register_autograd("tfkernels::flash_attention_fwd", _attention_backward,
+                                setup_context=_attention_setup)
+
+
+# --------------------------------------------------------------------------- fused QKV
+
+def fused_qkv(x, weight, bias=None, *, num_heads, num_kv_heads=None):
+    """One GEMM x [B,S,E] @ weight^T (+ bias) written straight into the head layout.
+
+    weight is [(H + 2*Hkv) * D, E] with rows ordered q heads, k heads, v heads
+    (nn.MultiheadAttention.in_proj_weight when Hkv == H). Returns q [B,H,S,D] and
+    k, v [B,Hkv,S,D], contiguous.
+    """
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    return tuple(_ops.fused_qkv(x, weight, bias, num_heads, num_kv_heads))
+
+
+@torch.library.register_fake("tfkernels::fused_qkv")
+def _(x, weight, bias, num_heads, num_kv_heads):
+    batch, seqlen, _ = x.shape
+    head_dim = weight.shape[0] // (num_heads + 2 * num_kv_heads)
+    kv_shape = (batch, num_kv_heads, seqlen, head_dim)
+    return x.new_empty((batch, num_heads, seqlen, head_dim)), x.new_empty(kv_shape), x.new_empty(kv_shape)
+
+
+@torch.library.register_fake("tfkernels::fused_qkv_bwd")
+def _(grad_q, grad_k, grad_v, x, weight):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1])
+
+
+def _qkv_setup(ctx, inputs, output):
+    x, weight, bias, _, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _qkv_backward(ctx, grad_q, grad_k, grad_v):
+    x, weight = ctx.saved_tensors
+    # An output that did not reach the loss has no gradient; the kernel wants all three.
+    grads = [grad_q, grad_k, grad_v]
+    shapes = _qkv_grad_shapes(x, weight, grads)
+    grads = [g if g is not None else x.new_zeros(s) for g, s in zip(grads, shapes)]
+    grad_x, grad_weight, grad_bias = _ops.fused_qkv_bwd(*grads, x, weight)
+    return grad_x, grad_weight, (grad_bias if ctx.has_bias else None), None, None
+
+
+def _qkv_grad_shapes(x, weight, grads):
+    """Shapes of (q, k, v) from whichever gradients are present (at least one is)."""
+    batch, seqlen, _ = x.shape
+    known = {i: g.shape for i, g in enumerate(grads) if g is not None}
+    head_dim = next(iter(known.values()))[3]
+    groups = weight.shape[0] // head_dim
+    if 0 in known:
+        heads = known[0][1]
+        kv_heads = (groups - heads) // 2
+    else:
+        kv_heads = known[1][1] if 1 in known else known[2][1]
+        heads = groups - 2 * kv_heads
+    return [(batch, heads, seqlen, head_dim), (batch, kv_heads, seqlen, head_dim), (batch, kv_heads, seqlen, head_dim)]
+
+
+torch.library.register_autograd("tfkernels::fused_qkv", _qkv_backward, setup_context=_qkv_setup)
+
+
+# --------------------------------------------------------------------------- GELU family
+
+def bias_gelu(x, bias, *, approximate="none"):
+    """gelu(x + bias) over the last dim of x, in one elementwise pass."""
+    _check_choice("approximate", approximate, _GELU_FORMS)
+    return _ops.bias_gelu(x, bias, approximate)
+
+
+def linear_gelu(x, weight, bias=None, *, approximate="none"):
+    """gelu(x @ weight^T + bias) with the bias and GELU fused into the GEMM's output pass."""
+    _check_choice("approximate", approximate, _GELU_FORMS)
+    out, _ = _ops.linear_gelu(x, weight, bias, approximate, _needs_grad(x, weight, bias))
+    return out
+
+
+def fused_mlp(x, w1, b1, w2, b2, *, approximate="none"):
+    """gelu(x @ w1^T + b1) @ w2^T + b2; the hidden activation is never stored."""
+    _check_choice("approximate", approximate, _GELU_FORMS)
+    out, _ = _ops.fused_mlp(x, w1, b1, w2, b2, approximate, _needs_grad(x, w1, b1, w2, b2))
+    return out
+
+
+@torch.library.register_fake("tfkernels::bias_gelu")
+def _(x, bias, approximate):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("tfkernels::bias_gelu_bwd")
+def _(grad_out, x, bias, approximate):
+    return torch.empty_like(x), bias.new_empty(bias.shape)
+
+
+def _pre_shape(x, features, save_pre):
+    return (*x.shape[:-1], features) if save_pre else (0,)
+
+
+@torch.library.register_fake("tfkernels::linear_gelu")
+def _(x, weight, bias, approximate, save_pre):
+    features = weight.shape[0]
+    return x.new_empty((*x.shape[:-1], features)), x.new_empty(_pre_shape(x, features, save_pre))
+
+
+@torch.library.register_fake("tfkernels::linear_gelu_bwd")
+def _(grad_out, x, weight, pre, approximate):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[:1])
+
+
+@torch.library.register_fake("tfkernels::fused_mlp")
+def _(x, w1, b1, w2, b2, approximate, save_pre):
+    return x.new_empty((*x.shape[:-1], w2.shape[0])), x.new_empty(_pre_shape(x, w1.shape[0], save_pre))
+
+
+@torch.library.register_fake("tfkernels::fused_mlp_bwd")
+def _(grad_out, x, w1, w2, pre, approximate):
+    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[:1]), torch.empty_like(w2),
+            w2.new_empty(w2.shape[:1]))
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _bias_gelu_backward(ctx, grad_out):
+    x, bias = ctx.saved_tensors
+    grad_x, grad_bias = _ops.bias_gelu_bwd(grad_out, x, bias, ctx.approximate)
+    return grad_x, grad_bias, None
+
+
+def _linear_gelu_setup(ctx, inputs, output):
+    x, weight, bias, approximate, save_pre = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.has_bias = bias is not None
+    ctx.approximate = approximate
+    ctx.saved_pre = save_pre
+
+
+def _missing_pre_error(op):
+    return RuntimeError(f"tfkernels: {op} ran without saving its pre-activation (save_pre=False) but a gradient "
+                        "was requested; call it with save_pre=True (the public wrapper does this when any input "
+                        "requires grad)")
+
+
+def _linear_gelu_backward(ctx, grad_out, _grad_pre):
+    x, weight, pre = ctx.saved_tensors
+    if not ctx.saved_pre:
+        raise _missing_pre_error("linear_gelu")
+    grad_x, grad_weight, grad_bias = _ops.linear_gelu_bwd(grad_out, x, weight, pre, ctx.approximate)
+    return grad_x, grad_weight, (grad_bias if ctx.has_bias else None), None, None
+
+
+def _fused_mlp_setup(ctx, inputs, output):
+    x, w1, b1, w2, b2, approximate, save_pre = inputs
+    ctx.save_for_backward(x, w1, w2, output[1])
+    ctx.has_bias = (b1 is not None, b2 is not None)
+    ctx.approximate = approximate
+    ctx.saved_pre = save_pre
+
+
+def _fused_mlp_backward(ctx, grad_out, _grad_pre):
+    x, w1, w2, pre = ctx.saved_tensors
+    if not ctx.saved_pre:
+        raise _missing_pre_error("fused_mlp")
+    grad_x, grad_w1, grad_b1, grad_w2, grad_b2 = _ops.fused_mlp_bwd(grad_out, x, w1, w2, pre, ctx.approximate)
+    has_b1, has_b2 = ctx.has_bias
+    return (grad_x, grad_w1, grad_b1 if has_b1 else None, grad_w2, grad_b2 if has_b2 else None, None, None)
+
+
+torch.library.register_autograd("tfkernels::bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup)
+torch.library.register_autograd("tfkernels::linear_gelu", _linear_gelu_backward, setup_context=_linear_gelu_setup)
+torch.library.register_autograd("tfkernels::fused_mlp", _fused_mlp_backward, setup_context=_fused_mlp_setup)
