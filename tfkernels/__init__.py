@@ -15,11 +15,11 @@ except ImportError as err:  # pragma: no cover - depends on the install
         "`pip install --no-build-isolation .` (see README, Troubleshooting)."
     ) from err
 
-from . import reference  # noqa: E402
+from . import nn, reference  # noqa: E402
 from .ops import bias_gelu, flash_attention, fused_mlp, fused_qkv, linear_gelu  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp", "build_info", "reference"]
+__all__ = ["flash_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp", "build_info", "nn", "reference"]
 
 
 def build_info():
