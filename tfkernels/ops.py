@@ -55,6 +55,8 @@ def _(grad_out, grad_lse, q, k, v, out, lse, is_causal, causal_alignment, scale,
 def _attention_setup(ctx, inputs, output):
     q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic = inputs
     out, lse = output
+    # Unused outputs (lse without return_lse) then arrive as None, not as zeros.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
     ctx.attrs = (is_causal, causal_alignment, scale, deterministic)
 
@@ -101,6 +103,7 @@ def _(grad_q, grad_k, grad_v, x, weight):
 
 def _qkv_setup(ctx, inputs, output):
     x, weight, bias, _, _ = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
 
@@ -205,6 +208,7 @@ def _bias_gelu_backward(ctx, grad_out):
 
 def _linear_gelu_setup(ctx, inputs, output):
     x, weight, bias, approximate, save_pre = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, output[1])
     ctx.has_bias = bias is not None
     ctx.approximate = approximate
@@ -218,6 +222,8 @@ def _missing_pre_error(op):
 
 
 def _linear_gelu_backward(ctx, grad_out, _grad_pre):
+    if grad_out is None:  # only `pre` (internal) was differentiated: nothing flows back
+        return None, None, None, None, None
     x, weight, pre = ctx.saved_tensors
     if not ctx.saved_pre:
         raise _missing_pre_error("linear_gelu")
@@ -227,6 +233,7 @@ def _linear_gelu_backward(ctx, grad_out, _grad_pre):
 
 def _fused_mlp_setup(ctx, inputs, output):
     x, w1, b1, w2, b2, approximate, save_pre = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, w1, w2, output[1])
     ctx.has_bias = (b1 is not None, b2 is not None)
     ctx.approximate = approximate
@@ -234,6 +241,8 @@ def _fused_mlp_setup(ctx, inputs, output):
 
 
 def _fused_mlp_backward(ctx, grad_out, _grad_pre):
+    if grad_out is None:
+        return (None,) * 7
     x, w1, w2, pre = ctx.saved_tensors
     if not ctx.saved_pre:
         raise _missing_pre_error("fused_mlp")
