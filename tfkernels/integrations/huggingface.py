@@ -1,0 +1,146 @@
+"""tfkernels attention for Hugging Face transformers.
+
+    import tfkernels.integrations.huggingface  # registers "tfkernels"
+    model = AutoModel.from_config(config, attn_implementation="tfkernels")
+    # or an existing model: model.set_attn_implementation("tfkernels")
+
+Importing this module registers `attention_forward` with transformers'
+AttentionInterface and, under the same name, transformers' `sdpa_mask` with
+AttentionMaskInterface, so models build the same masks for us as for "sdpa": None
+when the mask is plain causal or full (no padding), else a 4-D boolean mask
+[B, 1, Sq, Sk] (True = attend). Models or users may also pass 4-D float masks
+(0 = attend, large negative = blocked).
+
+How masks run:
+- None: the kernel, causal when the module is causal (`is_causal` kwarg, else
+  `module.is_causal`) and there is more than one query (SDPA's rule).
+- A 4-D mask that is exactly key padding on the right, alone or with a causal mask
+  (top-left, or bottom-right as in cached decoding): the kernel, with seqlens_k.
+- Anything else (left padding, sliding windows, packed sequences, position biases,
+  float biases): plain PyTorch math attention, with a one-time warning.
+Reading a mask costs a host sync per new mask (cached across layers).
+
+Unsupported, with a clear error: attention dropout > 0 (the kernel has no dropout;
+HF passes it only in training), softcap, attention sinks (s_aux).
+"""
+import weakref
+
+import torch
+
+from .. import ops, reference
+from ..nn import _attention_with_bias, _warn_once
+
+try:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("tfkernels.integrations.huggingface needs Hugging Face transformers "
+                      "(`pip install transformers`)") from err
+
+__all__ = ["NAME", "attention_forward", "register"]
+
+NAME = "tfkernels"
+
+
+def _keep_mask(mask):
+    """4-D mask -> bool 'may attend' [B|1, H|1, Sq, Sk], or None when it holds float biases."""
+    if mask.dtype == torch.bool:
+        return mask
+    blocked = mask <= torch.finfo(mask.dtype).min  # finfo.min (transformers' eager masks) or -inf
+    if not bool((blocked | (mask == 0)).all()):
+        return None
+    return ~blocked
+
+
+def _kernel_plan(mask, batch, seqlen_q, seqlen_k, prefer_causal):
+    """(is_causal, causal_alignment, seqlens_k) that reproduce `mask` exactly, or None."""
+    if mask.dim() != 4 or mask.shape[-2:] != (seqlen_q, seqlen_k) or mask.shape[0] not in (1, batch):
+        return None
+    keep = _keep_mask(mask)
+    if keep is None:
+        return None
+    if keep.shape[1] != 1:
+        if not bool((keep == keep[:, :1]).all()):
+            return None
+        keep = keep[:, :1]
+    keep = keep[:, 0].expand(batch, seqlen_q, seqlen_k)
+    lens = keep.any(dim=1).sum(dim=-1)  # keys that some query sees
+    candidates = [(True, "top_left"), (True, "bottom_right"), (False, "top_left")]
+    if not prefer_causal:
+        candidates = candidates[::-1]
+    for causal, alignment in candidates:
+        expected = reference.attention_mask(seqlen_q, seqlen_k, batch=batch, is_causal=causal,
+                                            causal_alignment=alignment, seqlens_k=lens, device=keep.device)
+        if torch.equal(keep, expected[:, 0].expand(batch, seqlen_q, seqlen_k)):
+            return causal, alignment, (None if bool((lens == seqlen_k).all()) else lens)
+    return None
+
+
+class _PlanCache:
+    """The plan of the last mask seen: every layer of a forward gets the same mask tensor."""
+
+    def __init__(self):
+        self.key, self.plan = None, None
+
+    def get(self, mask, args):
+        if self.key is not None:
+            ref, version, cached_args = self.key
+            if ref() is mask and version == mask._version and cached_args == args:
+                return self.plan
+        plan = _kernel_plan(mask, *args)
+        if not torch.compiler.is_compiling():
+            self.key, self.plan = (weakref.ref(mask), mask._version, args), plan
+        return plan
+
+
+_plans = _PlanCache()
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      position_bias=None, **kwargs):
+    """transformers attention function: q [B,H,Sq,D], k/v [B,Hkv,Sk,D] -> ([B,Sq,H,D], None)."""
+    if dropout:
+        raise ValueError(f"tfkernels attention has no dropout, got dropout={dropout} (transformers passes the "
+                         "config's attention dropout in training): set it to 0 in the config (e.g. "
+                         "attention_probs_dropout_prob / attn_pdrop / attention_dropout = 0.0), or use eval()")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("tfkernels attention does not support softcap")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("tfkernels attention does not support attention sinks (s_aux)")
+    if kwargs.get("output_attentions", False):
+        _warn_once(("hf", "weights"), "tfkernels attention does not return attention weights "
+                   "(output_attentions=True); they are None.")
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    batch, _, seqlen_q, _ = query.shape
+    seqlen_k = key.shape[2]
+    plan = (bool(causal) and seqlen_q > 1, "top_left", None)
+    if attention_mask is not None and position_bias is None:
+        plan = _plans.get(attention_mask, (batch, seqlen_q, seqlen_k, bool(causal)))
+    if attention_mask is None and position_bias is None or plan is not None:
+        is_causal_k, alignment, seqlens_k = plan
+        out = ops.flash_attention(query, key, value, is_causal=is_causal_k, causal_alignment=alignment,
+                                  scale=scaling, seqlens_k=seqlens_k)
+    else:
+        _warn_once(("hf", "mask"), "tfkernels attention: this attention mask is not plain right padding (with or "
+                   "without a causal mask); attention for it runs in plain PyTorch (slower).")
+        if attention_mask is None:
+            bias = torch.zeros((), device=query.device)
+            if causal and seqlen_q > 1:
+                bias = reference.attention_mask(seqlen_q, seqlen_k, is_causal=True, device=query.device)
+        else:
+            bias = attention_mask
+        if bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
+        if position_bias is not None:
+            bias = bias + position_bias
+        out = _attention_with_bias(query, key, value, bias, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(name=NAME):
+    """Register the attention and mask functions under `name` (done for "tfkernels" on import)."""
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+register()
