@@ -254,3 +254,38 @@ def _fused_mlp_backward(ctx, grad_out, _grad_pre):
 torch.library.register_autograd("tfkernels::bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup)
 torch.library.register_autograd("tfkernels::linear_gelu", _linear_gelu_backward, setup_context=_linear_gelu_setup)
 torch.library.register_autograd("tfkernels::fused_mlp", _fused_mlp_backward, setup_context=_fused_mlp_setup)
+
+
+# --------------------------------------------------------------------------- autocast
+
+def _register_autocast(opname):
+    """Under torch.autocast the forward ops run in the autocast dtype, like F.linear and SDPA:
+    floating-point inputs on the autocast device are cast (float64 is left alone, as autocast
+    does), then the op runs with autocast off. The casts are differentiable, so gradients
+    reach float32 parameters in float32. The backward ops need no rule: they see the
+    forward's dtypes. Same mechanism as torch.library.register_autocast, except that the
+    dtype is read from the active autocast context (bf16 or fp16) instead of fixed."""
+    op = getattr(_ops, opname).default
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def kernel(*args, _device_type=device_type, _key=key):
+            dtype = torch.get_autocast_dtype(_device_type)
+
+            def cast(a):
+                if (isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == _device_type
+                        and a.dtype != torch.float64):
+                    return a.to(dtype)
+                return a
+
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*[cast(a) for a in args])
+
+        op.py_impl(key)(kernel)  # seen by tracing (torch.compile, make_fx)
+        _autocast_lib.impl(opname, lambda _keyset, *args, _k=kernel: _k(*args), key_name, with_keyset=True)
+
+
+_autocast_lib = torch.library.Library("tfkernels", "IMPL")
+for _name in ("flash_attention_fwd", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"):
+    _register_autocast(_name)
