@@ -259,3 +259,15 @@ def test_constructor_errors_are_clear():
     nested = torch.nested.nested_tensor([torch.randn(3, D_MODEL), torch.randn(2, D_MODEL)])
     with pytest.raises(ValueError, match="nested"):
         layer(nested)
+
+
+def test_torch_transformer_encoder_built_from_the_fused_layer():
+    ref = _torch_stack(batch_first=True, activation="gelu", num_layers=3)
+    layer = TransformerEncoderLayer(D_MODEL, HEADS, D_FF, activation="gelu", batch_first=True, dtype=torch.float64)
+    stack = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+    stack.load_state_dict(ref.state_dict())  # same keys as a torch stack
+    stack.eval()
+    x = _inputs(True, torch.float64)
+    kwargs, valid = _mask_kwargs("padding_causal", 3, 13, torch.float64)
+    with torch.enable_grad():
+        assert_close_float64(stack(x, **kwargs)[valid], ref(x.requires_grad_(), **kwargs)[valid], "output")
