@@ -60,6 +60,18 @@ def test_compile_fullgraph_inductor_encoder_layer():
     torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_fullgraph_under_autocast():
+    torch._dynamo.reset()
+    layer = _layer()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x, grad = torch.randn(2, 9, D_MODEL), torch.randn(2, 9, D_MODEL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_dx = _fwd_bwd(layer, x, grad, is_causal=True)
+        out, dx = _fwd_bwd(compiled, x, grad, is_causal=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dx, ref_dx)
+
+
 def test_compile_with_padding_mask_runs_with_a_graph_break():
     # Reading a padding mask is data-dependent (it decides kernel vs fallback), so
     # fullgraph=True needs seqlens=; without fullgraph the mask still works.
