@@ -120,9 +120,11 @@ def test_inference_under_no_grad_where_torch_takes_its_nested_fast_path():
     assert_close_float64(out[valid], ref[valid], "output")
 
 
-def test_state_dict_is_interchangeable_with_torch():
-    ref = nn.TransformerEncoderLayer(D_MODEL, HEADS, D_FF, activation="gelu", batch_first=True, dtype=torch.float64)
-    fused = TransformerEncoderLayer(D_MODEL, HEADS, D_FF, activation="gelu", batch_first=True, dtype=torch.float64)
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_is_interchangeable_with_torch(bias):
+    kwargs = dict(activation="gelu", batch_first=True, bias=bias, dtype=torch.float64)
+    ref = nn.TransformerEncoderLayer(D_MODEL, HEADS, D_FF, **kwargs)
+    fused = TransformerEncoderLayer(D_MODEL, HEADS, D_FF, **kwargs)
     assert fused.state_dict().keys() == ref.state_dict().keys()
     for (name, a), (_, b) in zip(fused.state_dict().items(), ref.state_dict().items()):
         assert a.shape == b.shape, name
