@@ -37,10 +37,10 @@ class Config:
     n_layer: int = 3
     context: int = 64
     batch: int = 16
-    steps: int = 200
+    steps: int = 150
     lr: float = 3e-3
     warmup: int = 20
-    eval_every: int = 50
+    eval_every: int = 25
     eval_batches: int = 4
     amp: bool = False  # bf16 autocast (GPU preset)
 
@@ -191,7 +191,11 @@ def train(impl, cfg=None, seed=0, device="cpu", progress=True, data=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    from tqdm.auto import tqdm
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no progress bar then
+        def tqdm(iterable, **_):
+            return _NoBar(iterable)
 
     losses, val_losses = [], []
     tokens_per_step = cfg.batch * cfg.context
@@ -227,6 +231,20 @@ def train(impl, cfg=None, seed=0, device="cpu", progress=True, data=None):
         "model": model,
         "data": data,
     }
+
+
+class _NoBar:
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **_):
+        pass
+
+    def close(self):
+        pass
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ def test_first_steps_agree_between_eager_and_tfkernels():
 
 @pytest.mark.slow
 def test_command_line_runs_both_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
     png = tmp_path / "curves.png"
     out = subprocess.run([sys.executable, str(SCRIPT), "--preset", "test", "--steps", "3", "--no-progress",
                           "--plot", str(png)], capture_output=True, text=True, timeout=300, cwd=ROOT)
