@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "alloc.h"
@@ -26,6 +28,17 @@ constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
 // torch.backends.cuda.matmul.allow_tf32 (also set by
 // torch.set_float32_matmul_precision("high"/"medium")): the same switch cuBLAS obeys.
 bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
+
+// TFKERNELS_GEMM_TILE=128x256|128x128|64x128 forces the tensor-core tile shape
+// (tests cover every shape with it; benchmarks compare them). Unset: the heuristic.
+int tile_override() {
+  const char* v = std::getenv("TFKERNELS_GEMM_TILE");
+  if (v == nullptr || *v == '\0') return -1;
+  if (std::strcmp(v, "128x256") == 0) return 0;
+  if (std::strcmp(v, "128x128") == 0) return 1;
+  if (std::strcmp(v, "64x128") == 0) return 2;
+  TORCH_CHECK(false, "tfkernels: TFKERNELS_GEMM_TILE must be 128x256, 128x128 or 64x128, got \"", v, "\"");
+}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -90,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& 
                 stride_ok(M, x2.stride(0)) && stride_ok(N, w.stride(0)) && (a.bias == nullptr || aligned16(a.bias));
   a.tf32 = x.scalar_type() == at::kFloat && tf32_allowed();
   a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.tile_override = tile_override();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
@@ -163,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cuda(const at::Tens
   a.vector_ok = ok;
   a.tf32 = x.scalar_type() == at::kFloat && tf32_allowed();
   a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.tile_override = tile_override();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;

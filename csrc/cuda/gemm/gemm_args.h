@@ -72,6 +72,7 @@ struct QkvFwdArgs {
   bool vector_ok = false;   // every 16-byte alignment condition holds (tensor-core path)
   bool tf32 = false;        // fp32 inputs only: TF32 tensor cores allowed
   int num_sms = 1;
+  int tile_override = -1;   // a TileShape (gemm_traits.h) to force, or -1: the heuristic
 };
 
 // Fused QKV backward, two GEMMs reading dQKV = [dq | dk | dv] in head layout:
@@ -89,6 +90,7 @@ struct QkvBwdArgs {
   bool vector_ok = false;
   bool tf32 = false;
   int num_sms = 1;
+  int tile_override = -1;   // as in QkvFwdArgs (the backward has no 128x256 shape)
 };
 
 // Per-dtype entry points (one translation unit each, so they build in parallel).

@@ -126,8 +126,16 @@ __device__ __forceinline__ void tile_coords(int tiles_m, int tiles_n, int& tile_
 // accumulation of the same 16-bit values the GEMM uses) and hand it to
 // Epi::store_rowsum. The QKV backward gets db = column sums of dQKV this way,
 // inside the dW GEMM that already streams dQKV^T as its A operand.
+// Occupancy: Cfg::kMinBlocks CTAs per SM (TileM: 2, which caps registers at 128),
+// except with a segmented operand, whose address math does not fit in 128 registers
+// without spilling (measured with -Xptxas=-v): those run at 1 CTA per SM.
+template <class Cfg, bool kSegmented>
+constexpr int min_blocks() {
+  return kSegmented ? 1 : Cfg::kMinBlocks;
+}
+
 template <typename T, class Cfg, Layout LA, Layout LB, bool kSegA, bool kSegB, bool kRowSum, class Epi>
-__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
+__global__ void __launch_bounds__(Cfg::kThreads, min_blocks<Cfg, kSegA || kSegB>())
     gemm_tc_kernel(const __grid_constant__ GemmParams<T, kSegA, kSegB> p, const __grid_constant__ Epi ep) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES;
   constexpr int THREADS = Cfg::kThreads, WM = Cfg::WM, WN = Cfg::WN;
@@ -524,11 +532,15 @@ cudaError_t launch_tc(const Operand& a, const Operand& b, int M, int N, int K, c
   return cudaGetLastError();
 }
 
-// The heuristic of gemm_traits.h picks the tile; kAllowLarge compiles the 128x256 shape.
+// The heuristic of gemm_traits.h picks the tile unless tile_override (a TileShape,
+// from TFKERNELS_GEMM_TILE: tests and benchmarks) forces one; kAllowLarge compiles
+// the 128x256 shape (without it, 128x256 falls back to 128x128).
 template <typename T, Layout LA, Layout LB, bool kSegA, bool kSegB, bool kRowSum, bool kAllowLarge, class Epi>
 cudaError_t launch_tc_auto(const Operand& a, const Operand& b, int M, int N, int K, const Epi& ep, int num_sms,
-                           cudaStream_t stream) {
-  switch (pick_tile_shape(M, N, num_sms, kAllowLarge)) {
+                           int tile_override, cudaStream_t stream) {
+  const TileShape shape =
+      tile_override >= 0 ? static_cast<TileShape>(tile_override) : pick_tile_shape(M, N, num_sms, kAllowLarge);
+  switch (shape) {
     case TileShape::k128x256:
       if constexpr (kAllowLarge) return launch_tc<T, TileL, LA, LB, kSegA, kSegB, kRowSum>(a, b, M, N, K, ep, stream);
       [[fallthrough]];

@@ -39,13 +39,15 @@ struct TileConfig {
 
 // The shapes (smem: pipeline / epilogue staging; the max is allocated):
 //  L  128x256x64, 8 warps (2x4, warp tile 64x64), 3 stages: 144 KiB, 1 CTA/SM.
-//     Highest reuse (128 B of smem traffic per 32 FLOP/element... ) for large problems.
+//     Highest operand reuse: per k step a CTA loads (128 + 256) elements for
+//     128 * 256 MACs, 1/85 element per MAC against 1/64 for 128x128.
 //  M  128x128x64, 8 warps (2x4, warp tile 64x32), 3 stages: 96 KiB, 2 CTAs/SM on
-//     H100 (228 KiB), 1 on A100 (164 KiB).
+//     H100 (228 KiB; registers capped at 128 for it), 1 on A100 (164 KiB). GEMMs
+//     with a segmented (head-layout) operand run it at 1 CTA/SM (see min_blocks).
 //  S   64x128x64, 4 warps (2x2, warp tile 32x64), 4 stages: 96 KiB, 2 CTAs/SM:
 //     for few tokens (M <= 64 wastes no half tile) or too few 128x128 tiles to fill the GPU.
 using TileL = TileConfig<128, 256, 64, 2, 4, 3, 1>;
-using TileM = TileConfig<128, 128, 64, 2, 4, 3, 1>;
+using TileM = TileConfig<128, 128, 64, 2, 4, 3, 2>;
 using TileS = TileConfig<64, 128, 64, 2, 2, 4, 2>;
 
 enum class TileShape { k128x256, k128x128, k64x128 };
@@ -53,22 +55,23 @@ enum class TileShape { k128x256, k128x128, k64x128 };
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The heuristic. A GEMM runs fastest with the largest tile that still fills the
-// machine: bigger tiles read less of A and B per FLOP (L: 2*(1/128 + 1/256) bytes
-// per MAC... vs M: 2*(2/128)), but a grid of fewer tiles than SMs leaves SMs idle,
-// and that loss dominates. So:
+// machine: bigger tiles read less of A and B per MAC (see above), but the block
+// scheduler places one CTA per SM before it doubles up, so a grid of fewer tiles
+// than SMs leaves SMs idle, and that loss (up to 2x) outweighs the reuse gain
+// (~1.3x between neighbouring shapes). So:
 //  - M <= 64 (decode, tiny batches): S. A 128-row tile would be at least half empty.
-//  - L if it still gives at least one full wave (tiles >= SMs, 1 CTA/SM).
-//  - M if it gives at least half a wave of CTAs (2 CTAs fit per SM on H100, so
-//    >= SMs/2 tiles keeps every SM busy with one CTA and most with two).
-//  - S otherwise: twice the CTAs of M for the same problem.
+//  - L if it gives at least one full wave (tiles >= SMs).
+//  - M if it gives at least one full wave.
+//  - S otherwise: twice the CTAs of M, 2 per SM, for small problems.
 // `allow_large` is false for GEMMs compiled without the L shape (the backward).
-// The GPU benchmarks (bench/) are meant to justify or move these thresholds.
+// The GPU benchmarks (bench/) are meant to justify or move these thresholds; wave
+// quantisation (e.g. 1.1 waves of M vs 2.2 of S) is not modelled yet.
 inline TileShape pick_tile_shape(int64_t M, int64_t N, int num_sms, bool allow_large) {
   if (M <= 64) return TileShape::k64x128;
   const int64_t tiles_l = ceil_div(M, 128) * ceil_div(N, 256);
   const int64_t tiles_m = ceil_div(M, 128) * ceil_div(N, 128);
   if (allow_large && tiles_l >= num_sms) return TileShape::k128x256;
-  if (2 * tiles_m >= num_sms) return TileShape::k128x128;
+  if (tiles_m >= num_sms) return TileShape::k128x128;
   return TileShape::k64x128;
 }
 
