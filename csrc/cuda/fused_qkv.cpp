@@ -103,6 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& 
                 stride_ok(M, x2.stride(0)) && stride_ok(N, w.stride(0)) && (a.bias == nullptr || aligned16(a.bias));
   a.tf32 = x.scalar_type() == at::kFloat && tf32_allowed();
   a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   a.tile_override = tile_override();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -177,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cuda(const at::Tens
   a.vector_ok = ok;
   a.tf32 = x.scalar_type() == at::kFloat && tf32_allowed();
   a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   a.tile_override = tile_override();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -10,6 +10,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace tfkernels {
@@ -73,6 +74,7 @@ struct QkvFwdArgs {
   bool tf32 = false;        // fp32 inputs only: TF32 tensor cores allowed
   int num_sms = 1;
   int tile_override = -1;   // a TileShape (gemm_traits.h) to force, or -1: the heuristic
+  size_t max_smem = 0;      // the device's opt-in smem per block (sharedMemPerBlockOptin); 0: no limit
 };
 
 // Fused QKV backward, two GEMMs reading dQKV = [dq | dk | dv] in head layout:
@@ -91,6 +93,7 @@ struct QkvBwdArgs {
   bool tf32 = false;
   int num_sms = 1;
   int tile_override = -1;   // as in QkvFwdArgs (the backward has no 128x256 shape)
+  size_t max_smem = 0;
 };
 
 // Per-dtype entry points (one translation unit each, so they build in parallel).

@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cstddef>
 #include <cstdint>
 
 #include "cuda/common/ptx.h"
@@ -532,25 +533,6 @@ cudaError_t launch_tc(const Operand& a, const Operand& b, int M, int N, int K, c
   return cudaGetLastError();
 }
 
-// The heuristic of gemm_traits.h picks the tile unless tile_override (a TileShape,
-// from TFKERNELS_GEMM_TILE: tests and benchmarks) forces one; kAllowLarge compiles
-// the 128x256 shape (without it, 128x256 falls back to 128x128).
-template <typename T, Layout LA, Layout LB, bool kSegA, bool kSegB, bool kRowSum, bool kAllowLarge, class Epi>
-cudaError_t launch_tc_auto(const Operand& a, const Operand& b, int M, int N, int K, const Epi& ep, int num_sms,
-                           int tile_override, cudaStream_t stream) {
-  const TileShape shape =
-      tile_override >= 0 ? static_cast<TileShape>(tile_override) : pick_tile_shape(M, N, num_sms, kAllowLarge);
-  switch (shape) {
-    case TileShape::k128x256:
-      if constexpr (kAllowLarge) return launch_tc<T, TileL, LA, LB, kSegA, kSegB, kRowSum>(a, b, M, N, K, ep, stream);
-      [[fallthrough]];
-    case TileShape::k128x128:
-      return launch_tc<T, TileM, LA, LB, kSegA, kSegB, kRowSum>(a, b, M, N, K, ep, stream);
-    default:
-      return launch_tc<T, TileS, LA, LB, kSegA, kSegB, kRowSum>(a, b, M, N, K, ep, stream);
-  }
-}
-
 template <typename T, bool kTf32, Layout LA, Layout LB, bool kSegA, bool kSegB, bool kRowSum, class Epi>
 cudaError_t launch_generic(const Operand& a, const Operand& b, int M, int N, int K, const Epi& ep,
                            cudaStream_t stream) {
@@ -561,6 +543,33 @@ cudaError_t launch_generic(const Operand& a, const Operand& b, int M, int N, int
   gemm_generic_kernel<T, kTf32, LA, LB, kSegA, kSegB, kRowSum, Epi>
       <<<static_cast<unsigned>(tiles), GenericTile::kThreads, 0, stream>>>(p, ep);
   return cudaGetLastError();
+}
+
+// The heuristic of gemm_traits.h picks the tile unless tile_override (a TileShape,
+// from TFKERNELS_GEMM_TILE: tests and benchmarks) forces one; kAllowLarge compiles
+// the 128x256 shape (without it, 128x256 falls back to 128x128). A shape whose smem
+// exceeds the device's opt-in limit (max_smem; e.g. 99 KiB on sm_86/sm_89, where the
+// sm_80 code runs) steps down to the next smaller one, and to the generic kernel if
+// none fits.
+template <typename T, Layout LA, Layout LB, bool kSegA, bool kSegB, bool kRowSum, bool kAllowLarge, class Epi>
+cudaError_t launch_tc_auto(const Operand& a, const Operand& b, int M, int N, int K, const Epi& ep, int num_sms,
+                           int tile_override, size_t max_smem, cudaStream_t stream) {
+  const size_t limit = max_smem > 0 ? max_smem : SIZE_MAX;  // 0: unknown, no limit
+  TileShape shape =
+      tile_override >= 0 ? static_cast<TileShape>(tile_override) : pick_tile_shape(M, N, num_sms, kAllowLarge);
+  if (shape == TileShape::k128x256 && (!kAllowLarge || TileL::kSmemBytes > limit)) shape = TileShape::k128x128;
+  if (shape == TileShape::k128x128 && TileM::kSmemBytes > limit) shape = TileShape::k64x128;
+  if (TileS::kSmemBytes > limit)
+    return launch_generic<T, false, LA, LB, kSegA, kSegB, kRowSum>(a, b, M, N, K, ep, stream);
+  switch (shape) {
+    case TileShape::k128x256:
+      if constexpr (kAllowLarge) return launch_tc<T, TileL, LA, LB, kSegA, kSegB, kRowSum>(a, b, M, N, K, ep, stream);
+      [[fallthrough]];
+    case TileShape::k128x128:
+      return launch_tc<T, TileM, LA, LB, kSegA, kSegB, kRowSum>(a, b, M, N, K, ep, stream);
+    default:
+      return launch_tc<T, TileS, LA, LB, kSegA, kSegB, kRowSum>(a, b, M, N, K, ep, stream);
+  }
 }
 
 }  // namespace gemm

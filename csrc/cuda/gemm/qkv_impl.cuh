@@ -27,7 +27,7 @@ cudaError_t qkv_forward_impl(const QkvFwdArgs& a, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     if (a.vector_ok)
       return launch_tc_auto<T, K_, K_, false, false, false, /*large*/ true>(a.x, a.w, a.M, a.N, a.K, ep, a.num_sms,
-                                                                           a.tile_override, stream);
+                                                                           a.tile_override, a.max_smem, stream);
     return launch_generic<T, false, K_, K_, false, false, false>(a.x, a.w, a.M, a.N, a.K, ep, stream);
   } else {
     if (a.tf32) return launch_generic<T, true, K_, K_, false, false, false>(a.x, a.w, a.M, a.N, a.K, ep, stream);
@@ -51,10 +51,10 @@ cudaError_t qkv_backward_run(const QkvBwdArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if constexpr (kTensorCore) {
     err = launch_tc_auto<T, K_, MN, true, false, false, false>(a.dqkv, a.w, a.tokens, a.E, a.Nqkv, ep_dx, a.num_sms,
-                                                                a.tile_override, stream);
+                                                                a.tile_override, a.max_smem, stream);
     if (err != cudaSuccess) return err;
     return launch_tc_auto<T, MN, MN, true, false, true, false>(a.dqkv, a.x, a.Nqkv, a.E, a.tokens, ep_dw, a.num_sms,
-                                                                a.tile_override, stream);
+                                                                a.tile_override, a.max_smem, stream);
   } else {
     err = launch_generic<T, kTf32, K_, MN, true, false, false>(a.dqkv, a.w, a.tokens, a.E, a.Nqkv, ep_dx, stream);
     if (err != cudaSuccess) return err;
