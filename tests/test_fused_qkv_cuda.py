@@ -192,8 +192,9 @@ def test_fp32(batch, seqlen, embed, heads, kv_heads, head_dim, bias, tf32):
 @sanitize
 @pytest.mark.parametrize("dtype", HALF_DTYPES + [pytest.param(torch.float32, id="fp32")])
 def test_strided_and_misaligned_inputs(dtype):
-    """x as a transposed view (strided rows, no copy), a weight view with a padded
-    row stride, and an x whose data pointer is off 16-byte alignment (generic path)."""
+    """x as a column slice (rows of stride E + 8, read in place), as a transposed view
+    (the launcher copies it), a weight view with a padded row stride, and an x whose
+    data pointer is off 16-byte alignment (generic path)."""
     tfk, reference = _tfk()
     batch, seqlen, embed, heads, kv_heads, head_dim = 3, 19, 64, 6, 2, 16
     n = (heads + 2 * kv_heads) * head_dim
@@ -202,7 +203,8 @@ def test_strided_and_misaligned_inputs(dtype):
     b = torch.randn(n, device="cuda").to(dtype)
     flat = torch.randn(batch * seqlen * embed + 1, device="cuda").to(dtype)
     x_mis = flat[1:].view(batch, seqlen, embed)
-    for x in (x_t, x_mis):
+    x_pad = torch.randn(batch, seqlen, embed + 8, device="cuda").to(dtype)[..., :embed]
+    for x in (x_pad, x_t, x_mis):
         outs = tfk.fused_qkv(x, w_pad, b, num_heads=heads, num_kv_heads=kv_heads)
         if dtype == torch.float32:
             ref, _ = run_ref(reference, x, w_pad, b, heads, kv_heads, torch.float64)
