@@ -109,11 +109,17 @@ def test_misaligned_views(n, offset, dtype):
 
 
 def test_non_contiguous_input():
-    x, bias = _inputs((64, 48), torch.float32)
-    xt = x.t()  # [48, 64] with stride (1, 48): bias has 64 entries
-    bias = torch.randn(64, device="cuda")
+    # A transposed x [48, 64] with strides (1, 48) and a strided bias: the launcher
+    # makes both contiguous; the output is contiguous.
+    xt = (torch.randn(64, 48, device="cuda") * 2).t()
+    bias = torch.randn(128, device="cuda")[::2]
     out = tfkernels.bias_gelu(xt, bias)
+    assert out.is_contiguous()
     _check(out, xt, bias, torch.zeros_like(xt), "none", "out")
+    grad_out = torch.randn(64, 48, device="cuda").t()
+    grad_x, grad_bias = torch.ops.tfkernels.bias_gelu_bwd(grad_out, xt, bias, "tanh")
+    _check(grad_x, xt, bias, grad_out, "tanh", "grad_x")
+    _check(grad_bias, xt, bias, grad_out, "tanh", "grad_bias")
 
 
 def test_empty():
