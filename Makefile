@@ -30,10 +30,12 @@ LOADS_OK = $(PYTHON) -c "import sys, torch, tfkernels; sys.exit(tfkernels.build_
 
 all: build
 
-# Rebuild when a source is newer than the last install, or when the extension does
-# not load (never built, removed, or built against another torch).
+# The first build is an editable pip install; later ones, after a source changed,
+# rebuild in place with setup.py so ninja recompiles only what changed (pip -e
+# starts from an empty build folder every time). A _C that does not load (never
+# built, removed, or built against another torch) forces the pip install.
 $(STAMP): $(SOURCES)
-	$(PIP_INSTALL)
+	@if $(LOADS_OK) 2>/dev/null; then $(PYTHON) setup.py -q build_ext --inplace; else $(PIP_INSTALL); fi
 	@mkdir -p $(dir $@) && touch $@
 
 build: $(STAMP)
