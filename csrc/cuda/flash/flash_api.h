@@ -7,7 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
-#include "flash/flash_params.h"
+#include "cuda/flash/flash_params.h"
 
 namespace tfkernels {
 namespace flash {

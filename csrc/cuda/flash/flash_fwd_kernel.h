@@ -28,10 +28,10 @@
 
 #include <cstdint>
 
-#include "common/ptx.h"
-#include "flash/flash_params.h"
-#include "flash/flash_tile.h"
-#include "flash/kernel_traits.h"
+#include "cuda/common/ptx.h"
+#include "cuda/flash/flash_params.h"
+#include "cuda/flash/flash_tile.h"
+#include "cuda/flash/kernel_traits.h"
 
 namespace tfkernels {
 namespace flash {

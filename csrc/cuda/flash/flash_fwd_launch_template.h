@@ -12,9 +12,9 @@
 
 #include <mutex>
 
-#include "flash/flash_api.h"
-#include "flash/flash_fwd_kernel.h"
-#include "flash/kernel_traits.h"
+#include "cuda/flash/flash_api.h"
+#include "cuda/flash/flash_fwd_kernel.h"
+#include "cuda/flash/kernel_traits.h"
 
 namespace tfkernels {
 namespace flash {

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "common/ptx.h"
+#include "cuda/common/ptx.h"
 
 namespace tfkernels {
 namespace flash {

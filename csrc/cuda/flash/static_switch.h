@@ -13,7 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "flash/flash_params.h"
+#include "cuda/flash/flash_params.h"
 
 #define TFK_FP16_SWITCH(IS_BF16, ELEMENT, ...)     \
   [&] {                                            \
