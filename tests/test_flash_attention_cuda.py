@@ -346,6 +346,15 @@ def test_empty_query():
     assert out.shape == (2, 2, 0, 64) and lse.shape == (2, 2, 0)
 
 
+@sanitize
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_empty_keys(dtype):
+    # Sk = 0: every row sees nothing.
+    q, k, v = _qkv(2, 2, 1, 20, 0, 64, dtype)
+    out, lse = tfkernels.flash_attention(q, k, v, return_lse=True)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
 def test_default_scale_matches_sdpa():
     # An independent oracle: PyTorch's own SDPA math backend in float32.
     q, k, v = _qkv(2, 3, 3, 65, 70, 64, torch.float32)

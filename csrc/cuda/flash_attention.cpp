@@ -17,6 +17,7 @@
 #include "alloc.h"
 #include "args.h"
 #include "cuda/flash/flash_api.h"
+#include "cuda/flash/kernel_traits.h"
 #include "cuda/flash/static_switch.h"
 
 namespace tfkernels {
@@ -126,7 +127,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
       return cudaErrorInvalidValue;
     };
     err = TFK_FP16_SWITCH(is_bf16, Element, [&] {
-      return TFK_HEADDIM_SWITCH(p.head_dim, missing, [&] { return flash::run_flash_fwd<Element, kHeadDim>(p, stream); });
+      return TFK_HEADDIM_SWITCH(p.head_dim, missing, [&] {
+        // sm_80/sm_90 allow 163/227 KB a block; sm_86/sm_89 only 99 KB, which the
+        // D > 128 tiles exceed: say so instead of failing in cudaFuncSetAttribute.
+        constexpr int kSmem = flash::FwdConfig<kHeadDim>::Traits::kSmemBytes;
+        const int64_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+        TORCH_CHECK(kSmem <= limit, "tfkernels: flash attention with head dim ", shape.head_dim, " (kernel for ",
+                    kHeadDim, ") needs ", kSmem, " bytes of shared memory a block; this device allows ", limit);
+        return flash::run_flash_fwd<Element, kHeadDim>(p, stream);
+      });
     });
   }
   C10_CUDA_CHECK(err);
