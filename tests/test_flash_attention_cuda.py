@@ -355,6 +355,17 @@ def test_empty_keys(dtype):
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_opcheck(dtype):
+    # Schema and fake-kernel agreement (the backward is a later issue, so no
+    # autograd / AOT checks here).
+    q, k, v = _qkv(2, 4, 2, 33, 47, 64, dtype, layout="bshd")
+    lens = torch.tensor([47, 5], device="cuda", dtype=torch.int32)
+    torch.library.opcheck(torch.ops.tfkernels.flash_attention_fwd.default,
+                          (q, k, v, True, "bottom_right", None, lens, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_default_scale_matches_sdpa():
     # An independent oracle: PyTorch's own SDPA math backend in float32.
     q, k, v = _qkv(2, 3, 3, 65, 70, 64, torch.float32)
