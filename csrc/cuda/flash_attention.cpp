@@ -126,16 +126,19 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
                   "head dims); rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
       return cudaErrorInvalidValue;
     };
+    // sm_80 and sm_90 give a block 163 and 227 KB of shared memory, enough for
+    // every instantiation. sm_86/sm_89 give 99 KB: there the D = 128 tiles (102 KB)
+    // do not fit, so a head dim runs on the next larger instantiation that does
+    // (D <= 128 on the 160 kernel, 86 KB; its D tail is zero-filled like any
+    // padded dim), and a dim with none left gets a clear error.
+    const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    int kernel_dim = flash::padded_head_dim(p.head_dim);
+    while (kernel_dim <= flash::kMaxHeadDim && flash::fwd_smem_bytes(kernel_dim) > smem_limit) kernel_dim += 32;
+    TORCH_CHECK(kernel_dim <= flash::kMaxHeadDim, "tfkernels: flash attention with head dim ", shape.head_dim,
+                " needs ", flash::fwd_smem_bytes(flash::padded_head_dim(p.head_dim)),
+                " bytes of shared memory a block; this device allows ", smem_limit);
     err = TFK_FP16_SWITCH(is_bf16, Element, [&] {
-      return TFK_HEADDIM_SWITCH(p.head_dim, missing, [&] {
-        // sm_80/sm_90 allow 163/227 KB a block; sm_86/sm_89 only 99 KB, which the
-        // D > 128 tiles exceed: say so instead of failing in cudaFuncSetAttribute.
-        constexpr int kSmem = flash::FwdConfig<kHeadDim>::Traits::kSmemBytes;
-        const int64_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-        TORCH_CHECK(kSmem <= limit, "tfkernels: flash attention with head dim ", shape.head_dim, " (kernel for ",
-                    kHeadDim, ") needs ", kSmem, " bytes of shared memory a block; this device allows ", limit);
-        return flash::run_flash_fwd<Element, kHeadDim>(p, stream);
-      });
+      return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_fwd<Element, kHeadDim>(p, stream); });
     });
   }
   C10_CUDA_CHECK(err);

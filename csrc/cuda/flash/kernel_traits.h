@@ -62,5 +62,21 @@ struct FwdConfig {
   using Traits = FwdTraits<kHeadDim, 128, (kHeadDim <= 128 ? 64 : 32), 8, (kHeadDim <= 192)>;
 };
 
+// Dynamic shared memory of the 16-bit forward instantiation for a padded head dim
+// (0 for a dim that has none): lets the launcher pick a kernel that fits the device.
+inline constexpr int fwd_smem_bytes(int padded_dim) {
+  switch (padded_dim) {
+    case 32: return FwdConfig<32>::Traits::kSmemBytes;
+    case 64: return FwdConfig<64>::Traits::kSmemBytes;
+    case 96: return FwdConfig<96>::Traits::kSmemBytes;
+    case 128: return FwdConfig<128>::Traits::kSmemBytes;
+    case 160: return FwdConfig<160>::Traits::kSmemBytes;
+    case 192: return FwdConfig<192>::Traits::kSmemBytes;
+    case 224: return FwdConfig<224>::Traits::kSmemBytes;
+    case 256: return FwdConfig<256>::Traits::kSmemBytes;
+    default: return 0;
+  }
+}
+
 }  // namespace flash
 }  // namespace tfkernels
