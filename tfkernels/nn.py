@@ -328,7 +328,7 @@ class TransformerEncoderLayer(nn.Module):
             x = self.norm2(x + self._ff_block(x))
         if unbatched:
             return x.squeeze(0)
-        return x if self.batch_first else x.transpose(0, 1)
+        return x if self.batch_first else x.transpose(0, 1).contiguous()  # (S, B, E) in memory, as torch's
 
     # -- attention
 
