@@ -108,6 +108,7 @@ def test_stack_low_precision_follows_the_flash_rule(dtype):
         assert_flash_rule(grads[name], high_grads[name], low_grads[name], f"grad {name}")
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_inference_under_no_grad_where_torch_takes_its_nested_fast_path():
     stack = _torch_stack(batch_first=True, activation="gelu")
     assert stack.use_nested_tensor  # torch would hand the layers nested tensors here
