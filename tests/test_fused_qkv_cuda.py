@@ -18,7 +18,7 @@ import contextlib
 import pytest
 import torch
 
-from utils import assert_flash_rule, max_abs_err
+from .utils import assert_flash_rule, max_abs_err
 
 pytestmark = pytest.mark.cuda
 
