@@ -15,33 +15,21 @@ forms, with and without biases, outputs, `pre` and every gradient; plus every fo
 tile shape, strided / misaligned / expanded operands, degenerate sizes, save_pre=False,
 CUDA-graph capture, determinism and opcheck.
 """
-import contextlib
 
 import pytest
 import torch
 
-from .utils import assert_flash_rule, max_abs_err
+import tfkernels
+from tfkernels import reference
+
+from .utils import assert_flash_rule, max_abs_err, tf32_matmul
+
 
 pytestmark = pytest.mark.cuda
 
 sanitize = pytest.mark.sanitize
 
 
-def _tfk():
-    # Imported lazily: without a GPU every test is skipped before it runs.
-    import tfkernels
-    import tfkernels.reference as reference
-    return tfkernels, reference
-
-
-@contextlib.contextmanager
-def tf32_matmul(enabled):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _param(shape, bias, dtype, requires_grad, scale=1.0):
@@ -151,7 +139,6 @@ def _cases(cases, prefix):
 
 @pytest.mark.parametrize("lead,d_in,d_out,bias,approx,dtype", _cases(LINEAR_CASES, ""))
 def test_linear_gelu_16bit(lead, d_in, d_out, bias, approx, dtype):
-    tfk, reference = _tfk()
     x, w, b = linear_inputs(lead, d_in, d_out, bias, dtype, requires_grad=True)
     out, pre = torch.ops.tfkernels.linear_gelu(x, w, b, approx, True)
     assert out.shape == (*lead, d_out) and pre.shape == (*lead, d_out)
@@ -162,7 +149,7 @@ def test_linear_gelu_16bit(lead, d_in, d_out, bias, approx, dtype):
     check_16bit("out", out, high, low)
     check_16bit("pre", pre, ref_pre(tensors, torch.float32), ref_pre(tensors, dtype))
     # The backward through autograd (the public wrapper saves pre and calls linear_gelu_bwd).
-    tfk.linear_gelu(x, w, b, approximate=approx).backward(grad)
+    tfkernels.linear_gelu(x, w, b, approximate=approx).backward(grad)
     compare_16bit(LINEAR_GRAD_NAMES, (x.grad, w.grad, None if b is None else b.grad), high_g, low_g)
 
 
@@ -186,7 +173,6 @@ MLP_CASES = [
 
 @pytest.mark.parametrize("lead,d_model,d_ff,bias,approx,dtype", _cases(MLP_CASES, "mlp-"))
 def test_fused_mlp_16bit(lead, d_model, d_ff, bias, approx, dtype):
-    tfk, reference = _tfk()
     tensors = mlp_inputs(lead, d_model, d_ff, bias, dtype, requires_grad=True)
     out, pre = torch.ops.tfkernels.fused_mlp(*tensors, approx, True)
     assert out.shape == (*lead, d_model) and pre.shape == (*lead, d_ff)
@@ -195,7 +181,7 @@ def test_fused_mlp_16bit(lead, d_model, d_ff, bias, approx, dtype):
     low, low_g = run_ref(reference.fused_mlp, tensors, dtype, grad, approximate=approx)
     check_16bit("out", out, high, low)
     check_16bit("pre", pre, ref_pre(tensors, torch.float32), ref_pre(tensors, dtype))
-    tfk.fused_mlp(*tensors, approximate=approx).backward(grad)
+    tfkernels.fused_mlp(*tensors, approximate=approx).backward(grad)
     compare_16bit(MLP_GRAD_NAMES, [None if t is None else t.grad for t in tensors], high_g, low_g)
 
 
@@ -218,12 +204,11 @@ TF32 = [pytest.param(False, id="tf32-off"), pytest.param(True, id="tf32-on")]
 @pytest.mark.parametrize("tf32", TF32)
 @pytest.mark.parametrize("lead,d_in,d_out,bias,approx", FP32_LINEAR)
 def test_linear_gelu_fp32(lead, d_in, d_out, bias, approx, tf32):
-    tfk, reference = _tfk()
     tensors = linear_inputs(lead, d_in, d_out, bias, torch.float32, requires_grad=True)
     with tf32_matmul(tf32):
         out, pre = torch.ops.tfkernels.linear_gelu(*tensors, approx, True)
         grad = torch.randn_like(out)
-        tfk.linear_gelu(*tensors, approximate=approx).backward(grad)
+        tfkernels.linear_gelu(*tensors, approximate=approx).backward(grad)
     ref, ref_g = run_ref(reference.linear_gelu, tensors, torch.float64, grad, approximate=approx)
     check_fp32("out", out, ref, tf32)
     check_fp32("pre", pre, ref_pre(tensors, torch.float64), tf32)
@@ -235,12 +220,11 @@ def test_linear_gelu_fp32(lead, d_in, d_out, bias, approx, tf32):
 @pytest.mark.parametrize("tf32", TF32)
 @pytest.mark.parametrize("lead,d_model,d_ff,bias,approx", FP32_MLP)
 def test_fused_mlp_fp32(lead, d_model, d_ff, bias, approx, tf32):
-    tfk, reference = _tfk()
     tensors = mlp_inputs(lead, d_model, d_ff, bias, torch.float32, requires_grad=True)
     with tf32_matmul(tf32):
         out, pre = torch.ops.tfkernels.fused_mlp(*tensors, approx, True)
         grad = torch.randn_like(out)
-        tfk.fused_mlp(*tensors, approximate=approx).backward(grad)
+        tfkernels.fused_mlp(*tensors, approximate=approx).backward(grad)
     ref, ref_g = run_ref(reference.fused_mlp, tensors, torch.float64, grad, approximate=approx)
     check_fp32("out", out, ref, tf32)
     check_fp32("pre", pre, ref_pre(tensors, torch.float64), tf32)
@@ -275,9 +259,8 @@ def test_every_tile_shape(tile, dtype, monkeypatch):
     every dim: M = 300, d_model = 200 (3 x 64 + 8), d_ff = 280 (not a multiple of 64).
     The backward GEMMs have no 128x256 shape: it falls back to 128x128."""
     monkeypatch.setenv("TFKERNELS_GEMM_TILE", tile)
-    tfk, reference = _tfk()
     tensors = mlp_inputs((2, 150), 200, 280, True, dtype, requires_grad=True)
-    out = tfk.fused_mlp(*tensors, approximate="tanh")
+    out = tfkernels.fused_mlp(*tensors, approximate="tanh")
     grad = torch.randn_like(out)
     out.backward(grad)
     high, high_g = run_ref(reference.fused_mlp, tensors, torch.float32, grad, approximate="tanh")
@@ -288,7 +271,7 @@ def test_every_tile_shape(tile, dtype, monkeypatch):
     lin = tensors[:3]
     for t in lin:
         t.grad = None
-    out = tfk.linear_gelu(*lin, approximate="none")
+    out = tfkernels.linear_gelu(*lin, approximate="none")
     grad = torch.randn_like(out)
     out.backward(grad)
     high, high_g = run_ref(reference.linear_gelu, lin, torch.float32, grad, approximate="none")
@@ -303,7 +286,6 @@ def test_strided_and_misaligned_inputs(dtype):
     """x as a column slice (row stride d_model + 8: read in place), as a transposed view
     (copied), and off 16-byte alignment (generic kernel); weights with padded row
     strides. Forward and both backward ops."""
-    tfk, reference = _tfk()
     B, S, D, F = 3, 19, 64, 96
     x_pad = torch.randn(B, S, D + 8, device="cuda").to(dtype)[..., :D]
     x_t = torch.randn(S, B, D, device="cuda").to(dtype).transpose(0, 1)
@@ -373,11 +355,10 @@ def test_backward_ops_read_strided_grad_and_pre(dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_backward_from_sum(dtype):
     """loss = out.sum(): autograd hands the backward an expanded gradient (strides 0)."""
-    tfk, reference = _tfk()
     tensors = mlp_inputs((2, 21), 64, 256, True, dtype, requires_grad=True)
-    tfk.fused_mlp(*tensors, approximate="none").sum().backward()
+    tfkernels.fused_mlp(*tensors, approximate="none").sum().backward()
     lin = [t.detach().requires_grad_(True) for t in tensors[:3]]
-    tfk.linear_gelu(*lin, approximate="tanh").sum().backward()
+    tfkernels.linear_gelu(*lin, approximate="tanh").sum().backward()
     refs = {}
     for rd in (torch.float32, dtype):
         leaves = [_leaf(t, rd) for t in tensors]
@@ -395,7 +376,6 @@ def test_backward_from_sum(dtype):
 def test_save_pre_false(dtype):
     """save_pre=False (what the wrapper passes under no_grad): pre is an empty [0]
     tensor and the output is the same, bit for bit."""
-    tfk, _ = _tfk()
     x, w1, b1, w2, b2 = mlp_inputs((3, 7), 64, 256, True, dtype, requires_grad=True)
     out_s, pre_s = torch.ops.tfkernels.linear_gelu(x, w1, b1, "tanh", True)
     out_n, pre_n = torch.ops.tfkernels.linear_gelu(x, w1, b1, "tanh", False)
@@ -406,14 +386,13 @@ def test_save_pre_false(dtype):
     assert mpre_s.shape == (3, 7, 256) and mpre_n.shape == (0,)
     assert torch.equal(mout_s, mout_n)
     with torch.no_grad():
-        assert torch.equal(tfk.linear_gelu(x, w1, b1, approximate="tanh"), out_s)
-        assert torch.equal(tfk.fused_mlp(x, w1, b1, w2, b2, approximate="none"), mout_s)
+        assert torch.equal(tfkernels.linear_gelu(x, w1, b1, approximate="tanh"), out_s)
+        assert torch.equal(tfkernels.fused_mlp(x, w1, b1, w2, b2, approximate="none"), mout_s)
 
 
 @sanitize
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_empty_and_degenerate(dtype):
-    tfk, reference = _tfk()
     ops = torch.ops.tfkernels
     # No rows: empty outputs; the backward still writes dW = 0 and db = 0.
     x, w1, b1, w2, b2 = mlp_inputs((0, 5), 64, 128, True, dtype)
@@ -430,7 +409,7 @@ def test_empty_and_degenerate(dtype):
     def both_ways(fn, tensors, **kw):
         """Forward + backward of fn, ours and the reference in the dtype (TF32 off)."""
         ours = [t.detach().requires_grad_(True) if t is not None else None for t in tensors]
-        out = getattr(tfk, fn)(*ours, **kw)
+        out = getattr(tfkernels, fn)(*ours, **kw)
         grad = torch.randn_like(out)
         out.backward(grad)
         ref_out, ref_g = run_ref(getattr(reference, fn), tensors, dtype, grad, **kw)
@@ -450,14 +429,13 @@ def test_empty_and_degenerate(dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_deterministic(dtype):
     """No atomics anywhere: two runs agree bit for bit."""
-    tfk, _ = _tfk()
     tensors = mlp_inputs((2, 500), 768, 3072, True, dtype, requires_grad=True)
     results = []
     for _ in range(2):
         for t in tensors:
             t.grad = None
-        out = tfk.fused_mlp(*tensors, approximate="tanh")
-        lin = tfk.linear_gelu(*tensors[:3], approximate="none")
+        out = tfkernels.fused_mlp(*tensors, approximate="tanh")
+        lin = tfkernels.linear_gelu(*tensors[:3], approximate="none")
         torch.manual_seed(0)
         torch.autograd.backward([out, lin], [torch.randn_like(out), torch.randn_like(lin)])
         results.append([out.detach().clone(), lin.detach().clone()] + [t.grad.clone() for t in tensors])
@@ -517,17 +495,16 @@ def test_opcheck(dtype):
 
 
 def test_rejects_bad_input():
-    tfk, _ = _tfk()
     x, w1, b1, w2, b2 = mlp_inputs((4,), 64, 128, True, torch.float32)
     ops = torch.ops.tfkernels
     with pytest.raises(RuntimeError, match="dtype"):
-        tfk.linear_gelu(x.double(), w1.double(), b1.double())
+        tfkernels.linear_gelu(x.double(), w1.double(), b1.double())
     with pytest.raises(RuntimeError, match="weight"):
-        tfk.linear_gelu(x, w1[:, :32], b1)
+        tfkernels.linear_gelu(x, w1[:, :32], b1)
     with pytest.raises(RuntimeError, match="w2"):
-        tfk.fused_mlp(x, w1, b1, w2[:, :64], b2)
+        tfkernels.fused_mlp(x, w1, b1, w2[:, :64], b2)
     with pytest.raises(RuntimeError, match="b2"):
-        tfk.fused_mlp(x, w1, b1, w2, b2[:-1])
+        tfkernels.fused_mlp(x, w1, b1, w2, b2[:-1])
     with pytest.raises(RuntimeError, match="approximate"):
         ops.linear_gelu(x, w1, b1, "sigmoid", False)
     out, pre = ops.fused_mlp(x, w1, b1, w2, b2, "none", False)
