@@ -198,11 +198,13 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, c
   std::vector<T> delta(B * H * Sq), lse_dom(B * H * Sq);
   at::parallel_for(0, B * H * Sq, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      T acc = 0;
+      // In double even for float: Delta is subtracted from dP ~ |dO||V| to leave a
+      // small dS, so its rounding error would be amplified into dQ and dK.
+      double acc = 0;
       const T* a = go + i * D;
       const T* b = o + i * D;
-      for (int64_t d = 0; d < D; ++d) acc += a[d] * b[d];
-      delta[i] = acc - (glse ? static_cast<T>(glse[i]) : T(0));
+      for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(a[d]) * static_cast<double>(b[d]);
+      delta[i] = static_cast<T>(acc - (glse ? static_cast<double>(glse[i]) : 0.0));
       lse_dom[i] = Dom::from_lse(lse[i]);
     }
   });
