@@ -17,9 +17,11 @@
 // deterministic. Key chunks exist only to keep both cores busy when B * H is
 // small (e.g. B = H = 1); their number depends on the shape, not on the threads.
 //
-// Compute: float for float/bf16/half inputs (16-bit inputs are widened once up
-// front, outputs rounded once at the end), double for double. GEMMs go to BLAS
-// (flash_attention_blas.h); the exp runs in flash_attention_softmax.cpp.
+// Compute: float for float/bf16/half inputs, double for double. Inputs are read in
+// place through their strides (only the last dim must be contiguous); 16-bit
+// inputs are widened tile by tile inside the tasks (a separate conversion pass
+// costs an extra parallel region and memory traffic), outputs rounded once. GEMMs
+// go to BLAS (flash_attention_blas.h); the exp runs in flash_attention_softmax.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -73,6 +75,33 @@ struct Masking {
   }
 };
 
+// A [B, H, S, D] tensor read in place: row (b, h, i) starts at p + b*sb + h*sh + i*ss.
+template <typename In>
+struct View {
+  const In* p;
+  int64_t sb, sh, ss;
+  const In* row(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * ss; }
+};
+
+// Rows of a tile in the compute type T: in place when the input already is T (ld =
+// the tensor's row stride), else widened into `buf` (ld = D).
+template <typename T, typename In>
+inline const T* tile_rows(const View<In>& t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t D, T* buf,
+                          int64_t& ld) {
+  if constexpr (std::is_same_v<T, In>) {
+    ld = t.ss;
+    return t.row(b, h, i0);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const In* src = t.row(b, h, i0 + r);
+      T* dst = buf + r * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
+    }
+    ld = D;
+    return buf;
+  }
+}
+
 template <typename OutT, typename T>
 inline void store_scaled(OutT* dst, const T* src, int64_t n, T a) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<OutT>(src[j] * a);
@@ -86,8 +115,8 @@ inline void fill_zero(T* p, int64_t n) {
 // ------------------------------------------------------------------------ forward
 
 template <typename T, typename OutT>
-void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, const T* q, const T* k, const T* v,
-                   OutT* out, float* lse) {
+void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, View<OutT> q, View<OutT> k,
+                   View<OutT> v, OutT* out, float* lse) {
   using Dom = SoftmaxDomain<T>;
   const int64_t B = s.batch, H = s.heads, Hkv = s.kv_heads, G = H / Hkv, Sq = s.seqlen_q, Sk = s.seqlen_k,
                 D = s.head_dim;
@@ -97,14 +126,15 @@ void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, con
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+    constexpr bool widen = !std::is_same_v<T, OutT>;
     std::vector<T> sbuf(bq * bk), acc(bq * D), mrow(bq), lrow(bq);
+    std::vector<T> qbuf(widen ? bq * D : 0), kbuf(widen ? bk * D : 0), vbuf(widen ? bk * D : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % nqb, bh = task / nqb, h = bh % H, b = bh / H;
+      const int64_t qb = task % nqb, bh = task / nqb, h = bh % H, b = bh / H, hk = h / G;
       const int64_t i0 = qb * bq, m = std::min(bq, Sq - i0);
       const int64_t len = mk.len(b), off = mk.offset(len);
-      const T* Q = q + (bh * Sq + i0) * D;
-      const T* K = k + (b * Hkv + h / G) * Sk * D;
-      const T* V = v + (b * Hkv + h / G) * Sk * D;
+      int64_t ldq, ldk, ldv;
+      const T* Q = tile_rows<T>(q, b, h, i0, m, D, qbuf.data(), ldq);
       const int64_t kend_block = mk.kend(i0 + m - 1, len, off);  // rows see monotonically more keys
 
       fill_zero(acc.data(), m * D);
@@ -113,7 +143,8 @@ void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, con
       for (int64_t j0 = 0; j0 < kend_block; j0 += bk) {
         const int64_t n = std::min(bk, kend_block - j0);
         T* S = sbuf.data();
-        gemm_rm<T>(false, true, m, n, D, T(1), Q, D, K + j0 * D, D, T(0), S, bk);
+        const T* K = tile_rows<T>(k, b, hk, j0, n, D, kbuf.data(), ldk);
+        gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), S, bk);
         for (int64_t r = 0; r < m; ++r) {
           T* row = S + r * bk;
           const int64_t nv = std::clamp<int64_t>(mk.kend(i0 + r, len, off) - j0, 0, n);
@@ -127,7 +158,8 @@ void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, con
           }
           fill_zero(row + nv, n - nv);
         }
-        gemm_rm<T>(false, false, m, D, n, T(1), S, bk, V + j0 * D, D, T(1), acc.data(), D);
+        const T* V = tile_rows<T>(v, b, hk, j0, n, D, vbuf.data(), ldv);
+        gemm_rm<T>(false, false, m, D, n, T(1), S, bk, V, ldv, T(1), acc.data(), D);
       }
       for (int64_t r = 0; r < m; ++r) {
         OutT* dst = out + (bh * Sq + i0 + r) * D;
@@ -150,10 +182,9 @@ void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, con
 // double, refine it once per row, lse += log(sum_j exp(s_ij - lse)), which costs
 // one extra Q K^T pass on the correctness path only.
 template <typename T>
-void refine_lse(const AttentionShape& s, const Masking& mk, T c, const T* q, const T* k, T* lse_dom) {
+void refine_lse(const AttentionShape& s, const Masking& mk, T c, View<T> q, View<T> k, T* lse_dom) {
   using Dom = SoftmaxDomain<T>;
-  const int64_t B = s.batch, H = s.heads, Hkv = s.kv_heads, G = H / Hkv, Sq = s.seqlen_q, Sk = s.seqlen_k,
-                D = s.head_dim;
+  const int64_t B = s.batch, H = s.heads, G = H / s.kv_heads, Sq = s.seqlen_q, Sk = s.seqlen_k, D = s.head_dim;
   const auto [bq, bk] = fwd_blocks(Sq, Sk);
   const int64_t nqb = (Sq + bq - 1) / bq;
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
@@ -162,13 +193,13 @@ void refine_lse(const AttentionShape& s, const Masking& mk, T c, const T* q, con
       const int64_t qb = task % nqb, bh = task / nqb, h = bh % H, b = bh / H;
       const int64_t i0 = qb * bq, m = std::min(bq, Sq - i0);
       const int64_t len = mk.len(b), off = mk.offset(len);
-      const T* K = k + (b * Hkv + h / G) * Sk * D;
       T* L = lse_dom + bh * Sq + i0;
       const int64_t kend_block = mk.kend(i0 + m - 1, len, off);
       std::fill(sums.begin(), sums.end(), T(0));
       for (int64_t j0 = 0; j0 < kend_block; j0 += bk) {
         const int64_t n = std::min(bk, kend_block - j0);
-        gemm_rm<T>(false, true, m, n, D, T(1), q + (bh * Sq + i0) * D, D, K + j0 * D, D, T(0), sbuf.data(), bk);
+        gemm_rm<T>(false, true, m, n, D, T(1), q.row(b, h, i0), q.ss, k.row(b, h / G, j0), k.ss, T(0), sbuf.data(),
+                   bk);
         for (int64_t r = 0; r < m; ++r) {
           const int64_t nv = std::clamp<int64_t>(mk.kend(i0 + r, len, off) - j0, 0, n);
           if (nv > 0 && !std::isinf(L[r])) sums[r] += Dom::exp_sum(sbuf.data() + r * bk, nv, c, L[r]);
@@ -181,9 +212,11 @@ void refine_lse(const AttentionShape& s, const Masking& mk, T c, const T* q, con
 }
 
 template <typename T, typename OutT>
-void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, const T* q, const T* k, const T* v,
-                   const T* o, const T* go, const float* lse, const float* glse, OutT* gq, OutT* gk, OutT* gv) {
+void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, View<OutT> q, View<OutT> k,
+                   View<OutT> v, View<OutT> o, View<OutT> go, const float* lse, const float* glse, OutT* gq, OutT* gk,
+                   OutT* gv) {
   using Dom = SoftmaxDomain<T>;
+  constexpr bool widen = !std::is_same_v<T, OutT>;
   const int64_t B = s.batch, H = s.heads, Hkv = s.kv_heads, G = H / Hkv, Sq = s.seqlen_q, Sk = s.seqlen_k,
                 D = s.head_dim;
   const T c = Dom::score_mult(static_cast<T>(scale_d));
@@ -192,37 +225,61 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, c
   const int64_t bk = std::max<int64_t>(1, std::min(kBwdBlockK, Sk));
   const int64_t nkb = (Sk + bk - 1) / bk;
   const int64_t chunks = std::max<int64_t>(1, std::min(nkb, (kBwdTargetTasks + B * H - 1) / std::max<int64_t>(1, B * H)));
-  constexpr bool same_type = std::is_same_v<T, OutT>;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
 
+  // Q and dO in the compute type, read by every key block: widened once (16-bit
+  // inputs) in the same pass that computes Delta, else read in place.
+  at::Tensor q_wide, go_wide;
+  if constexpr (widen) {
+    q_wide = at::empty({B * H * Sq * D}, opts);
+    go_wide = at::empty({B * H * Sq * D}, opts);
+  }
   // Delta_i = rowsum(dO_i * O_i) - grad_lse_i, and lse in the softmax domain.
   std::vector<T> delta(B * H * Sq), lse_dom(B * H * Sq);
   at::parallel_for(0, B * H * Sq, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row % Sq, bh = row / Sq, h = bh % H, b = bh / H;
+      const OutT* a = go.row(b, h, i);
+      const OutT* x = o.row(b, h, i);
       // In double even for float: Delta is subtracted from dP ~ |dO||V| to leave a
       // small dS, so its rounding error would be amplified into dQ and dK.
       double acc = 0;
-      const T* a = go + i * D;
-      const T* b = o + i * D;
-      for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(a[d]) * static_cast<double>(b[d]);
-      delta[i] = static_cast<T>(acc - (glse ? static_cast<double>(glse[i]) : 0.0));
-      lse_dom[i] = Dom::from_lse(lse[i]);
+      for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(a[d]) * static_cast<double>(x[d]);
+      delta[row] = static_cast<T>(acc - (glse ? static_cast<double>(glse[row]) : 0.0));
+      lse_dom[row] = Dom::from_lse(lse[row]);
+      if constexpr (widen) {
+        const OutT* qr = q.row(b, h, i);
+        T* qd = q_wide.data_ptr<T>() + row * D;
+        T* gd = go_wide.data_ptr<T>() + row * D;
+        for (int64_t d = 0; d < D; ++d) {
+          qd[d] = static_cast<T>(qr[d]);
+          gd[d] = static_cast<T>(a[d]);
+        }
+      }
     }
   });
-  if constexpr (std::is_same_v<T, double>) refine_lse<T>(s, mk, c, q, k, lse_dom.data());
+  View<T> qv, gov;
+  if constexpr (widen) {
+    qv = View<T>{q_wide.data_ptr<T>(), H * Sq * D, Sq * D, D};
+    gov = View<T>{go_wide.data_ptr<T>(), H * Sq * D, Sq * D, D};
+  } else {
+    qv = q;
+    gov = go;
+  }
+  if constexpr (std::is_same_v<T, double>) refine_lse<T>(s, mk, c, qv, k, lse_dom.data());
 
   // Accumulators: straight into the outputs when no reduction or cast is needed.
   at::Tensor dq_buf, dk_buf, dv_buf;
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   T* dq_acc = nullptr;
   T* dk_acc = nullptr;
   T* dv_acc = nullptr;
-  if (same_type && chunks == 1) {
+  if (!widen && chunks == 1) {
     dq_acc = reinterpret_cast<T*>(gq);
   } else {
     dq_buf = at::empty({chunks, B * H * Sq * D}, opts);
     dq_acc = dq_buf.data_ptr<T>();
   }
-  if (same_type && G == 1) {
+  if (!widen && G == 1) {
     dk_acc = reinterpret_cast<T*>(gk);
     dv_acc = reinterpret_cast<T*>(gv);
   } else {
@@ -234,14 +291,11 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, c
 
   at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> pbuf(bq * bk), dsbuf(bq * bk);
+    std::vector<T> kbuf(widen ? bk * D : 0), vbuf(widen ? bk * D : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t ch = task % chunks, bh = task / chunks, h = bh % H, b = bh / H;
+      const int64_t ch = task % chunks, bh = task / chunks, h = bh % H, b = bh / H, hk = h / G;
       const int64_t kv0 = std::min(Sk, ch * nkb / chunks * bk), kv1 = std::min(Sk, (ch + 1) * nkb / chunks * bk);
       const int64_t len = mk.len(b), off = mk.offset(len);
-      const T* Q = q + bh * Sq * D;
-      const T* dO = go + bh * Sq * D;
-      const T* K = k + (b * Hkv + h / G) * Sk * D;
-      const T* V = v + (b * Hkv + h / G) * Sk * D;
       const T* Lrow = lse_dom.data() + bh * Sq;
       const T* Drow = delta.data() + bh * Sq;
       const float* lse_row = lse + bh * Sq;
@@ -255,14 +309,19 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, c
       const int64_t kend_max = mk.kend(Sq - 1, len, off);
       for (int64_t j0 = kv0; j0 < std::min(kv1, kend_max); j0 += bk) {
         const int64_t n = std::min({bk, kv1 - j0, kend_max - j0});
+        int64_t ldk, ldv;
+        const T* K = tile_rows<T>(k, b, hk, j0, n, D, kbuf.data(), ldk);
+        const T* V = tile_rows<T>(v, b, hk, j0, n, D, vbuf.data(), ldv);
         // Rows with kend_i > j0: all rows, or from i = j0 - off on when causal.
         const int64_t i_start = mk.causal ? std::max<int64_t>(0, j0 - off) : 0;
         for (int64_t i0 = i_start; i0 < Sq; i0 += bq) {
           const int64_t m = std::min(bq, Sq - i0);
+          const T* Q = qv.row(b, h, i0);
+          const T* dO = gov.row(b, h, i0);
           T* P = pbuf.data();
           T* dS = dsbuf.data();
-          gemm_rm<T>(false, true, m, n, D, T(1), Q + i0 * D, D, K + j0 * D, D, T(0), P, bk);
-          gemm_rm<T>(false, true, m, n, D, T(1), dO + i0 * D, D, V + j0 * D, D, T(0), dS, bk);
+          gemm_rm<T>(false, true, m, n, D, T(1), Q, qv.ss, K, ldk, T(0), P, bk);
+          gemm_rm<T>(false, true, m, n, D, T(1), dO, gov.ss, V, ldv, T(0), dS, bk);
           for (int64_t r = 0; r < m; ++r) {
             const int64_t i = i0 + r;
             int64_t nv = std::clamp<int64_t>(mk.kend(i, len, off) - j0, 0, n);
@@ -275,9 +334,9 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, c
             fill_zero(dsrow + nv, n - nv);
           }
           // dV += P^T dO;  dK += scale dS^T Q;  dQ += scale dS K.
-          gemm_rm<T>(true, false, n, D, m, T(1), P, bk, dO + i0 * D, D, T(1), dV + j0 * D, D);
-          gemm_rm<T>(true, false, n, D, m, scale, dS, bk, Q + i0 * D, D, T(1), dK + j0 * D, D);
-          gemm_rm<T>(false, false, m, D, n, scale, dS, bk, K + j0 * D, D, T(1), dQ + i0 * D, D);
+          gemm_rm<T>(true, false, n, D, m, T(1), P, bk, dO, gov.ss, T(1), dV + j0 * D, D);
+          gemm_rm<T>(true, false, n, D, m, scale, dS, bk, Q, qv.ss, T(1), dK + j0 * D, D);
+          gemm_rm<T>(false, false, m, D, n, scale, dS, bk, K, ldk, T(1), dQ + i0 * D, D);
         }
       }
     }
@@ -314,11 +373,21 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, c
 
 // ------------------------------------------------------------------------ dispatch
 
-at::Tensor compute_copy(const at::Tensor& t, at::ScalarType compute) {
-  return t.to(compute).contiguous();
+// Row stride >= D lets BLAS read rows in place; anything else (a broadcast or
+// overlapping sequence dim) is copied once.
+at::Tensor readable(const at::Tensor& t) {
+  const int64_t D = t.size(3);
+  const bool ok = t.size(2) <= 1 || t.stride(2) >= std::max<int64_t>(D, 1);
+  return ok && (D <= 1 || t.stride(3) == 1) ? t : t.contiguous();
 }
 
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+template <typename In>
+View<In> view_of(const at::Tensor& t) {
+  const int64_t D = t.size(3);
+  // Size-1 dims may carry any stride; give them the contiguous one (BLAS checks ld >= D).
+  const int64_t ss = t.size(2) > 1 ? t.stride(2) : D;
+  return View<In>{t.data_ptr<In>(), t.stride(0), t.stride(1), std::max<int64_t>(ss, std::max<int64_t>(D, 1))};
+}
 
 // The softmax scale in double. AttentionShape.scale holds it as float, which is
 // enough for float/bf16/half but would cost float64 results their precision;
@@ -348,14 +417,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(const at::Tensor& q, 
   if (out.numel() == 0) return {out, lse};
   at::Tensor lens_holder;
   const Masking mk = make_masking(s, seqlens_k, lens_holder);
-  const at::ScalarType ct = compute_type(q.scalar_type());
-  const at::Tensor qc = compute_copy(q, ct), kc = compute_copy(k, ct), vc = compute_copy(v, ct);
+  const at::Tensor qr = readable(q), kr = readable(k), vr = readable(v);
   float* lse_p = lse.data_ptr<float>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attention_fwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attention_fwd<T, scalar_t>(s, resolve_scale(s, scale), mk, qc.data_ptr<T>(), kc.data_ptr<T>(), vc.data_ptr<T>(),
-                               out.data_ptr<scalar_t>(), lse_p);
+    attention_fwd<T, scalar_t>(s, resolve_scale(s, scale), mk, view_of<scalar_t>(qr), view_of<scalar_t>(kr),
+                               view_of<scalar_t>(vr), out.data_ptr<scalar_t>(), lse_p);
   });
   return {out, lse};
 }
@@ -379,9 +447,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
   }
   at::Tensor lens_holder;
   const Masking mk = make_masking(s, seqlens_k, lens_holder);
-  const at::ScalarType ct = compute_type(q.scalar_type());
-  const at::Tensor qc = compute_copy(q, ct), kc = compute_copy(k, ct), vc = compute_copy(v, ct);
-  const at::Tensor oc = compute_copy(out, ct), goc = compute_copy(grad_out, ct);
+  const at::Tensor qr = readable(q), kr = readable(k), vr = readable(v), outr = readable(out),
+                   gor = readable(grad_out);
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor glse_c;
   if (grad_lse.has_value() && grad_lse->defined()) glse_c = grad_lse->contiguous();
@@ -389,9 +456,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attention_bwd_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attention_bwd<T, scalar_t>(s, resolve_scale(s, scale), mk, qc.data_ptr<T>(), kc.data_ptr<T>(), vc.data_ptr<T>(), oc.data_ptr<T>(),
-                               goc.data_ptr<T>(), lse_c.data_ptr<float>(), glse_p, gq.data_ptr<scalar_t>(),
-                               gk.data_ptr<scalar_t>(), gv.data_ptr<scalar_t>());
+    attention_bwd<T, scalar_t>(s, resolve_scale(s, scale), mk, view_of<scalar_t>(qr), view_of<scalar_t>(kr),
+                               view_of<scalar_t>(vr), view_of<scalar_t>(outr), view_of<scalar_t>(gor),
+                               lse_c.data_ptr<float>(), glse_p, gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
+                               gv.data_ptr<scalar_t>());
   });
   return {gq, gk, gv};
 }
