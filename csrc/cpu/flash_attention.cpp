@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -117,6 +118,29 @@ inline void store_scaled(OutT* dst, const T* src, int64_t n, T a) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<OutT>(src[j] * a);
 }
 
+// Per-thread tile scratch, 64-byte aligned: MKL may pick a different code path
+// (and so a different rounding) for differently aligned buffers, and std::vector
+// gives whatever alignment malloc returns, which can change from run to run.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    if (n > 0) {
+      const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
+      p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(p_ != nullptr, "tfkernels: flash attention could not allocate ", bytes, " bytes of scratch");
+    }
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() { return p_; }
+  T& operator[](int64_t i) { return p_[i]; }
+
+ private:
+  T* p_ = nullptr;
+};
+
 template <typename T>
 inline void fill_zero(T* p, int64_t n) {
   std::fill(p, p + n, T(0));
@@ -137,8 +161,8 @@ void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, Vie
 
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
     constexpr bool widen = !std::is_same_v<T, OutT>;
-    std::vector<T> sbuf(bq * bk), acc(bq * D), mrow(bq), lrow(bq);
-    std::vector<T> qbuf(widen ? bq * D : 0), kbuf(widen ? bk * D : 0), vbuf(widen ? bk * D : 0);
+    Scratch<T> sbuf(bq * bk), acc(bq * D), mrow(bq), lrow(bq);
+    Scratch<T> qbuf(widen ? bq * D : 0), kbuf(widen ? bk * D : 0), vbuf(widen ? bk * D : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = zigzag(task % nqb, nqb), bh = task / nqb, h = bh % H, b = bh / H, hk = h / G;
       const int64_t i0 = qb * bq, m = std::min(bq, Sq - i0);
@@ -148,8 +172,8 @@ void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, Vie
       const int64_t kend_block = mk.kend(i0 + m - 1, len, off);  // rows see monotonically more keys
 
       fill_zero(acc.data(), m * D);
-      std::fill(mrow.begin(), mrow.end(), -std::numeric_limits<T>::infinity());
-      std::fill(lrow.begin(), lrow.end(), T(0));
+      std::fill(mrow.data(), mrow.data() + bq, -std::numeric_limits<T>::infinity());
+      std::fill(lrow.data(), lrow.data() + bq, T(0));
       for (int64_t j0 = 0; j0 < kend_block; j0 += bk) {
         const int64_t n = std::min(bk, kend_block - j0);
         T* S = sbuf.data();
@@ -198,14 +222,14 @@ void refine_lse(const AttentionShape& s, const Masking& mk, T c, View<T> q, View
   const auto [bq, bk] = fwd_blocks(Sq, Sk);
   const int64_t nqb = (Sq + bq - 1) / bq;
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> sbuf(bq * bk), sums(bq);
+    Scratch<T> sbuf(bq * bk), sums(bq);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, bh = task / nqb, h = bh % H, b = bh / H;
       const int64_t i0 = qb * bq, m = std::min(bq, Sq - i0);
       const int64_t len = mk.len(b), off = mk.offset(len);
       T* L = lse_dom + bh * Sq + i0;
       const int64_t kend_block = mk.kend(i0 + m - 1, len, off);
-      std::fill(sums.begin(), sums.end(), T(0));
+      std::fill(sums.data(), sums.data() + bq, T(0));
       for (int64_t j0 = 0; j0 < kend_block; j0 += bk) {
         const int64_t n = std::min(bk, kend_block - j0);
         gemm_rm<T>(false, true, m, n, D, T(1), q.row(b, h, i0), q.ss, k.row(b, h / G, j0), k.ss, T(0), sbuf.data(),
@@ -300,8 +324,8 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, V
   }
 
   at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> pbuf(bq * bk), dsbuf(bq * bk);
-    std::vector<T> kbuf(widen ? bk * D : 0), vbuf(widen ? bk * D : 0);
+    Scratch<T> pbuf(bq * bk), dsbuf(bq * bk);
+    Scratch<T> kbuf(widen ? bk * D : 0), vbuf(widen ? bk * D : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t ch = zigzag(task % chunks, chunks), bh = task / chunks, h = bh % H, b = bh / H, hk = h / G;
       const int64_t kv0 = std::min(Sk, ch * nkb / chunks * bk), kv1 = std::min(Sk, (ch + 1) * nkb / chunks * bk);
