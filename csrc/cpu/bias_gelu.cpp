@@ -65,17 +65,17 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_out_
     using acc_t = acc_type<scalar_t>;
     const int64_t chunk = reduction_rows_per_chunk(rows, n);
     const int64_t chunks = rows == 0 ? 0 : ceil_div(rows, chunk);
-    std::vector<acc_t> partials(static_cast<size_t>(chunks * n), acc_t(0));
+    std::vector<double> partials(static_cast<size_t>(chunks * n), 0.0);
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const acc_t* bp = bias.const_data_ptr<acc_t>();
     scalar_t* dxp = grad_x.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        acc_t* acc = partials.data() + c * n;
-        for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
-          gelu_bwd(gp + r * n, xp + r * n, bp, dxp + r * n, acc, n, approx);
-        }
+        sum_rows_blocked<acc_t>(c * chunk, std::min(rows, (c + 1) * chunk), n, partials.data() + c * n,
+                                [&](int64_t r, acc_t* acc) {
+                                  gelu_bwd(gp + r * n, xp + r * n, bp, dxp + r * n, acc, n, approx);
+                                });
       }
     });
     reduce_partials(partials.data(), chunks, n, grad_bias.mutable_data_ptr<scalar_t>());

@@ -142,7 +142,7 @@ void fused_qkv_bwd_kernel(const QkvShape& s, const HeadLayout<const scalar_t>& g
     const int64_t col_blocks = ceil_div(e, eb);
     at::parallel_for(0, groups * col_blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(is_16bit<scalar_t> ? static_cast<size_t>(d * eb) : 0);
-      std::vector<acc_t> bsum(static_cast<size_t>(d));
+      std::vector<double> bsum(static_cast<size_t>(d));
       for (int64_t t = begin; t < end; ++t) {
         const int64_t j = t / col_blocks, c0 = (t % col_blocks) * eb, cols = std::min(eb, e - c0);
         auto* acc = [&] {
@@ -161,8 +161,12 @@ void fused_qkv_bwd_kernel(const QkvShape& s, const HeadLayout<const scalar_t>& g
           for (int64_t i = 0; i < d; ++i) store_row(scratch.data() + i * cols, gw + (j * d + i) * e + c0, cols);
         }
         if (c0 == 0) {
-          std::fill(bsum.begin(), bsum.end(), acc_t(0));
-          for (int64_t b = 0; b < s.batch; ++b) add_rows(grad.at(b, j), seq, d, d, bsum.data());
+          std::fill(bsum.begin(), bsum.end(), 0.0);
+          for (int64_t b = 0; b < s.batch; ++b) {
+            const scalar_t* g = grad.at(b, j);
+            sum_rows_blocked<acc_t>(0, seq, d, bsum.data(),
+                                    [&](int64_t r, acc_t* acc) { add_rows(g + r * d, 1, d, d, acc); });
+          }
           store_row(bsum.data(), gb + j * d, d);
         }
       }

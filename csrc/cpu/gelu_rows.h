@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "args.h"
 
@@ -73,6 +74,22 @@ at::Tensor bias_in_acc_type(const c10::optional<at::Tensor>& bias, at::ScalarTyp
 inline int64_t reduction_rows_per_chunk(int64_t rows, int64_t n) {
   const int64_t target = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(n, 1));
   return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(target, 16)));
+}
+
+// Adds the per-row contributions of rows [r0, r1) to total[0, n) (double): row_fn(r, acc)
+// adds row r into acc (the accumulation type), which is flushed into total every
+// kSumBlock rows. Short float sums then double sums keep the error near torch's
+// cascade sum, in a fixed order.
+constexpr int64_t kSumBlock = 16;
+
+template <typename Acc, typename F>
+inline void sum_rows_blocked(int64_t r0, int64_t r1, int64_t n, double* total, F&& row_fn) {
+  std::vector<Acc> block(static_cast<size_t>(n));
+  for (int64_t b0 = r0; b0 < r1; b0 += kSumBlock) {
+    std::fill(block.begin(), block.end(), Acc(0));
+    for (int64_t r = b0; r < std::min(r1, b0 + kSumBlock); ++r) row_fn(r, block.data());
+    for (int64_t j = 0; j < n; ++j) total[j] += static_cast<double>(block[j]);
+  }
 }
 
 // out[j] = sum over chunks c (in order) of partials[c * n + j].

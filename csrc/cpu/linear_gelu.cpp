@@ -130,16 +130,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Ten
     using acc_t = acc_type<scalar_t>;
     const int64_t chunk = reduction_rows_per_chunk(m, n);
     const int64_t chunks = m == 0 ? 0 : ceil_div(m, chunk);
-    std::vector<acc_t> partials(static_cast<size_t>(chunks * n), acc_t(0));
+    std::vector<double> partials(static_cast<size_t>(chunks * n), 0.0);
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* pp = pre.const_data_ptr<scalar_t>();
     scalar_t* dp = dpre.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        acc_t* acc = partials.data() + c * n;
-        for (int64_t r = c * chunk; r < std::min(m, (c + 1) * chunk); ++r) {
-          gelu_bwd(gp + r * n, pp + r * n, static_cast<const acc_t*>(nullptr), dp + r * n, acc, n, approx);
-        }
+        sum_rows_blocked<acc_t>(c * chunk, std::min(m, (c + 1) * chunk), n, partials.data() + c * n,
+                                [&](int64_t r, acc_t* acc) {
+                                  gelu_bwd(gp + r * n, pp + r * n, static_cast<const acc_t*>(nullptr), dp + r * n, acc,
+                                           n, approx);
+                                });
       }
     });
     reduce_partials(partials.data(), chunks, n, grad_b.mutable_data_ptr<scalar_t>());
