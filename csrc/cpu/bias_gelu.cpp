@@ -31,6 +31,8 @@ int64_t check_bias_gelu_args(const at::Tensor& x, const at::Tensor& bias) {
 int64_t elementwise_grain(int64_t n) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(n, 1)); }
 
 at::Tensor bias_gelu_cpu(const at::Tensor& x_, const at::Tensor& bias_, c10::string_view approximate) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t n = check_bias_gelu_args(x_, bias_);
   const GeluApprox approx = parse_gelu_approximate(approximate);
   const at::Tensor x = x_.contiguous();
@@ -52,6 +54,8 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x_, const at::Tensor& bias_, c10::str
 
 std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_out_, const at::Tensor& x_,
                                                      const at::Tensor& bias_, c10::string_view approximate) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t n = check_bias_gelu_args(x_, bias_);
   check_rows_like(grad_out_, "grad_out", x_, "x", n);
   const GeluApprox approx = parse_gelu_approximate(approximate);

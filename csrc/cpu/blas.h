@@ -1,5 +1,6 @@
 // GEMM calls of the CPU kernels, in row-major terms, over the BLAS that torch
-// links (MKL sgemm/dgemm, and MKL's bf16/f16 GEMMs with fp32 accumulation).
+// links (MKL sgemm/dgemm, MKL's bf16 GEMM with fp32 accumulation; half operands
+// are widened to fp32).
 // Called inside at::parallel_for, a GEMM runs on the calling thread only, which is
 // what the row-blocked kernels want: each thread owns a block of rows and keeps
 // its GEMM result in cache for the epilogue.
@@ -14,6 +15,7 @@
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace tfkernels::cpu {
 
@@ -35,12 +37,10 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
-// MKL's 16-bit GEMMs with fp32 accumulation and output (CBLAS enums are ints).
+// MKL's bf16 GEMM with fp32 accumulation and output (CBLAS enums are ints).
 void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                             const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
                             int ldc) __attribute__((weak));
-void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
-                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
 namespace detail {
@@ -52,6 +52,17 @@ inline bool fits_int(std::initializer_list<int64_t> values) {
     if (v > std::numeric_limits<int>::max()) return false;
   }
   return true;
+}
+
+// dst (rows x cols, contiguous) = src (rows x cols, leading dim ld) in fp32.
+template <typename T>
+void widen(const T* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst) {
+  dst.resize(static_cast<size_t>(rows * cols));
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* in = src + i * ld;
+    float* out = dst.data() + i * cols;
+    for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(in[j]);
+  }
 }
 
 // Generic path: ATen's addmm on views of the buffers (16-bit operands upcast to fp32).
@@ -95,8 +106,20 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   if (detail::fits_int({m, n, k, lda, ldb, ldc})) {
     const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
     const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
-    if constexpr (is_16bit<T>) {
-      auto* fn = std::is_same_v<T, c10::BFloat16> ? &cblas_gemm_bf16bf16f32 : &cblas_gemm_f16f16f32;
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      // MKL's f16 GEMM is emulated (and very slow) on CPUs without AVX512-FP16:
+      // widen the operands to fp32 in thread-local buffers and use sgemm.
+      if (&sgemm_ != nullptr) {
+        thread_local std::vector<float> fa, fb;
+        const int64_t ar = trans_a ? k : m, ac = trans_a ? m : k;
+        const int64_t br = trans_b ? n : k, bc = trans_b ? k : n;
+        detail::widen(a, ar, ac, lda, fa);
+        detail::widen(b, br, bc, ldb, fb);
+        gemm_rm<float, float>(trans_a, trans_b, m, n, k, alpha, fa.data(), ac, fb.data(), bc, beta, c, ldc);
+        return;
+      }
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      auto* fn = &cblas_gemm_bf16bf16f32;
       if (fn != nullptr) {
         using namespace detail;
         fn(kCblasRowMajor, trans_a ? kCblasTrans : kCblasNoTrans, trans_b ? kCblasTrans : kCblasNoTrans, im, in, ik,

@@ -119,6 +119,8 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cpu(const at::Tensor& x_, const at:
                                                  const c10::optional<at::Tensor>& b1_, const at::Tensor& w2_,
                                                  const c10::optional<at::Tensor>& b2_, c10::string_view approximate,
                                                  bool save_pre) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const LinearShape s1 = check_linear_args(x_, "x", w1_, "w1", b1_, "b1");
   check_second_layer(x_, w2_, b2_, s1.out_features);
   const GeluApprox approx = parse_gelu_approximate(approximate);
@@ -224,6 +226,8 @@ void fused_mlp_bwd_kernel(const MlpShape& s, const scalar_t* go, const scalar_t*
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp_bwd_cpu(
     const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor& w2_,
     const at::Tensor& pre_, c10::string_view approximate) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const LinearShape s1 = check_linear_args(x_, "x", w1_, "w1", c10::nullopt, "b1");
   check_second_layer(x_, w2_, c10::nullopt, s1.out_features);
   const MlpShape s{s1.rows, s1.in_features, s1.out_features, w2_.size(0)};

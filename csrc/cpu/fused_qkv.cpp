@@ -89,6 +89,8 @@ void fused_qkv_fwd_kernel(const QkvShape& s, const scalar_t* x, const scalar_t* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cpu(const at::Tensor& x_, const at::Tensor& weight_,
                                                              const c10::optional<at::Tensor>& bias_,
                                                              int64_t num_heads, int64_t num_kv_heads) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const QkvShape s = check_qkv_args(x_, weight_, bias_, num_heads, num_kv_heads);
   const at::Tensor x = x_.contiguous(), w = weight_.contiguous();
   at::Tensor q = empty_output({s.batch, s.heads, s.seqlen, s.head_dim}, x.options());
@@ -177,6 +179,8 @@ void fused_qkv_bwd_kernel(const QkvShape& s, const HeadLayout<const scalar_t>& g
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cpu(const at::Tensor& grad_q_, const at::Tensor& grad_k_,
                                                                  const at::Tensor& grad_v_, const at::Tensor& x_,
                                                                  const at::Tensor& weight_) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_rank(grad_q_, "grad_q", 4, "[B, H, S, D]");
   check_rank(grad_k_, "grad_k", 4, "[B, Hkv, S, D]");
   check_rank(grad_v_, "grad_v", 4, "[B, Hkv, S, D]");

@@ -85,6 +85,8 @@ void linear_gelu_fwd_kernel(const scalar_t* x, const scalar_t* w, const acc_type
 std::tuple<at::Tensor, at::Tensor> linear_gelu_cpu(const at::Tensor& x_, const at::Tensor& weight_,
                                                    const c10::optional<at::Tensor>& bias_,
                                                    c10::string_view approximate, bool save_pre) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const LinearShape s = check_linear_args(x_, "x", weight_, "weight", bias_, "bias");
   const GeluApprox approx = parse_gelu_approximate(approximate);
   const at::Tensor x = x_.contiguous();
@@ -95,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_cpu(const at::Tensor& x_, const a
   if (s.rows == 0 || s.out_features == 0) return {out, pre};
   const at::Tensor bias = bias_in_acc_type(bias_, x.scalar_type());
   const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  const at::Tensor bias16 = reduced && bias.defined() ? bias_->contiguous() : at::Tensor();
+  // Detached: parallel_for workers do not inherit the autograd exclusion above.
+  const at::Tensor bias16 = reduced && bias.defined() ? bias_->detach().contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_gelu", [&] {
     using acc_t = acc_type<scalar_t>;
     linear_gelu_fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
@@ -110,6 +113,8 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_cpu(const at::Tensor& x_, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Tensor& grad_out_, const at::Tensor& x_,
                                                                    const at::Tensor& weight_, const at::Tensor& pre_,
                                                                    c10::string_view approximate) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const LinearShape s = check_linear_args(x_, "x", weight_, "weight", c10::nullopt, "bias");
   check_rows_like(grad_out_, "grad_out", x_, "x", s.out_features);
   check_rows_like(pre_, "pre", x_, "x", s.out_features);
