@@ -144,6 +144,25 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// c[rows, n] (leading dim ldc) = a[rows, k] @ b[n, k]^T (+ bias[n]), all of dtype T,
+// through ATen (oneDNN for bf16/half: fp32 accumulation, bias added in fp32, one
+// rounding, as eager F.linear). For tiles inside at::parallel_for, where oneDNN
+// runs on the calling thread. `bias` is an undefined tensor or a detached [n] one.
+template <typename T>
+inline void linear_tile_aten(const T* a, int64_t rows, int64_t k, int64_t lda, const T* b, int64_t n, int64_t ldb,
+                             const at::Tensor& bias, T* c, int64_t ldc) {
+  if (rows <= 0 || n <= 0) return;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor ta = at::from_blob(const_cast<T*>(a), {rows, k}, {lda, 1}, opts);
+  at::Tensor tb = at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts);
+  at::Tensor tc = at::from_blob(c, {rows, n}, {ldc, 1}, opts);
+  if (bias.defined()) {
+    at::addmm_out(tc, bias, ta, tb.t());
+  } else {
+    at::mm_out(tc, ta, tb.t());
+  }
+}
+
 // Split [0, n) into `parts` near-equal blocks of at most `max_block`; returns the block size.
 inline int64_t balanced_block(int64_t n, int64_t max_block) {
   if (n <= 0) return 1;

@@ -53,16 +53,9 @@ void linear_gelu_fwd_kernel(const scalar_t* x, const scalar_t* w, const acc_type
         // oneDNN through ATen (MKL's 16-bit GEMM is far slower on CPUs without AMX):
         // the GEMM adds the bias in fp32 and rounds once, as eager's addmm does; the
         // GELU then runs on the rounded pre-activation, in place, while it is in cache.
-        const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-        at::Tensor xt = at::from_blob(const_cast<scalar_t*>(x + r0 * k), {rows, k}, {k, 1}, opts);
-        at::Tensor wt = at::from_blob(const_cast<scalar_t*>(w + c0 * k), {cols, k}, {k, 1}, opts);
         scalar_t* dst = pre != nullptr ? pre : out;
-        at::Tensor ct = at::from_blob(dst + r0 * n + c0, {rows, cols}, {n, 1}, opts);
-        if (bias16.defined()) {
-          at::addmm_out(ct, bias16.narrow(0, c0, cols), xt, wt.t());
-        } else {
-          at::mm_out(ct, xt, wt.t());
-        }
+        linear_tile_aten(x + r0 * k, rows, k, k, w + c0 * k, cols, k,
+                         bias16.defined() ? bias16.narrow(0, c0, cols) : at::Tensor(), dst + r0 * n + c0, n);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t off = (r0 + i) * n + c0;
           gelu_fwd(dst + off, static_cast<const float*>(nullptr), static_cast<scalar_t*>(nullptr), out + off, cols,
