@@ -32,8 +32,8 @@ namespace tfkernels::cpu {
 namespace {
 
 constexpr int64_t kFwdRows = 256;        // rows of x per forward GEMM
-constexpr int64_t kDxTileBytes = 256 << 10;  // dx accumulator per backward task
-constexpr int64_t kDwCols = 256;         // columns of E per weight-gradient task
+constexpr int64_t kDxTileBytes = 1 << 20;  // dx accumulator per backward task
+constexpr int64_t kDwCols = 1024;        // columns of E per weight-gradient task
 
 // Pointers to head j of the q/k/v tensors at batch b (heads ordered q, k, v).
 template <typename T>
