@@ -117,6 +117,8 @@ def _qkv_backward(ctx, grad_q, grad_k, grad_v):
     x, weight = ctx.saved_tensors
     # An output that did not reach the loss has no gradient; the kernel wants all three.
     grads = [grad_q, grad_k, grad_v]
+    if all(g is None for g in grads):  # none of q, k, v reached the loss
+        return None, None, None, None, None
     shapes = _qkv_grad_shapes(x, weight, grads)
     grads = [g if g is not None else x.new_zeros(s) for g, s in zip(grads, shapes)]
     grad_x, grad_weight, grad_bias = _ops.fused_qkv_bwd(*grads, x, weight)

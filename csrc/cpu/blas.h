@@ -1,0 +1,175 @@
+// GEMM calls of the CPU kernels, in row-major terms, over the BLAS that torch
+// links (MKL sgemm/dgemm, MKL's bf16 GEMM with fp32 accumulation; half operands
+// are widened to fp32).
+// Called inside at::parallel_for, a GEMM runs on the calling thread only, which is
+// what the row-blocked kernels want: each thread owns a block of rows and keeps
+// its GEMM result in cache for the epilogue.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace tfkernels::cpu {
+
+// The accumulation type: double for double, float for float, bf16 and half.
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+constexpr bool is_16bit = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// The BLAS that ATen links (MKL in the x86-64 torch wheels) exports these from
+// libtorch_cpu, but ATen's own cpublas::gemm overloads are not exported to
+// extensions. Weak references resolve to them when present and to null when a
+// build of torch has another (or no) BLAS; then gemm_rm falls back to at::addmm_.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+// MKL's bf16 GEMM with fp32 accumulation and output (CBLAS enums are ints).
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+                            int ldc) __attribute__((weak));
+}
+
+namespace detail {
+
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+
+inline bool fits_int(std::initializer_list<int64_t> values) {
+  for (int64_t v : values) {
+    if (v > std::numeric_limits<int>::max()) return false;
+  }
+  return true;
+}
+
+// dst (rows x cols, contiguous) = src (rows x cols, leading dim ld) in fp32.
+template <typename T>
+void widen(const T* src, int64_t rows, int64_t cols, int64_t ld, std::vector<float>& dst) {
+  dst.resize(static_cast<size_t>(rows * cols));
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* in = src + i * ld;
+    float* out = dst.data() + i * cols;
+    for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(in[j]);
+  }
+}
+
+// Generic path: ATen's addmm on views of the buffers (16-bit operands upcast to fp32).
+template <typename T, typename C>
+void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_type<T> alpha, const T* a,
+                   int64_t lda, const T* b, int64_t ldb, acc_type<T> beta, C* c, int64_t ldc) {
+  const auto in_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto out_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<C>::value);
+  at::Tensor ta = trans_a ? at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, in_opts).t()
+                          : at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, in_opts);
+  at::Tensor tb = trans_b ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, in_opts).t()
+                          : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, in_opts);
+  at::Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, out_opts);
+  tc.addmm_(ta.to(out_opts.dtype()), tb.to(out_opts.dtype()), beta, alpha);
+}
+
+}  // namespace detail
+
+// Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, where op(A) is
+// A (stored m x k, leading dim lda) or, with trans_a, A^T (A stored k x m). Same for
+// B. C is T (same as the inputs) or float for 16-bit inputs (fp32 accumulation and
+// output). beta == 0 ignores what C held (NaN included). Inside at::parallel_for
+// the BLAS runs on the calling thread only (MKL does not nest its threads).
+template <typename T, typename C>
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_type<T> alpha,
+                    const T* a, int64_t lda, const T* b, int64_t ldb, acc_type<T> beta, C* c, int64_t ldc) {
+  static_assert((std::is_same_v<C, T> && !is_16bit<T>) || (is_16bit<T> && std::is_same_v<C, float>),
+                "unsupported GEMM types");
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    for (int64_t i = 0; i < m; ++i) {
+      C* row = c + i * ldc;
+      if (beta == acc_type<T>(0)) {
+        std::fill(row, row + n, C(0));
+      } else {
+        for (int64_t j = 0; j < n; ++j) row[j] = C(acc_type<T>(row[j]) * beta);
+      }
+    }
+    return;
+  }
+  if (detail::fits_int({m, n, k, lda, ldb, ldc})) {
+    const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+    const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb), ildc = static_cast<int>(ldc);
+    if constexpr (std::is_same_v<T, c10::Half>) {
+      // MKL's f16 GEMM is emulated (and very slow) on CPUs without AVX512-FP16:
+      // widen the operands to fp32 in thread-local buffers and use sgemm.
+      if (&sgemm_ != nullptr) {
+        thread_local std::vector<float> fa, fb;
+        const int64_t ar = trans_a ? k : m, ac = trans_a ? m : k;
+        const int64_t br = trans_b ? n : k, bc = trans_b ? k : n;
+        detail::widen(a, ar, ac, lda, fa);
+        detail::widen(b, br, bc, ldb, fb);
+        gemm_rm<float, float>(trans_a, trans_b, m, n, k, alpha, fa.data(), ac, fb.data(), bc, beta, c, ldc);
+        return;
+      }
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      auto* fn = &cblas_gemm_bf16bf16f32;
+      if (fn != nullptr) {
+        using namespace detail;
+        fn(kCblasRowMajor, trans_a ? kCblasTrans : kCblasNoTrans, trans_b ? kCblasTrans : kCblasNoTrans, im, in, ik,
+           alpha, reinterpret_cast<const uint16_t*>(a), ilda, reinterpret_cast<const uint16_t*>(b), ildb, beta, c,
+           ildc);
+        return;
+      }
+    } else {
+      // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+      const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+      auto* fn = std::is_same_v<T, double> ? reinterpret_cast<void*>(&dgemm_) : reinterpret_cast<void*>(&sgemm_);
+      if (fn != nullptr) {
+        if constexpr (std::is_same_v<T, double>) {
+          dgemm_(&ta, &tb, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+        } else {
+          sgemm_(&ta, &tb, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+        }
+        return;
+      }
+    }
+  }
+  detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// c[rows, n] (leading dim ldc) = a[rows, k] @ b[n, k]^T (+ bias[n]), all of dtype T,
+// through ATen (oneDNN for bf16/half: fp32 accumulation, bias added in fp32, one
+// rounding, as eager F.linear). For tiles inside at::parallel_for, where oneDNN
+// runs on the calling thread. `bias` is an undefined tensor or a detached [n] one.
+template <typename T>
+inline void linear_tile_aten(const T* a, int64_t rows, int64_t k, int64_t lda, const T* b, int64_t n, int64_t ldb,
+                             const at::Tensor& bias, T* c, int64_t ldc) {
+  if (rows <= 0 || n <= 0) return;
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor ta = at::from_blob(const_cast<T*>(a), {rows, k}, {lda, 1}, opts);
+  at::Tensor tb = at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts);
+  at::Tensor tc = at::from_blob(c, {rows, n}, {ldc, 1}, opts);
+  if (bias.defined()) {
+    at::addmm_out(tc, bias, ta, tb.t());
+  } else {
+    at::mm_out(tc, ta, tb.t());
+  }
+}
+
+// Split [0, n) into `parts` near-equal blocks of at most `max_block`; returns the block size.
+inline int64_t balanced_block(int64_t n, int64_t max_block) {
+  if (n <= 0) return 1;
+  const int64_t parts = (n + max_block - 1) / max_block;
+  return (n + parts - 1) / parts;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace tfkernels::cpu

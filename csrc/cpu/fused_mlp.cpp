@@ -1,0 +1,305 @@
+// fused_mlp / fused_mlp_bwd on the CPU: out = gelu(x W1^T + b1) W2^T + b2.
+//
+// Forward, per block of rows (one task each, single-threaded GEMMs):
+//   out_block = b2
+//   for each block of hidden units f:
+//     pre_tile = x_block W1[f]^T + b1[f]          (into `pre` when it is saved)
+//     h_tile   = gelu(pre_tile)                   (thread-local, L2-sized)
+//     out_block += h_tile W2[:, f]^T
+// so the hidden activation h is never stored in full. 16-bit types instead run
+// two oneDNN GEMMs per block of rows (x W1^T + b1 over all hidden units, then
+// h W2^T + b2) with h in a thread-local rows x F scratch: oneDNN has no fp32
+// output for 16-bit inputs through ATen, and accumulating per hidden block in the
+// dtype would round too often (MKL's fp32-output bf16 GEMM is ~2x slower here).
+//
+// Backward:
+//   dpre = (grad_out W2) * gelu'(pre), tile by tile (GEMM, then the dGELU pass
+//          while the tile is in cache), with gb1 and gb2 reduced in the same pass;
+//   gw2  = grad_out^T gelu(pre), one task per block of hidden units, h
+//          recomputed tile by tile from pre;
+//   gw1  = dpre^T x, gx = dpre W1 (multithreaded GEMMs).
+// dpre is the only full-size temporary (eager keeps h and the gradient of h too).
+// Bias gradients: per row-block partial sums reduced in a fixed order.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "alloc.h"
+#include "args.h"
+#include "cpu/blas.h"
+#include "cpu/gelu_rows.h"
+
+namespace tfkernels::cpu {
+namespace {
+
+constexpr int64_t kFwdRows = 512;     // rows per forward task (W1, W2 are re-read once per task)
+constexpr int64_t kHidden = 256;      // hidden units per tile
+constexpr int64_t kBwdRows = 128;     // rows per dpre tile
+constexpr int64_t kGw2Rows = 512;     // rows per gw2 GEMM (K of that GEMM)
+constexpr int64_t kFwdRows16 = 256;   // rows per 16-bit forward task (h scratch: rows x F)
+
+struct MlpShape {
+  int64_t rows, in_features, hidden, out_features;
+};
+
+void check_second_layer(const at::Tensor& x, const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                        int64_t hidden) {
+  check_rank(w2, "w2", 2, "[N, F]");
+  check_same_device(w2, "w2", x, "x");
+  check_same_dtype(w2, "w2", x, "x");
+  check_dim_size(w2, "w2", 1, hidden, "F, as w1.shape[0]");
+  if (b2.has_value() && b2->defined()) {
+    check_same_device(*b2, "b2", x, "x");
+    check_same_dtype(*b2, "b2", x, "x");
+    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == w2.size(0), "tfkernels: b2 must be a 1-D tensor [", w2.size(0),
+                "], got ", b2->dim(), "-D ", b2->sizes());
+  }
+}
+
+std::vector<int64_t> with_last(const at::Tensor& x, int64_t features) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = features;
+  return sizes;
+}
+
+// 16-bit types: per block of rows, pre = x W1^T + b1 and out = h W2^T + b2 are two
+// oneDNN GEMMs through ATen (fp32 accumulation, bias in fp32, one rounding each, as
+// eager); h = gelu(pre) lives in a thread-local rows x F scratch.
+template <typename scalar_t>
+void fused_mlp_fwd_kernel_16bit(const MlpShape& s, const scalar_t* x, const scalar_t* w1, const at::Tensor& b1,
+                                const scalar_t* w2, const at::Tensor& b2, scalar_t* pre, scalar_t* out,
+                                GeluApprox approx) {
+  const int64_t m = s.rows, d = s.in_features, f = s.hidden, n = s.out_features;
+  const int64_t threads = at::get_num_threads();
+  const int64_t mb = balanced_block(m, std::max<int64_t>(1, std::min(kFwdRows16, ceil_div(m, threads))));
+  at::parallel_for(0, ceil_div(m, mb), 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> h(static_cast<size_t>(mb * f));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * mb, rows = std::min(mb, m - r0);
+      scalar_t* p = pre != nullptr ? pre + r0 * f : h.data();
+      linear_tile_aten(x + r0 * d, rows, d, d, w1, f, d, b1, p, f);
+      for (int64_t i = 0; i < rows; ++i) {
+        gelu_fwd(p + i * f, static_cast<const float*>(nullptr), static_cast<scalar_t*>(nullptr), h.data() + i * f, f,
+                 approx);
+      }
+      linear_tile_aten(h.data(), rows, f, f, w2, n, f, b2, out + r0 * n, n);
+    }
+  });
+}
+
+template <typename scalar_t>
+void fused_mlp_fwd_kernel(const MlpShape& s, const scalar_t* x, const scalar_t* w1, const acc_type<scalar_t>* b1,
+                          const scalar_t* w2, const acc_type<scalar_t>* b2, scalar_t* pre, scalar_t* out,
+                          GeluApprox approx) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t m = s.rows, d = s.in_features, f = s.hidden, n = s.out_features;
+  const int64_t threads = at::get_num_threads();
+  const int64_t mb = balanced_block(m, std::max<int64_t>(1, std::min(kFwdRows, ceil_div(m, threads))));
+  const int64_t fb = std::min(kHidden, std::max<int64_t>(f, 1));
+  at::parallel_for(0, ceil_div(m, mb), 1, [&](int64_t begin, int64_t end) {
+    // acc: pre tile (fp32 scratch for 16-bit types); h: the GELU tile, in the dtype.
+    std::vector<float> acc16(is_16bit<scalar_t> ? static_cast<size_t>(mb * fb) : 0);
+    std::vector<scalar_t> h(static_cast<size_t>(mb * fb));
+    std::vector<float> out16(is_16bit<scalar_t> ? static_cast<size_t>(mb * n) : 0);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * mb, rows = std::min(mb, m - r0);
+      const scalar_t* xb = x + r0 * d;
+      // The output accumulator starts as b2 (or 0).
+      auto* oacc = [&] {
+        if constexpr (is_16bit<scalar_t>) return out16.data();
+        else return out + r0 * n;
+      }();
+      const int64_t ldo = n;
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < n; ++j) oacc[i * ldo + j] = b2 != nullptr ? b2[j] : acc_t(0);
+      }
+      for (int64_t f0 = 0; f0 < f; f0 += fb) {
+        const int64_t fc = std::min(fb, f - f0);
+        const acc_t* bb = b1 != nullptr ? b1 + f0 : nullptr;
+        if constexpr (is_16bit<scalar_t>) {
+          gemm_rm(false, true, rows, fc, d, 1.0f, xb, d, w1 + f0 * d, d, 0.0f, acc16.data(), fc);
+          for (int64_t i = 0; i < rows; ++i) {
+            gelu_fwd(acc16.data() + i * fc, bb, pre != nullptr ? pre + (r0 + i) * f + f0 : nullptr, h.data() + i * fc,
+                     fc, approx);
+          }
+        } else {
+          // GEMM straight into pre when it is saved, else into h; GELU in place.
+          scalar_t* dst = pre != nullptr ? pre + r0 * f + f0 : h.data();
+          const int64_t ldd = pre != nullptr ? f : fc;
+          gemm_rm(false, true, rows, fc, d, scalar_t(1), xb, d, w1 + f0 * d, d, scalar_t(0), dst, ldd);
+          for (int64_t i = 0; i < rows; ++i) {
+            scalar_t* prow = dst + i * ldd;
+            gelu_fwd(prow, bb, (pre != nullptr && bb != nullptr) ? prow : nullptr, h.data() + i * fc, fc, approx);
+          }
+        }
+        gemm_rm(false, true, rows, n, fc, acc_t(1), h.data(), fc, w2 + f0, f, acc_t(1), oacc, ldo);
+      }
+      if constexpr (is_16bit<scalar_t>) {
+        for (int64_t i = 0; i < rows; ++i) store_row(out16.data() + i * n, out + (r0 + i) * n, n);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_mlp_cpu(const at::Tensor& x_, const at::Tensor& w1_,
+                                                 const c10::optional<at::Tensor>& b1_, const at::Tensor& w2_,
+                                                 const c10::optional<at::Tensor>& b2_, c10::string_view approximate,
+                                                 bool save_pre) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const LinearShape s1 = check_linear_args(x_, "x", w1_, "w1", b1_, "b1");
+  check_second_layer(x_, w2_, b2_, s1.out_features);
+  const GeluApprox approx = parse_gelu_approximate(approximate);
+  const MlpShape s{s1.rows, s1.in_features, s1.out_features, w2_.size(0)};
+  const at::Tensor x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
+  at::Tensor out = empty_output(with_last(x, s.out_features), x.options());
+  at::Tensor pre = save_pre ? empty_output(with_last(x, s.hidden), x.options()) : empty_output({0}, x.options());
+  if (s.rows == 0) return {out, pre};
+  const at::Tensor b1 = bias_in_acc_type(b1_, x.scalar_type());
+  const at::Tensor b2 = bias_in_acc_type(b2_, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_mlp", [&] {
+    using acc_t = acc_type<scalar_t>;
+    if constexpr (is_16bit<scalar_t>) {
+      // Detached: parallel_for workers do not inherit the autograd exclusion above.
+      const at::Tensor b1d = b1_.has_value() && b1_->defined() ? b1_->detach().contiguous() : at::Tensor();
+      const at::Tensor b2d = b2_.has_value() && b2_->defined() ? b2_->detach().contiguous() : at::Tensor();
+      fused_mlp_fwd_kernel_16bit<scalar_t>(s, x.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(), b1d,
+                                           w2.const_data_ptr<scalar_t>(), b2d,
+                                           save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr,
+                                           out.mutable_data_ptr<scalar_t>(), approx);
+      return;
+    }
+    fused_mlp_fwd_kernel<scalar_t>(s, x.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(),
+                                   b1.defined() ? b1.const_data_ptr<acc_t>() : nullptr, w2.const_data_ptr<scalar_t>(),
+                                   b2.defined() ? b2.const_data_ptr<acc_t>() : nullptr,
+                                   save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr,
+                                   out.mutable_data_ptr<scalar_t>(), approx);
+  });
+  return {out, pre};
+}
+
+template <typename scalar_t>
+void fused_mlp_bwd_kernel(const MlpShape& s, const scalar_t* go, const scalar_t* x, const scalar_t* w2,
+                          const scalar_t* pre, scalar_t* dpre, scalar_t* gb1, scalar_t* gw2, scalar_t* gb2,
+                          GeluApprox approx) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t m = s.rows, f = s.hidden, n = s.out_features;
+  const acc_t* no_bias = nullptr;
+
+  // 1. dpre = (grad_out W2) * gelu'(pre) by (row block, hidden block) tiles; gb1 and
+  //    gb2 partial sums per row block.
+  {
+    const int64_t mb = balanced_block(m, kBwdRows);
+    const int64_t fb = balanced_block(f, kHidden);
+    const int64_t tiles_m = ceil_div(m, mb), tiles_f = ceil_div(f, fb);
+    std::vector<double> part1(static_cast<size_t>(tiles_m * f), 0.0);
+    std::vector<double> part2(static_cast<size_t>(tiles_m * n), 0.0);
+    at::parallel_for(0, tiles_m * tiles_f, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(is_16bit<scalar_t> ? static_cast<size_t>(mb * fb) : 0);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t tm = t / tiles_f, tf = t % tiles_f;
+        const int64_t r0 = tm * mb, f0 = tf * fb;
+        const int64_t rows = std::min(mb, m - r0), fc = std::min(fb, f - f0);
+        double* p1 = part1.data() + tm * f + f0;
+        if (tf == 0) {
+          sum_rows_blocked<acc_t>(0, rows, n, part2.data() + tm * n,
+                                  [&](int64_t i, acc_t* acc) { add_rows(go + (r0 + i) * n, 1, n, n, acc); });
+        }
+        if constexpr (is_16bit<scalar_t>) {
+          gemm_rm(false, false, rows, fc, n, 1.0f, go + r0 * n, n, w2 + f0, f, 0.0f, scratch.data(), fc);
+          sum_rows_blocked<acc_t>(0, rows, fc, p1, [&](int64_t i, acc_t* acc) {
+            const int64_t off = (r0 + i) * f + f0;
+            gelu_bwd(scratch.data() + i * fc, pre + off, no_bias, dpre + off, acc, fc, approx);
+          });
+        } else {
+          gemm_rm(false, false, rows, fc, n, scalar_t(1), go + r0 * n, n, w2 + f0, f, scalar_t(0),
+                  dpre + r0 * f + f0, f);
+          sum_rows_blocked<acc_t>(0, rows, fc, p1, [&](int64_t i, acc_t* acc) {
+            const int64_t off = (r0 + i) * f + f0;
+            gelu_bwd(dpre + off, pre + off, no_bias, dpre + off, acc, fc, approx);
+          });
+        }
+      }
+    });
+    reduce_partials(part1.data(), tiles_m, f, gb1);
+    reduce_partials(part2.data(), tiles_m, n, gb2);
+  }
+
+  // 2. gw2 = grad_out^T gelu(pre): one task per block of hidden units, h recomputed
+  //    per (row block, hidden block) tile; accumulation over row blocks in order.
+  {
+    const int64_t threads = at::get_num_threads();
+    const int64_t fb = balanced_block(f, std::max<int64_t>(16, std::min(kHidden, ceil_div(f, threads))));
+    const int64_t mb = balanced_block(m, kGw2Rows);
+    at::parallel_for(0, ceil_div(f, fb), 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> h(static_cast<size_t>(mb * fb));
+      std::vector<float> acc16(is_16bit<scalar_t> ? static_cast<size_t>(n * fb) : 0);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t f0 = blk * fb, fc = std::min(fb, f - f0);
+        auto* acc = [&] {
+          if constexpr (is_16bit<scalar_t>) return acc16.data();
+          else return gw2 + f0;
+        }();
+        const int64_t lda = is_16bit<scalar_t> ? fc : f;
+        if (m == 0) {
+          for (int64_t i = 0; i < n; ++i) std::fill(acc + i * lda, acc + i * lda + fc, 0);
+        }
+        for (int64_t r0 = 0; r0 < m; r0 += mb) {
+          const int64_t rows = std::min(mb, m - r0);
+          for (int64_t i = 0; i < rows; ++i) {
+            gelu_fwd(pre + (r0 + i) * f + f0, no_bias, static_cast<scalar_t*>(nullptr), h.data() + i * fc, fc, approx);
+          }
+          gemm_rm(true, false, n, fc, rows, acc_t(1), go + r0 * n, n, h.data(), fc, acc_t(r0 == 0 ? 0 : 1), acc, lda);
+        }
+        if constexpr (is_16bit<scalar_t>) {
+          for (int64_t i = 0; i < n; ++i) store_row(acc16.data() + i * fc, gw2 + i * f + f0, fc);
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp_bwd_cpu(
+    const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& w1_, const at::Tensor& w2_,
+    const at::Tensor& pre_, c10::string_view approximate) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const LinearShape s1 = check_linear_args(x_, "x", w1_, "w1", c10::nullopt, "b1");
+  check_second_layer(x_, w2_, c10::nullopt, s1.out_features);
+  const MlpShape s{s1.rows, s1.in_features, s1.out_features, w2_.size(0)};
+  check_rows_like(grad_out_, "grad_out", x_, "x", s.out_features);
+  check_rows_like(pre_, "pre", x_, "x", s.hidden);
+  const GeluApprox approx = parse_gelu_approximate(approximate);
+  const at::Tensor x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
+  const at::Tensor grad_out = grad_out_.contiguous(), pre = pre_.contiguous();
+
+  at::Tensor gx = empty_output_like(x);
+  at::Tensor gw1 = empty_output_like(w1);
+  at::Tensor gb1 = empty_output({s.hidden}, w1.options());
+  at::Tensor gw2 = empty_output_like(w2);
+  at::Tensor gb2 = empty_output({s.out_features}, w2.options());
+  at::Tensor dpre = at::empty({s.rows, s.hidden}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_mlp_bwd", [&] {
+    fused_mlp_bwd_kernel<scalar_t>(s, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                   w2.const_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(),
+                                   dpre.mutable_data_ptr<scalar_t>(), gb1.mutable_data_ptr<scalar_t>(),
+                                   gw2.mutable_data_ptr<scalar_t>(), gb2.mutable_data_ptr<scalar_t>(), approx);
+  });
+  const at::Tensor x2d = x.view({s.rows, s.in_features});
+  at::mm_out(gw1, dpre.t(), x2d);
+  at::Tensor gx2d = gx.view({s.rows, s.in_features});
+  at::mm_out(gx2d, dpre, w1);
+  return {gx, gw1, gb1, gw2, gb2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tfkernels, CPU, m) {
+  m.impl("fused_mlp", &fused_mlp_cpu);
+  m.impl("fused_mlp_bwd", &fused_mlp_bwd_cpu);
+}
+
+}  // namespace tfkernels::cpu

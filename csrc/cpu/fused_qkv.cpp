@@ -1,0 +1,208 @@
+// fused_qkv / fused_qkv_bwd on the CPU.
+//
+// Forward: for each (batch, block of rows, head) task, one single-threaded GEMM
+// x[b, rows] (Sc x E) @ W_head^T (E x D) writes its Sc x D block straight into
+// the head layout (q [B,H,S,D], k/v [B,Hkv,S,D]; the block is contiguous with
+// leading dim D): no [B,S,(H+2Hkv)D] intermediate, no scatter copy. The bias
+// initialises C (beta = 1); 16-bit types use oneDNN's GEMM through ATen with the
+// bias fused (fp32 accumulation, one rounding; MKL's bf16 GEMM is ~2x slower on
+// CPUs without AMX).
+// Tasks are ordered (batch, row block, head) so a thread's consecutive GEMMs
+// reuse the same rows of x from cache.
+//
+// Backward:
+//   dx[b, rows] = sum over heads of grad_head[b, rows] (Sc x D) @ W_head (D x E),
+//     read in the head layout, one task per (batch, row block) whose Sc x E
+//     accumulator (fp32 for 16-bit types) stays in cache while the heads add up;
+//   dW_head[:, cols] = sum_b grad_head[b]^T (D x S) @ x[b][:, cols], one task per
+//     (head, block of E columns); db_head = column sums, in the same task.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "alloc.h"
+#include "args.h"
+#include "cpu/blas.h"
+#include "cpu/gelu_rows.h"
+
+namespace tfkernels::cpu {
+namespace {
+
+constexpr int64_t kFwdRows = 256;        // rows of x per forward GEMM
+constexpr int64_t kDxTileBytes = 1 << 20;  // dx accumulator per backward task
+constexpr int64_t kDwCols = 1024;        // columns of E per weight-gradient task
+
+// Pointers to head j of the q/k/v tensors at batch b (heads ordered q, k, v).
+template <typename T>
+struct HeadLayout {
+  T* q;
+  T* k;
+  T* v;
+  int64_t heads, kv_heads, seqlen, head_dim;
+  T* at(int64_t b, int64_t j) const {
+    const int64_t block = seqlen * head_dim;
+    if (j < heads) return q + (b * heads + j) * block;
+    j -= heads;
+    if (j < kv_heads) return k + (b * kv_heads + j) * block;
+    return v + (b * kv_heads + (j - kv_heads)) * block;
+  }
+};
+
+template <typename scalar_t>
+void fused_qkv_fwd_kernel(const QkvShape& s, const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* bias,
+                          const HeadLayout<scalar_t>& out, const at::Tensor& bias16) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t groups = s.heads + 2 * s.kv_heads, e = s.embed, d = s.head_dim, seq = s.seqlen;
+  const int64_t sb = balanced_block(seq, kFwdRows);
+  const int64_t blocks = ceil_div(seq, sb);
+  at::parallel_for(0, s.batch * blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t j = t % groups, blk = (t / groups) % blocks, b = t / (groups * blocks);
+      const int64_t s0 = blk * sb, rows = std::min(sb, seq - s0);
+      const scalar_t* xb = x + (b * seq + s0) * e;
+      const scalar_t* wj = w + j * d * e;
+      const acc_t* bj = bias != nullptr ? bias + j * d : nullptr;
+      scalar_t* dst = out.at(b, j) + s0 * d;
+      if constexpr (is_16bit<scalar_t>) {
+        // oneDNN through ATen: fp32 accumulation, bias in fp32, one rounding.
+        linear_tile_aten(xb, rows, e, e, wj, d, e, bias16.defined() ? bias16.narrow(0, j * d, d) : at::Tensor(),
+                         dst, d);
+      } else {
+        if (bj != nullptr) {
+          for (int64_t i = 0; i < rows; ++i) std::copy(bj, bj + d, dst + i * d);
+        }
+        gemm_rm(false, true, rows, d, e, scalar_t(1), xb, e, wj, e, scalar_t(bj != nullptr ? 1 : 0), dst, d);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cpu(const at::Tensor& x_, const at::Tensor& weight_,
+                                                             const c10::optional<at::Tensor>& bias_,
+                                                             int64_t num_heads, int64_t num_kv_heads) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  const QkvShape s = check_qkv_args(x_, weight_, bias_, num_heads, num_kv_heads);
+  const at::Tensor x = x_.contiguous(), w = weight_.contiguous();
+  at::Tensor q = empty_output({s.batch, s.heads, s.seqlen, s.head_dim}, x.options());
+  at::Tensor k = empty_output({s.batch, s.kv_heads, s.seqlen, s.head_dim}, x.options());
+  at::Tensor v = empty_output({s.batch, s.kv_heads, s.seqlen, s.head_dim}, x.options());
+  if (s.batch == 0 || s.seqlen == 0) return {q, k, v};
+  const at::Tensor bias = bias_in_acc_type(bias_, x.scalar_type());
+  const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  // Detached: parallel_for workers do not inherit the autograd exclusion above.
+  const at::Tensor bias16 = reduced && bias.defined() ? bias_->detach().contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_qkv", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const HeadLayout<scalar_t> out{q.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(),
+                                   v.mutable_data_ptr<scalar_t>(), s.heads, s.kv_heads, s.seqlen, s.head_dim};
+    fused_qkv_fwd_kernel<scalar_t>(s, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                   bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, out, bias16);
+  });
+  return {q, k, v};
+}
+
+template <typename scalar_t>
+void fused_qkv_bwd_kernel(const QkvShape& s, const HeadLayout<const scalar_t>& grad, const scalar_t* x,
+                          const scalar_t* w, scalar_t* gx, scalar_t* gw, scalar_t* gb) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t groups = s.heads + 2 * s.kv_heads, e = s.embed, d = s.head_dim, seq = s.seqlen;
+
+  // dx: per (batch, row block), accumulate every head into the block.
+  {
+    const int64_t max_rows = std::max<int64_t>(16, kDxTileBytes / static_cast<int64_t>(sizeof(float) * std::max<int64_t>(e, 1)));
+    const int64_t sb = balanced_block(seq, max_rows);
+    const int64_t blocks = ceil_div(seq, sb);
+    at::parallel_for(0, s.batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(is_16bit<scalar_t> ? static_cast<size_t>(sb * e) : 0);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / blocks, s0 = (t % blocks) * sb, rows = std::min(sb, seq - s0);
+        auto* acc = [&] {
+          if constexpr (is_16bit<scalar_t>) return scratch.data();
+          else return gx + (b * seq + s0) * e;
+        }();
+        for (int64_t j = 0; j < groups; ++j) {
+          gemm_rm(false, false, rows, e, d, acc_t(1), grad.at(b, j) + s0 * d, d, w + j * d * e, e,
+                  acc_t(j == 0 ? 0 : 1), acc, e);
+        }
+        if constexpr (is_16bit<scalar_t>) {
+          for (int64_t i = 0; i < rows; ++i) store_row(scratch.data() + i * e, gx + (b * seq + s0 + i) * e, e);
+        }
+      }
+    });
+  }
+
+  // dW, db: per (head, block of E columns), sum over the batch in order.
+  {
+    const int64_t eb = balanced_block(e, kDwCols);
+    const int64_t col_blocks = ceil_div(e, eb);
+    at::parallel_for(0, groups * col_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(is_16bit<scalar_t> ? static_cast<size_t>(d * eb) : 0);
+      std::vector<double> bsum(static_cast<size_t>(d));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t j = t / col_blocks, c0 = (t % col_blocks) * eb, cols = std::min(eb, e - c0);
+        auto* acc = [&] {
+          if constexpr (is_16bit<scalar_t>) return scratch.data();
+          else return gw + j * d * e + c0;
+        }();
+        const int64_t ldc = is_16bit<scalar_t> ? cols : e;
+        if (s.batch == 0 || seq == 0) {
+          for (int64_t i = 0; i < d; ++i) std::fill(acc + i * ldc, acc + i * ldc + cols, 0);
+        }
+        for (int64_t b = 0; b < s.batch; ++b) {
+          gemm_rm(true, false, d, cols, seq, acc_t(1), grad.at(b, j), d, x + b * seq * e + c0, e,
+                  acc_t(b == 0 ? 0 : 1), acc, ldc);
+        }
+        if constexpr (is_16bit<scalar_t>) {
+          for (int64_t i = 0; i < d; ++i) store_row(scratch.data() + i * cols, gw + (j * d + i) * e + c0, cols);
+        }
+        if (c0 == 0) {
+          std::fill(bsum.begin(), bsum.end(), 0.0);
+          for (int64_t b = 0; b < s.batch; ++b) {
+            const scalar_t* g = grad.at(b, j);
+            sum_rows_blocked<acc_t>(0, seq, d, bsum.data(),
+                                    [&](int64_t r, acc_t* acc) { add_rows(g + r * d, 1, d, d, acc); });
+          }
+          store_row(bsum.data(), gb + j * d, d);
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cpu(const at::Tensor& grad_q_, const at::Tensor& grad_k_,
+                                                                 const at::Tensor& grad_v_, const at::Tensor& x_,
+                                                                 const at::Tensor& weight_) {
+  // ATen calls below work on plain buffers: keep them out of autograd.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  check_rank(grad_q_, "grad_q", 4, "[B, H, S, D]");
+  check_rank(grad_k_, "grad_k", 4, "[B, Hkv, S, D]");
+  check_rank(grad_v_, "grad_v", 4, "[B, Hkv, S, D]");
+  const QkvShape s = check_qkv_args(x_, weight_, c10::nullopt, grad_q_.size(1), grad_k_.size(1));
+  check_qkv_grad_args(s, x_, grad_q_, grad_k_, grad_v_);
+  const at::Tensor x = x_.contiguous(), w = weight_.contiguous();
+  const at::Tensor gq = grad_q_.contiguous(), gk = grad_k_.contiguous(), gv = grad_v_.contiguous();
+  at::Tensor grad_x = empty_output_like(x);
+  at::Tensor grad_w = empty_output_like(w);
+  at::Tensor grad_b = empty_output({w.size(0)}, w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_qkv_bwd", [&] {
+    const HeadLayout<const scalar_t> grad{gq.const_data_ptr<scalar_t>(), gk.const_data_ptr<scalar_t>(),
+                                          gv.const_data_ptr<scalar_t>(), s.heads, s.kv_heads, s.seqlen, s.head_dim};
+    fused_qkv_bwd_kernel<scalar_t>(s, grad, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                   grad_x.mutable_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>(),
+                                   grad_b.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tfkernels, CPU, m) {
+  m.impl("fused_qkv", &fused_qkv_cpu);
+  m.impl("fused_qkv_bwd", &fused_qkv_bwd_cpu);
+}
+
+}  // namespace tfkernels::cpu
