@@ -32,15 +32,15 @@ except ImportError:
 
 @dataclass
 class Config:
-    d_model: int = 96
+    d_model: int = 128
     n_head: int = 4
-    n_layer: int = 3
-    context: int = 64
+    n_layer: int = 4
+    context: int = 128
     batch: int = 16
-    steps: int = 150
+    steps: int = 300
     lr: float = 3e-3
     warmup: int = 20
-    eval_every: int = 25
+    eval_every: int = 50
     eval_batches: int = 4
     amp: bool = False  # bf16 autocast (GPU preset)
 
