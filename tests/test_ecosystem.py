@@ -1,7 +1,6 @@
 """tfkernels modules inside the PyTorch ecosystem: torch.compile, autocast, DDP, CUDA graphs."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -129,16 +128,12 @@ def test_autocast_casts_every_op_to_the_autocast_dtype():
 
 # --------------------------------------------------------------------------- DistributedDataParallel
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world_size, port, workdir):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _ddp_worker(rank, world_size, workdir):
+    # Rendezvous through a file (no port to race for); gloo talks over the loopback interface.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(workdir, 'rendezvous')}", rank=rank,
+                            world_size=world_size)
     try:
         data = torch.load(os.path.join(workdir, "inputs.pt"))
         layer = _layer(dtype=torch.float64)
@@ -149,6 +144,7 @@ def _ddp_worker(rank, world_size, port, workdir):
         (out * data["grad"][shard]).sum().backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in layer.named_parameters()}, os.path.join(workdir, "grads.pt"))
+        dist.barrier()  # leave together: a rank tearing gloo down while its peer still works can abort
     finally:
         dist.destroy_process_group()
 
@@ -158,7 +154,7 @@ def test_ddp_gloo_two_processes_match_single_process(tmp_path):
     x, grad = torch.randn(4, 10, D_MODEL, dtype=torch.float64), torch.randn(4, 10, D_MODEL, dtype=torch.float64)
     lens = torch.tensor([10, 7, 3, 10])
     torch.save({"state": layer.state_dict(), "x": x, "grad": grad, "lens": lens}, tmp_path / "inputs.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     ddp_grads = torch.load(tmp_path / "grads.pt")
     # DDP averages the ranks' gradients: the single-process loss is the mean of the two shard losses.
     out = layer(x, seqlens=lens, is_causal=True)
