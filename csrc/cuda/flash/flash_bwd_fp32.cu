@@ -43,7 +43,7 @@ __host__ __device__ inline int b32_smem_floats(int d) {
 }
 
 template <bool kKeyRows>
-__global__ void __launch_bounds__(kB32Threads) flash_bwd_fp32_kernel(const __grid_constant__ BwdParams p) {
+__global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __grid_constant__ BwdParams p) {
   constexpr float kInf = __builtin_huge_valf();
   extern __shared__ __align__(16) float smem_b32[];
   const int d = p.head_dim;

@@ -176,7 +176,9 @@ __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, co
   constexpr int kNT = Traits::kNTilesHalfD;
   const int key_w = 16 * (warp % 4);
   const int d_w = (warp / 4) * (Traits::kHeadDim / 2);
-#pragma unroll
+  // Not unrolled at D = 256: 128 accumulator registers leave no room to hoist
+  // the next step's loads (sm_90a spilled 4 bytes).
+#pragma unroll(Traits::kHeadDim > 224 ? 1 : Traits::kBlockM / 16)
   for (int kk = 0; kk < Traits::kBlockM / 16; ++kk) {
     uint32_t ap[4], ads[4];
     cuda::ldmatrix_x4(ap, sP + (key_w + la.r0) * kPS + kk * 16 + la.c0);
