@@ -330,6 +330,25 @@ def test_expanded_kv():
     _run_and_check(q, k, v)
 
 
+@sanitize
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_expanded_grad_out(dtype):
+    # out.sum() hands the backward a stride-0 (expanded) grad_out.
+    q, k, v = _qkv(1, 2, 1, 30, 40, 64, dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    tfkernels.flash_attention(*leaves, is_causal=True).sum().backward()
+    ones = torch.ones_like(q)
+    if dtype == torch.float32:
+        hi = _reference_grads(*[t.double() for t in (q, k, v, ones)], is_causal=True)
+        for name, t, h in zip(("dq", "dk", "dv"), leaves, hi):
+            torch.testing.assert_close(t.grad.double(), h, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    else:
+        hi = _reference_grads(*[t.float() for t in (q, k, v, ones)], is_causal=True)
+        low = _reference_grads(q, k, v, ones, is_causal=True)
+        for name, t, h, r in zip(("dq", "dk", "dv"), leaves, hi, low):
+            assert_flash_rule(t.grad, h, r, name=name)
+
+
 @pytest.mark.parametrize("scale", [0.3, -0.5, 0.0])
 def test_custom_scale(scale):
     q, k, v = _qkv(1, 2, 2, 100, 140, 96, torch.float16)

@@ -153,7 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
     bool is_causal, c10::string_view causal_alignment, c10::optional<double> scale,
     const c10::optional<at::Tensor>& seqlens_k, bool deterministic) {
   const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k);
-  check_attention_grad_args(shape, q_in, grad_out_in, grad_lse_in, out_in, lse_in);
+  // Autograd hands over expanded gradients (out.sum() gives stride 0 everywhere):
+  // legal input, so copy a grad_out whose last dim is not contiguous.
+  const at::Tensor grad_out_c =
+      (grad_out_in.dim() == 4 && grad_out_in.size(-1) > 1 && grad_out_in.stride(-1) != 1) ? grad_out_in.contiguous()
+                                                                                           : grad_out_in;
+  check_attention_grad_args(shape, q_in, grad_out_c, grad_lse_in, out_in, lse_in);
   check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
   TORCH_CHECK(q_in.is_cuda(), "tfkernels: q must be a CUDA tensor, got ", q_in.device());
   TORCH_CHECK(shape.heads <= 65535 && shape.batch <= 65535,
@@ -172,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
 
   const bool is_fp32 = q_in.scalar_type() == at::kFloat;
   const bool is_bf16 = q_in.scalar_type() == at::kBFloat16;
-  at::Tensor q = q_in, k = k_in, v = v_in, dout = grad_out_in;
+  at::Tensor q = q_in, k = k_in, v = v_in, dout = grad_out_c;
   bool fast = false;
   if (!is_fp32 && shape.head_dim % 8 == 0) {
     // As the forward: misaligned views are copied to keep the 16-byte cp.async path.
