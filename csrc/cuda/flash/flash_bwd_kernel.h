@@ -256,10 +256,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
-  Element* sQ = smem + Traits::kOffQ;
-  Element* sdO = smem + Traits::kOffDO;
-  Element* sK = smem + Traits::kOffK;  // stage 0 only: K/V are fixed here
-  Element* sV = smem + Traits::kOffV;
+  Element* sK = smem + Traits::kOffFixed;  // fixed: K, V
+  Element* sV = sK + Traits::kTileElems;
+  Element* sQ = smem + Traits::kOffStream;  // streamed: Q, dO (stage s at + s * kStreamStageElems)
+  Element* sdO = sQ + Traits::kTileElems;
   Element* sP = smem + Traits::kOffP;
   Element* sdS = smem + Traits::kOffDS;
   float* s_lse2 = reinterpret_cast<float*>(smem + Traits::kElems16);
@@ -322,9 +322,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                              head * params.q_head_stride;
       const Element* do_ptr = static_cast<const Element*>(params.dout) + batch * params.do_batch_stride +
                               head * params.do_head_stride;
-      load_tile<Traits, kBlockM>(sQ + stage * Traits::kQTileElems, q_ptr, params.q_row_stride, m0, seqlen_q,
+      load_tile<Traits, kBlockM>(sQ + stage * Traits::kStreamStageElems, q_ptr, params.q_row_stride, m0, seqlen_q,
                                  head_dim, aligned16, tid);
-      load_tile<Traits, kBlockM>(sdO + stage * Traits::kQTileElems, do_ptr, params.do_row_stride, m0, seqlen_q,
+      load_tile<Traits, kBlockM>(sdO + stage * Traits::kStreamStageElems, do_ptr, params.do_row_stride, m0, seqlen_q,
                                  head_dim, aligned16, tid);
       const int64_t row_base = (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
       bwd::load_row_stats<Traits>(s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, params.lse + row_base,
@@ -337,11 +337,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     cuda::cp_async_commit();
 
     for (int it = 0; it < n_iter; ++it) {
-      if (kStages == 1 && it > 0) {
-        __syncthreads();  // every warp is done with tile it-1 (phases 2 and 3)
-        load_q_tile(it, 0);
-        cuda::cp_async_commit();
-      }
+      // One stage: tile it was issued during tile it-1's phase 3 (below).
       cuda::cp_async_wait<0>();
       __syncthreads();  // tile it has landed for all; all are done with tile it-1
       if (kStages == 2 && it + 1 < n_iter) {
@@ -351,14 +347,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const int stage = kStages == 2 ? it % 2 : 0;
       const int head = kv_head * group + it / n_m;
       const int m0 = (m_begin + it % n_m) * kBlockM;
-      const Element* sQs = sQ + stage * Traits::kQTileElems;
-      const Element* sdOs = sdO + stage * Traits::kQTileElems;
+      const Element* sQs = sQ + stage * Traits::kStreamStageElems;
+      const Element* sdOs = sdO + stage * Traits::kStreamStageElems;
       const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off);
 
       bwd::phase1<Traits, Element, true>(sQs, sdOs, sK, sV, s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, sP,
                                          sdS, n0, m0, len_k, off, causal, need_mask, scale_log2, warp, lane, la);
       __syncthreads();  // P^T and dS^T complete
       bwd::phase2<Traits, Element>(sQs, sdOs, sP, sdS, acc_dk, acc_dv, warp, la);
+      if (kStages == 1 && it + 1 < n_iter) {
+        // Q, dO and the statistics of tile it are dead once every warp is past
+        // phase 2 (phase 3 reads only dS^T and K): load tile it+1 under phase 3.
+        __syncthreads();
+        load_q_tile(it + 1, 0);
+        cuda::cp_async_commit();
+      }
 
       if (!params.deterministic) {
         // dQ[m0.., :] += dS K into the fp32 accumulator, in chunks of n8 tiles to
@@ -426,10 +429,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
-  Element* sQ = smem + Traits::kOffQ;  // stage 0 only: Q/dO are fixed here
-  Element* sdO = smem + Traits::kOffDO;
-  Element* sK = smem + Traits::kOffK;
-  Element* sV = smem + Traits::kOffV;
+  Element* sQ = smem + Traits::kOffFixed;  // fixed: Q, dO
+  Element* sdO = sQ + Traits::kTileElems;
+  Element* sK = smem + Traits::kOffStream;  // streamed: K, V (stage s at + s * kStreamStageElems)
+  Element* sV = sK + Traits::kTileElems;
   Element* sdS = smem + Traits::kOffDS;
   float* s_lse2 = reinterpret_cast<float*>(smem + Traits::kElems16);
   float* s_delta = s_lse2 + kStages * kBlockM;
@@ -474,9 +477,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     const float scale_log2 = params.scale_log2;
     auto load_kv_tile = [&](int it, int stage) {
       const int n1 = it * kBlockN;
-      load_tile<Traits, kBlockN>(sK + stage * Traits::kKVTileElems, k_ptr, params.k_row_stride, n1, len_k, head_dim,
+      load_tile<Traits, kBlockN>(sK + stage * Traits::kStreamStageElems, k_ptr, params.k_row_stride, n1, len_k, head_dim,
                                  aligned16, tid);
-      load_tile<Traits, kBlockN>(sV + stage * Traits::kKVTileElems, v_ptr, params.v_row_stride, n1, len_k, head_dim,
+      load_tile<Traits, kBlockN>(sV + stage * Traits::kStreamStageElems, v_ptr, params.v_row_stride, n1, len_k, head_dim,
                                  aligned16, tid);
     };
 
@@ -501,8 +504,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
       const int stage = kStages == 2 ? it % 2 : 0;
       const int n0 = it * kBlockN;
-      const Element* sKs = sK + stage * Traits::kKVTileElems;
-      const Element* sVs = sV + stage * Traits::kKVTileElems;
+      const Element* sKs = sK + stage * Traits::kStreamStageElems;
+      const Element* sVs = sV + stage * Traits::kStreamStageElems;
       const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off);
       bwd::phase1<Traits, Element, false>(sQ, sdO, sKs, sVs, s_lse2, s_delta, nullptr, sdS, n0, m0, len_k, off,
                                           causal, need_mask, scale_log2, warp, lane, la);

@@ -90,10 +90,12 @@ inline constexpr int fwd_smem_bytes(int padded_dim) {
 //            dV and dK accumulators (registers): dV += P^T dO, dK += dS^T Q.
 //   phase 3: warp w owns queries 16 (w % 4) .. +16 and head-dim half w / 4 of
 //            dQ = dS K.
-// Shared memory: kStages copies each of Q, dO, K, V tiles (padded rows, as the
-// forward), P^T and dS^T (kBlockN x (kBlockM + 8), an odd number of 16-byte
-// chunks a row), and kStages copies of the per-query lse (base 2) and delta.
-// The main kernel streams Q/dO through the stages, the dQ kernel K/V.
+// Shared memory: the kernel's two fixed tiles (K, V in the dK/dV kernel; Q, dO
+// in the dQ kernel), kStages copies of its two streamed tiles (Q, dO or K, V;
+// kBlockM == kBlockN so all are the same size, padded rows as the forward), P^T
+// and dS^T (kBlockN x (kBlockM + 8), an odd number of 16-byte chunks a row),
+// then kStages copies of the per-query lse (base 2) and delta (the dQ kernel,
+// whose query tile is fixed, uses stage 0).
 template <int kHeadDim_, int kStages_>
 struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
@@ -111,15 +113,14 @@ struct BwdTraits {
   static constexpr int kPStride = kBlockM + 8;  // 72 elements: 9 chunks
   static_assert((kPStride / 8) % 2 == 1, "P row stride must be an odd number of 16-byte chunks");
 
-  static constexpr int kQTileElems = kBlockM * kSmemStride;
-  static constexpr int kKVTileElems = kBlockN * kSmemStride;
+  static constexpr int kTileElems = kBlockM * kSmemStride;  // any of Q, dO, K, V
   static constexpr int kPTileElems = kBlockN * kPStride;
-  // Element offsets of the regions.
-  static constexpr int kOffQ = 0;
-  static constexpr int kOffDO = kOffQ + kStages * kQTileElems;
-  static constexpr int kOffK = kOffDO + kStages * kQTileElems;
-  static constexpr int kOffV = kOffK + kStages * kKVTileElems;
-  static constexpr int kOffP = kOffV + kStages * kKVTileElems;
+  // Element offsets: fixed tiles 0 and 1, then streamed tiles 0 and 1 of stage s
+  // at kOffStream + s * kStreamStageElems (+ kTileElems), then P^T, dS^T.
+  static constexpr int kOffFixed = 0;
+  static constexpr int kOffStream = 2 * kTileElems;
+  static constexpr int kStreamStageElems = 2 * kTileElems;
+  static constexpr int kOffP = kOffStream + kStages * kStreamStageElems;
   static constexpr int kOffDS = kOffP + kPTileElems;
   static constexpr int kElems16 = kOffDS + kPTileElems;
   // Then fp32: lse2[kStages][kBlockM], delta[kStages][kBlockM].
@@ -129,12 +130,15 @@ struct BwdTraits {
   static constexpr int kNTilesHalfD = kHeadDim / 16;
 };
 
-// Double-buffer the streamed tiles where that fits 99 KB (sm_86/89) too: D <= 64.
-// Larger dims load each tile after the previous one is done (one stage); the
-// one-stage D = 256 kernel needs 154 KB (sm_80 allows 163 KB, sm_90 227 KB).
+// Double-buffer the streamed tiles where that still fits the 99 KB of sm_86/89:
+// D <= 96 (D = 96 needs 99328 bytes). Larger dims load the next streamed tile
+// after the previous one is done (the dK/dV kernel overlaps that load with its
+// dQ phase); the one-stage D = 256 kernel needs 154 KB (sm_80 allows 163 KB,
+// sm_90 227 KB). Two stages for D = 128/160 would fit sm_80/90 (124/148 KB) but
+// not sm_86/89: a second instantiation for those is GPU-tuning work.
 template <int kHeadDim>
 struct BwdConfig {
-  using Traits = BwdTraits<kHeadDim, (kHeadDim <= 64 ? 2 : 1)>;
+  using Traits = BwdTraits<kHeadDim, (kHeadDim <= 96 ? 2 : 1)>;
 };
 
 inline constexpr int bwd_smem_bytes(int padded_dim) {
