@@ -21,6 +21,7 @@
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/kernel_traits.h"
 #include "cuda/flash/static_switch.h"
+#include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
@@ -46,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
                                                            c10::optional<double> scale,
                                                            const c10::optional<at::Tensor>& seqlens_k,
                                                            bool deterministic) {
+  TFKERNELS_WARN_UNVERIFIED_CUDA("flash_attention");
   (void)deterministic;  // only the backward is affected
   const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k);
   check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
