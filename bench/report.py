@@ -223,6 +223,33 @@ def markdown(run, chart_files=None, with_images=True):
     return "\n".join(lines).rstrip() + "\n"
 
 
+def headline(run):
+    """Short text: tfkernels vs the best peer at each op's headline shapes (or every shape if none)."""
+    lines = ["== headline: tfkernels vs the best peer (median throughput)"]
+    rows = run["rows"]
+    marked = [r for r in rows + run["skipped"] + run["failed"] if r.get("headline")]
+    keys = OrderedDict()
+    for r in sorted(marked or rows, key=lambda r: (OP_ORDER.index(r["op"]) if r["op"] in OP_ORDER else 99,
+                                                   r["direction"], _shape_sort(r))):
+        keys.setdefault((r["op"], r["direction"], r["dtype"], r["shape_label"]), None)
+    for op, direction, dtype, label in keys:
+        here = [r for r in rows if (r["op"], r["direction"], r["dtype"], r["shape_label"]) == (op, direction, dtype,
+                                                                                               label)]
+        mine = next((r for r in here if r["provider"] == "tfkernels"), None)
+        peers = [r for r in here if r.get("peer")]
+        best = max(peers, key=lambda r: r["value"]) if peers else None
+        unit = (mine or best or {"unit": ""})["unit"]
+        unit, scale = _unit_scale(unit, [r["value"] for r in (mine, best) if r])
+        text = f"{op} {direction} {dtype} {label}: tfkernels "
+        text += f"{_fmt(mine['value'] * scale)}" if mine else "n/a"
+        text += f", best peer {best['provider']} {_fmt(best['value'] * scale)}" if best else ", no peer"
+        text += f" {unit}"
+        if mine and best:
+            text += f" ({mine['value'] / best['value']:.2f}x)"
+        lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- charts
 
 def _panel_of(r):
@@ -249,6 +276,14 @@ def _panels(run, family, direction):
     for r in rows:
         title, group = _panel_of(r)
         panels.setdefault(title, OrderedDict()).setdefault(group, {})[r["provider"]] = r
+    # tfkernels keeps its slot where it was skipped or failed, so the chart shows it missing.
+    for status, records in (("n/a", run["skipped"]), ("FAIL", run["failed"])):
+        for r in records:
+            if r["provider"] != "tfkernels" or _family(r["op"]) != family or r["direction"] != direction:
+                continue
+            title, group = _panel_of(r)
+            if title in panels:
+                panels[title].setdefault(group, {}).setdefault("tfkernels", {**r, "value": None, "status": status})
     return panels
 
 
@@ -256,23 +291,26 @@ def _draw_panel(ax, title, groups, direction_title):
     import numpy as np
 
     providers = _providers({p for g in groups.values() for p in g})
-    unit = next(iter(next(iter(groups.values())).values()))["unit"]
-    shown_unit, scale = _unit_scale(unit, [r["value"] for g in groups.values() for r in g.values()])
+    measured = [r for g in groups.values() for r in g.values() if r.get("value") is not None]
+    unit = measured[0]["unit"]
+    shown_unit, scale = _unit_scale(unit, [r["value"] for r in measured])
     n = len(providers)
     width = 0.8 / n
     x = np.arange(len(groups))
-    top = max(r["value"] * scale for g in groups.values() for r in g.values())
+    top = max(r["value"] * scale for r in measured)
     vertical = n * len(groups) > 12
     for i, p in enumerate(providers):
         offs = x - 0.4 + width * (i + 0.5)
-        vals = [groups[g][p]["value"] * scale if p in groups[g] else 0.0 for g in groups]
+        vals = [(groups[g][p].get("value") or 0.0) * scale if p in groups[g] else 0.0 for g in groups]
+        marks = [groups[g][p].get("status", "n/a") if p in groups[g] else "n/a" for g in groups]
         bars = ax.bar(offs, vals, width * 0.92, label=p, color=COLORS.get(p, "#bcbd22"),
                       hatch="//" if p == "gemm-only" else None, edgecolor="white" if p != "gemm-only" else "#7f7f7f",
                       linewidth=0.5)
-        for bar, v in zip(bars, vals):
+        for bar, v, mark in zip(bars, vals, marks):
             if v <= 0:
-                ax.text(bar.get_x() + bar.get_width() / 2, top * 0.01, "n/a", ha="center", va="bottom",
-                        fontsize=6, color="#999999", rotation=90)
+                ax.text(bar.get_x() + bar.get_width() / 2, top * 0.01, mark, ha="center", va="bottom",
+                        fontsize=7, color=COLORS.get(p, "#999999") if p == "tfkernels" else "#999999",
+                        rotation=90)
                 continue
             ax.text(bar.get_x() + bar.get_width() / 2, v + top * 0.01, _fmt(v), ha="center", va="bottom",
                     fontsize=7 if vertical else 8, rotation=90 if vertical else 0,

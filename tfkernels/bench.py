@@ -15,16 +15,24 @@ current directory, or at $TFKERNELS_BENCH_DIR.
 """
 import argparse
 import importlib.util
-import json
 import os
+import sys
+
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    # Run as a script (bench/device_check.sh does, so that it works even when the extension failed to
+    # build): do not let tfkernels/*.py shadow top-level modules.
+    sys.path.pop(0)
+
+import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 SUITES = {"attention": "test_bench_attention.py", "qkv": "test_bench_qkv.py", "mlp": "test_bench_mlp.py"}
+# Shares of a --time-budget: each suite may use its share of what is left when it starts.
+BUDGET_WEIGHTS = {"attention": 0.5, "qkv": 0.2, "mlp": 0.3}
 
 
 def find_bench_dir():
@@ -78,7 +86,9 @@ def main(argv=None):
     if args.report:
         out = args.out or os.path.dirname(os.path.abspath(args.report))
         _text, files = report.write_report(args.report, out, args.charts)
-        print(report.markdown(report.load(args.report), files, with_images=False))
+        run = report.load(args.report)
+        print(report.markdown(run, files, with_images=False))
+        print(report.headline(run))
         print(f"report: {os.path.join(out, 'README.md')}")
         return 0
 
@@ -97,8 +107,6 @@ def main(argv=None):
     env["TFKERNELS_BENCH_GRID"] = "quick" if args.quick else "full"
     if args.compile:
         env["TFKERNELS_BENCH_COMPILE"] = args.compile
-    if args.time_budget:
-        env["TFKERNELS_BENCH_DEADLINE"] = str(time.time() + args.time_budget)
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Prefer the tfkernels next to bench/ (a source checkout) over another install.
     root = bench_dir.parent
@@ -113,8 +121,13 @@ def main(argv=None):
     started = time.time()
     parts, crashed, failed_suites = [], [], []
     with tempfile.TemporaryDirectory(prefix="tfk-bench-") as tmp:
-        for suite in suites:
+        end = started + args.time_budget if args.time_budget else None
+        for i, suite in enumerate(suites):
             part = Path(tmp) / f"{suite}.json"
+            if end is not None:
+                weights = [BUDGET_WEIGHTS[s] for s in suites[i:]]
+                share = (end - time.time()) * weights[0] / sum(weights)
+                env["TFKERNELS_BENCH_DEADLINE"] = str(time.time() + max(share, 0.0))
             cmd = [sys.executable, "-m", "pytest", str(bench_dir / SUITES[suite]), "-v", "-p", "no:cacheprovider",
                    "--rootdir", str(root), "--benchmark-json", str(part), "--benchmark-quiet",
                    "--benchmark-disable-gc", "--no-header", "-o", "console_output_style=count",
@@ -148,6 +161,8 @@ def main(argv=None):
     print(f"tfkernels.bench: {time.time() - started:.0f} s; wrote {results}, {out_dir / 'README.md'}"
           + (f" and {len(files)} charts" if files else ""))
     run = report.load(str(results))
+    print()
+    print(report.headline(run))
     if crashed or run["failed"] or failed_suites:
         print(f"tfkernels.bench: {len(run['failed'])} case(s) failed"
               + (f", crashed suites: {', '.join(c['suite'] for c in crashed)}" if crashed else ""), file=sys.stderr)
