@@ -166,6 +166,8 @@ for tool in memcheck racecheck; do
     run_step "$tool" "$OUT/tests.log" "$(( $(left) > 300 ? 120 : $(left) / 3 ))" \
       "$SANITIZER" --tool "$tool" --error-exitcode 86 --print-limit 30 "${SAN_TARGET[@]}"
     errors=$(grep -m1 -E 'ERROR SUMMARY|RACECHECK SUMMARY' <(tac "$OUT/tests.log") | cut -c1-60)
+    nokernel=$(sed -n "/^=== $tool:/,\$p" "$OUT/tests.log" | grep -c 'skipped (no CUDA kernel')
+    [ "$nokernel" -gt 0 ] && errors="$errors; $nokernel smoke cases had no CUDA kernel"
     case "$STEP_RC" in
       0) record "$tool" PASS "$STEP_SECS" "$SAN_WHAT; ${errors:-no summary line}";;
       86) record "$tool" FAIL "$STEP_SECS" "sanitizer found errors: ${errors:-see tests.log}";;

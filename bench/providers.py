@@ -589,8 +589,10 @@ def run_case(benchmark, case, request=None):
     try:
         check_deadline()
         if case.provider == "compile" and not compile_allowed(case):
-            raise Skip("torch.compile runs on the headline shapes only (compile takes 5-20 s a case; "
-                       "TFKERNELS_BENCH_COMPILE=all for every shape)")
+            if compile_policy() == "none":
+                raise Skip("torch.compile left out of this run (TFKERNELS_BENCH_COMPILE=none / --compile none)")
+            raise Skip("torch.compile runs on the headline shapes only (compiling takes 5-20 s a case; "
+                       "--compile all for every shape)")
         prepared = prepare(case, device)
         with prepared.context():
             step = Step(prepared, case, device)
