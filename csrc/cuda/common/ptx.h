@@ -134,5 +134,23 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 // logical chunk from 8 different bank groups: no bank conflicts, no padding.
 __device__ __forceinline__ int swizzle_chunk(int row, int chunk) { return chunk ^ (row & 7); }
 
+// ----------------------------------------------------------------- integer division
+
+// n / d for a divisor fixed at launch, by multiply-high and shift instead of the
+// ~20-instruction integer division (Granlund-Montgomery; the form CUTLASS's
+// FastDivmod uses). Built on the host, used on the device. Valid for
+// 1 <= d < 2^31 and 0 <= n < 2^31: then umulhi(n, m) < n, so the sum cannot wrap.
+// m = floor(2^32 * (2^s - d) / d) + 1 with s = ceil(log2 d); d = 1 gives m = 1, s = 0.
+struct FastDiv {
+  uint32_t d = 1, m = 1, s = 0;
+  FastDiv() = default;
+  __host__ __device__ explicit FastDiv(uint32_t divisor) : d(divisor) {
+    s = 0;
+    while ((uint64_t(1) << s) < d) ++s;
+    m = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << s) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+};
+
 }  // namespace cuda
 }  // namespace tfkernels

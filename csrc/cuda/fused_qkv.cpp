@@ -1,0 +1,202 @@
+// CUDA kernels of fused_qkv and fused_qkv_bwd: argument checks, layout and
+// alignment decisions, output allocation and launch on the current stream. The
+// GEMM core itself lives in csrc/cuda/gemm/ (CUDA headers only); this file hands
+// it plain descriptors (gemm_args.h).
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "alloc.h"
+#include "args.h"
+#include "cuda/gemm/gemm_args.h"
+
+namespace tfkernels {
+namespace {
+
+namespace g = ::tfkernels::cuda::gemm;
+
+constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
+
+// torch.backends.cuda.matmul.allow_tf32 (also set by
+// torch.set_float32_matmul_precision("high"/"medium")): the same switch cuBLAS obeys.
+bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
+
+// TFKERNELS_GEMM_TILE=128x256|128x128|64x128 forces the tensor-core tile shape
+// (tests cover every shape with it; benchmarks compare them). Unset: the heuristic.
+int tile_override() {
+  const char* v = std::getenv("TFKERNELS_GEMM_TILE");
+  if (v == nullptr || *v == '\0') return -1;
+  if (std::strcmp(v, "128x256") == 0) return 0;
+  if (std::strcmp(v, "128x128") == 0) return 1;
+  if (std::strcmp(v, "64x128") == 0) return 2;
+  TORCH_CHECK(false, "tfkernels: TFKERNELS_GEMM_TILE must be 128x256, 128x128 or 64x128, got \"", v, "\"");
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// A stride matters only along a dimension of size > 1; there it must keep every
+// 8-element chunk 16-byte aligned for the tensor-core path.
+bool stride_ok(int64_t size, int64_t stride) { return size <= 1 || stride % 8 == 0; }
+
+// t with its last dim contiguous (a copy only when it is not).
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+void check_cuda_dtype(const at::Tensor& x) {
+  check_dtype_in(x, "x", {at::kFloat, at::kBFloat16, at::kHalf});
+  TORCH_CHECK(x.is_cuda(), "tfkernels: x must be a CUDA tensor, got ", x.device());
+}
+
+void check_sizes(const QkvShape& s) {
+  const int64_t tokens = s.batch * s.seqlen;
+  TORCH_CHECK(tokens <= kMaxDim && s.embed <= kMaxDim && s.out_features() <= kMaxDim,
+              "tfkernels: fused_qkv on CUDA needs B*S, E and (H + 2*Hkv)*D below 2^31, got ", tokens, ", ",
+              s.embed, ", ", s.out_features());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              int64_t num_heads, int64_t num_kv_heads) {
+  const QkvShape s = check_qkv_args(x, weight, bias, num_heads, num_kv_heads);
+  check_cuda_dtype(x);
+  check_sizes(s);
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  const int64_t M = s.batch * s.seqlen, N = s.out_features(), K = s.embed;
+  const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor q = empty_output({s.batch, s.heads, s.seqlen, s.head_dim}, opts);
+  at::Tensor k = empty_output({s.batch, s.kv_heads, s.seqlen, s.head_dim}, opts);
+  at::Tensor v = empty_output({s.batch, s.kv_heads, s.seqlen, s.head_dim}, opts);
+  if (M == 0) return {q, k, v};
+
+  // x as [M, E] with one row stride (a view whenever torch can make one); W as [N, E].
+  at::Tensor x2 = last_dim_contiguous(x.reshape({M, K}));
+  at::Tensor w = last_dim_contiguous(weight);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+
+  g::QkvFwdArgs a;
+  a.x = g::plain_operand(x2.data_ptr(), x2.stride(0));
+  a.w = g::plain_operand(w.data_ptr(), w.stride(0));
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.K = static_cast<int>(K);
+  a.S = static_cast<int>(s.seqlen);
+  a.H = static_cast<int>(s.heads);
+  a.Hkv = static_cast<int>(s.kv_heads);
+  a.D = static_cast<int>(s.head_dim);
+  // 16-byte cp.async along E, 16-byte bias loads and head-row stores along D.
+  a.vector_ok = K % 8 == 0 && s.head_dim % 8 == 0 && aligned16(x2.data_ptr()) && aligned16(w.data_ptr()) &&
+                stride_ok(M, x2.stride(0)) && stride_ok(N, w.stride(0)) && (a.bias == nullptr || aligned16(a.bias));
+  a.tf32 = x.scalar_type() == at::kFloat && tf32_allowed();
+  a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  a.tile_override = tile_override();
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  switch (x.scalar_type()) {
+    case at::kHalf: err = g::qkv_forward_f16(a, stream); break;
+    case at::kBFloat16: err = g::qkv_forward_bf16(a, stream); break;
+    default: err = g::qkv_forward_f32(a, stream); break;
+  }
+  C10_CUDA_CHECK(err);
+  return {q, k, v};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cuda(const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                                                  const at::Tensor& grad_v, const at::Tensor& x,
+                                                                  const at::Tensor& weight) {
+  check_rank(grad_q, "grad_q", 4, "[B, H, S, D]");
+  check_rank(grad_k, "grad_k", 4, "[B, Hkv, S, D]");
+  check_rank(grad_v, "grad_v", 4, "[B, Hkv, S, D]");
+  const QkvShape s = check_qkv_args(x, weight, c10::nullopt, grad_q.size(1), grad_k.size(1));
+  check_qkv_grad_args(s, x, grad_q, grad_k, grad_v);
+  check_cuda_dtype(x);
+  check_sizes(s);
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  const int64_t tokens = s.batch * s.seqlen, E = s.embed, N = s.out_features(), D = s.head_dim;
+  at::Tensor grad_x = empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_w = empty_output(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_b = empty_output({N}, weight.options());
+
+  at::Tensor dq = last_dim_contiguous(grad_q), dk = last_dim_contiguous(grad_k), dv = last_dim_contiguous(grad_v);
+  if (E == 0) {
+    // No GEMM to fuse into; db is still the column sum of dQKV.
+    if (N > 0) {
+      grad_b.copy_(at::cat({dq.sum({0, 2}, false, at::kFloat).flatten(), dk.sum({0, 2}, false, at::kFloat).flatten(),
+                            dv.sum({0, 2}, false, at::kFloat).flatten()}));
+    }
+    return {grad_x, grad_w, grad_b};
+  }
+
+  at::Tensor x2 = last_dim_contiguous(x.reshape({tokens, E}));
+  at::Tensor w = last_dim_contiguous(weight);
+
+  g::QkvBwdArgs a;
+  // dQKV as one matrix X[b*S + s][head*D + d] over the three tensors, read in place.
+  const at::Tensor* parts[3] = {&dq, &dk, &dv};
+  const int64_t begins[3] = {0, s.heads * D, (s.heads + s.kv_heads) * D};
+  for (int p = 0; p < 3; ++p) {
+    a.dqkv.ptr[p] = parts[p]->data_ptr();
+    a.dqkv.batch_stride[p] = parts[p]->stride(0);
+    a.dqkv.seg_stride[p] = parts[p]->stride(1);
+    a.dqkv.ld[p] = parts[p]->stride(2);
+    a.dqkv.part_begin[p] = static_cast<int>(begins[p]);
+  }
+  a.dqkv.seg_len = static_cast<int>(D);
+  a.dqkv.outer_len = static_cast<int>(std::max<int64_t>(s.seqlen, 1));
+  a.x = g::plain_operand(x2.data_ptr(), x2.stride(0));
+  a.w = g::plain_operand(w.data_ptr(), w.stride(0));
+  a.dx = grad_x.data_ptr();
+  a.dw = grad_w.data_ptr();
+  a.db = grad_b.data_ptr();
+  a.tokens = static_cast<int>(tokens);
+  a.E = static_cast<int>(E);
+  a.Nqkv = static_cast<int>(N);
+  bool ok = E % 8 == 0 && D % 8 == 0 && aligned16(x2.data_ptr()) && aligned16(w.data_ptr()) &&
+            stride_ok(tokens, x2.stride(0)) && stride_ok(N, w.stride(0));
+  for (int p = 0; p < 3; ++p) {
+    const at::Tensor& t = *parts[p];
+    ok = ok && aligned16(t.data_ptr()) && stride_ok(t.size(0), t.stride(0)) && stride_ok(t.size(1), t.stride(1)) &&
+         stride_ok(t.size(2), t.stride(2));
+  }
+  a.vector_ok = ok;
+  a.tf32 = x.scalar_type() == at::kFloat && tf32_allowed();
+  a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  a.tile_override = tile_override();
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  switch (x.scalar_type()) {
+    case at::kHalf: err = g::qkv_backward_f16(a, stream); break;
+    case at::kBFloat16: err = g::qkv_backward_bf16(a, stream); break;
+    default: err = g::qkv_backward_f32(a, stream); break;
+  }
+  C10_CUDA_CHECK(err);
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tfkernels, CUDA, m) {
+  m.impl("fused_qkv", &fused_qkv_cuda);
+  m.impl("fused_qkv_bwd", &fused_qkv_bwd_cuda);
+}
+
+}  // namespace tfkernels

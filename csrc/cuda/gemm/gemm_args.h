@@ -1,0 +1,110 @@
+// Host-side descriptors of the GEMM core: plain structs shared by the torch-facing
+// launchers (.cpp, compiled by the host compiler) and the kernel translation units
+// (.cu, CUDA headers only). No torch, no device code here.
+//
+// The core computes C[m, n] = sum_k A[m, k] * B[n, k] (C = A B^T) for any M, N, K,
+// fp32 accumulation, and hands each finished value to an epilogue functor
+// (epilogue.h) that decides what "storing C" means: bias, GELU, dGELU, a scatter
+// into attention heads, a row sum of A on the side.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tfkernels {
+namespace cuda {
+namespace gemm {
+
+// How an operand sits in memory, named by its contiguous ("inner") dimension.
+//   A: kInnerK  = [M, K] with K contiguous (x in the forward, dq in dx = dQKV W)
+//      kInnerMN = [K, M] with M contiguous (dQKV^T in dW = dQKV^T x)
+//   B: kInnerK  = [N, K] with K contiguous (the weight in the forward)
+//      kInnerMN = [K, N] with N contiguous (W in dx, x in dW)
+enum class Layout { kInnerK, kInnerMN };
+
+// An operand seen as a matrix X[i][j] with j the inner (contiguous) index and i the
+// outer one; the Layout says which of (i, j) is K. Two forms:
+//
+// plain (seg_len == 0):  &X[i][j] = ptr[0] + i * ld[0] + j
+//
+// segmented (seg_len > 0): the inner index is split into up to three parts (the q,
+// k and v tensors), each cut into segments of seg_len elements (heads), and the
+// outer index into segments of outer_len (sequences in a batch):
+//     p = part of j (part_begin[p] <= j < part_begin[p+1]),  j' = j - part_begin[p]
+//     g = j' / seg_len, d = j' % seg_len,  b = i / outer_len, s = i % outer_len
+//     &X[i][j] = ptr[p] + g * seg_stride[p] + b * batch_stride[p] + s * ld[p] + d
+// So dq [B, H, S, D] with strides (sb, sh, ss, 1) is X[b*S + s][h*D + d] with
+// seg_len = D, seg_stride = sh, outer_len = S, batch_stride = sb, ld = ss: the
+// backward reads dq, dk, dv where they lie, as one [B*S, (H+2Hkv)*D] matrix, or
+// its transpose, with no re-packing copy.
+//
+// The tensor-core path reads 8-element (16-byte) chunks along j: it needs ptrs
+// 16-byte aligned, every stride, seg_len and part_begin a multiple of 8, and the
+// inner extent a multiple of 8 (the launcher checks; otherwise the generic path).
+struct Operand {
+  const void* ptr[3] = {nullptr, nullptr, nullptr};
+  int64_t ld[3] = {0, 0, 0};
+  int64_t seg_stride[3] = {0, 0, 0};
+  int64_t batch_stride[3] = {0, 0, 0};
+  int part_begin[3] = {0, 0, 0};
+  int seg_len = 0;    // 0: plain
+  int outer_len = 1;  // segmented only
+};
+
+inline Operand plain_operand(const void* ptr, int64_t ld) {
+  Operand o;
+  o.ptr[0] = ptr;
+  o.ld[0] = ld;
+  return o;
+}
+
+// Fused QKV forward: q/k/v = split_heads(x W^T + bias).
+//   GEMM: M = B*S tokens, N = (H + 2*Hkv) * D, K = E; A = x (kInnerK), B = W (kInnerK).
+struct QkvFwdArgs {
+  Operand x;                // plain [M, E]
+  Operand w;                // plain [N, E]
+  const void* bias = nullptr;  // [N] or null
+  void* q = nullptr;        // [B, H, S, D] contiguous
+  void* k = nullptr;        // [B, Hkv, S, D]
+  void* v = nullptr;
+  int M = 0, N = 0, K = 0, S = 1, H = 1, Hkv = 1, D = 1;
+  bool vector_ok = false;   // every 16-byte alignment condition holds (tensor-core path)
+  bool tf32 = false;        // fp32 inputs only: TF32 tensor cores allowed
+  int num_sms = 1;
+  int tile_override = -1;   // a TileShape (gemm_traits.h) to force, or -1: the heuristic
+  size_t max_smem = 0;      // the device's opt-in smem per block (sharedMemPerBlockOptin); 0: no limit
+};
+
+// Fused QKV backward, two GEMMs reading dQKV = [dq | dk | dv] in head layout:
+//   dx = dQKV W      M = tokens, N = E, K = Nqkv; A = dQKV (kInnerK, segmented), B = W (kInnerMN)
+//   dW = dQKV^T x    M = Nqkv, N = E, K = tokens; A = dQKV (kInnerMN, segmented), B = x (kInnerMN)
+//   db = column sums of dQKV, fused into the dW GEMM as row sums of its A operand.
+struct QkvBwdArgs {
+  Operand dqkv;             // segmented, X[token][n]
+  Operand x;                // plain [tokens, E]
+  Operand w;                // plain [Nqkv, E]
+  void* dx = nullptr;       // [tokens, E] contiguous
+  void* dw = nullptr;       // [Nqkv, E] contiguous
+  void* db = nullptr;       // [Nqkv]
+  int tokens = 0, E = 0, Nqkv = 0;
+  bool vector_ok = false;
+  bool tf32 = false;
+  int num_sms = 1;
+  int tile_override = -1;   // as in QkvFwdArgs (the backward has no 128x256 shape)
+  size_t max_smem = 0;
+};
+
+// Per-dtype entry points (one translation unit each, so they build in parallel).
+// They launch on `stream`, never synchronise, and return the launch status.
+cudaError_t qkv_forward_f16(const QkvFwdArgs& args, cudaStream_t stream);
+cudaError_t qkv_forward_bf16(const QkvFwdArgs& args, cudaStream_t stream);
+cudaError_t qkv_forward_f32(const QkvFwdArgs& args, cudaStream_t stream);
+cudaError_t qkv_backward_f16(const QkvBwdArgs& args, cudaStream_t stream);
+cudaError_t qkv_backward_bf16(const QkvBwdArgs& args, cudaStream_t stream);
+cudaError_t qkv_backward_f32(const QkvBwdArgs& args, cudaStream_t stream);
+
+}  // namespace gemm
+}  // namespace cuda
+}  // namespace tfkernels
