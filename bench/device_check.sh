@@ -145,16 +145,9 @@ for guess in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-*; do
   [ -z "$SANITIZER" ] && [ -n "$guess" ] && [ -x "$guess/bin/compute-sanitizer" ] && SANITIZER=$guess/bin/compute-sanitizer
 done
 [ "$DRY_RUN" = 1 ] && SANITIZER=${SANITIZER:-compute-sanitizer}
-# Small CUDA cases: the tests marked `sanitize`, else bench/sanitize_smoke.py (every op on small odd shapes).
-SAN_TARGET=("$PY" bench/sanitize_smoke.py)
-SAN_WHAT="bench/sanitize_smoke.py (no test is marked sanitize)"
-if [ "$BUILD_OK" = 1 ] && [ "$DRY_RUN" != 1 ]; then
-  "$PY" -m pytest tests -m "cuda and sanitize" --collect-only -q -p no:cacheprovider >/dev/null 2>&1
-  if [ $? = 0 ]; then
-    SAN_TARGET=("$PY" -m pytest tests -m "cuda and sanitize" -q -p no:cacheprovider -x)
-    SAN_WHAT="tests marked sanitize"
-  fi
-fi
+# Small CUDA cases: the tests marked `sanitize`, then every op on small odd shapes, in one process.
+SAN_TARGET=("$PY" bench/sanitize_smoke.py --tests)
+SAN_WHAT="tests marked sanitize + bench/sanitize_smoke.py"
 for tool in memcheck racecheck; do
   if [ "$BUILD_OK" != 1 ]; then
     record "$tool" SKIP 0 "build failed"

@@ -1,17 +1,23 @@
 """Every tfkernels CUDA op, forward and backward, on small odd shapes: the target of
-compute-sanitizer (memcheck, racecheck) in bench/device_check.sh when no test is
-marked `sanitize`. Small so that it runs in seconds under the sanitizer.
+compute-sanitizer (memcheck, racecheck) in bench/device_check.sh. With --tests it
+first runs the tests marked `sanitize` (pytest -m "cuda and sanitize") in the same
+process, so one sanitizer run (one torch start-up) covers both. Small so that it
+runs in seconds under the sanitizer.
 
-    compute-sanitizer --tool memcheck python bench/sanitize_smoke.py
+    compute-sanitizer --tool memcheck python bench/sanitize_smoke.py --tests
 
-Exits 1 if an op raises (other than "no CUDA kernel yet", which is reported and
-skipped) or returns non-finite values.
+Exits 1 if a marked test fails, or an op raises (other than "no CUDA kernel yet",
+which is reported and skipped) or returns non-finite values.
 """
+import os
 import sys
 
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the in-place build in this checkout
 
-import tfkernels
+import torch  # noqa: E402
+
+import tfkernels  # noqa: E402
 
 
 def cases():
@@ -43,11 +49,18 @@ def cases():
 
 
 def main():
+    failures = 0
+    if "--tests" in sys.argv[1:]:
+        import pytest
+
+        code = pytest.main([os.path.join(ROOT, "tests"), "-m", "cuda and sanitize", "-q", "-p", "no:cacheprovider"])
+        print(f"sanitize_smoke: tests marked sanitize: pytest exit {int(code)}"
+              + (" (none collected)" if int(code) == 5 else ""), flush=True)
+        failures += int(code) not in (0, 5)
     if not torch.cuda.is_available():
         print("sanitize_smoke: no CUDA device")
         return 1
     torch.manual_seed(0)
-    failures = 0
     for name, fn, inputs in cases():
         try:
             out = fn()
