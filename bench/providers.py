@@ -117,6 +117,8 @@ def environment(device):
         "gelu": GELU,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    if os.environ.get("TFKERNELS_BENCH_NOTE"):
+        env["note"] = os.environ["TFKERNELS_BENCH_NOTE"]
     if hasattr(os, "getloadavg"):
         # Other work on the machine skews CPU timings: keep the 1-minute load at start and end.
         env["loadavg"] = [_LOAD_AT_IMPORT, round(os.getloadavg()[0], 2)]

@@ -179,6 +179,8 @@ def header_lines(run):
                           f"GELU {env.get('gelu', 'tanh')}"))
     lines.append(" | ".join(f"{k}: **{v}**" if k == "device" else f"{k}: {v}" for k, v in facts))
     lines.append("")
+    if env.get("note"):
+        lines += [f"Note: {env['note']}", ""]
     n_ok, n_skip, n_fail = len(run["rows"]), len(run["skipped"]), len(run["failed"])
     summary = f"{n_ok} cases measured, {n_skip} skipped (reasons under each table), {n_fail} failed"
     if run.get("crashed"):

@@ -70,6 +70,7 @@ def parse_args(argv):
                         help="one PNG per op family and direction (default), one per family, or none")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="skip the cases that would start after this many seconds")
+    parser.add_argument("--note", help="a line for the report's header (what was measured, e.g. which branches)")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two saved runs and exit")
     parser.add_argument("--report", metavar="JSON", help="only render the report of a saved run")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
@@ -107,6 +108,8 @@ def main(argv=None):
     env["TFKERNELS_BENCH_GRID"] = "quick" if args.quick else "full"
     if args.compile:
         env["TFKERNELS_BENCH_COMPILE"] = args.compile
+    if args.note:
+        env["TFKERNELS_BENCH_NOTE"] = args.note
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Prefer the tfkernels next to bench/ (a source checkout) over another install.
     root = bench_dir.parent
