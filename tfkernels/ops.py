@@ -158,14 +158,18 @@ def fused_mlp(x, w1, b1, w2, b2, *, approximate="none"):
     return out
 
 
+# Fake kernels return contiguous tensors, as the real kernels do (new_empty, not
+# empty_like, which would copy a non-contiguous input's strides).
+
+
 @torch.library.register_fake("tfkernels::bias_gelu")
 def _(x, bias, approximate):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("tfkernels::bias_gelu_bwd")
 def _(grad_out, x, bias, approximate):
-    return torch.empty_like(x), bias.new_empty(bias.shape)
+    return x.new_empty(x.shape), bias.new_empty(bias.shape)
 
 
 def _pre_shape(x, features, save_pre):
@@ -180,7 +184,7 @@ def _(x, weight, bias, approximate, save_pre):
 
 @torch.library.register_fake("tfkernels::linear_gelu_bwd")
 def _(grad_out, x, weight, pre, approximate):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[:1])
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1])
 
 
 @torch.library.register_fake("tfkernels::fused_mlp")
@@ -190,7 +194,7 @@ def _(x, w1, b1, w2, b2, approximate, save_pre):
 
 @torch.library.register_fake("tfkernels::fused_mlp_bwd")
 def _(grad_out, x, w1, w2, pre, approximate):
-    return (torch.empty_like(x), torch.empty_like(w1), w1.new_empty(w1.shape[:1]), torch.empty_like(w2),
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[:1]), w2.new_empty(w2.shape),
             w2.new_empty(w2.shape[:1]))
 
 

@@ -152,5 +152,31 @@ struct FastDiv {
   __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
 };
 
+// ----------------------------------------------------------------- math and warp reductions
+
+// 2^x with the hardware approximation (about 2 ulp), whatever the compile flags:
+// ex2.approx(-inf) = +0, which softmax code relies on for masked scores.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Reductions over groups of kWidth consecutive lanes (kWidth a power of two <= 32):
+// kWidth = 4 reduces the four threads that share a row of an mma C fragment.
+template <int kWidth>
+__device__ __forceinline__ float group_max(float x) {
+#pragma unroll
+  for (int mask = kWidth / 2; mask > 0; mask /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, mask));
+  return x;
+}
+
+template <int kWidth>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int mask = kWidth / 2; mask > 0; mask /= 2) x += __shfl_xor_sync(0xffffffffu, x, mask);
+  return x;
+}
+
 }  // namespace cuda
 }  // namespace tfkernels

@@ -1,0 +1,194 @@
+// fp32 forward: a SIMT tiled online-softmax kernel that keeps every operand in
+// fp32 (no rounding to 16 bits, no TF32), for any head dim up to 256.
+//
+// One block of 4 warps per (16 query rows, head, batch); each warp owns 4 query
+// rows and processes them together so every K/V element read from shared memory
+// is used 4 times. Per 32-key tile (one key per lane):
+//   S: lane j computes the 4 dot products q_r . k_j over D (K rows padded to an
+//      odd stride: lanes read 32 different rows of one column without bank
+//      conflicts; q is a shared-memory broadcast);
+//   softmax: base-2 scaled scores, warp max / sum by shuffles, guarded like the
+//      tensor-core kernel (a row with no visible key gives O = 0, lse = -inf);
+//   O: lane owns columns lane + 32 i (i < 8); p_j is broadcast by shuffle and
+//      O[r][i] += p_j V[j][lane + 32 i].
+// Loads are plain element-wise loads (any strides, no alignment needed), with the
+// same tile skipping as the 16-bit kernel: tiles past the last visible key of the
+// block are never loaded, warps skip tiles their rows cannot see.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+
+#include "cuda/common/ptx.h"
+#include "cuda/flash/flash_api.h"
+#include "cuda/flash/flash_fwd_kernel.h"  // read_len_k, num_key_tiles
+#include "cuda/flash/flash_fwd_launch_template.h"  // DynamicSmemOptIn
+
+namespace tfkernels {
+namespace flash {
+
+namespace {
+
+constexpr int kF32Warps = 4;
+constexpr int kF32Threads = kF32Warps * 32;
+constexpr int kF32RowsPerWarp = 4;
+constexpr int kF32BlockM = kF32Warps * kF32RowsPerWarp;  // 16
+constexpr int kF32BlockN = 32;                           // one key per lane
+constexpr int kF32ColsPerLane = kMaxHeadDim / 32;        // 8
+
+__host__ __device__ inline int f32_k_stride(int d) { return d | 1; }  // odd: conflict-free column reads
+
+__host__ __device__ inline int f32_smem_floats(int d) {
+  return kF32BlockM * d + kF32BlockN * f32_k_stride(d) + kF32BlockN * d;
+}
+
+__global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __grid_constant__ FwdParams params) {
+  constexpr float kNegInf = -__builtin_huge_valf();
+  extern __shared__ __align__(16) float smem_f32[];
+  const int d = params.head_dim;
+  const int ks = f32_k_stride(d);
+  float* sQ = smem_f32;                   // [16][d]
+  float* sK = sQ + kF32BlockM * d;        // [32][ks]
+  float* sV = sK + kF32BlockN * ks;       // [32][d]
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int m_block = params.causal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int kv_head = head / params.head_group;
+  const int m0 = m_block * kF32BlockM;
+  const int seqlen_q = params.seqlen_q;
+  const int len_k = read_len_k(params, batch);
+  const int off = params.bottom_right ? len_k - seqlen_q : 0;
+  const int row_end = (m0 + kF32BlockM < seqlen_q) ? m0 + kF32BlockM : seqlen_q;
+  const int n_tiles = num_key_tiles(params, len_k, off, row_end, kF32BlockN);
+  const int r0 = m0 + warp * kF32RowsPerWarp;  // this warp's first row
+  const bool warp_active = r0 < seqlen_q;
+
+  const float* q_ptr =
+      static_cast<const float*>(params.q) + batch * params.q_batch_stride + head * params.q_head_stride;
+  const float* k_ptr =
+      static_cast<const float*>(params.k) + batch * params.k_batch_stride + kv_head * params.k_head_stride;
+  const float* v_ptr =
+      static_cast<const float*>(params.v) + batch * params.v_batch_stride + kv_head * params.v_head_stride;
+
+  float acc_o[kF32RowsPerWarp][kF32ColsPerLane];
+  float row_max[kF32RowsPerWarp];
+  float row_sum[kF32RowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kF32RowsPerWarp; ++r) {
+    row_max[r] = kNegInf;
+    row_sum[r] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kF32ColsPerLane; ++i) acc_o[r][i] = 0.0f;
+  }
+
+  if (n_tiles > 0) {
+    for (int r = warp; r < kF32BlockM; r += kF32Warps) {
+      const int row = m0 + r;
+      for (int c = lane; c < d; c += 32) {
+        sQ[r * d + c] = row < seqlen_q ? q_ptr[static_cast<int64_t>(row) * params.q_row_stride + c] : 0.0f;
+      }
+    }
+  }
+
+  const float scale_log2 = params.scale_log2;
+  for (int it = 0; it < n_tiles; ++it) {
+    const int n0 = it * kF32BlockN;
+    __syncthreads();  // every warp is done with the previous tile
+    for (int r = warp; r < kF32BlockN; r += kF32Warps) {
+      const int key = n0 + r;
+      const bool ok = key < len_k;
+      const float* krow = k_ptr + static_cast<int64_t>(key) * params.k_row_stride;
+      const float* vrow = v_ptr + static_cast<int64_t>(key) * params.v_row_stride;
+      for (int c = lane; c < d; c += 32) {
+        sK[r * ks + c] = ok ? krow[c] : 0.0f;
+        sV[r * d + c] = ok ? vrow[c] : 0.0f;
+      }
+    }
+    __syncthreads();
+    if (!warp_active || (params.causal && n0 > r0 + kF32RowsPerWarp - 1 + off)) continue;
+
+    // S for key n0 + lane and the warp's 4 rows.
+    float s[kF32RowsPerWarp] = {};
+    const float* krow = sK + lane * ks;
+    const float* qrow = sQ + warp * kF32RowsPerWarp * d;
+    for (int c = 0; c < d; ++c) {
+      const float kv = krow[c];
+#pragma unroll
+      for (int r = 0; r < kF32RowsPerWarp; ++r) s[r] = fmaf(qrow[r * d + c], kv, s[r]);
+    }
+
+    const int key = n0 + lane;
+    float p[kF32RowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kF32RowsPerWarp; ++r) {
+      const int row = r0 + r;
+      const bool visible = key < len_k && (!params.causal || key <= row + off);
+      const float x = visible ? s[r] * scale_log2 : kNegInf;
+      const float mx = fmaxf(row_max[r], cuda::group_max<32>(x));
+      const float m_use = (mx == kNegInf) ? 0.0f : mx;
+      const float alpha = cuda::exp2_approx(row_max[r] - m_use);
+      p[r] = cuda::exp2_approx(x - m_use);
+      row_sum[r] = row_sum[r] * alpha + cuda::group_sum<32>(p[r]);
+      row_max[r] = mx;
+#pragma unroll
+      for (int i = 0; i < kF32ColsPerLane; ++i) acc_o[r][i] *= alpha;
+    }
+
+    const int keys_here = (len_k - n0) < kF32BlockN ? (len_k - n0) : kF32BlockN;
+    for (int j = 0; j < keys_here; ++j) {
+      float pj[kF32RowsPerWarp];
+#pragma unroll
+      for (int r = 0; r < kF32RowsPerWarp; ++r) pj[r] = __shfl_sync(0xffffffffu, p[r], j);
+      const float* vrow = sV + j * d;
+#pragma unroll
+      for (int i = 0; i < kF32ColsPerLane; ++i) {
+        const int c = lane + 32 * i;
+        if (c < d) {
+          const float vv = vrow[c];
+#pragma unroll
+          for (int r = 0; r < kF32RowsPerWarp; ++r) acc_o[r][i] = fmaf(pj[r], vv, acc_o[r][i]);
+        }
+      }
+    }
+  }
+
+  if (!warp_active) return;
+  constexpr float kLn2 = 0.693147180559945309f;
+  float* o_ptr = static_cast<float*>(params.out) + batch * params.o_batch_stride + head * params.o_head_stride;
+  float* lse_ptr = params.lse + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
+#pragma unroll
+  for (int r = 0; r < kF32RowsPerWarp; ++r) {
+    const int row = r0 + r;
+    if (row >= seqlen_q) break;
+    const float l = row_sum[r];
+    // Exact division: the fp32 path is checked tightly against float64.
+    const float inv_l = l > 0.0f ? __frcp_rn(l) : 0.0f;
+#pragma unroll
+    for (int i = 0; i < kF32ColsPerLane; ++i) {
+      const int c = lane + 32 * i;
+      if (c < d) o_ptr[static_cast<int64_t>(row) * params.o_row_stride + c] = acc_o[r][i] * inv_l;
+    }
+    if (lane == 0) lse_ptr[row] = l > 0.0f ? row_max[r] * kLn2 + logf(l) : kNegInf;
+  }
+}
+
+}  // namespace
+
+cudaError_t run_flash_fwd_fp32(const FwdParams& params, cudaStream_t stream) {
+  const int smem = f32_smem_floats(params.head_dim) * static_cast<int>(sizeof(float));
+  if (smem > 48 * 1024) {
+    static DynamicSmemOptIn opt_in;
+    const cudaError_t err = opt_in.apply(flash_fwd_fp32_kernel, f32_smem_floats(kMaxHeadDim) * sizeof(float));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid((params.seqlen_q + kF32BlockM - 1) / kF32BlockM, params.heads, params.batch);
+  flash_fwd_fp32_kernel<<<grid, kF32Threads, smem, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace flash
+}  // namespace tfkernels

@@ -1,0 +1,304 @@
+// FlashAttention-2-style forward for fp16/bf16 on tensor cores (sm_80+).
+//
+// One thread block per (query tile of kBlockM rows, head, batch); each of the
+// kNWarps warps owns 16 query rows. Per block:
+//   1. cp.async Q (kBlockM x D) and K/V tile 0 into shared memory; each warp
+//      ldmatrix-es its 16 Q rows into registers (A fragments, kept all kernel).
+//   2. For each key tile j in [0, n_tiles): wait for tile j, __syncthreads (which
+//      also frees the other stage), issue cp.async of tile j+1 into the other
+//      stage, then S = Q K_j^T (mma m16n8k16, K fragments by ldmatrix), scale to
+//      base 2, mask (boundary tiles only), online softmax in registers, and
+//      O += P V_j (P re-packed from the S accumulators into A fragments, V
+//      fragments by ldmatrix.trans).
+//   3. O /= l, staged through the warp's own Q rows in shared memory and written
+//      with 16-byte stores; lse = (m + log2 l) * ln 2.
+//
+// Masking: query i sees key j iff j < len_k and (not causal or j <= i + off),
+// off = 0 (top_left) or len_k - Sq (bottom_right), len_k = clamp(seqlens_k[b], 0, Sk)
+// or Sk. Tiles past the last visible key of the block are never loaded (loop
+// bound n_tiles); a warp skips the compute of a tile its rows cannot see; the mask
+// is evaluated only on tiles that straddle len_k or the causal diagonal. K/V rows
+// at or past len_k are zero-filled on load, so padding (even NaN) never reaches P V.
+// Rows that see no key end with m = -inf and l = 0: every exponent is guarded so
+// they produce O = 0 and lse = -inf, never NaN.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/common/ptx.h"
+#include "cuda/flash/flash_params.h"
+#include "cuda/flash/flash_tile.h"
+#include "cuda/flash/kernel_traits.h"
+
+namespace tfkernels {
+namespace flash {
+
+__device__ __forceinline__ int read_len_k(const FwdParams& p, int batch) {
+  if (p.seqlens_k == nullptr) return p.seqlen_k;
+  const int64_t len = p.seqlens_k_is_int64 ? static_cast<const int64_t*>(p.seqlens_k)[batch]
+                                           : static_cast<int64_t>(static_cast<const int32_t*>(p.seqlens_k)[batch]);
+  return static_cast<int>(len < 0 ? 0 : (len > p.seqlen_k ? p.seqlen_k : len));
+}
+
+// Number of key tiles of width kBlockN holding a key visible to some query row in
+// [row_begin, row_end) (row_end <= Sq): tiles past it are skipped entirely.
+__device__ __forceinline__ int num_key_tiles(const FwdParams& p, int len_k, int off, int row_end, int block_n) {
+  int key_end = len_k;  // exclusive
+  if (p.causal) {
+    const int causal_end = row_end + off;  // the last row (row_end - 1) sees keys <= row_end - 1 + off
+    key_end = causal_end < key_end ? causal_end : key_end;
+  }
+  return key_end > 0 ? (key_end + block_n - 1) / block_n : 0;
+}
+
+template <typename Traits, typename Element>
+__global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const __grid_constant__ FwdParams params) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kStride = Traits::kSmemStride;
+  constexpr int kNTilesS = kBlockN / 8;     // n8 tiles of S per warp
+  constexpr int kKStepsQK = kHeadDim / 16;  // k16 steps of Q K^T
+  constexpr int kNTilesO = kHeadDim / 8;    // n8 tiles of O per warp
+  constexpr int kKStepsPV = kBlockN / 16;   // k16 steps of P V
+  constexpr float kNegInf = -__builtin_huge_valf();
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Element* sQ = reinterpret_cast<Element*>(smem_raw);
+  Element* sK = sQ + Traits::kQTileElems;
+  Element* sV = sK + Traits::kStages * Traits::kKVTileElems;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  // Causal blocks further down have more work: launch them first.
+  const int m_block = params.causal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int kv_head = head / params.head_group;
+  const int m0 = m_block * kBlockM;
+  const int m0w = m0 + warp * 16;  // first query row of this warp
+  const int seqlen_q = params.seqlen_q;
+  const int head_dim = params.head_dim;
+  const bool aligned16 = params.aligned16;
+
+  const int len_k = read_len_k(params, batch);
+  const int off = params.bottom_right ? len_k - seqlen_q : 0;
+  const int row_end = (m0 + kBlockM < seqlen_q) ? m0 + kBlockM : seqlen_q;
+  const int n_tiles = num_key_tiles(params, len_k, off, row_end, kBlockN);
+
+  const Element* q_ptr = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
+                         head * params.q_head_stride;
+  const Element* k_ptr = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
+                         kv_head * params.k_head_stride;
+  const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
+                         kv_head * params.v_head_stride;
+
+  // Accumulators: O (16 rows x kHeadDim per warp), running max m (base-2 scaled
+  // scores) and this thread's partial row sum l, for rows g = lane/4 and g + 8.
+  float acc_o[kNTilesO][4];
+#pragma unroll
+  for (int i = 0; i < kNTilesO; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc_o[i][j] = 0.0f;
+  }
+  float row_max[2] = {kNegInf, kNegInf};
+  float row_sum[2] = {0.0f, 0.0f};
+
+  const int g = lane / 4;  // row of the C fragment (and g + 8)
+  const int tq = lane % 4; // column pair of the C fragment
+  const bool warp_active = m0w < seqlen_q;
+
+  if (n_tiles > 0) {
+    // ---- prologue: Q, then K/V tile 0 in stage 0.
+    load_tile<Traits, kBlockM>(sQ, q_ptr, params.q_row_stride, m0, seqlen_q, head_dim, aligned16, tid);
+    cuda::cp_async_commit();
+    load_tile<Traits, kBlockN>(sK, k_ptr, params.k_row_stride, 0, len_k, head_dim, aligned16, tid);
+    load_tile<Traits, kBlockN>(sV, v_ptr, params.v_row_stride, 0, len_k, head_dim, aligned16, tid);
+    cuda::cp_async_commit();
+    cuda::cp_async_wait<1>();
+    __syncthreads();
+
+    // ldmatrix x4 address for an A fragment (16x16 at rows r0, cols c0): lane l
+    // gives row (l % 8) + 8 * ((l / 8) % 2), column 8 * (l / 16).
+    const int a_row = (lane % 8) + 8 * ((lane / 8) % 2);
+    const int a_col = 8 * (lane / 16);
+    // ldmatrix x4 address for two B fragments of K (keys n0..n0+15, d k0..k0+15):
+    // matrices (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15).
+    const int kb_row = (lane % 8) + 8 * (lane / 16);
+    const int kb_col = 8 * ((lane / 8) % 2);
+    // ldmatrix.x4.trans address for two B fragments of V (keys k0..k0+15, d n0..n0+15):
+    // matrices (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15).
+    const int vb_row = (lane % 8) + 8 * ((lane / 8) % 2);
+    const int vb_col = 8 * (lane / 16);
+
+    uint32_t q_frag[Traits::kQInRegs ? kKStepsQK : 1][4];
+    if (Traits::kQInRegs) {
+#pragma unroll
+      for (int kk = 0; kk < (Traits::kQInRegs ? kKStepsQK : 0); ++kk) {
+        cuda::ldmatrix_x4(q_frag[kk], sQ + (warp * 16 + a_row) * kStride + kk * 16 + a_col);
+      }
+    }
+
+    const float scale_log2 = params.scale_log2;
+
+    for (int it = 0; it < n_tiles; ++it) {
+      // Tile `it` has landed for every thread, and every warp is done with tile it-1.
+      cuda::cp_async_wait<0>();
+      __syncthreads();
+      if (it + 1 < n_tiles) {
+        const int stage = (it + 1) % Traits::kStages;
+        const int n1 = (it + 1) * kBlockN;
+        load_tile<Traits, kBlockN>(sK + stage * Traits::kKVTileElems, k_ptr, params.k_row_stride, n1, len_k,
+                                   head_dim, aligned16, tid);
+        load_tile<Traits, kBlockN>(sV + stage * Traits::kKVTileElems, v_ptr, params.v_row_stride, n1, len_k,
+                                   head_dim, aligned16, tid);
+        cuda::cp_async_commit();
+      }
+
+      const int n0 = it * kBlockN;
+      // The warp's rows [m0w, m0w + 16) see keys <= m0w + 15 + off at most.
+      if (!warp_active || (params.causal && n0 > m0w + 15 + off)) continue;
+
+      const Element* sKs = sK + (it % Traits::kStages) * Traits::kKVTileElems;
+      const Element* sVs = sV + (it % Traits::kStages) * Traits::kKVTileElems;
+
+      // ---- S = Q K^T (16 x kBlockN per warp, fp32)
+      float acc_s[kNTilesS][4];
+#pragma unroll
+      for (int i = 0; i < kNTilesS; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc_s[i][j] = 0.0f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < kKStepsQK; ++kk) {
+        uint32_t a[4];
+        if (Traits::kQInRegs) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) a[j] = q_frag[Traits::kQInRegs ? kk : 0][j];
+        } else {
+          cuda::ldmatrix_x4(a, sQ + (warp * 16 + a_row) * kStride + kk * 16 + a_col);
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS / 2; ++nt) {
+          uint32_t b[4];
+          cuda::ldmatrix_x4(b, sKs + (nt * 16 + kb_row) * kStride + kk * 16 + kb_col);
+          const uint32_t b0[2] = {b[0], b[1]};
+          const uint32_t b1[2] = {b[2], b[3]};
+          cuda::mma_16816<Element>(acc_s[2 * nt], a, b0);
+          cuda::mma_16816<Element>(acc_s[2 * nt + 1], a, b1);
+        }
+      }
+
+      // ---- scale to base 2 and mask. The scale is applied before the max so a
+      // negative scale stays correct.
+      const bool need_mask = (n0 + kBlockN > len_k) || (params.causal && n0 + kBlockN - 1 > m0w + off);
+#pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc_s[nt][j] *= scale_log2;
+      }
+      if (need_mask) {
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int col = n0 + nt * 8 + 2 * tq + (j % 2);
+            const int row = m0w + g + 8 * (j / 2);
+            const bool visible = col < len_k && (!params.causal || col <= row + off);
+            if (!visible) acc_s[nt][j] = kNegInf;
+          }
+        }
+      }
+
+      // ---- online softmax (rows g and g + 8 of the warp's 16)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[r];
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) mx = fmaxf(mx, fmaxf(acc_s[nt][2 * r], acc_s[nt][2 * r + 1]));
+        mx = cuda::group_max<4>(mx);
+        // A row that has seen no key yet keeps max -inf: subtract 0 instead, so
+        // exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
+        const float m_use = (mx == kNegInf) ? 0.0f : mx;
+        const float alpha = cuda::exp2_approx(row_max[r] - m_use);
+        row_max[r] = mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+          acc_s[nt][2 * r] = cuda::exp2_approx(acc_s[nt][2 * r] - m_use);
+          acc_s[nt][2 * r + 1] = cuda::exp2_approx(acc_s[nt][2 * r + 1] - m_use);
+          sum += acc_s[nt][2 * r] + acc_s[nt][2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+        for (int dt = 0; dt < kNTilesO; ++dt) {
+          acc_o[dt][2 * r] *= alpha;
+          acc_o[dt][2 * r + 1] *= alpha;
+        }
+      }
+
+      // ---- O += P V: the S accumulators of n8 tiles 2k and 2k+1 form the A
+      // fragment of k16 step k (rows g/g+8, keys 2*tq.. and 8+2*tq..).
+#pragma unroll
+      for (int kk = 0; kk < kKStepsPV; ++kk) {
+        uint32_t a[4];
+        a[0] = cuda::pack2<Element>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+        a[1] = cuda::pack2<Element>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+        a[2] = cuda::pack2<Element>(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+        a[3] = cuda::pack2<Element>(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+#pragma unroll
+        for (int dt = 0; dt < kNTilesO / 2; ++dt) {
+          uint32_t b[4];
+          cuda::ldmatrix_x4_trans(b, sVs + (kk * 16 + vb_row) * kStride + dt * 16 + vb_col);
+          const uint32_t b0[2] = {b[0], b[1]};
+          const uint32_t b1[2] = {b[2], b[3]};
+          cuda::mma_16816<Element>(acc_o[2 * dt], a, b0);
+          cuda::mma_16816<Element>(acc_o[2 * dt + 1], a, b1);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: normalise once, lse, stage through this warp's Q rows, store.
+  // Every warp reads and writes only its own 16 rows of sQ (the Q ldmatrix reads
+  // above included), so a __syncwarp() orders the staging.
+  constexpr float kLn2 = 0.693147180559945309f;
+  float inv_l[2];
+  float lse[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = cuda::group_sum<4>(row_sum[r]);
+    // l >= 1 whenever the row saw a key (its max contributes exp2(0) = 1).
+    inv_l[r] = l > 0.0f ? 1.0f / l : 0.0f;
+    lse[r] = l > 0.0f ? (row_max[r] + __log2f(l)) * kLn2 : kNegInf;
+  }
+  if (!warp_active) return;
+  __syncwarp();
+#pragma unroll
+  for (int dt = 0; dt < kNTilesO; ++dt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t packed = cuda::pack2<Element>(acc_o[dt][2 * r] * inv_l[r], acc_o[dt][2 * r + 1] * inv_l[r]);
+      *reinterpret_cast<uint32_t*>(sQ + (warp * 16 + g + 8 * r) * kStride + dt * 8 + 2 * tq) = packed;
+    }
+  }
+  __syncwarp();
+  Element* o_ptr = static_cast<Element*>(params.out) + batch * params.o_batch_stride + head * params.o_head_stride;
+  store_rows_warp<Traits>(o_ptr, params.o_row_stride, sQ, warp * 16, m0w, seqlen_q, head_dim, aligned16, lane);
+
+  if (tq == 0) {
+    float* lse_ptr = params.lse + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0w + g + 8 * r;
+      if (row < seqlen_q) lse_ptr[row] = lse[r];
+    }
+  }
+}
+
+}  // namespace flash
+}  // namespace tfkernels

@@ -1,0 +1,61 @@
+// Launch of the 16-bit forward kernel for one (Element, head dim) pair. Included
+// only by the generated flash_fwd_hdim<D>_<dtype>.cu files, each of which
+// instantiates run_flash_fwd<Element, D> once, so ninja builds them in parallel.
+//
+// Tuning notes (to be measured on the GPU; see kernel_traits.h FwdConfig):
+// 128-row query tiles with 8 warps share every K/V tile among 128 rows; the grid
+// is (ceil(Sq / 128), H, B) with blockIdx.x fastest so the blocks of one head
+// run together and K/V stay in L2.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <mutex>
+
+#include "cuda/flash/flash_api.h"
+#include "cuda/flash/flash_fwd_kernel.h"
+#include "cuda/flash/kernel_traits.h"
+
+namespace tfkernels {
+namespace flash {
+
+// Opts a kernel into more than 48 KB of dynamic shared memory, once per device,
+// thread-safely. The caller owns one DynamicSmemOptIn per kernel (a function-local
+// static of its own template instantiation).
+struct DynamicSmemOptIn {
+  static constexpr int kMaxDevices = 64;
+  std::once_flag flags[kMaxDevices];
+  cudaError_t results[kMaxDevices] = {};
+
+  template <typename Kernel>
+  cudaError_t apply(Kernel kernel, int bytes) {
+    int device = 0;
+    const cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    if (device < 0 || device >= kMaxDevices) {
+      return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    }
+    std::call_once(flags[device], [&] {
+      results[device] = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    });
+    return results[device];
+  }
+};
+
+template <typename Element, int kHeadDim>
+cudaError_t run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
+  using Traits = typename FwdConfig<kHeadDim>::Traits;
+  auto kernel = &flash_fwd_kernel<Traits, Element>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  if (kSmem > 48 * 1024) {
+    static DynamicSmemOptIn opt_in;  // one per instantiation
+    const cudaError_t err = opt_in.apply(kernel, kSmem);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads, params.batch);
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace flash
+}  // namespace tfkernels

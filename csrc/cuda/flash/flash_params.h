@@ -1,0 +1,55 @@
+// The plain parameter block the torch-facing launcher (csrc/cuda/flash_attention.cpp)
+// fills and every flash-attention kernel reads. No torch types: kernel translation
+// units include only CUDA headers and our own (DESIGN.md, "Keep torch headers out").
+#pragma once
+
+#include <cstdint>
+
+namespace tfkernels {
+namespace flash {
+
+struct FwdParams {
+  // q [B,H,Sq,D], k/v [B,Hkv,Sk,D] with any batch/head/row strides (in elements);
+  // the last dim is contiguous. out is [B,H,Sq,D] (strides passed all the same);
+  // lse is contiguous float32 [B,H,Sq].
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t o_batch_stride, o_head_stride, o_row_stride;
+
+  // Optional device array [B] of valid key lengths (int32 or int64), clamped to
+  // [0, Sk] in the kernel; nullptr means every batch has Sk keys.
+  const void* seqlens_k;
+  bool seqlens_k_is_int64;
+
+  int batch, heads, kv_heads;
+  int head_group;  // heads / kv_heads: query head h reads kv head h / head_group
+  int seqlen_q, seqlen_k;
+  int head_dim;    // the real D; kernels are instantiated for a padded D >= head_dim
+
+  float scale;       // softmax scale
+  float scale_log2;  // scale * log2(e): scores go to base 2 so exp is one ex2
+
+  bool causal;
+  bool bottom_right;  // causal offset len_k - Sq instead of 0
+
+  // 16-bit path only: D % 8 == 0 and every base pointer and batch/head/row stride
+  // is a multiple of 16 bytes, so 16-byte cp.async loads and 16-byte stores are
+  // legal. When false the kernels load and store element by element (odd head
+  // dims such as 59 take this path; the launcher copies misaligned views of
+  // D % 8 == 0 tensors instead so that they keep the fast path).
+  bool aligned16;
+};
+
+// Kernels exist for these head dims; a real D is rounded up to the next one and
+// its tail is zero-filled by predicated loads.
+constexpr int kMaxHeadDim = 256;
+inline constexpr int padded_head_dim(int d) { return d <= 32 ? 32 : ((d + 31) / 32) * 32; }
+
+}  // namespace flash
+}  // namespace tfkernels

@@ -1,0 +1,152 @@
+// The torch-facing launcher of the CUDA flash-attention forward: argument checks
+// (check_attention_args, the CPU op's semantics), output allocation, the plain
+// FwdParams block, and the dispatch from (dtype, head dim) to a kernel
+// instantiation. The kernels themselves live in csrc/cuda/flash/ and include no
+// torch headers. The backward (flash_attention_bwd) is a later issue.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "alloc.h"
+#include "args.h"
+#include "cuda/flash/flash_api.h"
+#include "cuda/flash/kernel_traits.h"
+#include "cuda/flash/static_switch.h"
+
+namespace tfkernels {
+namespace {
+
+// 16-byte cp.async loads need 16-byte aligned rows: the base pointer and every
+// stride that can multiply a non-zero index (dims of size > 1) a multiple of 8
+// elements of 2 bytes.
+bool aligned16(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) > 1 && (t.stride(d) * static_cast<int64_t>(t.element_size())) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// The stride of a dim that is only ever indexed with 0 does not matter; pass 0 so
+// that huge or odd strides of size-1 dims never enter the address arithmetic.
+int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) > 1 ? t.stride(d) : 0; }
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                           const at::Tensor& v_in, bool is_causal,
+                                                           c10::string_view causal_alignment,
+                                                           c10::optional<double> scale,
+                                                           const c10::optional<at::Tensor>& seqlens_k,
+                                                           bool deterministic) {
+  (void)deterministic;  // only the backward is affected
+  const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k);
+  check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
+  TORCH_CHECK(q_in.is_cuda(), "tfkernels: q must be a CUDA tensor, got ", q_in.device());
+  TORCH_CHECK(shape.heads <= 65535 && shape.batch <= 65535,
+              "tfkernels: the CUDA flash attention supports at most 65535 heads and 65535 batches, got H = ",
+              shape.heads, ", B = ", shape.batch);
+  constexpr int64_t kMaxSeq = int64_t(1) << 30;
+  TORCH_CHECK(shape.seqlen_q < kMaxSeq && shape.seqlen_k < kMaxSeq,
+              "tfkernels: the CUDA flash attention supports sequence lengths below 2^30, got Sq = ", shape.seqlen_q,
+              ", Sk = ", shape.seqlen_k);
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor out = empty_output({shape.batch, shape.heads, shape.seqlen_q, shape.head_dim}, q_in.options());
+  at::Tensor lse = empty_output({shape.batch, shape.heads, shape.seqlen_q}, q_in.options().dtype(at::kFloat));
+  if (shape.batch == 0 || shape.heads == 0 || shape.seqlen_q == 0) return {out, lse};
+
+  const bool is_fp32 = q_in.scalar_type() == at::kFloat;
+  at::Tensor q = q_in, k = k_in, v = v_in;
+  bool fast = false;
+  if (!is_fp32 && shape.head_dim % 8 == 0) {
+    // Misaligned views (an odd storage offset, a row stride that is not a
+    // multiple of 8) are copied to fresh, aligned memory so that they keep the
+    // 16-byte cp.async path; D % 8 != 0 takes the kernel's element-wise path
+    // instead (no host-side padding).
+    for (at::Tensor* t : {&q, &k, &v}) {
+      if (!aligned16(*t)) *t = t->clone(at::MemoryFormat::Contiguous);
+    }
+    fast = true;
+  }
+
+  flash::FwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.q_batch_stride = stride_of(q, 0);
+  p.q_head_stride = stride_of(q, 1);
+  p.q_row_stride = stride_of(q, 2);
+  p.k_batch_stride = stride_of(k, 0);
+  p.k_head_stride = stride_of(k, 1);
+  p.k_row_stride = stride_of(k, 2);
+  p.v_batch_stride = stride_of(v, 0);
+  p.v_head_stride = stride_of(v, 1);
+  p.v_row_stride = stride_of(v, 2);
+  p.o_batch_stride = out.stride(0);
+  p.o_head_stride = out.stride(1);
+  p.o_row_stride = out.stride(2);
+
+  at::Tensor lens;
+  if (shape.has_seqlens_k) {
+    lens = seqlens_k->contiguous();  // a device-side copy at most: no host sync
+    p.seqlens_k = lens.data_ptr();
+    p.seqlens_k_is_int64 = lens.scalar_type() == at::kLong;
+  }
+
+  p.batch = static_cast<int>(shape.batch);
+  p.heads = static_cast<int>(shape.heads);
+  p.kv_heads = static_cast<int>(shape.kv_heads);
+  p.head_group = static_cast<int>(shape.heads / shape.kv_heads);
+  p.seqlen_q = static_cast<int>(shape.seqlen_q);
+  p.seqlen_k = static_cast<int>(shape.seqlen_k);
+  p.head_dim = static_cast<int>(shape.head_dim);
+  p.scale = shape.scale;
+  p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
+  p.causal = shape.causal;
+  p.bottom_right = shape.bottom_right;
+  p.aligned16 = fast;
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaSuccess;
+  if (is_fp32) {
+    err = flash::run_flash_fwd_fp32(p, stream);
+  } else {
+    const bool is_bf16 = q.scalar_type() == at::kBFloat16;
+    auto missing = [&](int padded) -> cudaError_t {
+      TORCH_CHECK(false, "tfkernels: head dim ", shape.head_dim, " needs the flash-attention kernels for head dim ",
+                  padded, ", which this build left out (it was built with TFKERNELS_HEAD_DIMS restricting the "
+                  "head dims); rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
+      return cudaErrorInvalidValue;
+    };
+    // sm_80 and sm_90 give a block 163 and 227 KB of shared memory, enough for
+    // every instantiation. sm_86/sm_89 give 99 KB: there the D = 128 tiles (102 KB)
+    // do not fit, so a head dim runs on the next larger instantiation that does
+    // (D <= 128 on the 160 kernel, 86 KB; its D tail is zero-filled like any
+    // padded dim), and a dim with none left gets a clear error.
+    const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    int kernel_dim = flash::padded_head_dim(p.head_dim);
+    while (kernel_dim <= flash::kMaxHeadDim && flash::fwd_smem_bytes(kernel_dim) > smem_limit) kernel_dim += 32;
+    TORCH_CHECK(kernel_dim <= flash::kMaxHeadDim, "tfkernels: flash attention with head dim ", shape.head_dim,
+                " needs ", flash::fwd_smem_bytes(flash::padded_head_dim(p.head_dim)),
+                " bytes of shared memory a block; this device allows ", smem_limit);
+    err = TFK_FP16_SWITCH(is_bf16, Element, [&] {
+      return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_fwd<Element, kHeadDim>(p, stream); });
+    });
+  }
+  C10_CUDA_CHECK(err);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tfkernels, CUDA, m) { m.impl("flash_attention_fwd", &flash_attention_fwd_cuda); }
+
+}  // namespace tfkernels

@@ -1,0 +1,243 @@
+// C++ test of the CMake-built library (libtfkernels_ops): calls each op through
+// the dispatcher, as a C++ user would, and compares it with the same computation
+// in plain ATen, in float64 on the CPU.
+//
+//   test_ops            run every case
+//   test_ops CASE...    run the named cases (ctest runs one case per test)
+//
+// An op whose CPU kernel is not compiled into the library fails with
+// "MISSING KERNEL", distinct from a wrong answer ("MISMATCH").
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Pair = std::tuple<Tensor, Tensor>;
+using Triple = std::tuple<Tensor, Tensor, Tensor>;
+
+struct Mismatch : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+const auto kF64 = at::TensorOptions().dtype(at::kDouble);
+
+// Max abs difference within rtol/atol as in torch.testing.assert_close (float64 defaults
+// tightened like tests/utils.FLOAT64_TOL).
+void expect_close(const Tensor& actual, const Tensor& expected, const std::string& what, double rtol = 1e-9,
+                  double atol = 1e-10) {
+  std::ostringstream msg;
+  if (actual.sizes() != expected.sizes()) {
+    msg << what << ": shape " << actual.sizes() << " != expected " << expected.sizes();
+    throw Mismatch(msg.str());
+  }
+  if (actual.scalar_type() != expected.scalar_type()) {
+    msg << what << ": dtype " << actual.scalar_type() << " != expected " << expected.scalar_type();
+    throw Mismatch(msg.str());
+  }
+  if (actual.isnan().any().item<bool>()) {
+    msg << what << ": contains NaN (unwritten or invalid elements)";
+    throw Mismatch(msg.str());
+  }
+  const Tensor diff = (actual - expected).abs();
+  const Tensor bound = atol + rtol * expected.abs();
+  if ((diff > bound).any().item<bool>()) {
+    const int64_t worst = (diff - bound).flatten().argmax().item<int64_t>();
+    msg << what << ": max abs error " << diff.max().item<double>() << " (rtol " << rtol << ", atol " << atol
+        << "); worst at flat index " << worst << ": got " << actual.flatten()[worst].item<double>() << ", expected "
+        << expected.flatten()[worst].item<double>();
+    throw Mismatch(msg.str());
+  }
+}
+
+// ---------------------------------------------------------------- cases
+
+void test_bias_gelu() {
+  auto bias_gelu = op<Tensor(const Tensor&, const Tensor&, c10::string_view)>("tfkernels::bias_gelu");
+  for (int64_t n : {1, 7, 40, 129}) {
+    const Tensor x = at::randn({3, 5, n}, kF64) * 2;
+    const Tensor b = at::randn({n}, kF64);
+    for (const char* form : {"none", "tanh"}) {
+      expect_close(bias_gelu.call(x, b, form), at::gelu(x + b, form),
+                   "bias_gelu(approximate=" + std::string(form) + ", N=" + std::to_string(n) + ")");
+    }
+  }
+}
+
+void test_bias_gelu_bwd() {
+  auto bwd = op<Pair(const Tensor&, const Tensor&, const Tensor&, c10::string_view)>("tfkernels::bias_gelu_bwd");
+  for (int64_t n : {1, 7, 40, 129}) {
+    const Tensor x = at::randn({4, 3, n}, kF64) * 2;
+    const Tensor b = at::randn({n}, kF64);
+    const Tensor g = at::randn({4, 3, n}, kF64);
+    for (const char* form : {"none", "tanh"}) {
+      const auto [grad_x, grad_bias] = bwd.call(g, x, b, form);
+      const Tensor expected_x = at::gelu_backward(g, x + b, form);
+      const std::string where = "(approximate=" + std::string(form) + ", N=" + std::to_string(n) + ")";
+      expect_close(grad_x, expected_x, "bias_gelu_bwd grad_x" + where);
+      expect_close(grad_bias, expected_x.sum({0, 1}), "bias_gelu_bwd grad_bias" + where);
+    }
+  }
+}
+
+void test_linear_gelu() {
+  auto linear_gelu = op<Pair(const Tensor&, const Tensor&, const OptTensor&, c10::string_view, bool)>(
+      "tfkernels::linear_gelu");
+  const Tensor x = at::randn({2, 9, 41}, kF64);
+  const Tensor w = at::randn({33, 41}, kF64) / std::sqrt(41.0);
+  const Tensor b = at::randn({33}, kF64);
+  for (const char* form : {"none", "tanh"}) {
+    const std::string where = std::string("(approximate=") + form + ")";
+    auto [out, pre] = linear_gelu.call(x, w, b, form, true);
+    expect_close(pre, at::linear(x, w, b), "linear_gelu pre" + where);
+    expect_close(out, at::gelu(at::linear(x, w, b), form), "linear_gelu out" + where);
+    auto [out_nb, pre_nb] = linear_gelu.call(x, w, std::nullopt, form, false);
+    expect_close(out_nb, at::gelu(at::linear(x, w), form), "linear_gelu out without bias" + where);
+  }
+}
+
+void test_fused_mlp() {
+  auto fused_mlp = op<Pair(const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
+                           c10::string_view, bool)>("tfkernels::fused_mlp");
+  const Tensor x = at::randn({3, 7, 24}, kF64);
+  const Tensor w1 = at::randn({65, 24}, kF64) / std::sqrt(24.0);
+  const Tensor b1 = at::randn({65}, kF64);
+  const Tensor w2 = at::randn({24, 65}, kF64) / std::sqrt(65.0);
+  const Tensor b2 = at::randn({24}, kF64);
+  for (const char* form : {"none", "tanh"}) {
+    const std::string where = std::string("(approximate=") + form + ")";
+    auto [out, pre] = fused_mlp.call(x, w1, b1, w2, b2, form, true);
+    expect_close(pre, at::linear(x, w1, b1), "fused_mlp pre" + where);
+    expect_close(out, at::linear(at::gelu(at::linear(x, w1, b1), form), w2, b2), "fused_mlp out" + where);
+  }
+}
+
+void test_fused_qkv() {
+  auto fused_qkv = op<Triple(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t)>(
+      "tfkernels::fused_qkv");
+  const int64_t batch = 2, seqlen = 11, embed = 48, head_dim = 8;
+  for (auto [heads, kv_heads] : {std::pair<int64_t, int64_t>{6, 6}, {6, 2}, {4, 1}}) {
+    const Tensor x = at::randn({batch, seqlen, embed}, kF64);
+    const Tensor w = at::randn({(heads + 2 * kv_heads) * head_dim, embed}, kF64) / std::sqrt(double(embed));
+    const Tensor b = at::randn({(heads + 2 * kv_heads) * head_dim}, kF64);
+    const auto [q, k, v] = fused_qkv.call(x, w, b, heads, kv_heads);
+    const auto parts = at::linear(x, w, b).split_with_sizes(
+        {heads * head_dim, kv_heads * head_dim, kv_heads * head_dim}, -1);
+    auto heads_first = [&](const Tensor& t, int64_t n) {
+      return t.reshape({batch, seqlen, n, head_dim}).transpose(1, 2).contiguous();
+    };
+    const std::string where = "(H=" + std::to_string(heads) + ", Hkv=" + std::to_string(kv_heads) + ")";
+    expect_close(q, heads_first(parts[0], heads), "fused_qkv q" + where);
+    expect_close(k, heads_first(parts[1], kv_heads), "fused_qkv k" + where);
+    expect_close(v, heads_first(parts[2], kv_heads), "fused_qkv v" + where);
+    if (!q.is_contiguous() || !k.is_contiguous() || !v.is_contiguous()) {
+      throw Mismatch("fused_qkv: outputs must be contiguous" + where);
+    }
+  }
+}
+
+void test_flash_attention() {
+  auto attention = op<Pair(const Tensor&, const Tensor&, const Tensor&, bool, c10::string_view,
+                           std::optional<double>, const OptTensor&, bool)>("tfkernels::flash_attention_fwd");
+  const int64_t batch = 2, heads = 4, kv_heads = 2, head_dim = 16;
+  for (auto [seqlen_q, seqlen_k] : {std::pair<int64_t, int64_t>{13, 13}, {5, 19}}) {
+    for (bool causal : {false, true}) {
+      const Tensor q = at::randn({batch, heads, seqlen_q, head_dim}, kF64);
+      const Tensor k = at::randn({batch, kv_heads, seqlen_k, head_dim}, kF64);
+      const Tensor v = at::randn({batch, kv_heads, seqlen_k, head_dim}, kF64);
+      const double scale = 1.0 / std::sqrt(double(head_dim));
+      // Plain attention: repeat kv heads, softmax(q k^T * scale + top-left causal mask) v.
+      const Tensor kr = k.repeat_interleave(heads / kv_heads, 1);
+      const Tensor vr = v.repeat_interleave(heads / kv_heads, 1);
+      Tensor scores = at::matmul(q, kr.transpose(-1, -2)) * scale;
+      if (causal) {
+        const Tensor mask = at::ones({seqlen_q, seqlen_k}, at::kBool).triu(1);
+        scores = scores.masked_fill(mask, -std::numeric_limits<double>::infinity());
+      }
+      const Tensor expected = at::matmul(at::softmax(scores, -1), vr);
+      const Tensor expected_lse = at::logsumexp(scores, -1).to(at::kFloat);
+      const std::string where = "(Sq=" + std::to_string(seqlen_q) + ", Sk=" + std::to_string(seqlen_k) +
+                                ", causal=" + (causal ? "true" : "false") + ")";
+      // Every row sees key 0 under the top-left mask, so no row is empty here.
+      auto [out, lse] = attention.call(q, k, v, causal, "top_left", std::nullopt, std::nullopt, false);
+      expect_close(out, expected, "flash_attention out" + where);
+      expect_close(lse, expected_lse, "flash_attention lse" + where, 1e-6, 1e-6);
+    }
+  }
+}
+
+const std::map<std::string, std::function<void()>>& cases() {
+  static const std::map<std::string, std::function<void()>> all{
+      {"bias_gelu", test_bias_gelu},   {"bias_gelu_bwd", test_bias_gelu_bwd},
+      {"linear_gelu", test_linear_gelu}, {"fused_mlp", test_fused_mlp},
+      {"fused_qkv", test_fused_qkv},   {"flash_attention", test_flash_attention},
+  };
+  return all;
+}
+
+bool is_missing_kernel(const std::string& what) {
+  return what.find("Could not run") != std::string::npos || what.find("no kernel") != std::string::npos ||
+         what.find("NotImplementedError") != std::string::npos;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> names;
+  for (int i = 1; i < argc; ++i) names.emplace_back(argv[i]);
+  if (names.empty()) {
+    for (const auto& [name, fn] : cases()) names.push_back(name);
+  }
+  at::manual_seed(20261127);
+  int failed = 0;
+  for (const auto& name : names) {
+    const auto it = cases().find(name);
+    if (it == cases().end()) {
+      std::cerr << "UNKNOWN CASE " << name << " (known:";
+      for (const auto& [known, fn] : cases()) std::cerr << " " << known;
+      std::cerr << ")\n";
+      ++failed;
+      continue;
+    }
+    try {
+      it->second();
+      std::cout << "PASS " << name << "\n";
+    } catch (const Mismatch& e) {
+      std::cout << "FAIL " << name << ": MISMATCH with ATen: " << e.what() << "\n";
+      ++failed;
+    } catch (const c10::Error& e) {
+      const std::string what = e.what_without_backtrace();
+      if (is_missing_kernel(what)) {
+        std::cout << "FAIL " << name << ": MISSING KERNEL: the library has no CPU kernel for this op "
+                  << "(csrc/cpu/ not compiled in?): " << what.substr(0, what.find(". ")) << "\n";
+      } else {
+        std::cout << "FAIL " << name << ": ERROR: " << what << "\n";
+      }
+      ++failed;
+    } catch (const std::exception& e) {
+      std::cout << "FAIL " << name << ": ERROR: " << e.what() << "\n";
+      ++failed;
+    }
+  }
+  std::cout << (names.size() - failed) << " passed, " << failed << " failed\n";
+  return failed == 0 ? 0 : 1;
+}
