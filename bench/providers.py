@@ -590,6 +590,8 @@ def run_case(benchmark, case, request=None):
     device = bench_device()
     try:
         check_deadline()
+        if _BROKEN_CONTEXT:
+            raise Skip(f"CUDA context unusable after the error in {_BROKEN_CONTEXT[0]} (next suite starts afresh)")
         if case.provider == "compile" and not compile_allowed(case):
             if compile_policy() == "none":
                 raise Skip("torch.compile left out of this run (TFKERNELS_BENCH_COMPILE=none / --compile none)")
@@ -622,6 +624,8 @@ def run_case(benchmark, case, request=None):
         pytest.skip(f"out of memory: {first_line(err, 120)}")
     except Exception as err:
         RECORDS["failed"].append({**case.meta(), "error": f"{type(err).__name__}: {first_line(err)}"})
+        if device == "cuda" and ("CUDA error" in str(err) or type(err).__name__ == "AcceleratorError"):
+            _BROKEN_CONTEXT.append(case.id)  # errors such as an illegal address are sticky: later cases would fail too
         raise
     finally:
         step = prepared = None  # noqa: F841 - release the inputs before the next case
@@ -641,6 +645,7 @@ def run_case(benchmark, case, request=None):
 
 
 _ENV_SHORT = {}
+_BROKEN_CONTEXT = []
 
 
 def _env_short(device):
