@@ -18,10 +18,7 @@ import torch
 import tfkernels
 from tfkernels import reference
 
-try:
-    from .utils import assert_flash_rule, max_abs_err
-except ImportError:  # tests/ is not a package on this branch
-    from utils import assert_flash_rule, max_abs_err
+from .utils import assert_flash_rule, max_abs_err
 
 pytestmark = pytest.mark.cuda
 sanitize = pytest.mark.sanitize

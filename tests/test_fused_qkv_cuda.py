@@ -13,34 +13,21 @@ D in {40, 64, 128}, with and without bias, and every tile shape the heuristic ca
 pick (64x128 for M <= 64 and few tiles, 128x128, 128x256 for large problems),
 plus the generic path (E or D not a multiple of 8, misaligned or strided inputs).
 """
-import contextlib
 
 import pytest
 import torch
 
-from utils import assert_flash_rule, max_abs_err
+import tfkernels
+from tfkernels import reference
+
+from .utils import assert_flash_rule, max_abs_err, tf32_matmul
+
 
 pytestmark = pytest.mark.cuda
 
 sanitize = pytest.mark.sanitize  # small cases, cheap enough for compute-sanitizer
 
 
-def _tfk():
-    # Imported lazily: without a GPU every test is skipped before it runs, so the
-    # module collects even where the extension was built without CUDA.
-    import tfkernels
-    import tfkernels.reference as reference
-    return tfkernels, reference
-
-
-@contextlib.contextmanager
-def tf32_matmul(enabled):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def make_inputs(batch, seqlen, embed, heads, kv_heads, head_dim, bias, dtype, requires_grad=False):
@@ -121,9 +108,8 @@ HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("batch,seqlen,embed,heads,kv_heads,head_dim,bias", SHAPES)
 def test_forward_16bit(batch, seqlen, embed, heads, kv_heads, head_dim, bias, dtype):
-    tfk, reference = _tfk()
     x, w, b = make_inputs(batch, seqlen, embed, heads, kv_heads, head_dim, bias, dtype)
-    q, k, v = tfk.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
+    q, k, v = tfkernels.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
     assert q.shape == (batch, heads, seqlen, head_dim)
     assert k.shape == v.shape == (batch, kv_heads, seqlen, head_dim)
     high, _ = run_ref(reference, x, w, b, heads, kv_heads, torch.float32)
@@ -135,9 +121,8 @@ def test_forward_16bit(batch, seqlen, embed, heads, kv_heads, head_dim, bias, dt
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("batch,seqlen,embed,heads,kv_heads,head_dim,bias", SHAPES)
 def test_backward_16bit(batch, seqlen, embed, heads, kv_heads, head_dim, bias, dtype):
-    tfk, reference = _tfk()
     x, w, b = make_inputs(batch, seqlen, embed, heads, kv_heads, head_dim, bias, dtype, requires_grad=True)
-    outs = tfk.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
+    outs = tfkernels.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
     grads = [torch.randn_like(o) for o in outs]
     torch.autograd.backward(outs, grads)
     _, high = run_ref(reference, x, w, b, heads, kv_heads, torch.float32, grads)
@@ -157,10 +142,9 @@ def test_every_tile_shape(tile, dtype, monkeypatch):
     (M = 300, N = 280, K = 200 = 3 x 64 + 8) in the forward and both backward GEMMs
     (which have no 128x256 shape: it falls back to 128x128)."""
     monkeypatch.setenv("TFKERNELS_GEMM_TILE", tile)
-    tfk, reference = _tfk()
     batch, seqlen, embed, heads, kv_heads, head_dim = 2, 150, 200, 5, 1, 40
     x, w, b = make_inputs(batch, seqlen, embed, heads, kv_heads, head_dim, True, dtype, requires_grad=True)
-    outs = tfk.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
+    outs = tfkernels.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
     grads = [torch.randn_like(o) for o in outs]
     torch.autograd.backward(outs, grads)
     high_out, high = run_ref(reference, x, w, b, heads, kv_heads, torch.float32, grads)
@@ -174,10 +158,9 @@ def test_every_tile_shape(tile, dtype, monkeypatch):
 @pytest.mark.parametrize("tf32", [pytest.param(False, id="tf32-off"), pytest.param(True, id="tf32-on")])
 @pytest.mark.parametrize("batch,seqlen,embed,heads,kv_heads,head_dim,bias", FP32_SHAPES)
 def test_fp32(batch, seqlen, embed, heads, kv_heads, head_dim, bias, tf32):
-    tfk, reference = _tfk()
     x, w, b = make_inputs(batch, seqlen, embed, heads, kv_heads, head_dim, bias, torch.float32, requires_grad=True)
     with tf32_matmul(tf32):
-        outs = tfk.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
+        outs = tfkernels.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
         grads = [torch.randn_like(o) for o in outs]
         torch.autograd.backward(outs, grads)
     ref_outs, ref_grads = run_ref(reference, x, w, b, heads, kv_heads, torch.float64, grads)
@@ -195,7 +178,6 @@ def test_strided_and_misaligned_inputs(dtype):
     """x as a column slice (rows of stride E + 8, read in place), as a transposed view
     (the launcher copies it), a weight view with a padded row stride, and an x whose
     data pointer is off 16-byte alignment (generic path)."""
-    tfk, reference = _tfk()
     batch, seqlen, embed, heads, kv_heads, head_dim = 3, 19, 64, 6, 2, 16
     n = (heads + 2 * kv_heads) * head_dim
     x_t = torch.randn(seqlen, batch, embed, device="cuda").to(dtype).transpose(0, 1)  # [B, S, E], strided
@@ -205,7 +187,7 @@ def test_strided_and_misaligned_inputs(dtype):
     x_mis = flat[1:].view(batch, seqlen, embed)
     x_pad = torch.randn(batch, seqlen, embed + 8, device="cuda").to(dtype)[..., :embed]
     for x in (x_pad, x_t, x_mis):
-        outs = tfk.fused_qkv(x, w_pad, b, num_heads=heads, num_kv_heads=kv_heads)
+        outs = tfkernels.fused_qkv(x, w_pad, b, num_heads=heads, num_kv_heads=kv_heads)
         if dtype == torch.float32:
             ref, _ = run_ref(reference, x, w_pad, b, heads, kv_heads, torch.float64)
             for name, a, r in zip("qkv", outs, ref):
@@ -225,7 +207,6 @@ def test_backward_op_reads_strided_grads(dtype, grad_layout):
     transposed views of [B, S, H, D] (the layout attention backward often leaves),
     or that start off 16-byte alignment (generic path), give the same answer as
     contiguous ones."""
-    tfk, reference = _tfk()
     batch, seqlen, embed, heads, kv_heads, head_dim = 2, 45, 128, 8, 2, 64
     x, w, _ = make_inputs(batch, seqlen, embed, heads, kv_heads, head_dim, False, dtype)
 
@@ -254,13 +235,12 @@ def test_backward_op_reads_strided_grads(dtype, grad_layout):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_backward_from_sum(dtype):
     """loss = q.sum() + ...: autograd hands the op expanded gradients (all strides 0)."""
-    tfk, reference = _tfk()
     x, w, b = make_inputs(2, 21, 64, 6, 2, 32, True, dtype, requires_grad=True)
 
     def loss_of(q, k, v):
         return q.sum() + 2 * k.sum() + (3 * v).sum()  # expanded, expanded, materialised
 
-    loss_of(*tfk.fused_qkv(x, w, b, num_heads=6, num_kv_heads=2)).backward()
+    loss_of(*tfkernels.fused_qkv(x, w, b, num_heads=6, num_kv_heads=2)).backward()
     results = {}
     for ref_dtype in (torch.float32, dtype):
         xr, wr, br = (_leaf(t, ref_dtype) for t in (x, w, b))
@@ -274,10 +254,9 @@ def test_backward_from_sum(dtype):
 @sanitize
 @pytest.mark.parametrize("dtype", HALF_DTYPES + [pytest.param(torch.float32, id="fp32")])
 def test_empty_and_degenerate(dtype):
-    tfk, reference = _tfk()
     # Zero tokens: empty outputs; the backward still writes dW = 0 and db = 0.
     x, w, b = make_inputs(0, 5, 64, 4, 2, 16, True, dtype, requires_grad=True)
-    q, k, v = tfk.fused_qkv(x, w, b, num_heads=4, num_kv_heads=2)
+    q, k, v = tfkernels.fused_qkv(x, w, b, num_heads=4, num_kv_heads=2)
     assert q.shape == (0, 4, 5, 16) and k.shape == (0, 2, 5, 16)
     gx, gw, gb = torch.ops.tfkernels.fused_qkv_bwd(torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                                                    x.detach(), w.detach())
@@ -285,7 +264,7 @@ def test_empty_and_degenerate(dtype):
     assert torch.equal(gw, torch.zeros_like(gw)) and torch.equal(gb, torch.zeros_like(gb))
     # E = 0: the projection is the bias alone.
     x, w, b = make_inputs(2, 3, 0, 4, 2, 16, True, dtype)
-    q, k, v = tfk.fused_qkv(x, w, b, num_heads=4, num_kv_heads=2)
+    q, k, v = tfkernels.fused_qkv(x, w, b, num_heads=4, num_kv_heads=2)
     ref = reference.fused_qkv(x, w, b, num_heads=4, num_kv_heads=2)
     for a, r in zip((q, k, v), ref):
         torch.testing.assert_close(a, r, rtol=0, atol=0)
@@ -294,13 +273,12 @@ def test_empty_and_degenerate(dtype):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_deterministic(dtype):
     """No atomics anywhere: two runs agree bit for bit."""
-    tfk, _ = _tfk()
     x, w, b = make_inputs(2, 500, 768, 12, 12, 64, True, dtype, requires_grad=True)
     results = []
     for _ in range(2):
         for t in (x, w, b):
             t.grad = None
-        outs = tfk.fused_qkv(x, w, b, num_heads=12, num_kv_heads=12)
+        outs = tfkernels.fused_qkv(x, w, b, num_heads=12, num_kv_heads=12)
         torch.manual_seed(0)
         torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
         results.append([o.detach().clone() for o in outs] + [x.grad.clone(), w.grad.clone(), b.grad.clone()])
@@ -311,7 +289,6 @@ def test_deterministic(dtype):
 @sanitize
 def test_cuda_graph_capture():
     """Forward and backward launch on the current stream with no host sync."""
-    tfk, _ = _tfk()
     x, w, b = make_inputs(2, 37, 128, 4, 2, 32, True, torch.float16)
     gq, gk, gv = [torch.randn(2, h, 37, 32, device="cuda", dtype=torch.float16) for h in (4, 2, 2)]
     eager = torch.ops.tfkernels.fused_qkv(x, w, b, 4, 2) + torch.ops.tfkernels.fused_qkv_bwd(gq, gk, gv, x, w)
@@ -333,7 +310,6 @@ def test_cuda_graph_capture():
 @sanitize
 @pytest.mark.parametrize("dtype", HALF_DTYPES + [pytest.param(torch.float32, id="fp32")])
 def test_opcheck(dtype):
-    tfk, _ = _tfk()
     x, w, b = make_inputs(2, 9, 64, 4, 2, 16, True, dtype, requires_grad=True)
     torch.library.opcheck(torch.ops.tfkernels.fused_qkv.default, (x, w, b, 4, 2))
     grads = [torch.randn(2, h, 9, 16, device="cuda", dtype=dtype) for h in (4, 2, 2)]
@@ -341,14 +317,13 @@ def test_opcheck(dtype):
 
 
 def test_rejects_bad_input():
-    tfk, _ = _tfk()
     x, w, b = make_inputs(1, 4, 64, 4, 2, 16, True, torch.float32)
     with pytest.raises(RuntimeError, match="dtype"):
-        tfk.fused_qkv(x.double(), w.double(), b.double(), num_heads=4, num_kv_heads=2)
+        tfkernels.fused_qkv(x.double(), w.double(), b.double(), num_heads=4, num_kv_heads=2)
     with pytest.raises(RuntimeError, match="weight"):
-        tfk.fused_qkv(x, w[:, :32], b, num_heads=4, num_kv_heads=2)
+        tfkernels.fused_qkv(x, w[:, :32], b, num_heads=4, num_kv_heads=2)
     with pytest.raises(RuntimeError, match="bias"):
-        tfk.fused_qkv(x, w, b[:-1], num_heads=4, num_kv_heads=2)
+        tfkernels.fused_qkv(x, w, b[:-1], num_heads=4, num_kv_heads=2)
     with pytest.raises(RuntimeError, match="grad_k"):
-        q, k, v = tfk.fused_qkv(x, w, b, num_heads=4, num_kv_heads=2)
+        q, k, v = tfkernels.fused_qkv(x, w, b, num_heads=4, num_kv_heads=2)
         torch.ops.tfkernels.fused_qkv_bwd(q, k[:, :, :2], v, x, w)

@@ -1,4 +1,6 @@
 """Comparison rules shared by the tests (see DESIGN.md, Conventions)."""
+import contextlib
+
 import torch
 
 # Float64 results must agree to near round-off of a few reductions.
@@ -39,3 +41,14 @@ def assert_flash_rule(actual, ref_high, ref_low, name="output", factor=2.0):
 def assert_close_float64(actual, expected, name="output"):
     assert not torch.isnan(actual).any(), f"{name}: contains NaN"
     torch.testing.assert_close(actual, expected, **FLOAT64_TOL, msg=lambda m: f"{name}: {m}")
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled):
+    """Sets torch.backends.cuda.matmul.allow_tf32 for the block (the GEMM launchers read it)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -66,6 +66,11 @@ def _attention_backward(ctx, grad_out, grad_lse):
     is_causal, causal_alignment, scale, deterministic = ctx.attrs
     if grad_out is None:
         grad_out = torch.zeros_like(out)
+    # Autograd may hand over expanded gradients (stride 0, e.g. from out.sum()), which the
+    # kernels' argument checks reject: they want the last dim contiguous.
+    grad_out = grad_out.contiguous()
+    if grad_lse is not None:
+        grad_lse = grad_lse.contiguous()
     grad_q, grad_k, grad_v = _ops.flash_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, is_causal,
                                                       causal_alignment, scale, seqlens_k, deterministic)
     return grad_q, grad_k, grad_v, None, None, None, None, None

@@ -3,58 +3,21 @@
 // GEMM core itself lives in csrc/cuda/gemm/ (CUDA headers only); this file hands
 // it plain descriptors (gemm_args.h).
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
 
 #include "alloc.h"
 #include "args.h"
 #include "cuda/gemm/gemm_args.h"
+#include "cuda/gemm_launch_utils.h"
 
 namespace tfkernels {
 namespace {
 
 namespace g = ::tfkernels::cuda::gemm;
-
-constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
-
-// torch.backends.cuda.matmul.allow_tf32 (also set by
-// torch.set_float32_matmul_precision("high"/"medium")): the same switch cuBLAS obeys.
-bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
-
-// TFKERNELS_GEMM_TILE=128x256|128x128|64x128 forces the tensor-core tile shape
-// (tests cover every shape with it; benchmarks compare them). Unset: the heuristic.
-int tile_override() {
-  const char* v = std::getenv("TFKERNELS_GEMM_TILE");
-  if (v == nullptr || *v == '\0') return -1;
-  if (std::strcmp(v, "128x256") == 0) return 0;
-  if (std::strcmp(v, "128x128") == 0) return 1;
-  if (std::strcmp(v, "64x128") == 0) return 2;
-  TORCH_CHECK(false, "tfkernels: TFKERNELS_GEMM_TILE must be 128x256, 128x128 or 64x128, got \"", v, "\"");
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// A stride matters only along a dimension of size > 1; there it must keep every
-// 8-element chunk 16-byte aligned for the tensor-core path.
-bool stride_ok(int64_t size, int64_t stride) { return size <= 1 || stride % 8 == 0; }
-
-// t with its last dim contiguous (a copy only when it is not).
-at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
-void check_cuda_dtype(const at::Tensor& x) {
-  check_dtype_in(x, "x", {at::kFloat, at::kBFloat16, at::kHalf});
-  TORCH_CHECK(x.is_cuda(), "tfkernels: x must be a CUDA tensor, got ", x.device());
-}
+using namespace ::tfkernels::gemm_launch;
 
 void check_sizes(const QkvShape& s) {
   const int64_t tokens = s.batch * s.seqlen;
@@ -67,7 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& 
                                                               const c10::optional<at::Tensor>& bias,
                                                               int64_t num_heads, int64_t num_kv_heads) {
   const QkvShape s = check_qkv_args(x, weight, bias, num_heads, num_kv_heads);
-  check_cuda_dtype(x);
+  check_cuda_dtype(x, "x");
   check_sizes(s);
   const c10::cuda::CUDAGuard guard(x.device());
 
@@ -101,19 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& 
   // 16-byte cp.async along E, 16-byte bias loads and head-row stores along D.
   a.vector_ok = K % 8 == 0 && s.head_dim % 8 == 0 && aligned16(x2.data_ptr()) && aligned16(w.data_ptr()) &&
                 stride_ok(M, x2.stride(0)) && stride_ok(N, w.stride(0)) && (a.bias == nullptr || aligned16(a.bias));
-  a.tf32 = x.scalar_type() == at::kFloat && tf32_allowed();
-  a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  a.max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  a.tile_override = tile_override();
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaSuccess;
-  switch (x.scalar_type()) {
-    case at::kHalf: err = g::qkv_forward_f16(a, stream); break;
-    case at::kBFloat16: err = g::qkv_forward_bf16(a, stream); break;
-    default: err = g::qkv_forward_f32(a, stream); break;
-  }
-  C10_CUDA_CHECK(err);
+  set_device_fields(a, x.scalar_type());
+  launch_by_dtype(x.scalar_type(), a, &g::qkv_forward_f16, &g::qkv_forward_bf16, &g::qkv_forward_f32);
   return {q, k, v};
 }
 
@@ -125,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cuda(const at::Tens
   check_rank(grad_v, "grad_v", 4, "[B, Hkv, S, D]");
   const QkvShape s = check_qkv_args(x, weight, c10::nullopt, grad_q.size(1), grad_k.size(1));
   check_qkv_grad_args(s, x, grad_q, grad_k, grad_v);
-  check_cuda_dtype(x);
+  check_cuda_dtype(x, "x");
   check_sizes(s);
   const c10::cuda::CUDAGuard guard(x.device());
 
@@ -176,19 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cuda(const at::Tens
          stride_ok(t.size(2), t.stride(2));
   }
   a.vector_ok = ok;
-  a.tf32 = x.scalar_type() == at::kFloat && tf32_allowed();
-  a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  a.max_smem = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  a.tile_override = tile_override();
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaSuccess;
-  switch (x.scalar_type()) {
-    case at::kHalf: err = g::qkv_backward_f16(a, stream); break;
-    case at::kBFloat16: err = g::qkv_backward_bf16(a, stream); break;
-    default: err = g::qkv_backward_f32(a, stream); break;
-  }
-  C10_CUDA_CHECK(err);
+  set_device_fields(a, x.scalar_type());
+  launch_by_dtype(x.scalar_type(), a, &g::qkv_backward_f16, &g::qkv_backward_bf16, &g::qkv_backward_f32);
   return {grad_x, grad_w, grad_b};
 }
 

@@ -96,6 +96,71 @@ struct QkvBwdArgs {
   size_t max_smem = 0;
 };
 
+// ------------------------------------------------------------------ MLP family
+//
+// linear_gelu and fused_mlp (forward and backward) are sequences of GEMMs of four
+// kinds, each one call of an mlp_gemm_{dtype} entry point, plus one elementwise pass
+// (mlp_dgelu_{dtype}). The launcher (csrc/cuda/mlp.cpp) builds the sequence, the
+// operands (plain) and the temporaries; csrc/cuda/gemm/mlp_impl.cuh says what each
+// kind computes.
+enum class MlpGemmKind {
+  // out = act(A B^T + bias) [M, N], and `pre` = A B^T + bias when pre_out is set.
+  // A = x [M, K] (kInnerK), B = W [N, K] (kInnerK). act: kNone / kErf / kTanh.
+  kForward,
+  // out = A B^T: the data gradient G W. A = G [M, K] (kInnerK), B = W as [K, N] (kInnerMN).
+  kDgrad,
+  // out = A B^T and rowsum[m] = sum_k A[m, k]: the weight gradient G^T x with the bias
+  // gradient fused. A = G^T, i.e. G [K, M] (kInnerMN); B = x as [K, N] (kInnerMN).
+  kWgrad,
+  // out = (A B^T) * gelu'(aux) and aux_out = gelu(aux): the gradient of the hidden
+  // pre-activation of fused_mlp, grad_pre = (grad_out W2) * gelu'(pre), with the hidden
+  // activation h = gelu(pre) (the next weight-gradient GEMM's operand) written from the
+  // same pass. Layouts as kDgrad. act: kErf / kTanh (the form of GELU).
+  kDgradDGelu,
+};
+
+enum class MlpAct { kNone, kErf, kTanh };
+
+struct MlpGemmArgs {
+  MlpGemmKind kind = MlpGemmKind::kForward;
+  MlpAct act = MlpAct::kNone;
+  Operand a;                    // plain
+  Operand b;                    // plain
+  int M = 0, N = 0, K = 0;
+  void* out = nullptr;          // [M, ldc]
+  int64_t ldc = 0;
+  const void* bias = nullptr;   // kForward: [N] or null
+  void* pre_out = nullptr;      // kForward: [M, ld_pre] or null
+  int64_t ld_pre = 0;
+  const void* aux = nullptr;    // kDgradDGelu: pre [M, ld_aux]
+  int64_t ld_aux = 0;
+  void* aux_out = nullptr;      // kDgradDGelu: gelu(pre) [M, ld_aux_out]
+  int64_t ld_aux_out = 0;
+  void* rowsum = nullptr;       // kWgrad: [M]
+  // Tensor-core path (16-bit only): every operand's inner extent, row stride and
+  // pointer, and every epilogue pointer and row stride, allow 16-byte accesses (the
+  // launcher checks; otherwise the generic kernel runs).
+  bool vector_ok = false;
+  bool tf32 = false;            // fp32 inputs only: TF32 tensor cores allowed
+  int num_sms = 1;
+  int tile_override = -1;       // a TileShape to force, or -1: the heuristic
+  size_t max_smem = 0;          // sharedMemPerBlockOptin; 0: no limit
+};
+
+// grad_pre[m, n] = grad_out[m, n] * gelu'(pre[m, n]) (linear_gelu's backward has no GEMM
+// to fuse dGELU into). Rows read through their strides, grad_pre written contiguous.
+struct MlpDGeluArgs {
+  const void* grad_out = nullptr;  // [M, ld_grad]
+  int64_t ld_grad = 0;
+  const void* pre = nullptr;       // [M, ld_pre]
+  int64_t ld_pre = 0;
+  void* grad_pre = nullptr;        // [M, N] contiguous
+  int64_t M = 0, N = 0;
+  bool tanh = false;
+  bool vector_ok = false;          // N, both strides multiples of 8, pointers 16-byte aligned
+  int num_sms = 1;
+};
+
 // Per-dtype entry points (one translation unit each, so they build in parallel).
 // They launch on `stream`, never synchronise, and return the launch status.
 cudaError_t qkv_forward_f16(const QkvFwdArgs& args, cudaStream_t stream);
@@ -104,6 +169,12 @@ cudaError_t qkv_forward_f32(const QkvFwdArgs& args, cudaStream_t stream);
 cudaError_t qkv_backward_f16(const QkvBwdArgs& args, cudaStream_t stream);
 cudaError_t qkv_backward_bf16(const QkvBwdArgs& args, cudaStream_t stream);
 cudaError_t qkv_backward_f32(const QkvBwdArgs& args, cudaStream_t stream);
+cudaError_t mlp_gemm_f16(const MlpGemmArgs& args, cudaStream_t stream);
+cudaError_t mlp_gemm_bf16(const MlpGemmArgs& args, cudaStream_t stream);
+cudaError_t mlp_gemm_f32(const MlpGemmArgs& args, cudaStream_t stream);
+cudaError_t mlp_dgelu_f16(const MlpDGeluArgs& args, cudaStream_t stream);
+cudaError_t mlp_dgelu_bf16(const MlpDGeluArgs& args, cudaStream_t stream);
+cudaError_t mlp_dgelu_f32(const MlpDGeluArgs& args, cudaStream_t stream);
 
 }  // namespace gemm
 }  // namespace cuda

@@ -127,16 +127,21 @@ __device__ __forceinline__ void tile_coords(int tiles_m, int tiles_n, int& tile_
 // accumulation of the same 16-bit values the GEMM uses) and hand it to
 // Epi::store_rowsum. The QKV backward gets db = column sums of dQKV this way,
 // inside the dW GEMM that already streams dQKV^T as its A operand.
-// Occupancy: Cfg::kMinBlocks CTAs per SM (TileM: 2, which caps registers at 128),
-// except with a segmented operand, whose address math does not fit in 128 registers
-// without spilling (measured with -Xptxas=-v): those run at 1 CTA per SM.
-template <class Cfg, bool kSegmented>
+// Occupancy: Cfg::kMinBlocks CTAs per SM (TileM: 2, which caps registers at 128) for
+// plain K-contiguous operands (the forward GEMMs). A segmented operand, an M/N-
+// contiguous one (ldmatrix.trans addressing) or the row-sum accumulators do not fit in
+// 128 registers without spilling (measured with -Xptxas=-v, nvcc 13.0: TileM with
+// A kInnerK / B kInnerMN spills 4-16 bytes, with both kInnerMN and kRowSum 84-164
+// bytes): those run at 1 CTA per SM.
+template <class Cfg, bool kSegmented, bool kTransposed, bool kRowSum>
 constexpr int min_blocks() {
-  return kSegmented ? 1 : Cfg::kMinBlocks;
+  return (kSegmented || kTransposed || kRowSum) ? 1 : Cfg::kMinBlocks;
 }
 
 template <typename T, class Cfg, Layout LA, Layout LB, bool kSegA, bool kSegB, bool kRowSum, class Epi>
-__global__ void __launch_bounds__(Cfg::kThreads, min_blocks<Cfg, kSegA || kSegB>())
+__global__ void __launch_bounds__(Cfg::kThreads, min_blocks<Cfg, kSegA || kSegB,
+                                                            LA == Layout::kInnerMN || LB == Layout::kInnerMN,
+                                                            kRowSum>())
     gemm_tc_kernel(const __grid_constant__ GemmParams<T, kSegA, kSegB> p, const __grid_constant__ Epi ep) {
   constexpr int BM = Cfg::BM, BN = Cfg::BN, BK = Cfg::BK, STAGES = Cfg::STAGES;
   constexpr int THREADS = Cfg::kThreads, WM = Cfg::WM, WN = Cfg::WN;

@@ -43,7 +43,8 @@ struct TileConfig {
 //     128 * 256 MACs, 1/85 element per MAC against 1/64 for 128x128.
 //  M  128x128x64, 8 warps (2x4, warp tile 64x32), 3 stages: 96 KiB, 2 CTAs/SM on
 //     H100 (228 KiB; registers capped at 128 for it), 1 on A100 (164 KiB). GEMMs
-//     with a segmented (head-layout) operand run it at 1 CTA/SM (see min_blocks).
+//     with a segmented (head-layout) or M/N-contiguous operand, or a row sum (the
+//     backward GEMMs), run it at 1 CTA/SM (see min_blocks).
 //  S   64x128x64, 4 warps (2x2, warp tile 32x64), 4 stages: 96 KiB, 2 CTAs/SM:
 //     for few tokens (M <= 64 wastes no half tile) or too few 128x128 tiles to fill the GPU.
 using TileL = TileConfig<128, 256, 64, 2, 4, 3, 1>;
