@@ -43,7 +43,7 @@ build: $(STAMP)
 	  $(PIP_INSTALL) && touch $(STAMP); }
 
 test: build
-	$(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests bench/test_report.py $(PYTEST_ARGS)
 
 bench: build
 	$(PYTHON) -m tfkernels.bench

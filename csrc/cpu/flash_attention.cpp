@@ -21,7 +21,7 @@
 // place through their strides (only the last dim must be contiguous); 16-bit
 // inputs are widened tile by tile inside the tasks (a separate conversion pass
 // costs an extra parallel region and memory traffic), outputs rounded once. GEMMs
-// go to BLAS (flash_attention_blas.h); the exp runs in flash_attention_softmax.cpp.
+// go to BLAS (blas.h); the exp runs in flash_attention_softmax.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -35,7 +35,7 @@
 
 #include "alloc.h"
 #include "args.h"
-#include "cpu/flash_attention_blas.h"
+#include "cpu/blas.h"
 #include "cpu/flash_attention_softmax.h"
 
 namespace tfkernels::cpu {

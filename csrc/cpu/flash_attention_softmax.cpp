@@ -4,7 +4,7 @@
 #include "cpu/flash_attention_softmax.h"
 
 #include "cpu/multiversion.h"
-#include "cpu/vec_exp.h"
+#include "cpu/vec_math.h"
 
 namespace tfkernels::cpu::fa {
 

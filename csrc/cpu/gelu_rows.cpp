@@ -3,9 +3,7 @@
 // (TFK_MULTIVERSION). Rows are processed in blocks through a small local buffer,
 // which lets an output be the input buffer itself without aliasing hazards.
 //
-// Accuracy (checked against float64 over [-6, 6]): expf and erff below are within
-// 1 ulp of the correctly rounded value (Cephes-style exp with two-step range
-// reduction; erf from a minimax polynomial pair with the switch at 0.9277).
+// exp_f and erf_f (cpu/vec_math.h) are within 1 ulp over [-6, 6].
 #include "cpu/gelu_rows.h"
 
 #include <ATen/ATen.h>
@@ -13,57 +11,12 @@
 #include <algorithm>
 
 #include "cpu/multiversion.h"
+#include "cpu/vec_math.h"
 #include "gelu.h"
-
-#define TFK_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace tfkernels::cpu {
 
 namespace {
-
-TFK_ALWAYS_INLINE float fma_f(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
-
-// exp(x) for x clamped to [-87, 88] (no overflow, no subnormal scale).
-TFK_ALWAYS_INLINE float exp_f(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  // Round to nearest with the 1.5 * 2^23 trick (exact for |x * log2e| < 2^22).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = fma_f(-n, 0.693359375f, x);
-  r = fma_f(-n, -2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = fma_f(p, r, 1.3981999507e-3f);
-  p = fma_f(p, r, 8.3334519073e-3f);
-  p = fma_f(p, r, 4.1665795894e-2f);
-  p = fma_f(p, r, 1.6666665459e-1f);
-  p = fma_f(p, r, 5.0000001201e-1f);
-  p = fma_f(p, r * r, r) + 1.0f;
-  const int bits = (static_cast<int>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
-
-TFK_ALWAYS_INLINE float erf_f(float a) {
-  const float t = __builtin_fabsf(a);
-  const float s = a * a;
-  // |a| > 0.927734375: erf = 1 - exp(poly(t)).
-  float r = fma_f(-1.72853470e-5f, t, 3.83197126e-4f);
-  const float u = fma_f(-3.88396438e-3f, t, 2.42546219e-2f);
-  r = fma_f(r, s, u);
-  r = fma_f(r, t, -1.06777877e-1f);
-  r = fma_f(r, t, -6.34846687e-1f);
-  r = fma_f(r, t, -1.28717512e-1f);
-  r = fma_f(r, t, -t);
-  const float big = __builtin_copysignf(1.0f - exp_f(r), a);
-  // |a| <= 0.927734375: erf = a + a * poly(a^2).
-  float q = -5.96761703e-4f;
-  q = fma_f(q, s, 4.99119423e-3f);
-  q = fma_f(q, s, -2.67681349e-2f);
-  q = fma_f(q, s, 1.12819925e-1f);
-  q = fma_f(q, s, -3.76125336e-1f);
-  q = fma_f(q, s, 1.28379166e-1f);
-  const float small = fma_f(q, a, a);
-  return t > 0.927734375f ? big : small;
-}
 
 using C = GeluConstants<float>;
 

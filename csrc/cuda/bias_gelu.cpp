@@ -12,6 +12,7 @@
 #include "alloc.h"
 #include "args.h"
 #include "cuda/bias_gelu_kernel.h"
+#include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
@@ -40,6 +41,7 @@ int64_t check_bias_gelu_args(const at::Tensor& x, const at::Tensor& bias) {
 }
 
 at::Tensor bias_gelu_cuda(const at::Tensor& x, const at::Tensor& bias, c10::string_view approximate) {
+  TFKERNELS_WARN_UNVERIFIED_CUDA("bias_gelu");
   const GeluApprox form = parse_gelu_approximate(approximate);
   const int64_t cols = check_bias_gelu_args(x, bias);
   const c10::cuda::CUDAGuard guard(x.device());

@@ -1,8 +1,10 @@
 // The torch-facing launcher of the CUDA flash-attention forward: argument checks
 // (check_attention_args, the CPU op's semantics), output allocation, the plain
 // FwdParams block, and the dispatch from (dtype, head dim) to a kernel
-// instantiation. The kernels themselves live in csrc/cuda/flash/ and include no
-// torch headers. The backward (flash_attention_bwd) is a later issue.
+// instantiation; the same for the backward (flash_attention_bwd: delta
+// preprocessing, the dK/dV and dQ kernels, fp32 scratch buffers from the caching
+// allocator). The kernels themselves live in csrc/cuda/flash/ and include no
+// torch headers.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,6 +21,7 @@
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/kernel_traits.h"
 #include "cuda/flash/static_switch.h"
+#include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
@@ -44,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
                                                            c10::optional<double> scale,
                                                            const c10::optional<at::Tensor>& seqlens_k,
                                                            bool deterministic) {
+  TFKERNELS_WARN_UNVERIFIED_CUDA("flash_attention");
   (void)deterministic;  // only the backward is affected
   const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k);
   check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
@@ -145,8 +149,142 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
+    const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse_in, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    bool is_causal, c10::string_view causal_alignment, c10::optional<double> scale,
+    const c10::optional<at::Tensor>& seqlens_k, bool deterministic) {
+  const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k);
+  // Autograd hands over expanded gradients (out.sum() gives stride 0 everywhere):
+  // legal input, so copy a grad_out whose last dim is not contiguous.
+  const at::Tensor grad_out_c =
+      (grad_out_in.dim() == 4 && grad_out_in.size(-1) > 1 && grad_out_in.stride(-1) != 1) ? grad_out_in.contiguous()
+                                                                                           : grad_out_in;
+  check_attention_grad_args(shape, q_in, grad_out_c, grad_lse_in, out_in, lse_in);
+  check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
+  TORCH_CHECK(q_in.is_cuda(), "tfkernels: q must be a CUDA tensor, got ", q_in.device());
+  TORCH_CHECK(shape.heads <= 65535 && shape.batch <= 65535,
+              "tfkernels: the CUDA flash attention supports at most 65535 heads and 65535 batches, got H = ",
+              shape.heads, ", B = ", shape.batch);
+  constexpr int64_t kMaxSeq = int64_t(1) << 30;
+  TORCH_CHECK(shape.seqlen_q < kMaxSeq && shape.seqlen_k < kMaxSeq,
+              "tfkernels: the CUDA flash attention supports sequence lengths below 2^30, got Sq = ", shape.seqlen_q,
+              ", Sk = ", shape.seqlen_k);
+
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor grad_q = empty_output(q_in.sizes(), q_in.options());
+  at::Tensor grad_k = empty_output(k_in.sizes(), k_in.options());
+  at::Tensor grad_v = empty_output(v_in.sizes(), v_in.options());
+  if (shape.batch == 0 || shape.heads == 0) return {grad_q, grad_k, grad_v};
+
+  const bool is_fp32 = q_in.scalar_type() == at::kFloat;
+  const bool is_bf16 = q_in.scalar_type() == at::kBFloat16;
+  at::Tensor q = q_in, k = k_in, v = v_in, dout = grad_out_c;
+  bool fast = false;
+  if (!is_fp32 && shape.head_dim % 8 == 0) {
+    // As the forward: misaligned views are copied to keep the 16-byte cp.async path.
+    for (at::Tensor* t : {&q, &k, &v, &dout}) {
+      if (!aligned16(*t)) *t = t->clone(at::MemoryFormat::Contiguous);
+    }
+    fast = true;
+  }
+  // out is read element-wise by the preprocessing pass only: any strides.
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor grad_lse;
+  if (grad_lse_in.has_value() && grad_lse_in->defined()) grad_lse = grad_lse_in->contiguous();
+  // fp32 scratch from the caching allocator on the current device.
+  at::Tensor delta = at::empty({shape.batch, shape.heads, shape.seqlen_q}, q_in.options().dtype(at::kFloat));
+  at::Tensor dq_accum;
+  if (!is_fp32 && !deterministic) {
+    dq_accum = at::zeros({shape.batch, shape.heads, shape.seqlen_q, shape.head_dim}, q_in.options().dtype(at::kFloat));
+  }
+
+  flash::BwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = const_cast<void*>(out_in.data_ptr());
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.q_batch_stride = stride_of(q, 0);
+  p.q_head_stride = stride_of(q, 1);
+  p.q_row_stride = stride_of(q, 2);
+  p.k_batch_stride = stride_of(k, 0);
+  p.k_head_stride = stride_of(k, 1);
+  p.k_row_stride = stride_of(k, 2);
+  p.v_batch_stride = stride_of(v, 0);
+  p.v_head_stride = stride_of(v, 1);
+  p.v_row_stride = stride_of(v, 2);
+  p.o_batch_stride = stride_of(out_in, 0);
+  p.o_head_stride = stride_of(out_in, 1);
+  p.o_row_stride = stride_of(out_in, 2);
+  p.dout = dout.data_ptr();
+  p.do_batch_stride = stride_of(dout, 0);
+  p.do_head_stride = stride_of(dout, 1);
+  p.do_row_stride = stride_of(dout, 2);
+  p.grad_lse = grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.defined() ? dq_accum.data_ptr<float>() : nullptr;
+  p.dq = grad_q.data_ptr();
+  p.dk = grad_k.data_ptr();
+  p.dv = grad_v.data_ptr();
+  p.deterministic = deterministic;
+
+  at::Tensor lens;
+  if (shape.has_seqlens_k) {
+    lens = seqlens_k->contiguous();  // a device-side copy at most: no host sync
+    p.seqlens_k = lens.data_ptr();
+    p.seqlens_k_is_int64 = lens.scalar_type() == at::kLong;
+  }
+
+  p.batch = static_cast<int>(shape.batch);
+  p.heads = static_cast<int>(shape.heads);
+  p.kv_heads = static_cast<int>(shape.kv_heads);
+  p.head_group = static_cast<int>(shape.heads / shape.kv_heads);
+  p.seqlen_q = static_cast<int>(shape.seqlen_q);
+  p.seqlen_k = static_cast<int>(shape.seqlen_k);
+  p.head_dim = static_cast<int>(shape.head_dim);
+  p.scale = shape.scale;
+  p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
+  p.causal = shape.causal;
+  p.bottom_right = shape.bottom_right;
+  p.aligned16 = fast;
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const flash::BwdDtype dtype =
+      is_fp32 ? flash::BwdDtype::kFloat : (is_bf16 ? flash::BwdDtype::kBFloat16 : flash::BwdDtype::kHalf);
+  C10_CUDA_CHECK(flash::run_flash_bwd_preprocess(p, dtype, stream));
+  cudaError_t err = cudaSuccess;
+  if (is_fp32) {
+    err = flash::run_flash_bwd_fp32(p, stream);
+  } else {
+    auto missing = [&](int padded) -> cudaError_t {
+      TORCH_CHECK(false, "tfkernels: head dim ", shape.head_dim, " needs the flash-attention kernels for head dim ",
+                  padded, ", which this build left out (it was built with TFKERNELS_HEAD_DIMS restricting the "
+                  "head dims); rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
+      return cudaErrorInvalidValue;
+    };
+    // The backward needs more shared memory than the forward (Q, dO, K, V, P, dS
+    // tiles): every instantiation fits sm_80 (163 KB) and sm_90 (227 KB); on 99 KB
+    // devices (sm_86/89) head dims above 128 get a clear error.
+    const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    const int kernel_dim = flash::padded_head_dim(p.head_dim);
+    TORCH_CHECK(flash::bwd_smem_bytes(kernel_dim) <= smem_limit, "tfkernels: the flash attention backward with head dim ",
+                shape.head_dim, " needs ", flash::bwd_smem_bytes(kernel_dim),
+                " bytes of shared memory a block; this device allows ", smem_limit);
+    err = TFK_FP16_SWITCH(is_bf16, Element, [&] {
+      return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_bwd<Element, kHeadDim>(p, stream); });
+    });
+    if (err == cudaSuccess && !deterministic) err = flash::run_flash_bwd_convert_dq(p, dtype, stream);
+  }
+  C10_CUDA_CHECK(err);
+  return {grad_q, grad_k, grad_v};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tfkernels, CUDA, m) { m.impl("flash_attention_fwd", &flash_attention_fwd_cuda); }
+TORCH_LIBRARY_IMPL(tfkernels, CUDA, m) {
+  m.impl("flash_attention_fwd", &flash_attention_fwd_cuda);
+  m.impl("flash_attention_bwd", &flash_attention_bwd_cuda);
+}
 
 }  // namespace tfkernels

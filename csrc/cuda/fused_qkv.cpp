@@ -12,6 +12,7 @@
 #include "args.h"
 #include "cuda/gemm/gemm_args.h"
 #include "cuda/gemm_launch_utils.h"
+#include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
@@ -29,6 +30,7 @@ void check_sizes(const QkvShape& s) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                               const c10::optional<at::Tensor>& bias,
                                                               int64_t num_heads, int64_t num_kv_heads) {
+  TFKERNELS_WARN_UNVERIFIED_CUDA("fused_qkv");
   const QkvShape s = check_qkv_args(x, weight, bias, num_heads, num_kv_heads);
   check_cuda_dtype(x, "x");
   check_sizes(s);

@@ -66,6 +66,7 @@
 #include "args.h"
 #include "cuda/gemm/gemm_args.h"
 #include "cuda/gemm_launch_utils.h"
+#include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
@@ -190,6 +191,7 @@ void bias_grad_without_gemm(const at::Tensor& rows, const at::Tensor& grad_bias)
 std::tuple<at::Tensor, at::Tensor> linear_gelu_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                     const c10::optional<at::Tensor>& bias,
                                                     c10::string_view approximate, bool save_pre) {
+  TFKERNELS_WARN_UNVERIFIED_CUDA("linear_gelu");
   const LinearShape s = check_linear_args(x, "x", weight, "weight", bias, "bias");
   const GeluApprox approx = parse_gelu_approximate(approximate);
   check_cuda_dtype(x, "x");
@@ -253,6 +255,7 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cuda(const at::Tensor& x, const at:
                                                   const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
                                                   const c10::optional<at::Tensor>& b2, c10::string_view approximate,
                                                   bool save_pre) {
+  TFKERNELS_WARN_UNVERIFIED_CUDA("fused_mlp");
   const LinearShape s1 = check_linear_args(x, "x", w1, "w1", b1, "b1");
   check_second_layer(x, w2, b2, s1.out_features);
   const GeluApprox approx = parse_gelu_approximate(approximate);

@@ -21,5 +21,28 @@ cudaError_t run_flash_fwd(const FwdParams& params, cudaStream_t stream);
 // fp32 inputs, any head dim <= 256: a SIMT kernel that never rounds to 16 bits.
 cudaError_t run_flash_fwd_fp32(const FwdParams& params, cudaStream_t stream);
 
+// ---------------------------------------------------------------- backward
+// The launcher (csrc/cuda/flash_attention.cpp) runs, on one stream:
+//   run_flash_bwd_preprocess (delta = rowsum(dO * O) - grad_lse, any dtype),
+//   then run_flash_bwd<Element, D> (16-bit) or run_flash_bwd_fp32, and in the
+//   16-bit default (non-deterministic) mode run_flash_bwd_convert_dq.
+enum class BwdDtype { kHalf, kBFloat16, kFloat };
+
+cudaError_t run_flash_bwd_preprocess(const BwdParams& params, BwdDtype dtype, cudaStream_t stream);
+
+// dq = dq_accum * scale rounded to the 16-bit dtype; both contiguous
+// [B,H,Sq,head_dim].
+cudaError_t run_flash_bwd_convert_dq(const BwdParams& params, BwdDtype dtype, cudaStream_t stream);
+
+// Defined in flash_bwd_launch_template.h, instantiated once per
+// flash_bwd_hdim<D>_<dtype>.cu file. Deterministic mode writes dq itself;
+// otherwise dq_accum (zeroed by the caller) receives atomics.
+template <typename Element, int kHeadDim>
+cudaError_t run_flash_bwd(const BwdParams& params, cudaStream_t stream);
+
+// fp32, any head dim <= 256: SIMT kernels, always deterministic (no atomics);
+// writes dq, dk, dv directly (dq_accum unused).
+cudaError_t run_flash_bwd_fp32(const BwdParams& params, cudaStream_t stream);
+
 }  // namespace flash
 }  // namespace tfkernels

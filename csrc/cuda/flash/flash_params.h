@@ -46,6 +46,24 @@ struct FwdParams {
   bool aligned16;
 };
 
+// Backward parameters: the forward's block (q, k, v, out, lse, strides, sizes,
+// masks; `out` is read) plus dO, the gradients and the fp32 scratch buffers. The
+// kernels take read_len_k / num_key_tiles from the forward through the base.
+struct BwdParams : FwdParams {
+  const void* dout;  // [B,H,Sq,D], any batch/head/row strides, last dim contiguous
+  int64_t do_batch_stride, do_head_stride, do_row_stride;
+  const float* grad_lse;  // optional contiguous fp32 [B,H,Sq] (nullptr: none)
+  float* delta;           // scratch fp32 [B,H,Sq]: rowsum(dO * O) - grad_lse
+  float* dq_accum;        // scratch fp32 [B,H,Sq,head_dim] contiguous, zeroed (default mode only)
+  // Outputs, contiguous: dq [B,H,Sq,D], dk and dv [B,Hkv,Sk,D].
+  void* dq;
+  void* dk;
+  void* dv;
+  // deterministic: dQ by a second kernel that walks the K/V tiles of each query
+  // tile (no atomics); otherwise fp32 atomicAdd into dq_accum, then a convert pass.
+  bool deterministic;
+};
+
 // Kernels exist for these head dims; a real D is rounded up to the next one and
 // its tail is zero-filled by predicated loads.
 constexpr int kMaxHeadDim = 256;

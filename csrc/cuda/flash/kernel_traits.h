@@ -78,5 +78,82 @@ inline constexpr int fwd_smem_bytes(int padded_dim) {
   }
 }
 
+// ---------------------------------------------------------------- backward
+//
+// One shape serves both backward kernels: a kBlockN x kBlockM (keys x queries)
+// tile of S^T, dP^T, P^T and dS^T computed by kNWarps = 8 warps. Field names
+// match FwdTraits where load_tile / store_rows_warp read them (kHeadDim,
+// kNThreads, kChunksPerRow, kSmemStride).
+//   phase 1: warp w owns keys 16 (w % 4) .. +16 and queries 32 (w / 4) .. +32 of
+//            S^T = K Q^T and dP^T = V dO^T; writes P^T and dS^T (16-bit) to smem.
+//   phase 2: warp w owns keys 16 (w % 4) .. +16 and head-dim half w / 4 of the
+//            dV and dK accumulators (registers): dV += P^T dO, dK += dS^T Q.
+//   phase 3: warp w owns queries 16 (w % 4) .. +16 and head-dim half w / 4 of
+//            dQ = dS K.
+// Shared memory: the kernel's two fixed tiles (K, V in the dK/dV kernel; Q, dO
+// in the dQ kernel), kStages copies of its two streamed tiles (Q, dO or K, V;
+// kBlockM == kBlockN so all are the same size, padded rows as the forward), P^T
+// and dS^T (kBlockN x (kBlockM + 8), an odd number of 16-byte chunks a row),
+// then kStages copies of the per-query lse (base 2) and delta (the dQ kernel,
+// whose query tile is fixed, uses stage 0).
+template <int kHeadDim_, int kStages_>
+struct BwdTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;  // queries a tile
+  static constexpr int kBlockN = 64;  // keys a tile
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = kNWarps * 32;
+  static constexpr int kStages = kStages_;
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim must be a multiple of 32 up to 256");
+  static_assert(kBlockN == 64 && kBlockM == 64, "the warp layout assumes 64 x 64 tiles and 8 warps");
+
+  static constexpr int kChunksPerRow = kHeadDim / 8;
+  static constexpr int kSmemStride = kHeadDim + 8;
+  static_assert((kSmemStride / 8) % 2 == 1, "row stride must be an odd number of 16-byte chunks");
+  static constexpr int kPStride = kBlockM + 8;  // 72 elements: 9 chunks
+  static_assert((kPStride / 8) % 2 == 1, "P row stride must be an odd number of 16-byte chunks");
+
+  static constexpr int kTileElems = kBlockM * kSmemStride;  // any of Q, dO, K, V
+  static constexpr int kPTileElems = kBlockN * kPStride;
+  // Element offsets: fixed tiles 0 and 1, then streamed tiles 0 and 1 of stage s
+  // at kOffStream + s * kStreamStageElems (+ kTileElems), then P^T, dS^T.
+  static constexpr int kOffFixed = 0;
+  static constexpr int kOffStream = 2 * kTileElems;
+  static constexpr int kStreamStageElems = 2 * kTileElems;
+  static constexpr int kOffP = kOffStream + kStages * kStreamStageElems;
+  static constexpr int kOffDS = kOffP + kPTileElems;
+  static constexpr int kElems16 = kOffDS + kPTileElems;
+  // Then fp32: lse2[kStages][kBlockM], delta[kStages][kBlockM].
+  static constexpr int kSmemBytes = kElems16 * 2 + 2 * kStages * kBlockM * 4;
+
+  // n8 tiles of the head dim a warp owns in phases 2 and 3 (half of kHeadDim).
+  static constexpr int kNTilesHalfD = kHeadDim / 16;
+};
+
+// Double-buffer the streamed tiles where that still fits the 99 KB of sm_86/89:
+// D <= 96 (D = 96 needs 99328 bytes). Larger dims load the next streamed tile
+// after the previous one is done (the dK/dV kernel overlaps that load with its
+// dQ phase); the one-stage D = 256 kernel needs 154 KB (sm_80 allows 163 KB,
+// sm_90 227 KB). Two stages for D = 128/160 would fit sm_80/90 (124/148 KB) but
+// not sm_86/89: a second instantiation for those is GPU-tuning work.
+template <int kHeadDim>
+struct BwdConfig {
+  using Traits = BwdTraits<kHeadDim, (kHeadDim <= 96 ? 2 : 1)>;
+};
+
+inline constexpr int bwd_smem_bytes(int padded_dim) {
+  switch (padded_dim) {
+    case 32: return BwdConfig<32>::Traits::kSmemBytes;
+    case 64: return BwdConfig<64>::Traits::kSmemBytes;
+    case 96: return BwdConfig<96>::Traits::kSmemBytes;
+    case 128: return BwdConfig<128>::Traits::kSmemBytes;
+    case 160: return BwdConfig<160>::Traits::kSmemBytes;
+    case 192: return BwdConfig<192>::Traits::kSmemBytes;
+    case 224: return BwdConfig<224>::Traits::kSmemBytes;
+    case 256: return BwdConfig<256>::Traits::kSmemBytes;
+    default: return 0;
+  }
+}
+
 }  // namespace flash
 }  // namespace tfkernels

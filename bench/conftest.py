@@ -1,0 +1,59 @@
+"""pytest-benchmark suite setup: settings, per-case result lines, and the extra
+JSON keys (environment, skipped and failed cases) that bench/report.py reads.
+
+Run through `python -m tfkernels.bench` (which also writes the report), or
+directly: `pytest bench/ --benchmark-json=out.json` (settings: see providers.py).
+"""
+import json
+import os
+
+# Benchmarks time the kernels, not the NaN-poisoning of outputs that the tests turn on.
+os.environ["TFKERNELS_POISON_OUTPUTS"] = "0"
+
+import pytest  # noqa: E402
+
+import providers  # noqa: E402
+
+
+def pytest_report_header(config):
+    device = providers.bench_device()
+    return (f"tfkernels bench: device {providers.device_name(device)} ({device}), grid {providers.bench_grid()}, "
+            f"torch.compile on {providers.compile_policy()} shapes")
+
+
+def pytest_report_teststatus(report, config):
+    # Verbose lines show the measured rate instead of PASSED.
+    if report.when == "call" and report.passed:
+        for key, value in report.user_properties:
+            if key == "tfk_result":
+                return "passed", ".", (value, {"green": True})
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        return "skipped", "s", (f"skipped: {reason[:110]}", {"yellow": True})
+    return None
+
+
+def _records():
+    return {
+        "env": providers.environment(providers.bench_device()),
+        "skipped": providers.RECORDS["skipped"],
+        "failed": providers.RECORDS["failed"],
+    }
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["tfkernels"] = _records()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # pytest-benchmark writes no JSON when every case skipped: keep the reasons anyway.
+    path = os.environ.get("TFKERNELS_BENCH_RECORDS")
+    if path:
+        with open(path, "w") as f:
+            json.dump(_records(), f)
+
+
+@pytest.fixture
+def run(benchmark, request):
+    """run(case): time one case (skips with its reason where the provider is missing)."""
+    return lambda case: providers.run_case(benchmark, case, request)

@@ -1,0 +1,10 @@
+"""flash_attention vs SDPA (every backend the device has), eager softmax(QK^T)V and
+torch.compile of it; forward and forward+backward."""
+import pytest
+
+import providers
+
+
+@pytest.mark.parametrize("case", providers.params("attention"))
+def test_attention(run, case):
+    run(case)

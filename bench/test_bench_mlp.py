@@ -1,0 +1,21 @@
+"""The GELU family: linear_gelu and fused_mlp vs eager F.linear + F.gelu, cuBLASLt's
+GELU epilogue (torch._addmm_activation, CUDA), torch.compile, and the GEMMs alone (a
+ceiling); bias_gelu vs eager and torch.compile in GB/s. tanh GELU throughout."""
+import pytest
+
+import providers
+
+
+@pytest.mark.parametrize("case", providers.params("linear_gelu"))
+def test_linear_gelu(run, case):
+    run(case)
+
+
+@pytest.mark.parametrize("case", providers.params("fused_mlp"))
+def test_fused_mlp(run, case):
+    run(case)
+
+
+@pytest.mark.parametrize("case", providers.params("bias_gelu"))
+def test_bias_gelu(run, case):
+    run(case)

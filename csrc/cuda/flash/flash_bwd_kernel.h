@@ -1,0 +1,539 @@
+// FlashAttention-2-style backward for fp16/bf16 on tensor cores (sm_80+).
+//
+// Gradients of O = softmax(scale Q K^T) V (masked), with the forward's saved
+// lse [B,H,Sq] and delta = rowsum(dO * O) - grad_lse (flash_bwd_preprocess.cu):
+//   P  = exp2(S * scale * log2 e - lse * log2 e)     (recomputed, never stored)
+//   dV = P^T dO     dP = dO V^T     dS = P * (dP - delta)
+//   dK = scale * dS^T Q             dQ = scale * dS K
+//
+// Kernels (tile shape and warp layout: BwdTraits in kernel_traits.h):
+//   flash_bwd_dkdv_kernel: one block per (64-key K/V tile, KV head, batch). K and
+//     V stay in shared memory; the block walks every (query head of the KV head's
+//     group, 64-row query tile) that can see one of its keys, recomputes the
+//     S^T / dP^T tile (phase 1), accumulates dV and dK in registers (phase 2) and,
+//     unless deterministic, dQ = dS K with fp32 atomicAdd into dq_accum (phase 3).
+//     GQA: the group's query heads are summed in registers, no reduction pass.
+//   flash_bwd_dq_kernel (deterministic mode): one block per (64-row query tile,
+//     head, batch); walks the K/V tiles the tile can see, recomputes phase 1 and
+//     accumulates dQ in registers (phase 3), then writes dQ in the input dtype.
+//     No atomics anywhere: every sum has a fixed order, so results are bitwise
+//     reproducible. Costs a second recompute of S and dP.
+//
+// Masking (as the forward): query i sees key j iff j < len_k and (not causal or
+// j <= i + off). The dK/dV block of keys [n0, n0 + 64) visits query tiles from the
+// one holding query n0 - off (causal) to the last; a block at or past len_k (or
+// seen by no query) visits none and writes zeros. The dQ kernel visits key tiles
+// [0, num_key_tiles). Inside a visited tile the element mask runs where the tile
+// straddles len_k or the diagonal. K/V rows at or past len_k and Q/dO rows at or
+// past Sq are zero-filled; query rows past Sq get lse2 = +inf so P = 0 there. A
+// row with lse = -inf (it saw no key) also gets lse2 = +inf: P = exp2(x - inf) = 0,
+// so its gradients are exactly 0, never NaN.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/common/ptx.h"
+#include "cuda/flash/flash_fwd_kernel.h"  // read_len_k, num_key_tiles
+#include "cuda/flash/flash_params.h"
+#include "cuda/flash/flash_tile.h"
+#include "cuda/flash/kernel_traits.h"
+
+namespace tfkernels {
+namespace flash {
+namespace bwd {
+
+constexpr float kLog2e = 1.4426950408889634074f;
+
+// The two ldmatrix x4 lane-address patterns of the forward:
+//  pattern 0, row (l % 8) + 8 ((l / 8) % 2), col 8 (l / 16):
+//    an A fragment from [m][k] storage (plain), or two B fragments (n0-7, n8-15)
+//    from [k][n] storage (.trans; V in the forward).
+//  pattern 1, row (l % 8) + 8 (l / 16), col 8 ((l / 8) % 2):
+//    two B fragments from [n][k] storage (plain; K in the forward), or an A
+//    fragment from [k][m] storage (.trans: matrices (m0-7,k0-7), (m8-15,k0-7),
+//    (m0-7,k8-15), (m8-15,k8-15) are stored rows k0-7 / k0-7 / k8-15 / k8-15 at
+//    columns m0 / m8 / m0 / m8, and .trans hands thread t A[t/4][2(t%4)..+1]).
+struct LaneAddr {
+  int r0, c0, r1, c1;
+};
+__device__ __forceinline__ LaneAddr lane_addr(int lane) {
+  LaneAddr a;
+  a.r0 = (lane % 8) + 8 * ((lane / 8) % 2);
+  a.c0 = 8 * (lane / 16);
+  a.r1 = (lane % 8) + 8 * (lane / 16);
+  a.c1 = 8 * ((lane / 8) % 2);
+  return a;
+}
+
+// Per-query statistics of a query tile into shared memory (plain stores: a
+// __syncthreads must separate them from the readers).
+template <typename Traits>
+__device__ __forceinline__ void load_row_stats(float* s_lse2, float* s_delta, const float* lse, const float* delta,
+                                               int m0, int seqlen_q, int tid) {
+  constexpr float kInf = __builtin_huge_valf();
+  if (tid < Traits::kBlockM) {
+    const int q = m0 + tid;
+    float l2 = kInf;  // rows past Sq: P = 0
+    float d = 0.0f;
+    if (q < seqlen_q) {
+      const float l = lse[q];
+      l2 = (l == -kInf) ? kInf : l * kLog2e;
+      d = delta[q];
+    }
+    s_lse2[tid] = l2;
+    s_delta[tid] = d;
+  }
+}
+
+// Phase 1: S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 32 queries,
+// then P^T (if kWriteP) and dS^T rounded to 16 bits into sP / sdS [key][query].
+template <typename Traits, typename Element, bool kWriteP>
+__device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, const Element* sK, const Element* sV,
+                                       const float* s_lse2, const float* s_delta, Element* sP, Element* sdS, int n0,
+                                       int m0, int len_k, int off, bool causal, bool need_mask, float scale_log2,
+                                       int warp, int lane, const LaneAddr& la) {
+  constexpr int kStride = Traits::kSmemStride;
+  constexpr int kPS = Traits::kPStride;
+  const int key_w = 16 * (warp % 4);
+  const int q_w = 32 * (warp / 4);
+  float acc_s[4][4];
+  float acc_dp[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      acc_s[i][j] = 0.0f;
+      acc_dp[i][j] = 0.0f;
+    }
+  }
+  // A partial unroll at large head dims keeps the scheduler from hoisting every
+  // ldmatrix of the loop (the dQ kernel's 64 accumulator registers spilled at
+  // D = 256 with the full unroll).
+#pragma unroll(Traits::kHeadDim > 128 ? 4 : Traits::kHeadDim / 16)
+  for (int kk = 0; kk < Traits::kHeadDim / 16; ++kk) {
+    uint32_t ak[4], av[4];
+    cuda::ldmatrix_x4(ak, sK + (key_w + la.r0) * kStride + kk * 16 + la.c0);
+    cuda::ldmatrix_x4(av, sV + (key_w + la.r0) * kStride + kk * 16 + la.c0);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      uint32_t b[4];
+      cuda::ldmatrix_x4(b, sQ + (q_w + nt * 16 + la.r1) * kStride + kk * 16 + la.c1);
+      {
+        const uint32_t b0[2] = {b[0], b[1]};
+        const uint32_t b1[2] = {b[2], b[3]};
+        cuda::mma_16816<Element>(acc_s[2 * nt], ak, b0);
+        cuda::mma_16816<Element>(acc_s[2 * nt + 1], ak, b1);
+      }
+      cuda::ldmatrix_x4(b, sdO + (q_w + nt * 16 + la.r1) * kStride + kk * 16 + la.c1);
+      {
+        const uint32_t b0[2] = {b[0], b[1]};
+        const uint32_t b1[2] = {b[2], b[3]};
+        cuda::mma_16816<Element>(acc_dp[2 * nt], av, b0);
+        cuda::mma_16816<Element>(acc_dp[2 * nt + 1], av, b1);
+      }
+    }
+  }
+
+  const int g = lane / 4;
+  const int tq = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int kl = key_w + g + 8 * r;  // local key (row of S^T)
+      float p[2], ds[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int ql = q_w + nt * 8 + 2 * tq + c;  // local query (column of S^T)
+        float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] * scale_log2 - s_lse2[ql]);
+        if (need_mask) {
+          const int key = n0 + kl;
+          const int q = m0 + ql;
+          const bool visible = key < len_k && (!causal || key <= q + off);
+          if (!visible) pv = 0.0f;
+        }
+        p[c] = pv;
+        ds[c] = pv * (acc_dp[nt][2 * r + c] - s_delta[ql]);
+      }
+      const int idx = kl * kPS + q_w + nt * 8 + 2 * tq;
+      if (kWriteP) *reinterpret_cast<uint32_t*>(sP + idx) = cuda::pack2<Element>(p[0], p[1]);
+      *reinterpret_cast<uint32_t*>(sdS + idx) = cuda::pack2<Element>(ds[0], ds[1]);
+    }
+  }
+}
+
+// Phase 2: dV += P^T dO and dK += dS^T Q for this warp's 16 keys and head-dim
+// half (kNTilesHalfD n8 tiles from column (warp / 4) * kHeadDim / 2).
+template <typename Traits, typename Element>
+__device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, const Element* sP, const Element* sdS,
+                                       float (&acc_dk)[Traits::kNTilesHalfD][4],
+                                       float (&acc_dv)[Traits::kNTilesHalfD][4], int warp, const LaneAddr& la) {
+  constexpr int kStride = Traits::kSmemStride;
+  constexpr int kPS = Traits::kPStride;
+  constexpr int kNT = Traits::kNTilesHalfD;
+  const int key_w = 16 * (warp % 4);
+  const int d_w = (warp / 4) * (Traits::kHeadDim / 2);
+  // Not unrolled at D = 256: 128 accumulator registers leave no room to hoist
+  // the next step's loads (sm_90a spilled 4 bytes).
+#pragma unroll(Traits::kHeadDim > 224 ? 1 : Traits::kBlockM / 16)
+  for (int kk = 0; kk < Traits::kBlockM / 16; ++kk) {
+    uint32_t ap[4], ads[4];
+    cuda::ldmatrix_x4(ap, sP + (key_w + la.r0) * kPS + kk * 16 + la.c0);
+    cuda::ldmatrix_x4(ads, sdS + (key_w + la.r0) * kPS + kk * 16 + la.c0);
+#pragma unroll
+    for (int dt = 0; dt < kNT / 2; ++dt) {
+      uint32_t b[4];
+      cuda::ldmatrix_x4_trans(b, sdO + (kk * 16 + la.r0) * kStride + d_w + dt * 16 + la.c0);
+      {
+        const uint32_t b0[2] = {b[0], b[1]};
+        const uint32_t b1[2] = {b[2], b[3]};
+        cuda::mma_16816<Element>(acc_dv[2 * dt], ap, b0);
+        cuda::mma_16816<Element>(acc_dv[2 * dt + 1], ap, b1);
+      }
+      cuda::ldmatrix_x4_trans(b, sQ + (kk * 16 + la.r0) * kStride + d_w + dt * 16 + la.c0);
+      {
+        const uint32_t b0[2] = {b[0], b[1]};
+        const uint32_t b1[2] = {b[2], b[3]};
+        cuda::mma_16816<Element>(acc_dk[2 * dt], ads, b0);
+        cuda::mma_16816<Element>(acc_dk[2 * dt + 1], ads, b1);
+      }
+    }
+  }
+}
+
+// Phase 3: acc += dS K for this warp's 16 queries (16 (warp % 4) ..) and kNT n8
+// tiles of the head dim from column d0 (unscaled; the caller applies scale).
+template <typename Traits, typename Element, int kNT>
+__device__ __forceinline__ void phase3(const Element* sdS, const Element* sK, float (&acc)[kNT][4], int d0, int warp,
+                                       const LaneAddr& la) {
+  static_assert(kNT % 2 == 0, "n8 tiles come in pairs");
+  constexpr int kStride = Traits::kSmemStride;
+  constexpr int kPS = Traits::kPStride;
+  const int q_w = 16 * (warp % 4);
+#pragma unroll
+  for (int kk = 0; kk < Traits::kBlockN / 16; ++kk) {
+    uint32_t a[4];
+    cuda::ldmatrix_x4_trans(a, sdS + (kk * 16 + la.r1) * kPS + q_w + la.c1);
+#pragma unroll
+    for (int dt = 0; dt < kNT / 2; ++dt) {
+      uint32_t b[4];
+      cuda::ldmatrix_x4_trans(b, sK + (kk * 16 + la.r0) * kStride + d0 + dt * 16 + la.c0);
+      const uint32_t b0[2] = {b[0], b[1]};
+      const uint32_t b1[2] = {b[2], b[3]};
+      cuda::mma_16816<Element>(acc[2 * dt], a, b0);
+      cuda::mma_16816<Element>(acc[2 * dt + 1], a, b1);
+    }
+  }
+}
+
+// Two adjacent output elements (columns col, col + 1) of a contiguous 16-bit row;
+// pair_ok (head_dim even) allows one 4-byte store.
+template <typename Element>
+__device__ __forceinline__ void store_pair(Element* row, int col, float a, float b, int head_dim, bool pair_ok) {
+  if (col >= head_dim) return;
+  const uint32_t packed = cuda::pack2<Element>(a, b);
+  if (pair_ok) {
+    *reinterpret_cast<uint32_t*>(row + col) = packed;
+  } else {
+    uint16_t* r16 = reinterpret_cast<uint16_t*>(row);
+    r16[col] = static_cast<uint16_t>(packed & 0xffffu);
+    if (col + 1 < head_dim) r16[col + 1] = static_cast<uint16_t>(packed >> 16);
+  }
+}
+
+}  // namespace bwd
+
+template <typename Traits, typename Element>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    flash_bwd_dkdv_kernel(const __grid_constant__ BwdParams params) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kNT = Traits::kNTilesHalfD;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Element* smem = reinterpret_cast<Element*>(smem_raw);
+  Element* sK = smem + Traits::kOffFixed;  // fixed: K, V
+  Element* sV = sK + Traits::kTileElems;
+  Element* sQ = smem + Traits::kOffStream;  // streamed: Q, dO (stage s at + s * kStreamStageElems)
+  Element* sdO = sQ + Traits::kTileElems;
+  Element* sP = smem + Traits::kOffP;
+  Element* sdS = smem + Traits::kOffDS;
+  float* s_lse2 = reinterpret_cast<float*>(smem + Traits::kElems16);
+  float* s_delta = s_lse2 + kStages * kBlockM;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int n_block = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int n0 = n_block * kBlockN;
+  const int seqlen_q = params.seqlen_q;
+  const int head_dim = params.head_dim;
+  const bool aligned16 = params.aligned16;
+  const bool causal = params.causal;
+  const int group = params.head_group;
+
+  const int len_k = read_len_k(params, batch);
+  const int off = params.bottom_right ? len_k - seqlen_q : 0;
+  // Query tiles that can see a key of [n0, n0 + kBlockN): causal query q sees key
+  // n0 iff q >= n0 - off, and every later key of the block only later queries.
+  const int m_tiles = (seqlen_q + kBlockM - 1) / kBlockM;
+  int m_begin = 0;
+  if (causal) {
+    const int first_q = n0 - off;
+    m_begin = first_q <= 0 ? 0 : (first_q >= seqlen_q ? m_tiles : first_q / kBlockM);
+  }
+  const int n_m = (n0 < len_k && m_begin < m_tiles) ? m_tiles - m_begin : 0;
+  const int n_iter = n_m * group;
+
+  float acc_dk[kNT][4];
+  float acc_dv[kNT][4];
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      acc_dk[i][j] = 0.0f;
+      acc_dv[i][j] = 0.0f;
+    }
+  }
+
+  const bwd::LaneAddr la = bwd::lane_addr(lane);
+  const int g = lane / 4;
+  const int tq = lane % 4;
+  const int d_w = (warp / 4) * (Traits::kHeadDim / 2);
+
+  if (n_iter > 0) {
+    const Element* k_ptr = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
+                           kv_head * params.k_head_stride;
+    const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
+                           kv_head * params.v_head_stride;
+    const float scale_log2 = params.scale_log2;
+
+    // Issues the copies of iteration `it`'s Q / dO tile and statistics into `stage`.
+    auto load_q_tile = [&](int it, int stage) {
+      const int head = kv_head * group + it / n_m;
+      const int m0 = (m_begin + it % n_m) * kBlockM;
+      const Element* q_ptr = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
+                             head * params.q_head_stride;
+      const Element* do_ptr = static_cast<const Element*>(params.dout) + batch * params.do_batch_stride +
+                              head * params.do_head_stride;
+      load_tile<Traits, kBlockM>(sQ + stage * Traits::kStreamStageElems, q_ptr, params.q_row_stride, m0, seqlen_q,
+                                 head_dim, aligned16, tid);
+      load_tile<Traits, kBlockM>(sdO + stage * Traits::kStreamStageElems, do_ptr, params.do_row_stride, m0, seqlen_q,
+                                 head_dim, aligned16, tid);
+      const int64_t row_base = (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
+      bwd::load_row_stats<Traits>(s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, params.lse + row_base,
+                                  params.delta + row_base, m0, seqlen_q, tid);
+    };
+
+    load_tile<Traits, kBlockN>(sK, k_ptr, params.k_row_stride, n0, len_k, head_dim, aligned16, tid);
+    load_tile<Traits, kBlockN>(sV, v_ptr, params.v_row_stride, n0, len_k, head_dim, aligned16, tid);
+    load_q_tile(0, 0);
+    cuda::cp_async_commit();
+
+    for (int it = 0; it < n_iter; ++it) {
+      // One stage: tile it was issued during tile it-1's phase 3 (below).
+      cuda::cp_async_wait<0>();
+      __syncthreads();  // tile it has landed for all; all are done with tile it-1
+      if (kStages == 2 && it + 1 < n_iter) {
+        load_q_tile(it + 1, (it + 1) % 2);
+        cuda::cp_async_commit();
+      }
+      const int stage = kStages == 2 ? it % 2 : 0;
+      const int head = kv_head * group + it / n_m;
+      const int m0 = (m_begin + it % n_m) * kBlockM;
+      const Element* sQs = sQ + stage * Traits::kStreamStageElems;
+      const Element* sdOs = sdO + stage * Traits::kStreamStageElems;
+      const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off);
+
+      bwd::phase1<Traits, Element, true>(sQs, sdOs, sK, sV, s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, sP,
+                                         sdS, n0, m0, len_k, off, causal, need_mask, scale_log2, warp, lane, la);
+      __syncthreads();  // P^T and dS^T complete
+      bwd::phase2<Traits, Element>(sQs, sdOs, sP, sdS, acc_dk, acc_dv, warp, la);
+      if (kStages == 1 && it + 1 < n_iter) {
+        // Q, dO and the statistics of tile it are dead once every warp is past
+        // phase 2 (phase 3 reads only dS^T and K): load tile it+1 under phase 3.
+        __syncthreads();
+        load_q_tile(it + 1, 0);
+        cuda::cp_async_commit();
+      }
+
+      if (!params.deterministic) {
+        // dQ[m0.., :] += dS K into the fp32 accumulator, in chunks of n8 tiles to
+        // bound the registers next to the dK/dV accumulators.
+        constexpr int kChunk = (kNT % 4 == 0) ? 4 : 2;
+        float* dqa = params.dq_accum + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q * head_dim;
+        const int q_w = 16 * (warp % 4);
+#pragma unroll
+        for (int c = 0; c < kNT / kChunk; ++c) {
+          float acc[kChunk][4];
+#pragma unroll
+          for (int i = 0; i < kChunk; ++i) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+          }
+          const int dc = d_w + c * kChunk * 8;
+          bwd::phase3<Traits, Element, kChunk>(sdS, sK, acc, dc, warp, la);
+#pragma unroll
+          for (int nt = 0; nt < kChunk; ++nt) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int row = m0 + q_w + g + 8 * (j / 2);
+              const int col = dc + nt * 8 + 2 * tq + (j % 2);
+              if (row < seqlen_q && col < head_dim) {
+                atomicAdd(dqa + static_cast<int64_t>(row) * head_dim + col, acc[nt][j]);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: dK = scale * acc_dk, dV = acc_dv for keys < Sk (zeros past len_k).
+  const int seqlen_k = params.seqlen_k;
+  const float scale = params.scale;
+  const bool pair_ok = head_dim % 2 == 0;
+  const int64_t kv_base = (static_cast<int64_t>(batch) * params.kv_heads + kv_head) * seqlen_k;
+  Element* dk_ptr = static_cast<Element*>(params.dk) + kv_base * head_dim;
+  Element* dv_ptr = static_cast<Element*>(params.dv) + kv_base * head_dim;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = n0 + 16 * (warp % 4) + g + 8 * r;
+    if (key < seqlen_k) {
+      Element* dk_row = dk_ptr + static_cast<int64_t>(key) * head_dim;
+      Element* dv_row = dv_ptr + static_cast<int64_t>(key) * head_dim;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        const int col = d_w + nt * 8 + 2 * tq;
+        bwd::store_pair(dk_row, col, acc_dk[nt][2 * r] * scale, acc_dk[nt][2 * r + 1] * scale, head_dim, pair_ok);
+        bwd::store_pair(dv_row, col, acc_dv[nt][2 * r], acc_dv[nt][2 * r + 1], head_dim, pair_ok);
+      }
+    }
+  }
+}
+
+// Deterministic dQ: one block per (64-row query tile, head, batch).
+template <typename Traits, typename Element>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    flash_bwd_dq_kernel(const __grid_constant__ BwdParams params) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kStages = Traits::kStages;
+  constexpr int kNT = Traits::kNTilesHalfD;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Element* smem = reinterpret_cast<Element*>(smem_raw);
+  Element* sQ = smem + Traits::kOffFixed;  // fixed: Q, dO
+  Element* sdO = sQ + Traits::kTileElems;
+  Element* sK = smem + Traits::kOffStream;  // streamed: K, V (stage s at + s * kStreamStageElems)
+  Element* sV = sK + Traits::kTileElems;
+  Element* sdS = smem + Traits::kOffDS;
+  float* s_lse2 = reinterpret_cast<float*>(smem + Traits::kElems16);
+  float* s_delta = s_lse2 + kStages * kBlockM;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  // Causal: later query tiles see more keys; launch them first.
+  const int m_block = params.causal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int kv_head = head / params.head_group;
+  const int m0 = m_block * kBlockM;
+  const int seqlen_q = params.seqlen_q;
+  const int head_dim = params.head_dim;
+  const bool aligned16 = params.aligned16;
+  const bool causal = params.causal;
+
+  const int len_k = read_len_k(params, batch);
+  const int off = params.bottom_right ? len_k - seqlen_q : 0;
+  const int row_end = (m0 + kBlockM < seqlen_q) ? m0 + kBlockM : seqlen_q;
+  const int n_tiles = num_key_tiles(params, len_k, off, row_end, kBlockN);
+
+  float acc[kNT][4];
+#pragma unroll
+  for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+  }
+  const bwd::LaneAddr la = bwd::lane_addr(lane);
+  const int d_w = (warp / 4) * (Traits::kHeadDim / 2);
+
+  if (n_tiles > 0) {
+    const Element* q_ptr = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
+                           head * params.q_head_stride;
+    const Element* do_ptr = static_cast<const Element*>(params.dout) + batch * params.do_batch_stride +
+                            head * params.do_head_stride;
+    const Element* k_ptr = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
+                           kv_head * params.k_head_stride;
+    const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
+                           kv_head * params.v_head_stride;
+    const float scale_log2 = params.scale_log2;
+    auto load_kv_tile = [&](int it, int stage) {
+      const int n1 = it * kBlockN;
+      load_tile<Traits, kBlockN>(sK + stage * Traits::kStreamStageElems, k_ptr, params.k_row_stride, n1, len_k, head_dim,
+                                 aligned16, tid);
+      load_tile<Traits, kBlockN>(sV + stage * Traits::kStreamStageElems, v_ptr, params.v_row_stride, n1, len_k, head_dim,
+                                 aligned16, tid);
+    };
+
+    load_tile<Traits, kBlockM>(sQ, q_ptr, params.q_row_stride, m0, seqlen_q, head_dim, aligned16, tid);
+    load_tile<Traits, kBlockM>(sdO, do_ptr, params.do_row_stride, m0, seqlen_q, head_dim, aligned16, tid);
+    const int64_t row_base = (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
+    bwd::load_row_stats<Traits>(s_lse2, s_delta, params.lse + row_base, params.delta + row_base, m0, seqlen_q, tid);
+    load_kv_tile(0, 0);
+    cuda::cp_async_commit();
+
+    for (int it = 0; it < n_tiles; ++it) {
+      if (kStages == 1 && it > 0) {
+        __syncthreads();  // every warp is done with K/V tile it-1
+        load_kv_tile(it, 0);
+        cuda::cp_async_commit();
+      }
+      cuda::cp_async_wait<0>();
+      __syncthreads();
+      if (kStages == 2 && it + 1 < n_tiles) {
+        load_kv_tile(it + 1, (it + 1) % 2);
+        cuda::cp_async_commit();
+      }
+      const int stage = kStages == 2 ? it % 2 : 0;
+      const int n0 = it * kBlockN;
+      const Element* sKs = sK + stage * Traits::kStreamStageElems;
+      const Element* sVs = sV + stage * Traits::kStreamStageElems;
+      const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off);
+      bwd::phase1<Traits, Element, false>(sQ, sdO, sKs, sVs, s_lse2, s_delta, nullptr, sdS, n0, m0, len_k, off,
+                                          causal, need_mask, scale_log2, warp, lane, la);
+      __syncthreads();  // dS^T complete
+      bwd::phase3<Traits, Element, kNT>(sdS, sKs, acc, d_w, warp, la);
+    }
+  }
+
+  // ---- epilogue: dQ = scale * acc in the input dtype (zeros where nothing is seen).
+  const int g = lane / 4;
+  const int tq = lane % 4;
+  const float scale = params.scale;
+  const bool pair_ok = head_dim % 2 == 0;
+  Element* dq_ptr = static_cast<Element*>(params.dq) +
+                    (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q * head_dim;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + 16 * (warp % 4) + g + 8 * r;
+    if (row < seqlen_q) {
+      Element* dq_row = dq_ptr + static_cast<int64_t>(row) * head_dim;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        bwd::store_pair(dq_row, d_w + nt * 8 + 2 * tq, acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale, head_dim,
+                        pair_ok);
+      }
+    }
+  }
+}
+
+}  // namespace flash
+}  // namespace tfkernels
