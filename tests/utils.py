@@ -28,6 +28,7 @@ def assert_flash_rule(actual, ref_high, ref_low, name="output", factor=2.0):
     the values (so an exact low-precision reference does not demand exactness).
     """
     assert actual.shape == ref_high.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref_high.shape)}"
+    actual, ref_high, ref_low = actual.detach(), ref_high.detach(), ref_low.detach()
     assert not torch.isnan(actual).any(), f"{name}: contains NaN (unwritten or invalid elements)"
     finite = ref_high[torch.isfinite(ref_high)]
     magnitude = float(finite.abs().max()) if finite.numel() else 1.0
