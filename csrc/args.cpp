@@ -208,6 +208,18 @@ LinearShape check_linear_args(const at::Tensor& x, const char* x_name, const at:
   return s;
 }
 
+void check_mlp_second_layer(const at::Tensor& x, const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                            int64_t hidden) {
+  check_rank(w2, "w2", 2, "[N, F]");
+  check_floating_like(w2, "w2", x, "x");
+  check_dim_size(w2, "w2", 1, hidden, "F, as w1.shape[0]");
+  if (b2.has_value() && b2->defined()) {
+    check_floating_like(*b2, "b2", x, "x");
+    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == w2.size(0), "tfkernels: b2 must be a 1-D tensor [", w2.size(0),
+                "], got ", shape_str(*b2));
+  }
+}
+
 void check_rows_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name,
                      int64_t features) {
   check_floating_like(t, name, x, x_name);

@@ -63,6 +63,9 @@ struct LinearShape {
 LinearShape check_linear_args(const at::Tensor& x, const char* x_name, const at::Tensor& weight,
                               const char* weight_name, const c10::optional<at::Tensor>& bias,
                               const char* bias_name);
+// The second layer of an MLP: w2 [N, F] with F = `hidden` (w1.shape[0]), b2 [N].
+void check_mlp_second_layer(const at::Tensor& x, const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
+                            int64_t hidden);
 // `t` must be [..., features] with the same leading dims as `x`.
 void check_rows_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* x_name,
                      int64_t features);

@@ -45,20 +45,6 @@ struct MlpShape {
   int64_t rows, in_features, hidden, out_features;
 };
 
-void check_second_layer(const at::Tensor& x, const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
-                        int64_t hidden) {
-  check_rank(w2, "w2", 2, "[N, F]");
-  check_same_device(w2, "w2", x, "x");
-  check_same_dtype(w2, "w2", x, "x");
-  check_dim_size(w2, "w2", 1, hidden, "F, as w1.shape[0]");
-  if (b2.has_value() && b2->defined()) {
-    check_same_device(*b2, "b2", x, "x");
-    check_same_dtype(*b2, "b2", x, "x");
-    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == w2.size(0), "tfkernels: b2 must be a 1-D tensor [", w2.size(0),
-                "], got ", b2->dim(), "-D ", b2->sizes());
-  }
-}
-
 std::vector<int64_t> with_last(const at::Tensor& x, int64_t features) {
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes.back() = features;
@@ -151,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cpu(const at::Tensor& x_, const at:
   // ATen calls below work on plain buffers: keep them out of autograd.
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const LinearShape s1 = check_linear_args(x_, "x", w1_, "w1", b1_, "b1");
-  check_second_layer(x_, w2_, b2_, s1.out_features);
+  check_mlp_second_layer(x_, w2_, b2_, s1.out_features);
   const GeluApprox approx = parse_gelu_approximate(approximate);
   const MlpShape s{s1.rows, s1.in_features, s1.out_features, w2_.size(0)};
   const at::Tensor x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
@@ -268,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp
   // ATen calls below work on plain buffers: keep them out of autograd.
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const LinearShape s1 = check_linear_args(x_, "x", w1_, "w1", c10::nullopt, "b1");
-  check_second_layer(x_, w2_, c10::nullopt, s1.out_features);
+  check_mlp_second_layer(x_, w2_, c10::nullopt, s1.out_features);
   const MlpShape s{s1.rows, s1.in_features, s1.out_features, w2_.size(0)};
   check_rows_like(grad_out_, "grad_out", x_, "x", s.out_features);
   check_rows_like(pre_, "pre", x_, "x", s.hidden);

@@ -41,6 +41,52 @@ bool aligned16(const at::Tensor& t) {
 // that huge or odd strides of size-1 dims never enter the address arithmetic.
 int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) > 1 ? t.stride(d) : 0; }
 
+// The fields the forward and backward kernels share: pointers and strides of q, k,
+// v, out and lse, seqlens_k and the problem sizes. Returns the seqlens_k tensor
+// the params point into, which the caller keeps alive until the launch.
+at::Tensor set_attention_params(flash::FwdParams& p, const AttentionShape& shape, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, const c10::optional<at::Tensor>& seqlens_k, bool fast) {
+  p.q = const_cast<void*>(q.data_ptr());
+  p.k = const_cast<void*>(k.data_ptr());
+  p.v = const_cast<void*>(v.data_ptr());
+  p.out = const_cast<void*>(out.data_ptr());
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.q_batch_stride = stride_of(q, 0);
+  p.q_head_stride = stride_of(q, 1);
+  p.q_row_stride = stride_of(q, 2);
+  p.k_batch_stride = stride_of(k, 0);
+  p.k_head_stride = stride_of(k, 1);
+  p.k_row_stride = stride_of(k, 2);
+  p.v_batch_stride = stride_of(v, 0);
+  p.v_head_stride = stride_of(v, 1);
+  p.v_row_stride = stride_of(v, 2);
+  p.o_batch_stride = stride_of(out, 0);
+  p.o_head_stride = stride_of(out, 1);
+  p.o_row_stride = stride_of(out, 2);
+
+  at::Tensor lens;
+  if (shape.has_seqlens_k) {
+    lens = seqlens_k->contiguous();  // a device-side copy at most: no host sync
+    p.seqlens_k = lens.data_ptr();
+    p.seqlens_k_is_int64 = lens.scalar_type() == at::kLong;
+  }
+
+  p.batch = static_cast<int>(shape.batch);
+  p.heads = static_cast<int>(shape.heads);
+  p.kv_heads = static_cast<int>(shape.kv_heads);
+  p.head_group = static_cast<int>(shape.heads / shape.kv_heads);
+  p.seqlen_q = static_cast<int>(shape.seqlen_q);
+  p.seqlen_k = static_cast<int>(shape.seqlen_k);
+  p.head_dim = static_cast<int>(shape.head_dim);
+  p.scale = shape.scale;
+  p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
+  p.causal = shape.causal;
+  p.bottom_right = shape.bottom_right;
+  p.aligned16 = fast;
+  return lens;
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                            const at::Tensor& v_in, bool is_causal,
                                                            c10::string_view causal_alignment,
@@ -80,43 +126,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   }
 
   flash::FwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.q_batch_stride = stride_of(q, 0);
-  p.q_head_stride = stride_of(q, 1);
-  p.q_row_stride = stride_of(q, 2);
-  p.k_batch_stride = stride_of(k, 0);
-  p.k_head_stride = stride_of(k, 1);
-  p.k_row_stride = stride_of(k, 2);
-  p.v_batch_stride = stride_of(v, 0);
-  p.v_head_stride = stride_of(v, 1);
-  p.v_row_stride = stride_of(v, 2);
-  p.o_batch_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.o_row_stride = out.stride(2);
-
-  at::Tensor lens;
-  if (shape.has_seqlens_k) {
-    lens = seqlens_k->contiguous();  // a device-side copy at most: no host sync
-    p.seqlens_k = lens.data_ptr();
-    p.seqlens_k_is_int64 = lens.scalar_type() == at::kLong;
-  }
-
-  p.batch = static_cast<int>(shape.batch);
-  p.heads = static_cast<int>(shape.heads);
-  p.kv_heads = static_cast<int>(shape.kv_heads);
-  p.head_group = static_cast<int>(shape.heads / shape.kv_heads);
-  p.seqlen_q = static_cast<int>(shape.seqlen_q);
-  p.seqlen_k = static_cast<int>(shape.seqlen_k);
-  p.head_dim = static_cast<int>(shape.head_dim);
-  p.scale = shape.scale;
-  p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
-  p.causal = shape.causal;
-  p.bottom_right = shape.bottom_right;
-  p.aligned16 = fast;
+  const at::Tensor lens = set_attention_params(p, shape, q, k, v, out, lse, seqlens_k, fast);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaSuccess;
@@ -200,23 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   }
 
   flash::BwdParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = const_cast<void*>(out_in.data_ptr());
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.q_batch_stride = stride_of(q, 0);
-  p.q_head_stride = stride_of(q, 1);
-  p.q_row_stride = stride_of(q, 2);
-  p.k_batch_stride = stride_of(k, 0);
-  p.k_head_stride = stride_of(k, 1);
-  p.k_row_stride = stride_of(k, 2);
-  p.v_batch_stride = stride_of(v, 0);
-  p.v_head_stride = stride_of(v, 1);
-  p.v_row_stride = stride_of(v, 2);
-  p.o_batch_stride = stride_of(out_in, 0);
-  p.o_head_stride = stride_of(out_in, 1);
-  p.o_row_stride = stride_of(out_in, 2);
+  const at::Tensor lens = set_attention_params(p, shape, q, k, v, out_in, lse, seqlens_k, fast);
   p.dout = dout.data_ptr();
   p.do_batch_stride = stride_of(dout, 0);
   p.do_head_stride = stride_of(dout, 1);
@@ -228,26 +222,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   p.dk = grad_k.data_ptr();
   p.dv = grad_v.data_ptr();
   p.deterministic = deterministic;
-
-  at::Tensor lens;
-  if (shape.has_seqlens_k) {
-    lens = seqlens_k->contiguous();  // a device-side copy at most: no host sync
-    p.seqlens_k = lens.data_ptr();
-    p.seqlens_k_is_int64 = lens.scalar_type() == at::kLong;
-  }
-
-  p.batch = static_cast<int>(shape.batch);
-  p.heads = static_cast<int>(shape.heads);
-  p.kv_heads = static_cast<int>(shape.kv_heads);
-  p.head_group = static_cast<int>(shape.heads / shape.kv_heads);
-  p.seqlen_q = static_cast<int>(shape.seqlen_q);
-  p.seqlen_k = static_cast<int>(shape.seqlen_k);
-  p.head_dim = static_cast<int>(shape.head_dim);
-  p.scale = shape.scale;
-  p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
-  p.causal = shape.causal;
-  p.bottom_right = shape.bottom_right;
-  p.aligned16 = fast;
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const flash::BwdDtype dtype =

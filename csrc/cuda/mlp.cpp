@@ -87,21 +87,6 @@ void check_dims(const char* op, std::initializer_list<int64_t> dims) {
   }
 }
 
-// w2 [N, F] (and b2 [N]) after the first layer's F.
-void check_second_layer(const at::Tensor& x, const at::Tensor& w2, const c10::optional<at::Tensor>& b2,
-                        int64_t hidden) {
-  check_rank(w2, "w2", 2, "[N, F]");
-  check_same_device(w2, "w2", x, "x");
-  check_same_dtype(w2, "w2", x, "x");
-  check_dim_size(w2, "w2", 1, hidden, "F, as w1.shape[0]");
-  if (b2.has_value() && b2->defined()) {
-    check_same_device(*b2, "b2", x, "x");
-    check_same_dtype(*b2, "b2", x, "x");
-    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == w2.size(0), "tfkernels: b2 must be a 1-D tensor [", w2.size(0),
-                "], got ", b2->sizes());
-  }
-}
-
 const void* bias_ptr(const c10::optional<at::Tensor>& bias, at::Tensor& holder) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
   holder = bias->contiguous();
@@ -257,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cuda(const at::Tensor& x, const at:
                                                   bool save_pre) {
   TFKERNELS_WARN_UNVERIFIED_CUDA("fused_mlp");
   const LinearShape s1 = check_linear_args(x, "x", w1, "w1", b1, "b1");
-  check_second_layer(x, w2, b2, s1.out_features);
+  check_mlp_second_layer(x, w2, b2, s1.out_features);
   const GeluApprox approx = parse_gelu_approximate(approximate);
   check_cuda_dtype(x, "x");
   const int64_t M = s1.rows, K = s1.in_features, F = s1.out_features, N = w2.size(0);
@@ -289,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& pre, c10::string_view approximate) {
   const LinearShape s1 = check_linear_args(x, "x", w1, "w1", c10::nullopt, "b1");
-  check_second_layer(x, w2, c10::nullopt, s1.out_features);
+  check_mlp_second_layer(x, w2, c10::nullopt, s1.out_features);
   const int64_t M = s1.rows, K = s1.in_features, F = s1.out_features, N = w2.size(0);
   check_rows_like(grad_out, "grad_out", x, "x", N);
   check_rows_like(pre, "pre", x, "x", F);
