@@ -20,35 +20,12 @@ import torch
 import tfkernels
 from tfkernels import reference
 
-try:
-    from .utils import assert_flash_rule, max_abs_err
-except ImportError:  # tests/ is not a package on this branch
-    from utils import assert_flash_rule, max_abs_err
+from .attention_cuda_cases import ALL_HEAD_DIMS, HALF_DTYPES, MASK_IDS, MASKS, no_tf32  # noqa: F401 (fixture)
+from .attention_cuda_cases import make_qkv as _qkv
+from .utils import assert_flash_rule, max_abs_err
 
 pytestmark = pytest.mark.cuda
 sanitize = pytest.mark.sanitize
-
-HALF_DTYPES = [torch.float16, torch.bfloat16]
-ALL_HEAD_DIMS = [32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256]
-MASKS = [(False, "top_left"), (True, "top_left"), (True, "bottom_right")]
-MASK_IDS = ["full", "causal_tl", "causal_br"]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, layout="bhsd"):
-    def make(h, s):
-        if layout == "bshd":
-            return torch.randn(batch, s, h, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
-        return torch.randn(batch, h, s, head_dim, device="cuda", dtype=dtype)
-
-    return make(heads, seqlen_q), make(kv_heads, seqlen_k), make(kv_heads, seqlen_k)
 
 
 def _kernel_grads(q, k, v, dout, grad_lse=None, deterministic=False, **kw):

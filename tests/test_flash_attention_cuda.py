@@ -18,35 +18,12 @@ import torch
 import tfkernels
 from tfkernels import reference
 
+from .attention_cuda_cases import ALL_HEAD_DIMS, HALF_DTYPES, MASK_IDS, MASKS, no_tf32  # noqa: F401 (fixture)
+from .attention_cuda_cases import make_qkv as _qkv
 from .utils import assert_flash_rule, max_abs_err
 
 pytestmark = pytest.mark.cuda
 sanitize = pytest.mark.sanitize
-
-HALF_DTYPES = [torch.float16, torch.bfloat16]
-ALL_HEAD_DIMS = [32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256]
-# (is_causal, causal_alignment)
-MASKS = [(False, "top_left"), (True, "top_left"), (True, "bottom_right")]
-MASK_IDS = ["full", "causal_tl", "causal_br"]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # The float32 oracle must be real fp32 (and the fp32 kernel never uses TF32).
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, layout="bhsd"):
-    """Random q, k, v; layout "bshd" gives [B,H,S,D] views of [B,S,H,D] storage."""
-    def make(h, s):
-        if layout == "bshd":
-            return torch.randn(batch, s, h, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
-        return torch.randn(batch, h, s, head_dim, device="cuda", dtype=dtype)
-
-    return make(heads, seqlen_q), make(kv_heads, seqlen_k), make(kv_heads, seqlen_k)
 
 
 def _check_lse(lse, lse_ref, atol, rtol):

@@ -1,0 +1,28 @@
+"""What the CUDA attention tests (forward and backward) share: the issue's grid and inputs."""
+import pytest
+import torch
+
+from .utils import tf32_matmul
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+ALL_HEAD_DIMS = [32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256]
+# (is_causal, causal_alignment)
+MASKS = [(False, "top_left"), (True, "top_left"), (True, "bottom_right")]
+MASK_IDS = ["full", "causal_tl", "causal_br"]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    # The float32 oracle must be real fp32 (and the fp32 kernels never use TF32).
+    with tf32_matmul(False):
+        yield
+
+
+def make_qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, layout="bhsd"):
+    """Random q, k, v on the GPU; layout "bshd" gives [B,H,S,D] views of [B,S,H,D] storage."""
+    def make(h, s):
+        if layout == "bshd":
+            return torch.randn(batch, s, h, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+        return torch.randn(batch, h, s, head_dim, device="cuda", dtype=dtype)
+
+    return make(heads, seqlen_q), make(kv_heads, seqlen_k), make(kv_heads, seqlen_k)
