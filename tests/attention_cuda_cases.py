@@ -26,3 +26,15 @@ def make_qkv(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, layout
         return torch.randn(batch, h, s, head_dim, device="cuda", dtype=dtype)
 
     return make(heads, seqlen_q), make(kv_heads, seqlen_k), make(kv_heads, seqlen_k)
+
+
+def misaligned_qkv(dtype, batch=2, heads=3, seqlen=90, head_dim=64):
+    """q, k, v whose base pointers are off by one element and whose row strides are
+    not a multiple of 16 bytes (the launchers copy these to keep the 16-byte path)."""
+    buf = torch.randn(batch, heads, seqlen, head_dim + 3, device="cuda", dtype=dtype)
+    q = buf[..., 1:head_dim + 1]
+    kbuf = torch.randn(batch, heads, seqlen * (head_dim + 1) + 1, device="cuda", dtype=dtype)
+    k = kbuf[..., 1:].view(batch, heads, seqlen, head_dim + 1)[..., :head_dim]
+    v = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+    assert q.data_ptr() % 16 != 0 and k.stride(2) == head_dim + 1
+    return q, k, v

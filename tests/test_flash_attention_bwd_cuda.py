@@ -22,6 +22,7 @@ from tfkernels import reference
 
 from .attention_cuda_cases import ALL_HEAD_DIMS, HALF_DTYPES, MASK_IDS, MASKS, no_tf32  # noqa: F401 (fixture)
 from .attention_cuda_cases import make_qkv as _qkv
+from .attention_cuda_cases import misaligned_qkv
 from .utils import assert_flash_rule, max_abs_err
 
 pytestmark = pytest.mark.cuda
@@ -283,12 +284,7 @@ def test_bshd_views(head_dim, dtype):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_misaligned_views(dtype):
-    batch, heads, seqlen, head_dim = 2, 3, 90, 64
-    buf = torch.randn(batch, heads, seqlen, head_dim + 3, device="cuda", dtype=dtype)
-    q = buf[..., 1:head_dim + 1]
-    kbuf = torch.randn(batch, heads, seqlen * (head_dim + 1) + 1, device="cuda", dtype=dtype)
-    k = kbuf[..., 1:].view(batch, heads, seqlen, head_dim + 1)[..., :head_dim]
-    v = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
+    q, k, v = misaligned_qkv(dtype)
     _run_and_check(q, k, v, is_causal=True)
 
 
