@@ -41,6 +41,15 @@ bool aligned16(const at::Tensor& t) {
 // that huge or odd strides of size-1 dims never enter the address arithmetic.
 int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) > 1 ? t.stride(d) : 0; }
 
+// TFK_HEADDIM_SWITCH's answer for a head dim whose instantiation a
+// TFKERNELS_HEAD_DIMS build left out.
+cudaError_t head_dim_not_built(int64_t head_dim, int padded) {
+  TORCH_CHECK(false, "tfkernels: head dim ", head_dim, " needs the flash-attention kernels for head dim ", padded,
+              ", which this build left out (it was built with TFKERNELS_HEAD_DIMS restricting the head dims); "
+              "rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
+  return cudaErrorInvalidValue;
+}
+
 // The fields the forward and backward kernels share: pointers and strides of q, k,
 // v, out and lse, seqlens_k and the problem sizes. Returns the seqlens_k tensor
 // the params point into, which the caller keeps alive until the launch.
@@ -134,12 +143,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
     err = flash::run_flash_fwd_fp32(p, stream);
   } else {
     const bool is_bf16 = q.scalar_type() == at::kBFloat16;
-    auto missing = [&](int padded) -> cudaError_t {
-      TORCH_CHECK(false, "tfkernels: head dim ", shape.head_dim, " needs the flash-attention kernels for head dim ",
-                  padded, ", which this build left out (it was built with TFKERNELS_HEAD_DIMS restricting the "
-                  "head dims); rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
-      return cudaErrorInvalidValue;
-    };
+    auto missing = [&](int padded) { return head_dim_not_built(shape.head_dim, padded); };
     // sm_80 and sm_90 give a block 163 and 227 KB of shared memory, enough for
     // every instantiation. sm_86/sm_89 give 99 KB: there the D = 128 tiles (102 KB)
     // do not fit, so a head dim runs on the next larger instantiation that does
@@ -231,12 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   if (is_fp32) {
     err = flash::run_flash_bwd_fp32(p, stream);
   } else {
-    auto missing = [&](int padded) -> cudaError_t {
-      TORCH_CHECK(false, "tfkernels: head dim ", shape.head_dim, " needs the flash-attention kernels for head dim ",
-                  padded, ", which this build left out (it was built with TFKERNELS_HEAD_DIMS restricting the "
-                  "head dims); rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
-      return cudaErrorInvalidValue;
-    };
+    auto missing = [&](int padded) { return head_dim_not_built(shape.head_dim, padded); };
     // The backward needs more shared memory than the forward (Q, dO, K, V, P, dS
     // tiles): every instantiation fits sm_80 (163 KB) and sm_90 (227 KB); on 99 KB
     // devices (sm_86/89) head dims above 128 get a clear error.
