@@ -6,9 +6,9 @@
 // backward needs (the attention log-sum-exp, the MLP pre-activation), so autograd
 // saves outputs instead of recomputing them; `save_pre=false` skips that memory in
 // inference.
-#include <torch/library.h>
+#include "op_namespace.h"
 
-TORCH_LIBRARY(tfkernels, m) {
+TFKERNELS_LIBRARY(TFKERNELS_OP_NAMESPACE, m) {
   // Attention. q [B,H,Sq,D]; k, v [B,Hkv,Sk,D]; H % Hkv == 0. causal_alignment is
   // "top_left" (SDPA's is_causal) or "bottom_right" (FlashAttention's). seqlens_k
   // is an integer [B] of valid key lengths. lse is float32 [B,H,Sq]; -inf marks a

@@ -2,15 +2,13 @@
 // compiler): argument checks, dtype mapping, allocation, stream, launch check.
 // The kernels themselves live in bias_gelu_kernel.cu, which sees no torch header.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
 
 #include "alloc.h"
 #include "args.h"
+#include "cuda/common/device_context.h"
 #include "cuda/bias_gelu_kernel.h"
 #include "cuda/unverified.h"
 
@@ -44,7 +42,7 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x, const at::Tensor& bias, c10::stri
   TFKERNELS_WARN_UNVERIFIED_CUDA("bias_gelu");
   const GeluApprox form = parse_gelu_approximate(approximate);
   const int64_t cols = check_bias_gelu_args(x, bias);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const device::Guard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.contiguous();
   at::Tensor out = empty_output(x.sizes(), xc.options());
@@ -58,7 +56,7 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x, const at::Tensor& bias, c10::stri
   params.rows = xc.numel() / cols;
   params.dtype = elem_type(x.scalar_type());
   params.tanh = form == GeluApprox::kTanh;
-  C10_CUDA_CHECK(cuda::launch_bias_gelu(params, at::cuda::getCurrentCUDAStream()));
+  TFKERNELS_CHECK_LAUNCH(cuda::launch_bias_gelu(params, device::current_stream()));
   return out;
 }
 
@@ -71,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad_out
   check_same_dtype(grad_out, "grad_out", x, "x");
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "tfkernels: grad_out must have the shape of x ", x.sizes(), ", got ",
               grad_out.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
+  const device::Guard guard(x.device());
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.contiguous();
@@ -99,13 +97,13 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad_out
     workspace = at::empty({workspace_elems}, xc.options().dtype(at::kFloat));
     params.workspace = workspace.mutable_data_ptr<float>();
   }
-  C10_CUDA_CHECK(cuda::launch_bias_gelu_bwd(params, at::cuda::getCurrentCUDAStream()));
+  TFKERNELS_CHECK_LAUNCH(cuda::launch_bias_gelu_bwd(params, device::current_stream()));
   return {grad_x, grad_bias};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tfkernels, CUDA, m) {
+TFKERNELS_CUDA_LIBRARY_IMPL(m) {
   m.impl("bias_gelu", &bias_gelu_cuda);
   m.impl("bias_gelu_bwd", &bias_gelu_bwd_cuda);
 }

@@ -6,9 +6,6 @@
 // allocator). The kernels themselves live in csrc/cuda/flash/ and include no
 // torch headers.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -18,6 +15,7 @@
 
 #include "alloc.h"
 #include "args.h"
+#include "cuda/common/device_context.h"
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/kernel_traits.h"
 #include "cuda/flash/static_switch.h"
@@ -106,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   (void)deterministic;  // only the backward is affected
   const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k);
   check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
-  TORCH_CHECK(q_in.is_cuda(), "tfkernels: q must be a CUDA tensor, got ", q_in.device());
+  device::check_on_device(q_in, "q");
   TORCH_CHECK(shape.heads <= 65535 && shape.batch <= 65535,
               "tfkernels: the CUDA flash attention supports at most 65535 heads and 65535 batches, got H = ",
               shape.heads, ", B = ", shape.batch);
@@ -115,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
               "tfkernels: the CUDA flash attention supports sequence lengths below 2^30, got Sq = ", shape.seqlen_q,
               ", Sk = ", shape.seqlen_k);
 
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const device::Guard guard(q_in.device());
   at::Tensor out = empty_output({shape.batch, shape.heads, shape.seqlen_q, shape.head_dim}, q_in.options());
   at::Tensor lse = empty_output({shape.batch, shape.heads, shape.seqlen_q}, q_in.options().dtype(at::kFloat));
   if (shape.batch == 0 || shape.heads == 0 || shape.seqlen_q == 0) return {out, lse};
@@ -137,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   flash::FwdParams p{};
   const at::Tensor lens = set_attention_params(p, shape, q, k, v, out, lse, seqlens_k, fast);
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = device::current_stream();
   cudaError_t err = cudaSuccess;
   if (is_fp32) {
     err = flash::run_flash_fwd_fp32(p, stream);
@@ -149,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
     // do not fit, so a head dim runs on the next larger instantiation that does
     // (D <= 128 on the 160 kernel, 86 KB; its D tail is zero-filled like any
     // padded dim), and a dim with none left gets a clear error.
-    const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    const int64_t smem_limit = device::max_smem_per_block();
     int kernel_dim = flash::padded_head_dim(p.head_dim);
     while (kernel_dim <= flash::kMaxHeadDim && flash::fwd_smem_bytes(kernel_dim) > smem_limit) kernel_dim += 32;
     TORCH_CHECK(kernel_dim <= flash::kMaxHeadDim, "tfkernels: flash attention with head dim ", shape.head_dim,
@@ -159,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
       return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_fwd<Element, kHeadDim>(p, stream); });
     });
   }
-  C10_CUDA_CHECK(err);
+  TFKERNELS_CHECK_LAUNCH(err);
   return {out, lse};
 }
 
@@ -176,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
                                                                                            : grad_out_in;
   check_attention_grad_args(shape, q_in, grad_out_c, grad_lse_in, out_in, lse_in);
   check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
-  TORCH_CHECK(q_in.is_cuda(), "tfkernels: q must be a CUDA tensor, got ", q_in.device());
+  device::check_on_device(q_in, "q");
   TORCH_CHECK(shape.heads <= 65535 && shape.batch <= 65535,
               "tfkernels: the CUDA flash attention supports at most 65535 heads and 65535 batches, got H = ",
               shape.heads, ", B = ", shape.batch);
@@ -185,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
               "tfkernels: the CUDA flash attention supports sequence lengths below 2^30, got Sq = ", shape.seqlen_q,
               ", Sk = ", shape.seqlen_k);
 
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const device::Guard guard(q_in.device());
   at::Tensor grad_q = empty_output(q_in.sizes(), q_in.options());
   at::Tensor grad_k = empty_output(k_in.sizes(), k_in.options());
   at::Tensor grad_v = empty_output(v_in.sizes(), v_in.options());
@@ -227,10 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   p.dv = grad_v.data_ptr();
   p.deterministic = deterministic;
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = device::current_stream();
   const flash::BwdDtype dtype =
       is_fp32 ? flash::BwdDtype::kFloat : (is_bf16 ? flash::BwdDtype::kBFloat16 : flash::BwdDtype::kHalf);
-  C10_CUDA_CHECK(flash::run_flash_bwd_preprocess(p, dtype, stream));
+  TFKERNELS_CHECK_LAUNCH(flash::run_flash_bwd_preprocess(p, dtype, stream));
   cudaError_t err = cudaSuccess;
   if (is_fp32) {
     err = flash::run_flash_bwd_fp32(p, stream);
@@ -239,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
     // The backward needs more shared memory than the forward (Q, dO, K, V, P, dS
     // tiles): every instantiation fits sm_80 (163 KB) and sm_90 (227 KB); on 99 KB
     // devices (sm_86/89) head dims above 128 get a clear error.
-    const int64_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    const int64_t smem_limit = device::max_smem_per_block();
     const int kernel_dim = flash::padded_head_dim(p.head_dim);
     TORCH_CHECK(flash::bwd_smem_bytes(kernel_dim) <= smem_limit, "tfkernels: the flash attention backward with head dim ",
                 shape.head_dim, " needs ", flash::bwd_smem_bytes(kernel_dim),
@@ -249,13 +247,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
     });
     if (err == cudaSuccess && !deterministic) err = flash::run_flash_bwd_convert_dq(p, dtype, stream);
   }
-  C10_CUDA_CHECK(err);
+  TFKERNELS_CHECK_LAUNCH(err);
   return {grad_q, grad_k, grad_v};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tfkernels, CUDA, m) {
+TFKERNELS_CUDA_LIBRARY_IMPL(m) {
   m.impl("flash_attention_fwd", &flash_attention_fwd_cuda);
   m.impl("flash_attention_bwd", &flash_attention_bwd_cuda);
 }

@@ -3,13 +3,13 @@
 // GEMM core itself lives in csrc/cuda/gemm/ (CUDA headers only); this file hands
 // it plain descriptors (gemm_args.h).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
 
 #include "alloc.h"
 #include "args.h"
+#include "cuda/common/device_context.h"
 #include "cuda/gemm/gemm_args.h"
 #include "cuda/gemm_launch_utils.h"
 #include "cuda/unverified.h"
@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& 
   const QkvShape s = check_qkv_args(x, weight, bias, num_heads, num_kv_heads);
   check_cuda_dtype(x, "x");
   check_sizes(s);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const device::Guard guard(x.device());
 
   const int64_t M = s.batch * s.seqlen, N = s.out_features(), K = s.embed;
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cuda(const at::Tens
   check_qkv_grad_args(s, x, grad_q, grad_k, grad_v);
   check_cuda_dtype(x, "x");
   check_sizes(s);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const device::Guard guard(x.device());
 
   const int64_t tokens = s.batch * s.seqlen, E = s.embed, N = s.out_features(), D = s.head_dim;
   at::Tensor grad_x = empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cuda(const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tfkernels, CUDA, m) {
+TFKERNELS_CUDA_LIBRARY_IMPL(m) {
   m.impl("fused_qkv", &fused_qkv_cuda);
   m.impl("fused_qkv_bwd", &fused_qkv_bwd_cuda);
 }

@@ -7,8 +7,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
@@ -18,6 +16,7 @@
 #include <limits>
 
 #include "args.h"
+#include "cuda/common/device_context.h"
 
 namespace tfkernels {
 namespace gemm_launch {
@@ -70,7 +69,7 @@ inline bool chunks_ok(const at::Tensor& m) {
 // fp32, bf16 or fp16 on a CUDA device (the GEMM core's dtypes).
 inline void check_cuda_dtype(const at::Tensor& x, const char* name) {
   check_dtype_in(x, name, {at::kFloat, at::kBFloat16, at::kHalf});
-  TORCH_CHECK(x.is_cuda(), "tfkernels: ", name, " must be a CUDA tensor, got ", x.device());
+  device::check_on_device(x, name);
 }
 
 // The fields every core entry point's arguments carry (QkvFwdArgs, QkvBwdArgs,
@@ -78,10 +77,9 @@ inline void check_cuda_dtype(const at::Tensor& x, const char* name) {
 // and the tile override.
 template <class Args>
 void set_device_fields(Args& a, at::ScalarType dtype) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   a.tf32 = dtype == at::kFloat && tf32_allowed();
-  a.num_sms = prop->multiProcessorCount;
-  a.max_smem = prop->sharedMemPerBlockOptin;
+  a.num_sms = device::num_sms();
+  a.max_smem = device::max_smem_per_block();
   a.tile_override = tile_override();
 }
 
@@ -90,14 +88,14 @@ void set_device_fields(Args& a, at::ScalarType dtype) {
 template <class Args>
 void launch_by_dtype(at::ScalarType dtype, const Args& a, cudaError_t (*f16)(const Args&, cudaStream_t),
                      cudaError_t (*bf16)(const Args&, cudaStream_t), cudaError_t (*f32)(const Args&, cudaStream_t)) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = device::current_stream();
   cudaError_t err = cudaSuccess;
   switch (dtype) {
     case at::kHalf: err = f16(a, stream); break;
     case at::kBFloat16: err = bf16(a, stream); break;
     default: err = f32(a, stream); break;
   }
-  C10_CUDA_CHECK(err);
+  TFKERNELS_CHECK_LAUNCH(err);
 }
 
 }  // namespace gemm_launch

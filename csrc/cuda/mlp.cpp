@@ -56,7 +56,6 @@
 // and row strides), else the generic kernel; fp32 always runs the generic kernel,
 // TF32 when torch allows it for matmuls.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -64,6 +63,7 @@
 
 #include "alloc.h"
 #include "args.h"
+#include "cuda/common/device_context.h"
 #include "cuda/gemm/gemm_args.h"
 #include "cuda/gemm_launch_utils.h"
 #include "cuda/unverified.h"
@@ -161,7 +161,7 @@ void dgelu_pass(const at::Tensor& grad_out, const at::Tensor& pre, const at::Ten
   a.N = grad_pre.size(1);
   a.tanh = approx == GeluApprox::kTanh;
   a.vector_ok = chunks_ok(grad_out) && chunks_ok(pre) && chunks_ok(grad_pre);
-  a.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.num_sms = device::num_sms();
   launch_by_dtype(grad_pre.scalar_type(), a, &g::mlp_dgelu_f16, &g::mlp_dgelu_bf16, &g::mlp_dgelu_f32);
 }
 
@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_cuda(const at::Tensor& x, const a
   check_cuda_dtype(x, "x");
   const int64_t M = s.rows, K = s.in_features, N = s.out_features;
   check_dims("linear_gelu", {M, K, N});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const device::Guard guard(x.device());
 
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor out = empty_output(with_last(x, N), opts);
@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cuda(const at::Te
   check_cuda_dtype(x, "x");
   const int64_t M = s.rows, K = s.in_features, N = s.out_features;
   check_dims("linear_gelu_bwd", {M, K, N});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const device::Guard guard(x.device());
   const at::ScalarType dt = x.scalar_type();
 
   at::Tensor grad_x = empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cuda(const at::Tensor& x, const at:
   check_cuda_dtype(x, "x");
   const int64_t M = s1.rows, K = s1.in_features, F = s1.out_features, N = w2.size(0);
   check_dims("fused_mlp", {M, K, F, N});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const device::Guard guard(x.device());
   const at::ScalarType dt = x.scalar_type();
 
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
@@ -281,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp
   const GeluApprox approx = parse_gelu_approximate(approximate);
   check_cuda_dtype(x, "x");
   check_dims("fused_mlp_bwd", {M, K, F, N});
-  const c10::cuda::CUDAGuard guard(x.device());
+  const device::Guard guard(x.device());
   const at::ScalarType dt = x.scalar_type();
 
   const auto contiguous = at::MemoryFormat::Contiguous;
@@ -324,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tfkernels, CUDA, m) {
+TFKERNELS_CUDA_LIBRARY_IMPL(m) {
   m.impl("linear_gelu", &linear_gelu_cuda);
   m.impl("linear_gelu_bwd", &linear_gelu_bwd_cuda);
   m.impl("fused_mlp", &fused_mlp_cuda);

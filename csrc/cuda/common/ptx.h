@@ -7,11 +7,19 @@
 // registers, C/D are 16x8 fp32 in 4 registers: thread t holds rows t/4 and t/4+8,
 // columns 2*(t%4) and 2*(t%4)+1.
 #pragma once
+//
+// The inline-PTX primitives have a second implementation for the emulated device
+// (csrc/emu/ptx.h, selected by TFKERNELS_EMULATE), written from the PTX ISA; the
+// plain CUDA helpers below them are shared by both.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+
+#if defined(TFKERNELS_EMULATE)
+#include "emu/ptx.h"
+#else
 
 namespace tfkernels {
 namespace cuda {
@@ -108,6 +116,22 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   return r;
 }
 
+// 2^x with the hardware approximation (about 2 ulp), whatever the compile flags:
+// ex2.approx(-inf) = +0, which softmax code relies on for masked scores.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+}  // namespace cuda
+}  // namespace tfkernels
+
+#endif  // TFKERNELS_EMULATE
+
+namespace tfkernels {
+namespace cuda {
+
 // ----------------------------------------------------------------- packing
 
 // Two fp32 values rounded to one register of two 16-bit values (low half first),
@@ -153,14 +177,6 @@ struct FastDiv {
 };
 
 // ----------------------------------------------------------------- math and warp reductions
-
-// 2^x with the hardware approximation (about 2 ulp), whatever the compile flags:
-// ex2.approx(-inf) = +0, which softmax code relies on for masked scores.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // Reductions over groups of kWidth consecutive lanes (kWidth a power of two <= 32):
 // kWidth = 4 reduces the four threads that share a row of an mma C fragment.

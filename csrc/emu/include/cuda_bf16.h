@@ -1,0 +1,3 @@
+// Stand-in for the CUDA toolkit header of the same name: the emulated device.
+#pragma once
+#include "emu/cuda_device.h"
