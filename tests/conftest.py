@@ -8,6 +8,8 @@ os.environ.setdefault("TFKERNELS_POISON_OUTPUTS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.devices import cuda_device  # noqa: E402,F401 (fixture: the CUDA kernels on "cuda" and "emu")
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
@@ -17,6 +19,15 @@ def _fresh_seed(request):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The emulated device runs the quick grid (cases marked emu_quick) unless
+    # TFKERNELS_EMU_GRID=full: every case is ~1000x slower than on a GPU.
+    if os.environ.get("TFKERNELS_EMU_GRID", "quick") != "full":
+        kept, dropped = [], []
+        for item in items:
+            (dropped if "emu" in item.keywords and "emu_quick" not in item.keywords else kept).append(item)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none visible)")

@@ -23,7 +23,6 @@ from .attention_cuda_cases import make_qkv as _qkv
 from .attention_cuda_cases import misaligned_qkv
 from .utils import assert_flash_rule, max_abs_err
 
-pytestmark = pytest.mark.cuda
 sanitize = pytest.mark.sanitize
 
 
@@ -64,17 +63,17 @@ def _run_and_check(q, k, v, **kw):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", ALL_HEAD_DIMS)
-def test_head_dims(head_dim, dtype):
+def test_head_dims(cuda_device, head_dim, dtype):
     # Odd Sq and Sk: partial query and key tiles at every head dim (the padded
     # dims 40/59/80/111 zero-fill their D tail; 59 and 111 take the unaligned path).
-    q, k, v = _qkv(2, 3, 3, 113, 203, head_dim, dtype)
+    q, k, v = _qkv(cuda_device, 2, 3, 3, 113, 203, head_dim, dtype)
     _run_and_check(q, k, v)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [40, 128, 256])
-def test_head_dims_causal(head_dim, dtype):
-    q, k, v = _qkv(1, 2, 2, 200, 257, head_dim, dtype)
+def test_head_dims_causal(cuda_device, head_dim, dtype):
+    q, k, v = _qkv(cuda_device, 1, 2, 2, 200, 257, head_dim, dtype)
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
 
 
@@ -83,30 +82,30 @@ def test_head_dims_causal(head_dim, dtype):
 
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("seqlen", [1, 17, 97, 128, 200, 257, 1023, 2048])
-def test_square_seqlens(seqlen, mask):
+def test_square_seqlens(cuda_device, seqlen, mask):
     is_causal, alignment = mask
     # Cycle head dim and dtype with the length so each pairing shows up somewhere.
     head_dim = {1: 64, 17: 32, 97: 96, 128: 128, 200: 80, 257: 160, 1023: 64, 2048: 128}[seqlen]
     dtype = torch.float16 if seqlen % 2 else torch.bfloat16
     batch = 2 if seqlen <= 257 else 1
-    q, k, v = _qkv(batch, 2, 2, seqlen, seqlen, head_dim, dtype)
+    q, k, v = _qkv(cuda_device, batch, 2, 2, seqlen, seqlen, head_dim, dtype)
     _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment)
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("seqlen_q,seqlen_k",
                          [(113, 203), (128, 217), (108, 256), (256, 512), (512, 256), (1023, 1024), (1024, 1023)])
-def test_rectangular(seqlen_q, seqlen_k, mask):
+def test_rectangular(cuda_device, seqlen_q, seqlen_k, mask):
     is_causal, alignment = mask
     dtype = torch.bfloat16 if seqlen_q % 2 else torch.float16
     head_dim = 64 if seqlen_q < 1000 else 128
-    q, k, v = _qkv(2, 2, 2, seqlen_q, seqlen_k, head_dim, dtype)
+    q, k, v = _qkv(cuda_device, 2, 2, 2, seqlen_q, seqlen_k, head_dim, dtype)
     _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment)
 
 
 @pytest.mark.parametrize("seqlen_q,seqlen_k,head_dim", [(300, 257, 224), (97, 160, 192), (257, 300, 160)])
-def test_large_head_dims_causal_rectangular(seqlen_q, seqlen_k, head_dim):
-    q, k, v = _qkv(1, 2, 2, seqlen_q, seqlen_k, head_dim, torch.bfloat16)
+def test_large_head_dims_causal_rectangular(cuda_device, seqlen_q, seqlen_k, head_dim):
+    q, k, v = _qkv(cuda_device, 1, 2, 2, seqlen_q, seqlen_k, head_dim, torch.bfloat16)
     _run_and_check(q, k, v, is_causal=True, causal_alignment="top_left")
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
 
@@ -117,9 +116,9 @@ def test_large_head_dims_causal_rectangular(seqlen_q, seqlen_k, head_dim):
 @pytest.mark.parametrize("kv_heads", [1, 3])
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("head_dim", [64, 111])
-def test_gqa(head_dim, mask, kv_heads):
+def test_gqa(cuda_device, head_dim, mask, kv_heads):
     is_causal, alignment = mask
-    q, k, v = _qkv(2, 9, kv_heads, 150, 190, head_dim, torch.float16)
+    q, k, v = _qkv(cuda_device, 2, 9, kv_heads, 150, 190, head_dim, torch.float16)
     _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment)
 
 
@@ -130,23 +129,23 @@ def test_gqa(head_dim, mask, kv_heads):
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.bfloat16, 128), (torch.float16, 59),
                                             (torch.float32, 64)], ids=["fp16-64", "bf16-128", "fp16-59", "fp32-64"])
-def test_seqlens_k(dtype, head_dim, mask, lens_dtype):
+def test_seqlens_k(cuda_device, dtype, head_dim, mask, lens_dtype):
     is_causal, alignment = mask
     batch, seqlen_q, seqlen_k = 5, 140, 300
     # Random lengths plus the edges: 0 (every row sees nothing), Sk, 1.
     lens = torch.randint(1, seqlen_k + 1, (batch,))
     lens[0], lens[1], lens[2] = 0, seqlen_k, 1
-    lens = lens.to(device="cuda", dtype=lens_dtype)
-    q, k, v = _qkv(batch, 4, 2, seqlen_q, seqlen_k, head_dim, dtype)
+    lens = lens.to(device=cuda_device, dtype=lens_dtype)
+    q, k, v = _qkv(cuda_device, batch, 4, 2, seqlen_q, seqlen_k, head_dim, dtype)
     out, lse = _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment, seqlens_k=lens)
     assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0]))
 
 
 @sanitize
-def test_seqlens_k_padding_is_never_read():
+def test_seqlens_k_padding_is_never_read(cuda_device):
     # K/V rows at or past seqlens_k are zero-filled on load: NaN there must not leak.
-    q, k, v = _qkv(2, 2, 2, 70, 130, 64, torch.float16)
-    lens = torch.tensor([50, 129], device="cuda", dtype=torch.int32)
+    q, k, v = _qkv(cuda_device, 2, 2, 2, 70, 130, 64, torch.float16)
+    lens = torch.tensor([50, 129], device=cuda_device, dtype=torch.int32)
     k[0, :, 50:] = float("nan")
     v[0, :, 50:] = float("nan")
     k[1, :, 129:] = float("nan")
@@ -169,15 +168,15 @@ def test_seqlens_k_padding_is_never_read():
 @pytest.mark.parametrize("head_dim,seqlen_q,seqlen_k",
                          [(32, 1, 1), (59, 113, 203), (64, 128, 128), (128, 257, 200), (256, 97, 300),
                           (111, 512, 256)])
-def test_fp32(head_dim, seqlen_q, seqlen_k, mask):
+def test_fp32(cuda_device, head_dim, seqlen_q, seqlen_k, mask):
     is_causal, alignment = mask
-    q, k, v = _qkv(2, 3, 1, seqlen_q, seqlen_k, head_dim, torch.float32)
+    q, k, v = _qkv(cuda_device, 2, 3, 1, seqlen_q, seqlen_k, head_dim, torch.float32)
     _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment)
 
 
 @sanitize
-def test_fp32_small():
-    q, k, v = _qkv(1, 2, 2, 17, 33, 40, torch.float32)
+def test_fp32_small(cuda_device):
+    q, k, v = _qkv(cuda_device, 1, 2, 2, 17, 33, 40, torch.float32)
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
 
 
@@ -186,32 +185,32 @@ def test_fp32_small():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 59, 128])
-def test_bshd_views(head_dim, dtype):
+def test_bshd_views(cuda_device, head_dim, dtype):
     # [B,S,H,D] storage seen as [B,H,S,D]: no copy on the aligned path.
-    q, k, v = _qkv(2, 4, 2, 129, 77, head_dim, dtype, layout="bshd")
+    q, k, v = _qkv(cuda_device, 2, 4, 2, 129, 77, head_dim, dtype, layout="bshd")
     assert not q.is_contiguous()
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_misaligned_views(dtype):
-    q, k, v = misaligned_qkv(dtype)
+def test_misaligned_views(cuda_device, dtype):
+    q, k, v = misaligned_qkv(cuda_device, dtype)
     _run_and_check(q, k, v, is_causal=True)
 
 
 @sanitize
-def test_odd_head_dim_strided_views():
+def test_odd_head_dim_strided_views(cuda_device):
     # D = 59 with [B,S,H,D] views: the element-wise path with arbitrary strides.
-    q, k, v = _qkv(2, 3, 3, 40, 50, 59, torch.bfloat16, layout="bshd")
+    q, k, v = _qkv(cuda_device, 2, 3, 3, 40, 50, 59, torch.bfloat16, layout="bshd")
     _run_and_check(q, k, v)
 
 
 @sanitize
-def test_expanded_kv():
+def test_expanded_kv(cuda_device):
     # Zero strides (expand) over batch are legal strided inputs.
-    q = torch.randn(3, 2, 33, 64, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, 2, 45, 64, device="cuda", dtype=torch.float16).expand(3, -1, -1, -1)
-    v = torch.randn(1, 2, 45, 64, device="cuda", dtype=torch.float16).expand(3, -1, -1, -1)
+    q = torch.randn(3, 2, 33, 64, device=cuda_device, dtype=torch.float16)
+    k = torch.randn(1, 2, 45, 64, device=cuda_device, dtype=torch.float16).expand(3, -1, -1, -1)
+    v = torch.randn(1, 2, 45, 64, device=cuda_device, dtype=torch.float16).expand(3, -1, -1, -1)
     _run_and_check(q, k, v)
 
 
@@ -219,17 +218,17 @@ def test_expanded_kv():
 
 
 @pytest.mark.parametrize("scale", [0.3, -0.5, 0.0])
-def test_custom_scale(scale):
-    q, k, v = _qkv(1, 2, 2, 100, 140, 96, torch.float16)
+def test_custom_scale(cuda_device, scale):
+    q, k, v = _qkv(cuda_device, 1, 2, 2, 100, 140, 96, torch.float16)
     _run_and_check(q, k, v, scale=scale, is_causal=True)
 
 
 @sanitize
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_fully_masked_rows(dtype):
+def test_fully_masked_rows(cuda_device, dtype):
     # bottom_right with Sq > Sk: query rows i < Sq - Sk see no key.
     seqlen_q, seqlen_k = 50, 20
-    q, k, v = _qkv(2, 2, 2, seqlen_q, seqlen_k, 64, dtype)
+    q, k, v = _qkv(cuda_device, 2, 2, 2, seqlen_q, seqlen_k, 64, dtype)
     out, lse = _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
     hidden = seqlen_q - seqlen_k
     assert torch.all(out[:, :, :hidden] == 0)
@@ -238,17 +237,17 @@ def test_fully_masked_rows(dtype):
 
 
 @sanitize
-def test_all_rows_masked_by_zero_lengths():
-    q, k, v = _qkv(2, 2, 1, 33, 40, 128, torch.bfloat16)
-    lens = torch.zeros(2, device="cuda", dtype=torch.int64)
+def test_all_rows_masked_by_zero_lengths(cuda_device):
+    q, k, v = _qkv(cuda_device, 2, 2, 1, 33, 40, 128, torch.bfloat16)
+    lens = torch.zeros(2, device=cuda_device, dtype=torch.int64)
     out, lse = tfkernels.flash_attention(q, k, v, seqlens_k=lens, return_lse=True)
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
 @sanitize
-def test_large_magnitude_scores():
+def test_large_magnitude_scores(cuda_device):
     # Scores of several hundred: the online max must keep exp2 in range.
-    q, k, v = _qkv(1, 2, 2, 80, 150, 64, torch.float16)
+    q, k, v = _qkv(cuda_device, 1, 2, 2, 80, 150, 64, torch.float16)
     q = q * 8
     _run_and_check(q, k, v, scale=1.0)
 
@@ -257,8 +256,9 @@ def test_large_magnitude_scores():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.cuda
 def test_cuda_graph_capture(dtype):
-    q, k, v = _qkv(2, 4, 2, 200, 300, 128 if dtype != torch.float32 else 64, dtype)
+    q, k, v = _qkv("cuda", 2, 4, 2, 200, 300, 128 if dtype != torch.float32 else 64, dtype)
     lens = torch.tensor([300, 123], device="cuda", dtype=torch.int32)
     kw = dict(is_causal=True, causal_alignment="bottom_right", seqlens_k=lens)
     # Warm up on a side stream (one-time attribute setup happens outside capture).
@@ -285,8 +285,9 @@ def test_cuda_graph_capture(dtype):
     _run_and_check(q, k, v, **kw)
 
 
+@pytest.mark.cuda
 def test_side_stream():
-    q, k, v = _qkv(1, 2, 2, 130, 130, 64, torch.float16)
+    q, k, v = _qkv("cuda", 1, 2, 2, 130, 130, 64, torch.float16)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -300,42 +301,42 @@ def test_side_stream():
 # --------------------------------------------------------------------------- errors
 
 
-def test_float64_is_rejected_clearly():
-    q, k, v = _qkv(1, 1, 1, 8, 8, 32, torch.float64)
+def test_float64_is_rejected_clearly(cuda_device):
+    q, k, v = _qkv(cuda_device, 1, 1, 1, 8, 8, 32, torch.float64)
     with pytest.raises(RuntimeError, match="dtype"):
         tfkernels.flash_attention(q, k, v)
 
 
 @sanitize
-def test_empty_query():
-    q, k, v = _qkv(2, 2, 2, 0, 16, 64, torch.float16)
+def test_empty_query(cuda_device):
+    q, k, v = _qkv(cuda_device, 2, 2, 2, 0, 16, 64, torch.float16)
     out, lse = tfkernels.flash_attention(q, k, v, return_lse=True)
     assert out.shape == (2, 2, 0, 64) and lse.shape == (2, 2, 0)
 
 
 @sanitize
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_empty_keys(dtype):
+def test_empty_keys(cuda_device, dtype):
     # Sk = 0: every row sees nothing.
-    q, k, v = _qkv(2, 2, 1, 20, 0, 64, dtype)
+    q, k, v = _qkv(cuda_device, 2, 2, 1, 20, 0, 64, dtype)
     out, lse = tfkernels.flash_attention(q, k, v, return_lse=True)
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_opcheck(dtype):
+def test_opcheck(cuda_device, dtype):
     # Schema and fake-kernel agreement (the backward is a later issue, so no
     # autograd / AOT checks here).
-    q, k, v = _qkv(2, 4, 2, 33, 47, 64, dtype, layout="bshd")
-    lens = torch.tensor([47, 5], device="cuda", dtype=torch.int32)
+    q, k, v = _qkv(cuda_device, 2, 4, 2, 33, 47, 64, dtype, layout="bshd")
+    lens = torch.tensor([47, 5], device=cuda_device, dtype=torch.int32)
     torch.library.opcheck(torch.ops.tfkernels.flash_attention_fwd.default,
                           (q, k, v, True, "bottom_right", None, lens, False),
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_default_scale_matches_sdpa():
+def test_default_scale_matches_sdpa(cuda_device):
     # An independent oracle: PyTorch's own SDPA math backend in float32.
-    q, k, v = _qkv(2, 3, 3, 65, 70, 64, torch.float32)
+    q, k, v = _qkv(cuda_device, 2, 3, 3, 65, 70, 64, torch.float32)
     out = tfkernels.flash_attention(q, k, v, is_causal=True)
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
     torch.testing.assert_close(out, ref.float(), atol=2e-5, rtol=2e-5)
