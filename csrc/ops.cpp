@@ -53,4 +53,8 @@ TFKERNELS_LIBRARY(TFKERNELS_OP_NAMESPACE, m) {
   m.def(
       "fused_mlp_bwd(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor pre, str approximate) "
       "-> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, Tensor grad_b2)");
+
+  // Test-only: runs one PTX primitive in one warp (csrc/cuda/probe/), for the
+  // fragment-layout tests against the PTX ISA's tables. CUDA (and emulated) only.
+  m.def("_ptx_probe(str probe, Tensor input, int out_numel, int divisor) -> Tensor");
 }

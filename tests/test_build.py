@@ -62,8 +62,9 @@ def test_every_schema_is_declared_once():
         assert hasattr(torch.ops.tfkernels, name), f"tfkernels::{name} is not registered"
 
 
-@pytest.mark.parametrize("op", _schema_names())
+@pytest.mark.parametrize("op", [n for n in _schema_names() if not n.startswith("_")])
 def test_every_op_has_a_cpu_kernel(op):
+    # Underscored ops are test-only probes of the CUDA primitives (no CPU kernel).
     assert _has_kernel(op, "CPU"), f"tfkernels::{op} has no CPU kernel (csrc/cpu/ must register one)"
 
 

@@ -75,7 +75,7 @@ def write_ninja(build_dir, variant, kernel_sources, launcher_sources, runtime_so
         "  deps = gcc",
         "  description = CXX $in",
         "rule link",
-        "  command = $cxx $in -o $out $ldflags",
+        "  command = $cxx $in -o $out.tmp $ldflags && mv -f $out.tmp $out",
         "  description = LINK $out",
     ]
     objects = []
