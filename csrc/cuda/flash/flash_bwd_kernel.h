@@ -27,7 +27,11 @@
 // straddles len_k or the diagonal. K/V rows at or past len_k and Q/dO rows at or
 // past Sq are zero-filled; query rows past Sq get lse2 = +inf so P = 0 there. A
 // row with lse = -inf (it saw no key) also gets lse2 = +inf: P = exp2(x - inf) = 0,
-// so its gradients are exactly 0, never NaN.
+// so its gradients are exactly 0, never NaN. A row with lse = NaN (it saw a
+// non-finite score) gets P = NaN on the keys it sees, as the reference.
+// Known gap (as in the forward): a causal-hidden pair inside a diagonal tile has
+// P = dS = 0 but still meets the tile's mma, so Inf/NaN in that key's k (dQ) or
+// in that query's q or dO (dK, dV) leaks into the pair as 0 * Inf = NaN.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -149,14 +153,20 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
       for (int c = 0; c < 2; ++c) {
         const int ql = q_w + nt * 8 + 2 * tq + c;  // local query (column of S^T)
         float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] * scale_log2 - s_lse2[ql]);
+        float dsv = pv * (acc_dp[nt][2 * r + c] - s_delta[ql]);
         if (need_mask) {
           const int key = n0 + kl;
           const int q = m0 + ql;
           const bool visible = key < len_k && (!causal || key <= q + off);
-          if (!visible) pv = 0.0f;
+          // Both exactly 0: a hidden pair's dp (Inf in v) or delta (a NaN row) is
+          // not finite, and 0 * (dp - delta) would be NaN.
+          if (!visible) {
+            pv = 0.0f;
+            dsv = 0.0f;
+          }
         }
         p[c] = pv;
-        ds[c] = pv * (acc_dp[nt][2 * r + c] - s_delta[ql]);
+        ds[c] = dsv;
       }
       const int idx = kl * kPS + q_w + nt * 8 + 2 * tq;
       if (kWriteP) *reinterpret_cast<uint32_t*>(sP + idx) = cuda::pack2<Element>(p[0], p[1]);

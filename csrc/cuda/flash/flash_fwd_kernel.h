@@ -20,7 +20,14 @@
 // is evaluated only on tiles that straddle len_k or the causal diagonal. K/V rows
 // at or past len_k are zero-filled on load, so padding (even NaN) never reaches P V.
 // Rows that see no key end with m = -inf and l = 0: every exponent is guarded so
-// they produce O = 0 and lse = -inf, never NaN.
+// they produce O = 0 and lse = -inf, never NaN. Whether a row sees a key comes
+// from the mask, never from m or l: a NaN score (from NaN in q or k) leaves m
+// finite (fmaxf drops it) but makes l NaN through exp2(NaN) in the sum; a +inf
+// score makes exp2(inf - inf) = NaN; visible scores that are all -inf end with
+// l = 0. Such rows get O = acc * (1 / l) = NaN and lse = NaN, as the reference.
+// Known gap: a key hidden by the causal mask inside a diagonal tile still meets
+// the tile's mma with P = 0, so Inf/NaN in its v row reaches the rows of that
+// tile that cannot see it (0 * Inf = NaN). The fp32 kernel and the CPU are exact.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,6 +59,12 @@ __device__ __forceinline__ int num_key_tiles(const FwdParams& p, int len_k, int 
     key_end = causal_end < key_end ? causal_end : key_end;
   }
   return key_end > 0 ? (key_end + block_n - 1) / block_n : 0;
+}
+
+// Whether query row `row` sees at least one key (key 0): the only test for an
+// empty row, which gets O = 0 and lse = -inf.
+__device__ __forceinline__ bool row_sees_a_key(const FwdParams& p, int len_k, int off, int row) {
+  return len_k > 0 && (!p.causal || row + off >= 0);
 }
 
 template <typename Traits, typename Element>
@@ -272,9 +285,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = cuda::group_sum<4>(row_sum[r]);
-    // l >= 1 whenever the row saw a key (its max contributes exp2(0) = 1).
-    inv_l[r] = l > 0.0f ? 1.0f / l : 0.0f;
-    lse[r] = l > 0.0f ? (row_max[r] + __log2f(l)) * kLn2 : kNegInf;
+    const bool sees_a_key = row_sees_a_key(params, len_k, off, m0w + g + 8 * r);
+    // l >= 1 when the row's scores are finite (its max contributes exp2(0) = 1); l
+    // is NaN or 0 after non-finite scores, and then O and lse are NaN.
+    inv_l[r] = sees_a_key ? 1.0f / l : 0.0f;
+    lse[r] = !sees_a_key ? kNegInf : l > 0.0f ? (row_max[r] + __log2f(l)) * kLn2 : __int_as_float(0x7fffffff);
   }
   if (!warp_active) return;
   __syncwarp();
