@@ -114,23 +114,25 @@ def _fwd_bwd(fn, q, k, v, grad_out, grad_lse, **kwargs):
 
 
 def _check_attention(q, k, v, **kwargs):
+    """Kernel on q's device; both references on the CPU (float64, and the inputs' dtype
+    as the flash rule's yardstick), so a device only has to run the op itself."""
     device, dtype = q.device, q.dtype
-    grad_out = torch.randn(q.shape).to(device=device, dtype=dtype)
-    mask = reference.attention_mask(q.shape[2], k.shape[2], batch=q.shape[0], device=device,
+    grad_out = torch.randn(q.shape).to(dtype)
+    seqlens_k = kwargs.get("seqlens_k")
+    kw_cpu = dict(kwargs, seqlens_k=None if seqlens_k is None else seqlens_k.cpu())
+    mask = reference.attention_mask(q.shape[2], k.shape[2], batch=q.shape[0],
                                     is_causal=kwargs.get("is_causal", False),
                                     causal_alignment=kwargs.get("causal_alignment", "top_left"),
-                                    seqlens_k=kwargs.get("seqlens_k"))
+                                    seqlens_k=kw_cpu["seqlens_k"])
     sees_a_key = mask.any(-1).expand(q.shape[:3])
-    grad_lse = torch.randn(q.shape[:3], device=device) * sees_a_key
+    grad_lse = torch.randn(q.shape[:3]) * sees_a_key
 
-    got = _fwd_bwd(tfkernels.flash_attention, q, k, v, grad_out, grad_lse, **kwargs)
-    cpu64 = [t.detach().cpu().double() for t in (q, k, v, grad_out)]
-    seqlens_cpu = kwargs.get("seqlens_k")
-    kw_cpu = dict(kwargs, seqlens_k=None if seqlens_cpu is None else seqlens_cpu.cpu())
-    high = _fwd_bwd(reference.flash_attention, *cpu64[:3], cpu64[3], grad_lse.cpu(), **kw_cpu)
+    got = _fwd_bwd(tfkernels.flash_attention, q, k, v, grad_out.to(device), grad_lse.to(device), **kwargs)
+    got = [t.detach().cpu() for t in got]
+    cpu = [t.detach().cpu() for t in (q, k, v)]
+    high = _fwd_bwd(reference.flash_attention, *(t.double() for t in cpu), grad_out.double(), grad_lse, **kw_cpu)
     # The low-precision yardstick of the flash rule (float64 is compared tightly instead).
-    low = high if dtype == torch.float64 else _fwd_bwd(reference.flash_attention, q, k, v, grad_out, grad_lse,
-                                                       **kwargs)
+    low = high if dtype == torch.float64 else _fwd_bwd(reference.flash_attention, *cpu, grad_out, grad_lse, **kw_cpu)
 
     # Rows that see no key: exactly 0 and lse -inf, whatever the other rows hold.
     out, lse = got[0].detach(), got[1].detach()
@@ -139,9 +141,12 @@ def _check_attention(q, k, v, **kwargs):
     for name, g, hi, lo in zip(("output", "lse", "dq", "dk", "dv"), got, high, low):
         if name == "lse":
             hi, lo = hi.float(), lo.float()  # the schema's lse is float32
-        # fp32 gradients: the kernel takes Delta from O, the autograd reference sums P dP
-        # (see test_flash_attention._dense_flash_backward); allow the CPU suite's 4x.
-        factor = 4.0 if dtype == torch.float32 and name.startswith("d") else 2.0
+        # fp32: the CPU suite allows 4x for gradients (the kernel takes Delta from O, the
+        # autograd reference sums P dP; see test_flash_attention._dense_flash_backward),
+        # the CUDA fp32 suite 8x (hardware exp2, other summation orders).
+        factor = 2.0
+        if dtype == torch.float32:
+            factor = 8.0 if device.type != "cpu" else 4.0 if name.startswith("d") else 2.0
         _assert_matches(g, hi, lo, name, factor)
     return got, high
 
@@ -233,7 +238,8 @@ GEMM_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
 def _gemm_check(fn, ref_fn, tensors, device, dtype, **kwargs):
-    """Forward and every gradient: same NaN pattern as the float64 reference, finite parts close."""
+    """Forward and every gradient: same NaN pattern as the float64 reference, finite parts
+    by the usual rules. The op runs on `device`, the references on the CPU."""
     inputs = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in tensors]
     out = fn(*inputs, **kwargs)
     outs = out if isinstance(out, tuple) else (out,)
@@ -247,7 +253,7 @@ def _gemm_check(fn, ref_fn, tensors, device, dtype, **kwargs):
         return [*r, *torch.autograd.grad(r, ts, gs)]
 
     high = run_ref([t.detach().cpu().double() for t in inputs], [g.cpu().double() for g in grads_out])
-    low = run_ref(inputs, grads_out)
+    low = run_ref([t.detach().cpu() for t in inputs], [g.cpu() for g in grads_out])
     assert any(torch.isnan(t).any() for t in high), "the case must put a NaN somewhere"
     for i, (g, hi, lo) in enumerate(zip(got, high, low)):
         _assert_matches(g, hi, lo, f"result {i}")

@@ -25,9 +25,10 @@
 // finite (fmaxf drops it) but makes l NaN through exp2(NaN) in the sum; a +inf
 // score makes exp2(inf - inf) = NaN; visible scores that are all -inf end with
 // l = 0. Such rows get O = acc * (1 / l) = NaN and lse = NaN, as the reference.
-// Known gap: a key hidden by the causal mask inside a diagonal tile still meets
-// the tile's mma with P = 0, so Inf/NaN in its v row reaches the rows of that
-// tile that cannot see it (0 * Inf = NaN). The fp32 kernel and the CPU are exact.
+// A key hidden by the causal mask inside a diagonal tile would still meet the
+// tile's P V mma with P = 0, and 0 * Inf = NaN would reach rows that cannot see
+// it: such tiles check their V for Inf/NaN (one extra barrier) and, when found,
+// take the row-exact product of mma_pair_visible_only (flash_tile.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -173,11 +174,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
       }
 
       const int n0 = it * kBlockN;
-      // The warp's rows [m0w, m0w + 16) see keys <= m0w + 15 + off at most.
-      if (!warp_active || (params.causal && n0 > m0w + 15 + off)) continue;
-
       const Element* sKs = sK + (it % Traits::kStages) * Traits::kKVTileElems;
       const Element* sVs = sV + (it % Traits::kStages) * Traits::kKVTileElems;
+      // Rare path: a tile on the block's causal diagonal whose V holds Inf or NaN
+      // computes P V row by row over the visible keys (mma_pair_visible_only). The
+      // test is block-uniform, so every thread meets the barrier of __syncthreads_or.
+      const bool v_nonfinite = params.causal && n0 + kBlockN - 1 > m0 + off &&
+                               __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sVs, tid));
+      // The warp's rows [m0w, m0w + 16) see keys <= m0w + 15 + off at most.
+      if (!warp_active || (params.causal && n0 > m0w + 15 + off)) continue;
 
       // ---- S = Q K^T (16 x kBlockN per warp, fp32)
       float acc_s[kNTilesS][4];
@@ -267,10 +272,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
         for (int dt = 0; dt < kNTilesO / 2; ++dt) {
           uint32_t b[4];
           cuda::ldmatrix_x4_trans(b, sVs + (kk * 16 + vb_row) * kStride + dt * 16 + vb_col);
-          const uint32_t b0[2] = {b[0], b[1]};
-          const uint32_t b1[2] = {b[2], b[3]};
-          cuda::mma_16816<Element>(acc_o[2 * dt], a, b0);
-          cuda::mma_16816<Element>(acc_o[2 * dt + 1], a, b1);
+          if (v_nonfinite && need_mask) {
+            mma_pair_visible_only<Element>(acc_o[2 * dt], acc_o[2 * dt + 1], a, b, n0 + kk * 16, lane,
+                                           Diagonal{m0w + off, true});  // row m0w + r sees keys <= m0w + r + off
+          } else {
+            const uint32_t b0[2] = {b[0], b[1]};
+            const uint32_t b1[2] = {b[2], b[3]};
+            cuda::mma_16816<Element>(acc_o[2 * dt], a, b0);
+            cuda::mma_16816<Element>(acc_o[2 * dt + 1], a, b1);
+          }
         }
       }
     }
