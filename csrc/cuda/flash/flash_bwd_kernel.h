@@ -155,20 +155,20 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
       for (int c = 0; c < 2; ++c) {
         const int ql = q_w + nt * 8 + 2 * tq + c;  // local query (column of S^T)
         float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] * scale_log2 - s_lse2[ql]);
-        float dsv = pv * (acc_dp[nt][2 * r + c] - s_delta[ql]);
+        float dp = acc_dp[nt][2 * r + c] - s_delta[ql];
         if (need_mask) {
           const int key = n0 + kl;
           const int q = m0 + ql;
           const bool visible = key < len_k && (!causal || key <= q + off);
-          // Both exactly 0: a hidden pair's dp (Inf in v) or delta (a NaN row) is
-          // not finite, and 0 * (dp - delta) would be NaN.
+          // Both exactly 0: a hidden pair's dp (Inf in v) or delta (a NaN row) may
+          // not be finite, and 0 * (dp - delta) would be NaN.
           if (!visible) {
             pv = 0.0f;
-            dsv = 0.0f;
+            dp = 0.0f;
           }
         }
         p[c] = pv;
-        ds[c] = dsv;
+        ds[c] = pv * dp;
       }
       const int idx = kl * kPS + q_w + nt * 8 + 2 * tq;
       if (kWriteP) *reinterpret_cast<uint32_t*>(sP + idx) = cuda::pack2<Element>(p[0], p[1]);
