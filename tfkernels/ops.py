@@ -32,7 +32,8 @@ def flash_attention(q, k, v, *, is_causal=False, causal_alignment="top_left", sc
 
     q [B,H,Sq,D]; k, v [B,Hkv,Sk,D] with H % Hkv == 0 (GQA/MQA). Returns out
     [B,H,Sq,D], and with return_lse also lse [B,H,Sq] in float32. A query row that
-    sees no key gets 0 and lse = -inf. `deterministic=True` makes the CUDA backward
+    sees no key gets 0 and lse = -inf; NaN/Inf inputs propagate as the README's
+    Semantics section says (a row that sees a NaN score gets NaN, never 0). `deterministic=True` makes the CUDA backward
     bitwise reproducible (the default may accumulate dq with atomics); the CPU
     backward is always deterministic.
     """

@@ -42,8 +42,16 @@ def flash_attention(q, k, v, *, is_causal=False, causal_alignment="top_left", sc
                     return_lse=False, deterministic=False):
     """softmax(q k^T * scale + mask) v for q [B,H,Sq,D], k/v [B,Hkv,Sk,D].
 
-    A query row that sees no key returns 0 and lse = -inf. `deterministic` is
-    accepted for signature parity; the reference is always deterministic.
+    Each query row attends over exactly the keys it sees. A hidden key (past
+    seqlens_k, above the causal diagonal) never enters a row's output or any
+    gradient through that row, even as 0 x NaN; a query row that sees no key
+    returns 0 and lse = -inf. Non-finite values among the keys a row sees
+    propagate as in softmax (see _attend). `deterministic` is accepted for
+    signature parity; the reference is always deterministic.
+
+    With finite q, k, v one masked product over all keys is exact (a hidden key
+    adds 0 x finite = 0). Otherwise the rows are grouped by the set of keys they
+    see and each group is computed on those keys alone.
     """
     del deterministic
     batch, heads, seqlen_q, head_dim = q.shape
@@ -55,18 +63,54 @@ def flash_attention(q, k, v, *, is_causal=False, causal_alignment="top_left", sc
     group = heads // kv_heads
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     mask = attention_mask(seqlen_q, seqlen_k, batch=batch, is_causal=is_causal, causal_alignment=causal_alignment,
-                          seqlens_k=seqlens_k, device=q.device)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores.float() if scores.dtype != torch.float64 else scores, dim=-1)
-    # exp(s - lse) is exactly softmax where a row sees a key, and 0 (not NaN) where none.
-    finite_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores.to(finite_lse.dtype) - finite_lse.unsqueeze(-1)).to(q.dtype)
-    out = torch.matmul(probs, v)
+                          seqlens_k=seqlens_k, device=q.device).expand(batch, 1, seqlen_q, seqlen_k)
+    if seqlen_q == 0 or seqlen_k == 0 or all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+        out, lse = _attend(q, k, v, scale, mask)
+    else:
+        outs, lses = [], []
+        for b in range(batch):
+            pieces = [(rows, *_attend(q[b][:, rows], k[b][:, keys], v[b][:, keys], scale))
+                      for rows, keys in _row_groups(mask[b, 0])]
+            order = torch.cat([rows for rows, _, _ in pieces]).argsort()
+            outs.append(torch.cat([o for _, o, _ in pieces], dim=1)[:, order])
+            lses.append(torch.cat([lse for _, _, lse in pieces], dim=1)[:, order])
+        out, lse = torch.stack(outs), torch.stack(lses)
     if return_lse:
         return out, lse.float()
     return out
+
+
+def _row_groups(mask):
+    """(rows, keys) index pairs that partition the rows of a [Sq, Sk] mask by the keys they see."""
+    patterns, group_of_row = torch.unique(mask, dim=0, return_inverse=True)
+    return [((group_of_row == g).nonzero().squeeze(1), keys.nonzero().squeeze(1)) for g, keys in enumerate(patterns)]
+
+
+def _attend(q, k, v, scale, visible=None):
+    """Attention of q [..., n, D] over the keys k, v [..., m, D] that `visible` ([..., n, m]
+    bool, default all) allows: (out, lse).
+
+    lse = mx + log(sum(exp(s - mx))) with mx the row max of the visible scores s,
+    and softmax = exp(s - lse), in float32 (float64 for float64 inputs). A NaN
+    score, a +inf score (inf - inf) or visible scores that are all -inf (-inf + inf)
+    make the row's lse and output NaN; a -inf score among finite ones gets
+    probability 0. A row that sees no key gets output 0 and lse = -inf.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if k.shape[-2] == 0:  # (q k^T) v is an empty sum: zeros that still carry the graph
+        return torch.matmul(scores, v), torch.full(scores.shape[:-1], float("-inf"), device=q.device)
+    s = scores if scores.dtype == torch.float64 else scores.float()
+    if visible is None:
+        empty = torch.zeros(s.shape[:-1] + (1,), dtype=torch.bool, device=s.device)
+    else:
+        s = s.masked_fill(~visible, float("-inf"))
+        empty = ~visible.any(dim=-1, keepdim=True)
+    # amax keeps NaN; the lse's gradient does not depend on mx. Empty rows: exp(-inf - 0) = 0, lse = log 0.
+    row_max = s.amax(dim=-1, keepdim=True).detach().masked_fill(empty, 0)
+    lse = row_max + torch.log(torch.exp(s - row_max).sum(dim=-1, keepdim=True))
+    probs = torch.exp(s - lse.masked_fill(empty, 0)).to(q.dtype)
+    return torch.matmul(probs, v), lse.squeeze(-1)
 
 
 def fused_qkv(x, weight, bias=None, *, num_heads, num_kv_heads=None):

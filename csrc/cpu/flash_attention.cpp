@@ -84,6 +84,10 @@ struct Masking {
     if (!causal) return len_b;
     return std::clamp<int64_t>(i + off + 1, 0, len_b);
   }
+  // How many of the n keys [j0, j0 + n) query row i sees (a prefix of them).
+  int64_t visible(int64_t i, int64_t len_b, int64_t off, int64_t j0, int64_t n) const {
+    return std::clamp<int64_t>(kend(i, len_b, off) - j0, 0, n);
+  }
 };
 
 // A [B, H, S, D] tensor read in place: row (b, h, i) starts at p + b*sb + h*sh + i*ss.
@@ -146,6 +150,24 @@ inline void fill_zero(T* p, int64_t n) {
   std::fill(p, p + n, T(0));
 }
 
+// Whether every element of a rows x cols block (row stride ld) is finite.
+template <typename T>
+bool all_finite(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) {
+      if (!std::isfinite(p[r * ld + j])) return false;
+    }
+  }
+  return true;
+}
+
+// Keys a row cannot see must not reach it, not even as 0 x Inf = NaN. A tile GEMM
+// multiplies the zeroed P (or dS) entries of such keys with their values, which
+// is exact while those values are finite. When a tile holds hidden pairs and
+// non-finite operands, the callers below fall back to one product per row over
+// that row's visible keys (rare: only tiles on the causal diagonal carry hidden
+// pairs, since tiles past the last visible key are skipped).
+
 // ------------------------------------------------------------------------ forward
 
 template <typename T, typename OutT>
@@ -179,13 +201,21 @@ void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, Vie
         T* S = sbuf.data();
         const T* K = tile_rows<T>(k, b, hk, j0, n, D, kbuf.data(), ldk);
         gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), S, bk);
+        bool hidden_pairs = false;
         for (int64_t r = 0; r < m; ++r) {
           T* row = S + r * bk;
-          const int64_t nv = std::clamp<int64_t>(mk.kend(i0 + r, len, off) - j0, 0, n);
+          const int64_t nv = mk.visible(i0 + r, len, off, j0, n);
+          hidden_pairs |= nv < n;
           if (nv > 0) {
+            // The max may drop a NaN score; the sum keeps it (exp(NaN) = NaN), so
+            // l and with it the row's output and lse become NaN all the same.
             const T m_new = std::max(mrow[r], Dom::max(row, nv, c));
-            const T alpha = Dom::exp(mrow[r] - m_new);  // 0 on the row's first visible tile
-            const T sum = Dom::exp_sum(row, nv, c, m_new);
+            // While every visible score so far is -inf, exponentiate against 0:
+            // exp(-inf - 0) = 0 keeps l = 0, where exp(-inf + inf) would be NaN
+            // and poison the later tiles. +inf and NaN maxima stay: they must give NaN.
+            const T m_use = m_new == -std::numeric_limits<T>::infinity() ? T(0) : m_new;
+            const T alpha = Dom::exp(mrow[r] - m_use);  // 0 on the row's first visible tile
+            const T sum = Dom::exp_sum(row, nv, c, m_use);
             lrow[r] = lrow[r] * alpha + sum;
             mrow[r] = m_new;
             if (alpha != T(1)) fa::scale_row(acc.data() + r * D, D, alpha);
@@ -193,16 +223,27 @@ void attention_fwd(const AttentionShape& s, double scale, const Masking& mk, Vie
           fill_zero(row + nv, n - nv);
         }
         const T* V = tile_rows<T>(v, b, hk, j0, n, D, vbuf.data(), ldv);
-        gemm_rm<T>(false, false, m, D, n, T(1), S, bk, V, ldv, T(1), acc.data(), D);
+        if (!hidden_pairs || all_finite(V, n, D, ldv)) {
+          gemm_rm<T>(false, false, m, D, n, T(1), S, bk, V, ldv, T(1), acc.data(), D);
+        } else {
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t nv = mk.visible(i0 + r, len, off, j0, n);
+            if (nv > 0) gemm_rm<T>(false, false, 1, D, nv, T(1), S + r * bk, bk, V, ldv, T(1), acc.data() + r * D, D);
+          }
+        }
       }
       for (int64_t r = 0; r < m; ++r) {
         OutT* dst = out + (bh * Sq + i0 + r) * D;
-        if (lrow[r] > T(0)) {
-          store_scaled(dst, acc.data() + r * D, D, T(1) / lrow[r]);
-          lse[bh * Sq + i0 + r] = Dom::to_lse(mrow[r], lrow[r]);
-        } else {  // the row sees no key
+        if (mk.kend(i0 + r, len, off) == 0) {  // the row sees no key
           std::fill(dst, dst + D, static_cast<OutT>(0));
           lse[bh * Sq + i0 + r] = neg_inf;
+        } else {
+          // l >= 1 when the scores are finite (the max contributes exp(0) = 1). l is
+          // NaN after a NaN or +inf score, and 0 when all visible scores are -inf:
+          // then 0 * (1 / 0) makes the output NaN, and the lse is NaN too.
+          store_scaled(dst, acc.data() + r * D, D, T(1) / lrow[r]);
+          lse[bh * Sq + i0 + r] =
+              lrow[r] > T(0) ? Dom::to_lse(mrow[r], lrow[r]) : std::numeric_limits<float>::quiet_NaN();
         }
       }
     }
@@ -356,10 +397,16 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, V
           T* dS = dsbuf.data();
           gemm_rm<T>(false, true, m, n, D, T(1), Q, qv.ss, K, ldk, T(0), P, bk);
           gemm_rm<T>(false, true, m, n, D, T(1), dO, gov.ss, V, ldv, T(0), dS, bk);
+          // Keys [j0, j0 + visible(r)) of the tile are the ones row i0 + r sees.
+          auto visible = [&](int64_t r) {
+            // lse = -inf: a row that sees no key (or a float64 lse below float32's range).
+            return std::isinf(lse_row[i0 + r]) ? int64_t(0) : mk.visible(i0 + r, len, off, j0, n);
+          };
+          bool hidden_pairs = false;
           for (int64_t r = 0; r < m; ++r) {
             const int64_t i = i0 + r;
-            int64_t nv = std::clamp<int64_t>(mk.kend(i, len, off) - j0, 0, n);
-            if (std::isinf(lse_row[i])) nv = 0;  // a row that sees no key (lse = -inf)
+            const int64_t nv = visible(r);
+            hidden_pairs |= nv < n;
             T* prow = P + r * bk;
             T* dsrow = dS + r * bk;
             Dom::exp_rows(prow, nv, c, Lrow[i]);
@@ -367,10 +414,21 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Masking& mk, V
             fill_zero(prow + nv, n - nv);
             fill_zero(dsrow + nv, n - nv);
           }
-          // dV += P^T dO;  dK += scale dS^T Q;  dQ += scale dS K.
-          gemm_rm<T>(true, false, n, D, m, T(1), P, bk, dO, gov.ss, T(1), dV + j0 * D, D);
-          gemm_rm<T>(true, false, n, D, m, scale, dS, bk, Q, qv.ss, T(1), dK + j0 * D, D);
-          gemm_rm<T>(false, false, m, D, n, scale, dS, bk, K, ldk, T(1), dQ + i0 * D, D);
+          // dV += P^T dO;  dK += scale dS^T Q;  dQ += scale dS K. Hidden pairs have
+          // P = dS = 0 and multiply dO and Q rows and K rows (see all_finite).
+          if (!hidden_pairs || (all_finite(Q, m, D, qv.ss) && all_finite(dO, m, D, gov.ss) && all_finite(K, n, D, ldk))) {
+            gemm_rm<T>(true, false, n, D, m, T(1), P, bk, dO, gov.ss, T(1), dV + j0 * D, D);
+            gemm_rm<T>(true, false, n, D, m, scale, dS, bk, Q, qv.ss, T(1), dK + j0 * D, D);
+            gemm_rm<T>(false, false, m, D, n, scale, dS, bk, K, ldk, T(1), dQ + i0 * D, D);
+          } else {
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t nv = visible(r);
+              if (nv == 0) continue;
+              gemm_rm<T>(true, false, nv, D, 1, T(1), P + r * bk, bk, dO + r * gov.ss, gov.ss, T(1), dV + j0 * D, D);
+              gemm_rm<T>(true, false, nv, D, 1, scale, dS + r * bk, bk, Q + r * qv.ss, qv.ss, T(1), dK + j0 * D, D);
+              gemm_rm<T>(false, false, 1, D, nv, scale, dS + r * bk, bk, K, ldk, T(1), dQ + (i0 + r) * D, D);
+            }
+          }
         }
       }
     }

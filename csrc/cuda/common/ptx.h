@@ -180,6 +180,9 @@ struct FastDiv {
 
 // Reductions over groups of kWidth consecutive lanes (kWidth a power of two <= 32):
 // kWidth = 4 reduces the four threads that share a row of an mma C fragment.
+// group_max drops NaN (fmaxf returns the other operand). The softmax kernels rely
+// on that being harmless: a NaN score still reaches the row sum as exp2(NaN) = NaN,
+// which makes the row's O and lse NaN (flash_fwd_kernel.h).
 template <int kWidth>
 __device__ __forceinline__ float group_max(float x) {
 #pragma unroll

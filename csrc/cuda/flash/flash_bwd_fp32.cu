@@ -13,7 +13,8 @@
 // shared memory rows padded to an odd stride, conflict-free), P = exp(s scale -
 // lse) (0 where masked or lse = -inf), dS = P (dp - delta); then the 32 columns'
 // P / dS are broadcast by shuffle and each lane accumulates its head-dim columns
-// lane + 32 i. Same tile skipping as the 16-bit kernels: key tiles past the last
+// lane + 32 i, over the (row, column) pairs that see each other only (a ballot
+// of the visibility skips the rest: 0 * Inf in a hidden q, k or dO would be NaN). Same tile skipping as the 16-bit kernels: key tiles past the last
 // visible key, query tiles before the first query that sees the block's first key.
 #include <cuda_runtime.h>
 
@@ -181,6 +182,7 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
       }
     }
     float pr[kB32RowsPerWarp], dsr[kB32RowsPerWarp];
+    uint32_t seen[kB32RowsPerWarp];  // bit j: row r and column c0 + j see each other
 #pragma unroll
     for (int r = 0; r < kB32RowsPerWarp; ++r) {
       const int key = kKeyRows ? rw + r : c0 + lane;
@@ -188,6 +190,7 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
       const float lse = kKeyRows ? sL[lane] : lse_r[r];
       const float dl = kKeyRows ? sD[lane] : delta_r[r];
       const bool visible = key < len_k && q < seqlen_q && (!causal || key <= q + off) && lse != -kInf;
+      seen[r] = __ballot_sync(0xffffffffu, visible);
       const float pv = visible ? cuda::exp2_approx((s[r] * scale - lse) * kLog2eF) : 0.0f;
       pr[r] = pv;
       dsr[r] = pv * (dp[r] - dl);
@@ -209,11 +212,15 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
         if (c < d) {
           const float xv = xj[c];
 #pragma unroll
-          for (int r = 0; r < kB32RowsPerWarp; ++r) acc0[r][i] = fmaf(dsj[r], xv, acc0[r][i]);
+          for (int r = 0; r < kB32RowsPerWarp; ++r) {
+            if ((seen[r] >> j) & 1u) acc0[r][i] = fmaf(dsj[r], xv, acc0[r][i]);
+          }
           if (kKeyRows) {
             const float yv = yj[c];
 #pragma unroll
-            for (int r = 0; r < kB32RowsPerWarp; ++r) acc1[r][i] = fmaf(pj[r], yv, acc1[r][i]);
+            for (int r = 0; r < kB32RowsPerWarp; ++r) {
+              if ((seen[r] >> j) & 1u) acc1[r][i] = fmaf(pj[r], yv, acc1[r][i]);
+            }
           }
         }
       }

@@ -27,7 +27,13 @@
 // straddles len_k or the diagonal. K/V rows at or past len_k and Q/dO rows at or
 // past Sq are zero-filled; query rows past Sq get lse2 = +inf so P = 0 there. A
 // row with lse = -inf (it saw no key) also gets lse2 = +inf: P = exp2(x - inf) = 0,
-// so its gradients are exactly 0, never NaN.
+// so its gradients are exactly 0, never NaN. A row with lse = NaN (it saw a
+// non-finite score) gets P = NaN on the keys it sees, as the reference.
+// A causal-hidden pair inside a diagonal tile has P = dS = 0 but still meets the
+// tile's mma, where Inf/NaN in that key's k (dQ) or in that query's q or dO (dK,
+// dV) would give 0 * Inf = NaN: diagonal tiles check those operands (one barrier
+// that replaces an existing one, plus one for K per dK/dV block) and, when they
+// hold Inf/NaN, take the row-exact products of mma_pair_visible_only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -149,14 +155,20 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
       for (int c = 0; c < 2; ++c) {
         const int ql = q_w + nt * 8 + 2 * tq + c;  // local query (column of S^T)
         float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] * scale_log2 - s_lse2[ql]);
+        float dp = acc_dp[nt][2 * r + c] - s_delta[ql];
         if (need_mask) {
           const int key = n0 + kl;
           const int q = m0 + ql;
           const bool visible = key < len_k && (!causal || key <= q + off);
-          if (!visible) pv = 0.0f;
+          // Both exactly 0: a hidden pair's dp (Inf in v) or delta (a NaN row) may
+          // not be finite, and 0 * (dp - delta) would be NaN.
+          if (!visible) {
+            pv = 0.0f;
+            dp = 0.0f;
+          }
         }
         p[c] = pv;
-        ds[c] = pv * (acc_dp[nt][2 * r + c] - s_delta[ql]);
+        ds[c] = pv * dp;
       }
       const int idx = kl * kPS + q_w + nt * 8 + 2 * tq;
       if (kWriteP) *reinterpret_cast<uint32_t*>(sP + idx) = cuda::pack2<Element>(p[0], p[1]);
@@ -167,10 +179,13 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
 
 // Phase 2: dV += P^T dO and dK += dS^T Q for this warp's 16 keys and head-dim
 // half (kNTilesHalfD n8 tiles from column (warp / 4) * kHeadDim / 2).
+// exact: the tile straddles the causal diagonal and its Q or dO holds Inf/NaN;
+// each key then sums only the queries that see it (mma_pair_visible_only).
 template <typename Traits, typename Element>
 __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, const Element* sP, const Element* sdS,
                                        float (&acc_dk)[Traits::kNTilesHalfD][4],
-                                       float (&acc_dv)[Traits::kNTilesHalfD][4], int warp, const LaneAddr& la) {
+                                       float (&acc_dv)[Traits::kNTilesHalfD][4], int warp, const LaneAddr& la,
+                                       bool exact, int n0, int m0, int off, int lane) {
   constexpr int kStride = Traits::kSmemStride;
   constexpr int kPS = Traits::kPStride;
   constexpr int kNT = Traits::kNTilesHalfD;
@@ -186,15 +201,22 @@ __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, co
 #pragma unroll
     for (int dt = 0; dt < kNT / 2; ++dt) {
       uint32_t b[4];
+      // Rows of the products are keys n0 + key_w + r, k the queries m0 + kk * 16 + ...:
+      // query q sees key n0 + key_w + r iff q >= n0 + key_w + r - off.
+      const Diagonal sees{n0 + key_w - off, false};
       cuda::ldmatrix_x4_trans(b, sdO + (kk * 16 + la.r0) * kStride + d_w + dt * 16 + la.c0);
-      {
+      if (exact) {
+        mma_pair_visible_only<Element>(acc_dv[2 * dt], acc_dv[2 * dt + 1], ap, b, m0 + kk * 16, lane, sees);
+      } else {
         const uint32_t b0[2] = {b[0], b[1]};
         const uint32_t b1[2] = {b[2], b[3]};
         cuda::mma_16816<Element>(acc_dv[2 * dt], ap, b0);
         cuda::mma_16816<Element>(acc_dv[2 * dt + 1], ap, b1);
       }
       cuda::ldmatrix_x4_trans(b, sQ + (kk * 16 + la.r0) * kStride + d_w + dt * 16 + la.c0);
-      {
+      if (exact) {
+        mma_pair_visible_only<Element>(acc_dk[2 * dt], acc_dk[2 * dt + 1], ads, b, m0 + kk * 16, lane, sees);
+      } else {
         const uint32_t b0[2] = {b[0], b[1]};
         const uint32_t b1[2] = {b[2], b[3]};
         cuda::mma_16816<Element>(acc_dk[2 * dt], ads, b0);
@@ -206,9 +228,11 @@ __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, co
 
 // Phase 3: acc += dS K for this warp's 16 queries (16 (warp % 4) ..) and kNT n8
 // tiles of the head dim from column d0 (unscaled; the caller applies scale).
+// exact: the tile straddles the causal diagonal and its K holds Inf/NaN; each
+// query then sums only the keys it sees (mma_pair_visible_only).
 template <typename Traits, typename Element, int kNT>
 __device__ __forceinline__ void phase3(const Element* sdS, const Element* sK, float (&acc)[kNT][4], int d0, int warp,
-                                       const LaneAddr& la) {
+                                       const LaneAddr& la, bool exact, int n0, int m0, int off, int lane) {
   static_assert(kNT % 2 == 0, "n8 tiles come in pairs");
   constexpr int kStride = Traits::kSmemStride;
   constexpr int kPS = Traits::kPStride;
@@ -221,10 +245,16 @@ __device__ __forceinline__ void phase3(const Element* sdS, const Element* sK, fl
     for (int dt = 0; dt < kNT / 2; ++dt) {
       uint32_t b[4];
       cuda::ldmatrix_x4_trans(b, sK + (kk * 16 + la.r0) * kStride + d0 + dt * 16 + la.c0);
-      const uint32_t b0[2] = {b[0], b[1]};
-      const uint32_t b1[2] = {b[2], b[3]};
-      cuda::mma_16816<Element>(acc[2 * dt], a, b0);
-      cuda::mma_16816<Element>(acc[2 * dt + 1], a, b1);
+      if (exact) {
+        // Rows are queries m0 + q_w + r, k the keys n0 + kk * 16 + ...: key <= m0 + q_w + r + off.
+        mma_pair_visible_only<Element>(acc[2 * dt], acc[2 * dt + 1], a, b, n0 + kk * 16, lane,
+                                       Diagonal{m0 + q_w + off, true});
+      } else {
+        const uint32_t b0[2] = {b[0], b[1]};
+        const uint32_t b1[2] = {b[2], b[3]};
+        cuda::mma_16816<Element>(acc[2 * dt], a, b0);
+        cuda::mma_16816<Element>(acc[2 * dt + 1], a, b1);
+      }
     }
   }
 }
@@ -336,10 +366,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     load_q_tile(0, 0);
     cuda::cp_async_commit();
 
+    bool k_nonfinite = false;  // the block's K holds Inf/NaN (checked once, causal only)
     for (int it = 0; it < n_iter; ++it) {
       // One stage: tile it was issued during tile it-1's phase 3 (below).
       cuda::cp_async_wait<0>();
       __syncthreads();  // tile it has landed for all; all are done with tile it-1
+      if (it == 0 && causal) k_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sK, tid));
       if (kStages == 2 && it + 1 < n_iter) {
         load_q_tile(it + 1, (it + 1) % 2);
         cuda::cp_async_commit();
@@ -353,8 +385,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
       bwd::phase1<Traits, Element, true>(sQs, sdOs, sK, sV, s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, sP,
                                          sdS, n0, m0, len_k, off, causal, need_mask, scale_log2, warp, lane, la);
-      __syncthreads();  // P^T and dS^T complete
-      bwd::phase2<Traits, Element>(sQs, sdOs, sP, sdS, acc_dk, acc_dv, warp, la);
+      // Tiles on the causal diagonal carry hidden pairs; with Inf/NaN in Q or dO
+      // (dK, dV) or K (dQ) they take the row-exact products. Block-uniform test.
+      const bool diagonal = causal && n0 + kBlockN - 1 > m0 + off;
+      bool qdo_nonfinite = false;
+      if (diagonal) {
+        qdo_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockM>(sQs, tid) ||
+                                         tile_nonfinite_share<Traits, kBlockM>(sdOs, tid));  // and P^T, dS^T complete
+      } else {
+        __syncthreads();  // P^T and dS^T complete
+      }
+      bwd::phase2<Traits, Element>(sQs, sdOs, sP, sdS, acc_dk, acc_dv, warp, la, qdo_nonfinite, n0, m0, off, lane);
       if (kStages == 1 && it + 1 < n_iter) {
         // Q, dO and the statistics of tile it are dead once every warp is past
         // phase 2 (phase 3 reads only dS^T and K): load tile it+1 under phase 3.
@@ -378,7 +419,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
             for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
           }
           const int dc = d_w + c * kChunk * 8;
-          bwd::phase3<Traits, Element, kChunk>(sdS, sK, acc, dc, warp, la);
+          bwd::phase3<Traits, Element, kChunk>(sdS, sK, acc, dc, warp, la, diagonal && k_nonfinite, n0, m0, off,
+                                               lane);
 #pragma unroll
           for (int nt = 0; nt < kChunk; ++nt) {
 #pragma unroll
@@ -408,11 +450,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (key < seqlen_k) {
       Element* dk_row = dk_ptr + static_cast<int64_t>(key) * head_dim;
       Element* dv_row = dv_ptr + static_cast<int64_t>(key) * head_dim;
+      // A key past len_k is seen by no query: its sums are 0 * (q, dO rows), which
+      // is NaN where such a row holds Inf/NaN, so it is written as 0 outright.
+      const bool seen = key < len_k;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         const int col = d_w + nt * 8 + 2 * tq;
-        bwd::store_pair(dk_row, col, acc_dk[nt][2 * r] * scale, acc_dk[nt][2 * r + 1] * scale, head_dim, pair_ok);
-        bwd::store_pair(dv_row, col, acc_dv[nt][2 * r], acc_dv[nt][2 * r + 1], head_dim, pair_ok);
+        bwd::store_pair(dk_row, col, seen ? acc_dk[nt][2 * r] * scale : 0.0f,
+                        seen ? acc_dk[nt][2 * r + 1] * scale : 0.0f, head_dim, pair_ok);
+        bwd::store_pair(dv_row, col, seen ? acc_dv[nt][2 * r] : 0.0f, seen ? acc_dv[nt][2 * r + 1] : 0.0f, head_dim,
+                        pair_ok);
       }
     }
   }
@@ -509,8 +556,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off);
       bwd::phase1<Traits, Element, false>(sQ, sdO, sKs, sVs, s_lse2, s_delta, nullptr, sdS, n0, m0, len_k, off,
                                           causal, need_mask, scale_log2, warp, lane, la);
-      __syncthreads();  // dS^T complete
-      bwd::phase3<Traits, Element, kNT>(sdS, sKs, acc, d_w, warp, la);
+      // As in the dK/dV kernel: a diagonal tile with Inf/NaN in K takes the row-exact dS K.
+      const bool diagonal = causal && n0 + kBlockN - 1 > m0 + off;
+      bool k_nonfinite = false;
+      if (diagonal) {
+        k_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sKs, tid));  // and dS^T complete
+      } else {
+        __syncthreads();  // dS^T complete
+      }
+      bwd::phase3<Traits, Element, kNT>(sdS, sKs, acc, d_w, warp, la, k_nonfinite, n0, m0, off, lane);
     }
   }
 

@@ -8,9 +8,11 @@
 //      odd stride: lanes read 32 different rows of one column without bank
 //      conflicts; q is a shared-memory broadcast);
 //   softmax: base-2 scaled scores, warp max / sum by shuffles, guarded like the
-//      tensor-core kernel (a row with no visible key gives O = 0, lse = -inf);
+//      tensor-core kernel (a row with no visible key gives O = 0, lse = -inf;
+//      non-finite scores give NaN, see flash_fwd_kernel.h);
 //   O: lane owns columns lane + 32 i (i < 8); p_j is broadcast by shuffle and
-//      O[r][i] += p_j V[j][lane + 32 i].
+//      O[r][i] += p_j V[j][lane + 32 i] for the keys j row r sees (a ballot of
+//      the visibility skips the others: 0 * Inf in a hidden v would be NaN).
 // Loads are plain element-wise loads (any strides, no alignment needed), with the
 // same tile skipping as the 16-bit kernel: tiles past the last visible key of the
 // block are never loaded, warps skip tiles their rows cannot see.
@@ -123,10 +125,12 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
 
     const int key = n0 + lane;
     float p[kF32RowsPerWarp];
+    uint32_t seen[kF32RowsPerWarp];  // bit j: row r sees key n0 + j
 #pragma unroll
     for (int r = 0; r < kF32RowsPerWarp; ++r) {
       const int row = r0 + r;
       const bool visible = key < len_k && (!params.causal || key <= row + off);
+      seen[r] = __ballot_sync(0xffffffffu, visible);
       const float x = visible ? s[r] * scale_log2 : kNegInf;
       const float mx = fmaxf(row_max[r], cuda::group_max<32>(x));
       const float m_use = (mx == kNegInf) ? 0.0f : mx;
@@ -150,7 +154,9 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
         if (c < d) {
           const float vv = vrow[c];
 #pragma unroll
-          for (int r = 0; r < kF32RowsPerWarp; ++r) acc_o[r][i] = fmaf(pj[r], vv, acc_o[r][i]);
+          for (int r = 0; r < kF32RowsPerWarp; ++r) {
+            if ((seen[r] >> j) & 1u) acc_o[r][i] = fmaf(pj[r], vv, acc_o[r][i]);
+          }
         }
       }
     }
@@ -165,14 +171,18 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
     const int row = r0 + r;
     if (row >= seqlen_q) break;
     const float l = row_sum[r];
-    // Exact division: the fp32 path is checked tightly against float64.
-    const float inv_l = l > 0.0f ? __frcp_rn(l) : 0.0f;
+    const bool sees_a_key = row_sees_a_key(params, len_k, off, row);
+    // Exact division: the fp32 path is checked tightly against float64. l is NaN
+    // or 0 after non-finite scores: O = acc * (1 / l) and lse are NaN then.
+    const float inv_l = sees_a_key ? __frcp_rn(l) : 0.0f;
 #pragma unroll
     for (int i = 0; i < kF32ColsPerLane; ++i) {
       const int c = lane + 32 * i;
       if (c < d) o_ptr[static_cast<int64_t>(row) * params.o_row_stride + c] = acc_o[r][i] * inv_l;
     }
-    if (lane == 0) lse_ptr[row] = l > 0.0f ? row_max[r] * kLn2 + logf(l) : kNegInf;
+    if (lane == 0) {
+      lse_ptr[row] = !sees_a_key ? kNegInf : l > 0.0f ? row_max[r] * kLn2 + logf(l) : __int_as_float(0x7fffffff);
+    }
   }
 }
 

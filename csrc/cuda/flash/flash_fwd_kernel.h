@@ -20,7 +20,15 @@
 // is evaluated only on tiles that straddle len_k or the causal diagonal. K/V rows
 // at or past len_k are zero-filled on load, so padding (even NaN) never reaches P V.
 // Rows that see no key end with m = -inf and l = 0: every exponent is guarded so
-// they produce O = 0 and lse = -inf, never NaN.
+// they produce O = 0 and lse = -inf, never NaN. Whether a row sees a key comes
+// from the mask, never from m or l: a NaN score (from NaN in q or k) leaves m
+// finite (fmaxf drops it) but makes l NaN through exp2(NaN) in the sum; a +inf
+// score makes exp2(inf - inf) = NaN; visible scores that are all -inf end with
+// l = 0. Such rows get O = acc * (1 / l) = NaN and lse = NaN, as the reference.
+// A key hidden by the causal mask inside a diagonal tile would still meet the
+// tile's P V mma with P = 0, and 0 * Inf = NaN would reach rows that cannot see
+// it: such tiles check their V for Inf/NaN (one extra barrier) and, when found,
+// take the row-exact product of mma_pair_visible_only (flash_tile.h).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,6 +60,12 @@ __device__ __forceinline__ int num_key_tiles(const FwdParams& p, int len_k, int 
     key_end = causal_end < key_end ? causal_end : key_end;
   }
   return key_end > 0 ? (key_end + block_n - 1) / block_n : 0;
+}
+
+// Whether query row `row` sees at least one key (key 0): the only test for an
+// empty row, which gets O = 0 and lse = -inf.
+__device__ __forceinline__ bool row_sees_a_key(const FwdParams& p, int len_k, int off, int row) {
+  return len_k > 0 && (!p.causal || row + off >= 0);
 }
 
 template <typename Traits, typename Element>
@@ -160,11 +174,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
       }
 
       const int n0 = it * kBlockN;
-      // The warp's rows [m0w, m0w + 16) see keys <= m0w + 15 + off at most.
-      if (!warp_active || (params.causal && n0 > m0w + 15 + off)) continue;
-
       const Element* sKs = sK + (it % Traits::kStages) * Traits::kKVTileElems;
       const Element* sVs = sV + (it % Traits::kStages) * Traits::kKVTileElems;
+      // Rare path: a tile on the block's causal diagonal whose V holds Inf or NaN
+      // computes P V row by row over the visible keys (mma_pair_visible_only). The
+      // test is block-uniform, so every thread meets the barrier of __syncthreads_or.
+      const bool v_nonfinite = params.causal && n0 + kBlockN - 1 > m0 + off &&
+                               __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sVs, tid));
+      // The warp's rows [m0w, m0w + 16) see keys <= m0w + 15 + off at most.
+      if (!warp_active || (params.causal && n0 > m0w + 15 + off)) continue;
 
       // ---- S = Q K^T (16 x kBlockN per warp, fp32)
       float acc_s[kNTilesS][4];
@@ -254,10 +272,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
         for (int dt = 0; dt < kNTilesO / 2; ++dt) {
           uint32_t b[4];
           cuda::ldmatrix_x4_trans(b, sVs + (kk * 16 + vb_row) * kStride + dt * 16 + vb_col);
-          const uint32_t b0[2] = {b[0], b[1]};
-          const uint32_t b1[2] = {b[2], b[3]};
-          cuda::mma_16816<Element>(acc_o[2 * dt], a, b0);
-          cuda::mma_16816<Element>(acc_o[2 * dt + 1], a, b1);
+          if (v_nonfinite && need_mask) {
+            mma_pair_visible_only<Element>(acc_o[2 * dt], acc_o[2 * dt + 1], a, b, n0 + kk * 16, lane,
+                                           Diagonal{m0w + off, true});  // row m0w + r sees keys <= m0w + r + off
+          } else {
+            const uint32_t b0[2] = {b[0], b[1]};
+            const uint32_t b1[2] = {b[2], b[3]};
+            cuda::mma_16816<Element>(acc_o[2 * dt], a, b0);
+            cuda::mma_16816<Element>(acc_o[2 * dt + 1], a, b1);
+          }
         }
       }
     }
@@ -272,9 +295,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float l = cuda::group_sum<4>(row_sum[r]);
-    // l >= 1 whenever the row saw a key (its max contributes exp2(0) = 1).
-    inv_l[r] = l > 0.0f ? 1.0f / l : 0.0f;
-    lse[r] = l > 0.0f ? (row_max[r] + __log2f(l)) * kLn2 : kNegInf;
+    const bool sees_a_key = row_sees_a_key(params, len_k, off, m0w + g + 8 * r);
+    // l >= 1 when the row's scores are finite (its max contributes exp2(0) = 1); l
+    // is NaN or 0 after non-finite scores, and then O and lse are NaN.
+    inv_l[r] = sees_a_key ? 1.0f / l : 0.0f;
+    lse[r] = !sees_a_key ? kNegInf : l > 0.0f ? (row_max[r] + __log2f(l)) * kLn2 : __int_as_float(0x7fffffff);
   }
   if (!warp_active) return;
   __syncwarp();
