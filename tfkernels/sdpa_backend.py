@@ -77,13 +77,20 @@ def _warn_fallback(op_name, reason):
 
 def _with_fallback(op_name, dispatch_key, adapter):
     """A dispatcher kernel: our adapter, else the kernel registered before ours."""
-    original = torch.library.get_kernel(f"aten::{op_name}", dispatch_key)
+    try:
+        original = torch.library.get_kernel(f"aten::{op_name}", dispatch_key)
+    except RuntimeError:  # this torch build has none (e.g. a CPU-only build has no CUDA kernels)
+        original = None
 
     def kernel(keyset, *args, **kwargs):
         try:
             return adapter(*args, **kwargs)
         except _sdpa_ops.Unsupported as why:
-            _warn_fallback(op_name, str(why))
+            reason = str(why)
+        if original is None:
+            raise NotImplementedError(f"tfkernels SDPA backend: aten::{op_name} cannot run this call ({reason}) "
+                                      f"and this torch has no {dispatch_key} kernel of its own for it")
+        _warn_fallback(op_name, reason)
         return original.call_boxed(keyset, *args, **kwargs)
 
     return kernel
