@@ -99,6 +99,7 @@ def _fsdp_worker(rank, world_size, workdir):
                    os.path.join(workdir, "results.pt"))
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # the single-process dcp.load
 def test_fsdp2_gloo_two_processes_match_single_process_and_checkpoint_round_trips(tmp_path):
     model = _Encoder()
     data = {"state": model.state_dict(), "x": torch.randn(BATCH, SEQLEN, D_MODEL, dtype=torch.float64),
