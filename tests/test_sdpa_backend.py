@@ -196,6 +196,18 @@ def test_sdpa_cpu_masks_the_kernel_expresses(form):
     assert {OUR_FWD, OUR_BWD} <= ran
 
 
+def test_sdpa_cpu_masks_in_inference_mode():
+    # Inference tensors have no version counter, which the mask-plan cache otherwise reads.
+    with torch.inference_mode():
+        q, k, v, _ = _inputs(2, 2, 2, 6, 6, 16)
+        mask = _padding_mask(torch.tensor([6, 3]), 6)[:, None, None, :]
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with tfkernels.use_as_sdpa_backend():
+            got, ran = _ops_run(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert OUR_FWD in ran
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_sdpa_cpu_mask_with_rows_that_see_no_key():
     # A batch element with no valid key: torch returns 0 there, and so do we.
     q, k, v, grad = _inputs(2, 2, 2, 7, 9, 16, torch.float64)

@@ -80,6 +80,8 @@ class PlanCache:
         self.key, self.plan = None, None
 
     def get(self, mask, args):
+        if mask.is_inference():  # inference tensors have no version counter: plan, don't cache
+            return self.plan_fn(mask, *args)
         if self.key is not None:
             ref, version, cached_args = self.key
             if ref() is mask and version == mask._version and cached_args == args:
