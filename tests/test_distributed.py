@@ -1,5 +1,6 @@
 """tfkernels on torch's distributed engines: FSDP2 (fully_shard) with distributed checkpoints on
-the CPU, and context parallelism on CUDA. (DDP is in test_ecosystem.py.)"""
+the CPU; context parallelism on CUDA, and its ring over our CUDA ops' adapters on the CPU.
+(DDP is in test_ecosystem.py.)"""
 import os
 
 import pytest
@@ -131,28 +132,90 @@ def test_fsdp2_gloo_two_processes_match_single_process_and_checkpoint_round_trip
         assert_close_float64(a, b, f"{name} loaded from the FSDP2 checkpoint")
 
 
-# --------------------------------------------------------------------------- context parallel (CUDA)
+# --------------------------------------------------------------------------- context parallel
 
-def _cp_worker(rank, world_size, workdir):
-    from torch.distributed.device_mesh import init_device_mesh
+def _cp_ring(mesh, q, k, v, grad, flash_sdpa):
+    """Causal attention under torch's context_parallel: the sequence dim (2) of every buffer is
+    sharded in place (with its load balancing), ring steps call the flash SDPA op per KV shard
+    and merge the partials by their lse. Returns out and the gradients, gathered."""
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import context_parallel_unshard
+
+    buffers = [t.detach().clone() for t in (q, k, v, grad)]
+    with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2]):
+        q, k, v = (t.detach().clone().requires_grad_() for t in buffers[:3])  # buffers must not need grad
+        out = flash_sdpa(q, k, v)
+        out.backward(buffers[3])
+    return context_parallel_unshard(mesh, [out.detach(), q.grad, k.grad, v.grad], [2, 2, 2, 2])
+
+
+def _profiled(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, {event.name for event in prof.events()}
+
+
+def _cp_cpu_worker(rank, world_size, workdir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    # The CUDA ops' adapters registered for CPU tensors (these ops have no CPU kernel), so the
+    # ring runs its real code path over our kernels on the CPU.
+    library = tfkernels.sdpa_backend.install(torch.library.Library("aten", "IMPL"),
+                                             {"CPU": tfkernels.sdpa_backend._OVERRIDES["CUDA"]})
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    def flash_sdpa(q, k, v):
+        # What context_parallel's SDPA wrapper does on CUDA: DTensors sharded on the sequence into
+        # the flash op, which context parallelism intercepts. (On the CPU, SDPA itself would pick
+        # _scaled_dot_product_flash_attention_for_cpu, which it does not intercept.)
+        q, k, v = (DTensor.from_local(t, mesh, [Shard(2)], run_check=False) for t in (q, k, v))
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, is_causal=True)[0].to_local()
+
+    data = torch.load(os.path.join(workdir, "inputs.pt"))
+    gathered, ran = _profiled(lambda: _cp_ring(mesh, data["q"], data["k"], data["v"], data["grad"], flash_sdpa))
+    library._destroy()
+    if rank == 0:
+        torch.save({"cp": gathered, "ran": ran}, os.path.join(workdir, "results.pt"))
+
+
+def _reference_fwd_bwd(q, k, v, grad):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = tfkernels.reference.flash_attention(q, k, v, is_causal=True)
+    out.backward(grad)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.slow  # a third 2-process spawn (~20 s on 2 busy cores), beyond DDP and FSDP2
+def test_context_parallel_ring_over_our_flash_ops_on_cpu(tmp_path):
+    # float32: the float64 CPU backward refines the saved lse over the keys of its own call,
+    # which a ring step's global lse must not be (see the closing note of the SDPA backend issue).
+    data = {name: torch.randn(2, 4, 24, 32) for name in ("q", "k", "v", "grad")}
+    torch.save(data, tmp_path / "inputs.pt")
+    run_processes(_cp_cpu_worker, 2, tmp_path)
+    results = torch.load(tmp_path / "results.pt")
+    assert {"tfkernels::flash_attention_fwd", "tfkernels::flash_attention_bwd",
+            "aten::_scaled_dot_product_flash_attention_backward"} <= results["ran"]
+    high = _reference_fwd_bwd(*(t.double() for t in data.values()))
+    low = _reference_fwd_bwd(*data.values())
+    for name, got, hi, lo in zip(("out", "dq", "dk", "dv"), results["cp"], high, low):
+        assert_flash_rule(got, hi, lo, f"{name} (context parallel, 2 ranks)", factor=2.0 if name == "out" else 4.0)
+
+
+# --------------------------------------------------------------------------- context parallel on CUDA
+
+def _cp_cuda_worker(rank, world_size, workdir):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     data = torch.load(os.path.join(workdir, "inputs.pt"), map_location=f"cuda:{rank}")
     mesh = init_device_mesh("cuda", (world_size,))
-    q, k, v, grad = (data[n] for n in ("q", "k", "v", "grad"))
-    # The sequence dim (2) of every buffer is sharded in place inside the context, then restored.
-    cp_q, cp_k, cp_v, cp_grad = (t.detach().clone() for t in (q, k, v, grad))
+
+    def flash_sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
     with tfkernels.use_as_sdpa_backend(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            with context_parallel(mesh, buffers=[cp_q, cp_k, cp_v, cp_grad], buffer_seq_dims=[2, 2, 2, 2]):
-                for t in (cp_q, cp_k, cp_v):
-                    t.requires_grad_()
-                out = torch.nn.functional.scaled_dot_product_attention(cp_q, cp_k, cp_v, is_causal=True)
-                out.backward(cp_grad)
-        ran = {event.name for event in prof.events()}
-        gathered = context_parallel_unshard(mesh, [out.detach(), cp_q.grad, cp_k.grad, cp_v.grad], [2, 2, 2, 2])
+        gathered, ran = _profiled(lambda: _cp_ring(mesh, data["q"], data["k"], data["v"], data["grad"], flash_sdpa))
     if rank == 0:
         torch.save({"cp": [t.cpu() for t in gathered], "ran": ran}, os.path.join(workdir, "results.pt"))
 
@@ -174,7 +237,7 @@ def test_context_parallel_with_tfkernels_matches_single_device(tmp_path, world_s
     # Causal attention, sequence divisible by 2 * world_size (context parallel's load balancing).
     q, k, v, grad = (torch.randn(2, 4, 128, 64, dtype=torch.bfloat16, device="cuda") for _ in range(4))
     torch.save({"q": q, "k": k, "v": v, "grad": grad}, tmp_path / "inputs.pt")
-    run_processes(_cp_worker, world_size, tmp_path, backend="nccl")
+    run_processes(_cp_cuda_worker, world_size, tmp_path, backend="nccl")
     results = torch.load(tmp_path / "results.pt")
     assert {"tfkernels::flash_attention_fwd", "tfkernels::flash_attention_bwd"} <= results["ran"]
 
