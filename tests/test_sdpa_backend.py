@@ -142,6 +142,16 @@ def test_context_manager_gives_back_another_provider():
     assert attention.current_flash_attention_impl() == "tfkernels-test-provider"
 
 
+def test_register_is_skipped_quietly_without_the_registry(monkeypatch):
+    monkeypatch.delattr(torch.nn.attention, "register_flash_attention_impl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sdpa_backend.register() is False
+    with pytest.raises(RuntimeError, match="needs torch.nn.attention.register_flash_attention_impl"):
+        with tfkernels.use_as_sdpa_backend():
+            pass
+
+
 # --------------------------------------------------------------------------- CPU: ours against torch's
 
 SEQLENS = [(1, 17), (17, 17), (17, 113), (113, 17), (113, 113)]
@@ -170,6 +180,19 @@ def test_sdpa_cpu_3d_and_strided_inputs():
     # [B,S,H,D] memory seen as [B,H,S,D], as models produce it: strided, last dim contiguous
     q, k, v, grad = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _inputs(2, 4, 4, 21, 21, 48))
     assert OUR_FWD in _compare_active_with_restored(q, k, v, grad, scale=0.3)
+
+
+def test_sdpa_cpu_calls_that_never_reach_the_flash_op():
+    # SDPA on the CPU sends these to its math path before any flash op: nothing to serve, nothing to warn.
+    q, k, v, _ = _inputs(1, 2, 2, 9, 9, 16)
+    strided_q = torch.randn(1, 2, 16, 9).transpose(-1, -2)  # last dim not contiguous
+    with tfkernels.use_as_sdpa_backend(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for call in (lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.5),
+                     lambda: F.scaled_dot_product_attention(strided_q, k, v)):
+            _, ran = _ops_run(call)
+            assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in ran and OUR_FWD not in ran
+            assert "aten::_scaled_dot_product_attention_math" in ran
 
 
 def _padding_mask(lens, seqlen_k):
