@@ -6,7 +6,8 @@
 # Made for a GPU machine whose time is scarce (under 10 minutes on an H100/H200
 # with 16 cores). Writes at most 8 files into OUTDIR:
 #   build.log    the extension build (for this machine's torch and card), timed
-#   tests.log    `pytest tests -m cuda`, then compute-sanitizer memcheck and racecheck
+#   tests.log    `pytest tests -m cuda` (less context parallel), context parallel (its own
+#                step: NCCL processes), then compute-sanitizer memcheck and racecheck
 #   bench.log    the benchmark run's progress and tables
 #   results.json, README.md, attention.png, qkv.png, mlp.png   the benchmark report
 # and prints a summary table last. Exits non-zero when the build, the tests, a
@@ -22,7 +23,7 @@
 #                         --charts per-family" for the full grid, which needs more time)
 #   PYTHON                the interpreter (default python3, else python)
 #   DRY_RUN=1             print the build/test/sanitizer commands instead of running
-#                         them; FAKE_FAIL=build,tests,memcheck,racecheck makes those
+#                         them; FAKE_FAIL=build,tests,cp,memcheck,racecheck makes those
 #                         fake steps fail; the benchmark step runs BENCH_ARGS for real
 #                         (default in a dry run: a small CPU subset). For testing this
 #                         script on a machine without a GPU.
@@ -128,7 +129,7 @@ fi
 # ---------------------------------------------------------------------------- 2. CUDA tests
 if [ "$BUILD_OK" = 1 ]; then
   run_step tests "$OUT/tests.log" "$(( $(left) > 200 ? 150 : $(left) / 2 ))" \
-    "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -rfE
+    "$PY" -m pytest tests -m cuda -k "not context_parallel" -q -p no:cacheprovider -rfE
   case "$STEP_RC" in
     0) record tests PASS "$STEP_SECS" "$(grep -E '[0-9]+ (passed|failed)' "$OUT/tests.log" | tail -1 | tr -d '=' | xargs)";;
     5) record tests NONE "$STEP_SECS" "no test carries the cuda marker";;
@@ -137,6 +138,24 @@ if [ "$BUILD_OK" = 1 ]; then
   esac
 else
   record tests SKIP 0 "build failed"
+fi
+
+# ---------------------------------------------------------------------------- 2b. context parallel
+# torch's context_parallel over our kernels (tests/test_distributed.py): NCCL processes, one per
+# GPU (world size 1 on a single GPU, also 2 when there are two), with its own time limit so that
+# a hung collective cannot eat the sanitizer and benchmark time.
+if [ "$BUILD_OK" != 1 ]; then
+  record cp SKIP 0 "build failed"
+elif [ "$(left)" -lt 150 ]; then
+  record cp TIMEOUT 0 "no time left in the budget"
+else
+  run_step cp "$OUT/tests.log" "$(( $(left) > 300 ? 90 : $(left) / 4 ))" \
+    "$PY" -m pytest tests/test_distributed.py -m cuda -k context_parallel -q -p no:cacheprovider -rfEs
+  case "$STEP_RC" in
+    0) record cp PASS "$STEP_SECS" "$(grep -E '[0-9]+ (passed|failed|skipped)' "$OUT/tests.log" | tail -1 | tr -d '=' | xargs)";;
+    *) record cp "$(status_of "$STEP_RC")" "$STEP_SECS" \
+         "exit $STEP_RC: $(grep -E '[0-9]+ (passed|failed)|Error' "$OUT/tests.log" | tail -1 | tr -d '=' | xargs | cut -c1-90)";;
+  esac
 fi
 
 # ---------------------------------------------------------------------------- 3. compute-sanitizer

@@ -4,12 +4,12 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import tfkernels  # noqa: F401
 from tfkernels.nn import FusedMLP, SelfAttention, TransformerEncoderLayer
 
+from .distributed import run_processes
 from .utils import assert_close_float64, assert_flash_rule
 
 D_MODEL, HEADS, D_FF = 32, 4, 64
@@ -129,24 +129,15 @@ def test_autocast_casts_every_op_to_the_autocast_dtype():
 # --------------------------------------------------------------------------- DistributedDataParallel
 
 def _ddp_worker(rank, world_size, workdir):
-    # Rendezvous through a file (no port to race for); gloo talks over the loopback interface.
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(workdir, 'rendezvous')}", rank=rank,
-                            world_size=world_size)
-    try:
-        data = torch.load(os.path.join(workdir, "inputs.pt"))
-        layer = _layer(dtype=torch.float64)
-        layer.load_state_dict(data["state"])
-        model = nn.parallel.DistributedDataParallel(layer)
-        shard = slice(rank * 2, rank * 2 + 2)
-        out = model(data["x"][shard], seqlens=data["lens"][shard], is_causal=True)
-        (out * data["grad"][shard]).sum().backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in layer.named_parameters()}, os.path.join(workdir, "grads.pt"))
-        dist.barrier()  # leave together: a rank tearing gloo down while its peer still works can abort
-    finally:
-        dist.destroy_process_group()
+    data = torch.load(os.path.join(workdir, "inputs.pt"))
+    layer = _layer(dtype=torch.float64)
+    layer.load_state_dict(data["state"])
+    model = nn.parallel.DistributedDataParallel(layer)
+    shard = slice(rank * 2, rank * 2 + 2)
+    out = model(data["x"][shard], seqlens=data["lens"][shard], is_causal=True)
+    (out * data["grad"][shard]).sum().backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in layer.named_parameters()}, os.path.join(workdir, "grads.pt"))
 
 
 def test_ddp_gloo_two_processes_match_single_process(tmp_path):
@@ -154,7 +145,7 @@ def test_ddp_gloo_two_processes_match_single_process(tmp_path):
     x, grad = torch.randn(4, 10, D_MODEL, dtype=torch.float64), torch.randn(4, 10, D_MODEL, dtype=torch.float64)
     lens = torch.tensor([10, 7, 3, 10])
     torch.save({"state": layer.state_dict(), "x": x, "grad": grad, "lens": lens}, tmp_path / "inputs.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    run_processes(_ddp_worker, 2, tmp_path)
     ddp_grads = torch.load(tmp_path / "grads.pt")
     # DDP averages the ranks' gradients: the single-process loss is the mean of the two shard losses.
     out = layer(x, seqlens=lens, is_causal=True)

@@ -1,8 +1,10 @@
 """tfkernels: fused transformer kernels for PyTorch.
 
-Functional ops (tfkernels.flash_attention, fused_qkv, bias_gelu, linear_gelu,
-fused_mlp), modules in tfkernels.nn, and pure-PyTorch references of every op in
-tfkernels.reference.
+Functional ops (tfkernels.flash_attention, merge_attention, fused_qkv, bias_gelu,
+linear_gelu, fused_mlp), modules in tfkernels.nn, pure-PyTorch references of every op
+in tfkernels.reference, and the SDPA backend (tfkernels.sdpa_backend): importing
+registers "tfkernels" with torch.nn.attention's flash-attention registry, activating
+nothing; use_as_sdpa_backend() or activate_flash_attention_impl("tfkernels") turns it on.
 """
 import torch
 
@@ -15,11 +17,13 @@ except ImportError as err:  # pragma: no cover - depends on the install
         "`pip install --no-build-isolation .` (see README, Troubleshooting)."
     ) from err
 
-from . import nn, reference  # noqa: E402
-from .ops import bias_gelu, flash_attention, fused_mlp, fused_qkv, linear_gelu  # noqa: E402
+from . import nn, reference, sdpa_backend  # noqa: E402
+from .ops import bias_gelu, flash_attention, fused_mlp, fused_qkv, linear_gelu, merge_attention  # noqa: E402
+from .sdpa_backend import use_as_sdpa_backend  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp", "build_info", "nn", "reference"]
+__all__ = ["flash_attention", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp", "build_info",
+           "use_as_sdpa_backend", "nn", "reference"]
 
 
 def build_info():
@@ -46,3 +50,5 @@ def _check_torch_abi():
 
 
 _check_torch_abi()
+sdpa_backend.register()
+

@@ -8,7 +8,7 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
-__all__ = ["flash_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"]
+__all__ = ["flash_attention", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"]
 
 _ops = torch.ops.tfkernels
 _GELU_FORMS = ("none", "tanh")
@@ -79,6 +79,41 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("tfkernels::flash_attention_fwd", _attention_backward,
                                 setup_context=_attention_setup)
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    """Attention over keys A and B from the results over each: (out, lse), differentiable.
+
+    out_* [..., S, D] and lse_* [..., S] (the log-sum-exp of each row's scores, as
+    flash_attention(..., return_lse=True) returns) of the same queries over two disjoint
+    sets of keys, e.g. the halves of a split KV cache or two steps of ring attention.
+    A partial whose row saw no key (lse = -inf) leaves the other unchanged, exactly;
+    when neither saw a key the row is 0 with lse = -inf, as in the kernel. NaNs
+    propagate. (FlashAttention-2's +inf lse for empty rows is not understood: it gives NaN.)
+    Weights are computed in float32 (float64 for float64); out keeps
+    out_a's dtype and lse lse_a's.
+    """
+    if out_a.shape != out_b.shape:
+        raise ValueError(f"tfkernels.merge_attention: out_a and out_b must have the same shape, got "
+                         f"{tuple(out_a.shape)} and {tuple(out_b.shape)}")
+    for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if lse.shape != out_a.shape[:-1]:
+            raise ValueError(f"tfkernels.merge_attention: {name} must have shape out.shape[:-1] = "
+                             f"{tuple(out_a.shape[:-1])}, got {tuple(lse.shape)}")
+    out_dtype, lse_dtype = out_a.dtype, lse_a.dtype
+    work = torch.float64 if torch.float64 in (out_dtype, lse_dtype) else torch.float32
+    lse_a, lse_b = lse_a.to(work), lse_b.to(work)
+    # Shift by the larger lse (any shift gives the same result; detached, it adds no gradient
+    # terms that cancel only in exact arithmetic). Rows empty in both shift by 0.
+    top = torch.maximum(lse_a, lse_b).detach()
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    weight_a, weight_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = weight_a + weight_b
+    empty = total == 0
+    total = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), top + torch.log(total))
+    out = (weight_a / total).unsqueeze(-1) * out_a.to(work) + (weight_b / total).unsqueeze(-1) * out_b.to(work)
+    return out.to(out_dtype), lse.to(lse_dtype)
 
 
 # --------------------------------------------------------------------------- fused QKV

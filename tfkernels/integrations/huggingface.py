@@ -23,11 +23,11 @@ Reading a mask costs a host sync per new mask (cached across layers).
 Unsupported, with a clear error: attention dropout > 0 (the kernel has no dropout;
 HF passes it only in training), softcap, attention sinks (s_aux).
 """
-import weakref
-
 import torch
 
 from .. import ops, reference
+from .._mask_plan import PlanCache
+from .._mask_plan import kernel_plan as _kernel_plan  # noqa: F401  (tests read it here)
 from ..nn import _attention_with_bias, _warn_once
 
 try:
@@ -42,58 +42,7 @@ __all__ = ["NAME", "attention_forward", "register"]
 NAME = "tfkernels"
 
 
-def _keep_mask(mask):
-    """4-D mask -> bool 'may attend' [B|1, H|1, Sq, Sk], or None when it holds float biases."""
-    if mask.dtype == torch.bool:
-        return mask
-    blocked = mask <= torch.finfo(mask.dtype).min  # finfo.min (transformers' eager masks) or -inf
-    if not bool((blocked | (mask == 0)).all()):
-        return None
-    return ~blocked
-
-
-def _kernel_plan(mask, batch, seqlen_q, seqlen_k, prefer_causal):
-    """(is_causal, causal_alignment, seqlens_k) that reproduce `mask` exactly, or None."""
-    if mask.dim() != 4 or mask.shape[-2:] != (seqlen_q, seqlen_k) or mask.shape[0] not in (1, batch):
-        return None
-    keep = _keep_mask(mask)
-    if keep is None:
-        return None
-    if keep.shape[1] != 1:
-        if not bool((keep == keep[:, :1]).all()):
-            return None
-        keep = keep[:, :1]
-    keep = keep[:, 0].expand(batch, seqlen_q, seqlen_k)
-    lens = keep.any(dim=1).sum(dim=-1)  # keys that some query sees
-    candidates = [(True, "top_left"), (True, "bottom_right"), (False, "top_left")]
-    if not prefer_causal:
-        candidates = candidates[::-1]
-    for causal, alignment in candidates:
-        expected = reference.attention_mask(seqlen_q, seqlen_k, batch=batch, is_causal=causal,
-                                            causal_alignment=alignment, seqlens_k=lens, device=keep.device)
-        if torch.equal(keep, expected[:, 0].expand(batch, seqlen_q, seqlen_k)):
-            return causal, alignment, (None if bool((lens == seqlen_k).all()) else lens)
-    return None
-
-
-class _PlanCache:
-    """The plan of the last mask seen: every layer of a forward gets the same mask tensor."""
-
-    def __init__(self):
-        self.key, self.plan = None, None
-
-    def get(self, mask, args):
-        if self.key is not None:
-            ref, version, cached_args = self.key
-            if ref() is mask and version == mask._version and cached_args == args:
-                return self.plan
-        plan = _kernel_plan(mask, *args)
-        if not torch.compiler.is_compiling():
-            self.key, self.plan = (weakref.ref(mask), mask._version, args), plan
-        return plan
-
-
-_plans = _PlanCache()
+_plans = PlanCache()
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
