@@ -1,7 +1,7 @@
 # tfkernels: the README's commands. On a fresh machine they set everything up.
 #
 #   make test         pick or make the environment, build if needed, run the tests
-#   make bench        the same, then run the benchmarks
+#   make bench        the same, then run the benchmarks (BENCH_ARGS=--quick: a trimmed grid)
 #   make env          only pick or make the environment (tools/dev_env.py)
 #   make build        ... and build (an editable install) if needed
 #   make cmake-test   build the C++ library with CMake and run its ctest
@@ -17,6 +17,7 @@
 PYTHON ?=
 BOOTSTRAP_PYTHON ?= python3
 PYTEST_ARGS ?= -q
+BENCH_ARGS ?=
 CMAKE ?= cmake
 CMAKE_BUILD_DIR ?= build/cmake
 CMAKE_ARGS ?=
@@ -62,7 +63,7 @@ test: build
 	$(IN_ENV) $(PY) -m pytest tests bench/test_report.py $(PYTEST_ARGS)
 
 bench: build
-	$(IN_ENV) $(PY) -m tfkernels.bench
+	$(IN_ENV) $(PY) -m tfkernels.bench $(BENCH_ARGS)
 
 cmake-test: env
 	$(CMAKE) -S . -B $(CMAKE_BUILD_DIR) -G "$(CMAKE_GENERATOR)" -DPython3_EXECUTABLE="$(PY)" \
