@@ -104,19 +104,19 @@ def check_prerequisites():
             f"(Debian/Ubuntu) or `dnf install python{version}-devel` (Fedora/RHEL), then rerun.")
 
 
-def _requires_with_torch(setuptools_requires):
-    check_prerequisites()
+def _requires_with_torch(setuptools_hook, config_settings):
+    check_prerequisites()  # before setuptools runs setup.py: the first thing pip shows is the fix
     requirement, why = torch_requirement()
     print(f"tfkernels: building against {requirement} ({why})", file=sys.stderr)
-    return list(setuptools_requires) + [requirement]
+    return list(setuptools_hook(config_settings)) + [requirement]
 
 
 def get_requires_for_build_wheel(config_settings=None):
-    return _requires_with_torch(_setuptools.get_requires_for_build_wheel(config_settings))
+    return _requires_with_torch(_setuptools.get_requires_for_build_wheel, config_settings)
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _requires_with_torch(_setuptools.get_requires_for_build_editable(config_settings))
+    return _requires_with_torch(_setuptools.get_requires_for_build_editable, config_settings)
 
 
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
