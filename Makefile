@@ -1,56 +1,73 @@
-# tfkernels: the README's commands.
+# tfkernels: the README's commands. On a fresh machine they set everything up.
 #
-#   make test         build if needed, then run the test suite
-#   make bench        build if needed, then run the benchmarks
-#   make build        build and install (editable) if needed
+#   make test         pick or make the environment, build if needed, run the tests
+#   make bench        the same, then run the benchmarks (BENCH_ARGS=--quick: a trimmed grid)
+#   make env          only pick or make the environment (tools/dev_env.py)
+#   make build        ... and build (an editable install) if needed
 #   make cmake-test   build the C++ library with CMake and run its ctest
-#   make clean        remove build outputs
+#   make clean        remove build outputs (the .venv stays)
 #
-# PYTHON picks the interpreter whose torch is built against, e.g.
-# `make test PYTHON=.venv/bin/python`. MAX_JOBS limits parallel compiles and
-# TFKERNELS_CUDA / TORCH_CUDA_ARCH_LIST choose the CUDA build (see setup.py).
+# The environment (tools/dev_env.py says how it is chosen): PYTHON=path uses that
+# interpreter, PYTHON=venv the checkout's .venv; unset, an active virtualenv or
+# conda environment with torch, else .venv (made and filled from requirements/
+# when needed), else a python3 on PATH that already has everything.
+# MAX_JOBS limits parallel compiles; TFKERNELS_CUDA / TORCH_CUDA_ARCH_LIST choose
+# the CUDA build (see setup.py).
 
-PYTHON ?= python
+PYTHON ?=
+BOOTSTRAP_PYTHON ?= python3
 PYTEST_ARGS ?= -q
+BENCH_ARGS ?=
 CMAKE ?= cmake
 CMAKE_BUILD_DIR ?= build/cmake
 CMAKE_ARGS ?=
 CMAKE_GENERATOR ?= $(shell command -v ninja >/dev/null 2>&1 && echo Ninja || echo "Unix Makefiles")
 
+# The interpreter `make env` chose; read when a recipe runs, after `env` has.
+ENV_RECORD := build/.python
+PY = $(shell cat $(ENV_RECORD))
+
 # Everything that changes the compiled extension.
 SOURCES := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \)) \
            setup.py pyproject.toml
 STAMP := build/.tfkernels-installed
-PIP_FLAGS ?=
-PIP_INSTALL = $(PYTHON) -m pip install --no-build-isolation $(PIP_FLAGS) -e .
+PIP_FLAGS ?= -q
+# The environment's bin/ first on PATH: its ninja (requirements/dev.txt) drives the build.
+IN_ENV = PATH="$(dir $(PY)):$$PATH"
+PIP_INSTALL = $(IN_ENV) $(PY) -m pip install --no-build-isolation $(PIP_FLAGS) -e .
 # Loads tfkernels._C and checks it was built against the torch imported now.
-LOADS_OK = $(PYTHON) -c "import sys, torch, tfkernels; sys.exit(tfkernels.build_info()['torch_version'] != torch.__version__)"
+LOADS_OK = $(PY) -c "import sys, torch, tfkernels; sys.exit(tfkernels.build_info()['torch_version'] != torch.__version__)"
+SAY_BUILD = echo "==> building tfkernels._C against $$($(PY) -c 'import torch; print("torch", torch.__version__)') and installing it (editable) into $$($(PY) -c 'import sys; print(sys.prefix)') (a few minutes the first time)"
 
-.PHONY: all build test bench cmake-test clean
+.PHONY: all env build test bench cmake-test clean
 
 all: build
+
+env:
+	@$(BOOTSTRAP_PYTHON) tools/dev_env.py --python "$(PYTHON)" --record $(ENV_RECORD)
 
 # The first build is an editable pip install; later ones, after a source changed,
 # rebuild in place with setup.py so ninja recompiles only what changed (pip -e
 # starts from an empty build folder every time). A _C that does not load (never
 # built, removed, or built against another torch) forces the pip install.
-$(STAMP): $(SOURCES)
-	@if $(LOADS_OK) 2>/dev/null; then $(PYTHON) setup.py -q build_ext --inplace; else $(PIP_INSTALL); fi
+$(STAMP): $(SOURCES) | env
+	@if $(LOADS_OK) 2>/dev/null; then echo "==> rebuilding tfkernels._C (sources changed)"; \
+	  $(IN_ENV) $(PY) setup.py -q build_ext --inplace; else $(SAY_BUILD) && $(PIP_INSTALL); fi
 	@mkdir -p $(dir $@) && touch $@
 
 build: $(STAMP)
-	@$(LOADS_OK) 2>/dev/null || { echo "tfkernels._C is missing or was built for another torch: rebuilding"; \
-	  $(PIP_INSTALL) && touch $(STAMP); }
+	@$(LOADS_OK) 2>/dev/null || { echo "==> tfkernels._C is missing or was built for another torch"; \
+	  $(SAY_BUILD) && $(PIP_INSTALL) && touch $(STAMP); }
 
 test: build
-	$(PYTHON) -m pytest tests bench/test_report.py $(PYTEST_ARGS)
+	$(IN_ENV) $(PY) -m pytest tests bench/test_report.py $(PYTEST_ARGS)
 
 bench: build
-	$(PYTHON) -m tfkernels.bench
+	$(IN_ENV) $(PY) -m tfkernels.bench $(BENCH_ARGS)
 
-cmake-test:
-	$(CMAKE) -S . -B $(CMAKE_BUILD_DIR) -G "$(CMAKE_GENERATOR)" -DPython3_EXECUTABLE="$$($(PYTHON) -c 'import sys; print(sys.executable)')" \
-	  -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')" $(CMAKE_ARGS)
+cmake-test: env
+	$(CMAKE) -S . -B $(CMAKE_BUILD_DIR) -G "$(CMAKE_GENERATOR)" -DPython3_EXECUTABLE="$(PY)" \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" $(CMAKE_ARGS)
 	$(CMAKE) --build $(CMAKE_BUILD_DIR) $(if $(MAX_JOBS),-j $(MAX_JOBS))
 	cd $(CMAKE_BUILD_DIR) && ctest --output-on-failure
 

@@ -1,6 +1,9 @@
-"""Builds tfkernels._C against the torch that is already installed.
+"""Builds tfkernels._C against the torch this Python imports.
 
-    pip install --no-build-isolation .        # or -e . for development
+    pip install .                             # the build backend picks the torch (tools/build_backend.py)
+    pip install --no-build-isolation .        # build against the torch installed here; or -e . for development
+
+torch is imported only to build the extension: metadata and sdists need none.
 
 Environment:
     TFKERNELS_CUDA=1|0        force the CUDA build on or off (default: on when a
@@ -13,12 +16,13 @@ Environment:
     CUDA_HOME                 the toolkit root (default: found from nvcc)
 """
 import glob
+import importlib.metadata
 import os
 import re
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,8 +78,18 @@ _cuda_home = find_cuda_home()
 if _cuda_home:
     os.environ["CUDA_HOME"] = _cuda_home
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+# Commands that compile; the others (metadata, sdist) run without torch.
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install", "bdist_egg"}
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ImportError as err:
+    if _BUILD_COMMANDS & set(sys.argv[1:]):
+        sys.exit(f"tfkernels: building the extension needs torch, and {sys.executable} cannot import it ({err}). "
+                 "Plain `pip install .` (build isolation on) provides the right one; with --no-build-isolation, "
+                 "install torch first: `pip install -r requirements/torch.txt`.")
+    torch = None
 
 
 def want_cuda():
@@ -181,13 +195,21 @@ def extension():
                          extra_link_args=["-fopenmp"])
 
 
+def torch_requirement():
+    """The wheel runs only with the torch it was built against (see tools/build_backend.py)."""
+    if torch is None:
+        return ["torch"]  # an sdist's metadata: its build decides
+    try:
+        version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        version = torch.__version__  # a torch without distribution metadata (run from its source tree)
+    return [f"torch=={version}"]
+
+
+# Name, version, packages and extras are in pyproject.toml.
 setup(
-    name="tfkernels",
-    version="0.1.0",
-    description="Fused transformer kernels for PyTorch: QKV projection, flash attention, bias-GELU MLP",
-    packages=find_packages(include=["tfkernels", "tfkernels.*"]),
-    python_requires=">=3.9",
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=torch_requirement(),
+    ext_modules=[extension()] if torch else [],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)} if torch else {},
     zip_safe=False,
 )

@@ -5,17 +5,36 @@ import os
 # extension is loaded.
 os.environ.setdefault("TFKERNELS_POISON_OUTPUTS", "1")
 
+import zlib  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.devices import cuda_device  # noqa: E402,F401 (fixture: the CUDA kernels on "cuda" and "emu")
 
 
+def seed_for(nodeid):
+    """The test's seed: a stable hash of its id (not hash(), which Python salts per process)."""
+    return zlib.crc32(nodeid.encode())
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random data per test, reproducible from the test's id.
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    # Fresh random data per test, the same in every run, so a failure replays.
+    seed = seed_for(request.node.nodeid)
+    request.node.tfkernels_seed = seed
+    torch.manual_seed(seed)
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "tfkernels_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("tfkernels seed", f"torch.manual_seed({seed}) (from zlib.crc32 of the test id; "
+                                                  "rerunning this test uses it again)"))
 
 
 def pytest_collection_modifyitems(config, items):

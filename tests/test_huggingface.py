@@ -157,3 +157,42 @@ def test_registered_under_its_name():
 
     assert AttentionInterface._global_mapping["tfkernels"] is tfk_hf.attention_forward
     assert "tfkernels" in AttentionMaskInterface._global_mapping
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_t5_relative_position_bias_matches_eager(padding):
+    # T5 passes its learned relative position bias as `position_bias`: the encoder's is
+    # added to full attention, the decoder's to causal self-attention (cross-attention
+    # gets a zero bias). The kernel has no bias input, so every one of these runs the
+    # fallback, and must match eager.
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                   dropout_rate=0.0, initializer_factor=4.0, decoder_start_token_id=0)
+    models = {}
+    for impl in ("eager", "tfkernels"):
+        torch.manual_seed(0)
+        models[impl] = transformers.T5Model._from_config(config, attn_implementation=impl).double().eval()
+    models["tfkernels"].load_state_dict(models["eager"].state_dict())
+    with torch.no_grad():
+        bias = models["eager"].encoder.block[0].layer[0].SelfAttention.compute_bias(12, 12)
+    assert float(bias.std()) > 0.1  # a real bias, far from zero: dropping it changes the answer
+    ids, mask, valid = _batch(padding)
+    decoder_ids = torch.randint(0, VOCAB, (ids.shape[0], 9))
+    weights = torch.randn(*decoder_ids.shape, config.d_model, dtype=torch.float64)
+    results = {}
+    tfkernels.nn._warned.clear()
+    for impl, model in models.items():
+        model.zero_grad()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hidden = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).last_hidden_state
+        if impl == "tfkernels":
+            assert sum("no position bias" in str(w.message) for w in caught) == 1  # said once, not per layer
+        (hidden * weights).sum().backward()
+        results[impl] = hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    (out, grads), (ref, ref_grads) = results["tfkernels"], results["eager"]
+    assert_close_float64(out, ref, "T5 decoder last_hidden_state")
+    assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in grads
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert_close_float64(g, ref_grads[name], f"grad {name}")

@@ -1,4 +1,4 @@
-"""Comparison rules shared by the tests (see DESIGN.md, Conventions)."""
+"""Comparison rules shared by the tests (see docs/ARCHITECTURE.md, Conventions)."""
 import contextlib
 
 import torch

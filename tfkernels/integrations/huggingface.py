@@ -62,16 +62,24 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     batch, _, seqlen_q, _ = query.shape
     seqlen_k = key.shape[2]
-    plan = (bool(causal) and seqlen_q > 1, "top_left", None)
-    if attention_mask is not None and position_bias is None:
-        plan = _plans.get(attention_mask, (batch, seqlen_q, seqlen_k, bool(causal)))
-    if attention_mask is None and position_bias is None or plan is not None:
+    # The kernel has no additive bias: a position bias (T5, MPT, ...) always runs the fallback below.
+    plan = None
+    if position_bias is None:
+        if attention_mask is None:
+            plan = (bool(causal) and seqlen_q > 1, "top_left", None)
+        else:
+            plan = _plans.get(attention_mask, (batch, seqlen_q, seqlen_k, bool(causal)))
+    if plan is not None:
         is_causal_k, alignment, seqlens_k = plan
         out = ops.flash_attention(query, key, value, is_causal=is_causal_k, causal_alignment=alignment,
                                   scale=scaling, seqlens_k=seqlens_k)
     else:
-        _warn_once(("hf", "mask"), "tfkernels attention: this attention mask is not plain right padding (with or "
-                   "without a causal mask); attention for it runs in plain PyTorch (slower).")
+        if position_bias is not None:
+            _warn_once(("hf", "bias"), "tfkernels attention: the kernel takes no position bias (T5-style relative "
+                       "attention); attention with one runs in plain PyTorch (slower).")
+        else:
+            _warn_once(("hf", "mask"), "tfkernels attention: this attention mask is not plain right padding (with "
+                       "or without a causal mask); attention for it runs in plain PyTorch (slower).")
         if attention_mask is None:
             bias = torch.zeros((), device=query.device)
             if causal and seqlen_q > 1:
