@@ -4,6 +4,9 @@
 #   make bench        the same, then run the benchmarks (BENCH_ARGS=--quick: a trimmed grid)
 #   make env          only pick or make the environment (tools/dev_env.py)
 #   make build        ... and build (an editable install) if needed
+#   make emu          build the emulated CUDA device (csrc/emu/), which make test runs the CUDA kernels on
+#   make test-emu-full   every CUDA test case on the emulated device (tens of minutes)
+#   make test-emu-asan   the emulated grid with AddressSanitizer (global out-of-bounds)
 #   make cmake-test   build the C++ library with CMake and run its ctest
 #   make clean        remove build outputs (the .venv stays)
 #
@@ -39,7 +42,7 @@ PIP_INSTALL = $(IN_ENV) $(PY) -m pip install --no-build-isolation $(PIP_FLAGS) -
 LOADS_OK = $(PY) -c "import sys, torch, tfkernels; sys.exit(tfkernels.build_info()['torch_version'] != torch.__version__)"
 SAY_BUILD = echo "==> building tfkernels._C against $$($(PY) -c 'import torch; print("torch", torch.__version__)') and installing it (editable) into $$($(PY) -c 'import sys; print(sys.prefix)') (a few minutes the first time)"
 
-.PHONY: all env build test bench cmake-test clean
+.PHONY: all env build emu emu-asan test test-emu-full test-emu-asan bench cmake-test clean
 
 all: build
 
@@ -59,8 +62,28 @@ build: $(STAMP)
 	@$(LOADS_OK) 2>/dev/null || { echo "==> tfkernels._C is missing or was built for another torch"; \
 	  $(SAY_BUILD) && $(PIP_INSTALL) && touch $(STAMP); }
 
-test: build
-	$(IN_ENV) $(PY) -m pytest tests bench/test_report.py $(PYTEST_ARGS)
+# The emulated CUDA device: the CUDA kernels compiled by the host compiler and run
+# on the CPU (tests/emu_device.py). Incremental, like the extension.
+EMU_BUILD = @echo "==> building the emulated CUDA device ($(1); incremental, a few minutes the first time)" && \
+	$(IN_ENV) $(PY) csrc/emu/build.py --variant $(1)
+emu: env
+	$(call EMU_BUILD,race)
+
+emu-asan: env
+	$(call EMU_BUILD,asan)
+
+# The CPU tests, and the CUDA kernels' quick grid on the emulated device (a real
+# GPU's too, when there is one).
+test: build emu
+	TFKERNELS_EMU_REQUIRED=1 $(IN_ENV) $(PY) -m pytest tests bench/test_report.py $(PYTEST_ARGS)
+
+test-emu-full: build emu
+	TFKERNELS_EMU_REQUIRED=1 TFKERNELS_EMU_GRID=full $(IN_ENV) $(PY) -m pytest tests -m emu $(PYTEST_ARGS)
+
+# AddressSanitizer must be loaded first into the process that loads the library.
+test-emu-asan: build emu-asan
+	TFKERNELS_EMU_REQUIRED=1 TFKERNELS_EMU_VARIANT=asan ASAN_OPTIONS=detect_leaks=0 \
+	  LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so)" $(IN_ENV) $(PY) -m pytest tests -m emu $(PYTEST_ARGS)
 
 bench: build
 	$(IN_ENV) $(PY) -m tfkernels.bench $(BENCH_ARGS)

@@ -103,6 +103,9 @@ cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attr, int valu
 
 // ----------------------------------------------------------------- synchronisation
 #define __syncthreads() ::tfkernels::emu::syncthreads(__FILE__, __LINE__)
+#define __syncthreads_count(...) ::tfkernels::emu::syncthreads_count((__VA_ARGS__), __FILE__, __LINE__)
+#define __syncthreads_or(...) (::tfkernels::emu::syncthreads_count((__VA_ARGS__), __FILE__, __LINE__) != 0)
+#define __syncthreads_and(...) (::tfkernels::emu::syncthreads_count(!(__VA_ARGS__), __FILE__, __LINE__) == 0)
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::tfkernels::emu::warp_exchange(::tfkernels::emu::Collective::kSyncwarp, mask, nullptr, 0, "__syncwarp");

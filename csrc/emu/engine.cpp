@@ -69,7 +69,10 @@ void fiber_entry(void* p) {
   if (b.live > 0 && b.at_barrier == b.live) {
     for (int i = 0; i < b.threads; ++i) {
       KernelThread& o = (*b.pool)[i];
-      if (o.state == ThreadState::kAtBarrier) o.state = ThreadState::kRunnable;
+      if (o.state == ThreadState::kAtBarrier) {
+        o.state = ThreadState::kRunnable;
+        b.predicate_count[1 - static_cast<int>(o.barrier_count & 1)] = 0;
+      }
     }
     b.at_barrier = 0;
     ++b.epoch;
@@ -187,6 +190,15 @@ void fail_current(const std::string& message) {
 
 void fail(const std::string& message) { fail_current(message); }
 
+int syncthreads_count(int predicate, const char* file, int line) {
+  Block& b = *t_block;
+  KernelThread& t = *b.current;
+  const int p = static_cast<int>(t.barrier_count & 1);
+  b.predicate_count[p] += predicate != 0;
+  syncthreads(file, line);
+  return b.predicate_count[p];
+}
+
 void syncthreads(const char* file, int line) {
   Block& b = *t_block;
   KernelThread& t = *b.current;
@@ -200,8 +212,10 @@ void syncthreads(const char* file, int line) {
     }
     b.at_barrier = 0;
     ++b.epoch;
+    b.predicate_count[1 - static_cast<int>(t.barrier_count & 1)] = 0;  // every thread has read it
   }
   t.fiber.yield();
+  ++t.barrier_count;
 }
 
 const char* collective_name(Collective c) {
@@ -330,6 +344,7 @@ void run_grid(const LaunchSpec& spec, KernelThunk thunk, const void* args) {
                    static_cast<unsigned>(bid / (uint64_t(spec.grid.x) * spec.grid.y))};
     b.live = b.threads;
     b.at_barrier = 0;
+    b.predicate_count[0] = b.predicate_count[1] = 0;
     b.error.clear();
     for (int w = 0; w < b.warps; ++w) {
       WarpState& ws = b.warp_state[w];
@@ -342,6 +357,7 @@ void run_grid(const LaunchSpec& spec, KernelThunk thunk, const void* args) {
       KernelThread& t = pool[i];
       t.state = ThreadState::kRunnable;
       t.collective_count = 0;
+      t.barrier_count = 0;
       t.open_group.clear();
       t.committed.clear();
       ThreadContext& c = t.ctx;

@@ -29,6 +29,7 @@ struct KernelThread {
   ThreadContext ctx;
   ThreadState state = ThreadState::kRunnable;
   uint64_t collective_count = 0;  // collectives this lane has entered
+  uint64_t barrier_count = 0;     // barriers this thread has passed
   const char* barrier_file = nullptr;
   int barrier_line = 0;
   std::vector<CpCopy> open_group;                  // issued, not yet committed
@@ -60,6 +61,9 @@ struct Block {
   std::vector<KernelThread>* pool = nullptr;
   WarpState warp_state[32];
   int at_barrier = 0;
+  // __syncthreads_count tallies, double-buffered by the barrier's parity: a thread
+  // is at most one barrier ahead of one that has not yet read the last result.
+  int predicate_count[2] = {0, 0};
   uint32_t epoch = 1;  // barrier epochs, for the race detector
   // Shared memory: [dynamic | static], poisoned with 0xFF (NaN in every float type).
   unsigned char* smem = nullptr;

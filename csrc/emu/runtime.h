@@ -69,6 +69,9 @@ void* static_smem(const void* site, size_t bytes, size_t align);
 // ----------------------------------------------------------------- synchronisation
 
 void syncthreads(const char* file, int line);
+// __syncthreads_count: the barrier, returning how many threads passed a non-zero
+// predicate (threads that exited count as zero).
+int syncthreads_count(int predicate, const char* file, int line);
 
 enum class Collective : uint8_t { kSyncwarp, kShuffle, kLdmatrix, kMma, kVote };
 const char* collective_name(Collective c);
