@@ -135,3 +135,21 @@ def stats():
     lines = torch.ops.tfkernels_emu.emu_stats().strip().split("\n")
     keys = lines[0].split("\t")
     return [dict(zip(keys, line.split("\t"))) for line in lines[1:]]
+
+
+def report_stats(terminalreporter):
+    """At the end of a run that used the emulated device: the per-kernel counters
+    (launches, blocks, ldmatrix bank conflicts) into build/emu/<variant>/kernel_stats.tsv
+    and one summary line."""
+    if not (_loaded and _loaded[0]):
+        return
+    text = torch.ops.tfkernels_emu.emu_stats()
+    path = os.path.join(os.path.dirname(LIBRARY), "kernel_stats.tsv")
+    with open(path, "w") as f:
+        f.write(text)
+    rows = stats()
+    conflicts = sum(int(r["ldmatrix_conflicts"]) for r in rows)
+    matrices = sum(int(r["ldmatrix_matrices"]) for r in rows)
+    terminalreporter.write_line(
+        f"emulated device: {len(rows)} kernels, {sum(int(r['launches']) for r in rows)} launches, "
+        f"{matrices} ldmatrix matrices with {conflicts} extra bank-conflict wavefronts (per kernel: {path})")

@@ -210,16 +210,8 @@ inline std::common_type_t<A, B> max(A a, B b) {
   return static_cast<T>(a) < static_cast<T>(b) ? static_cast<T>(b) : static_cast<T>(a);
 }
 
-inline float __int_as_float(int x) {
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
-inline int __float_as_int(float f) {
-  int x;
-  std::memcpy(&x, &f, 4);
-  return x;
-}
+inline float __int_as_float(int x) { return ::tfkernels::emu::bits_float(static_cast<uint32_t>(x)); }
+inline int __float_as_int(float f) { return static_cast<int>(::tfkernels::emu::float_bits(f)); }
 
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
