@@ -93,10 +93,14 @@ def run_fault(fault, python, keep):
 
 
 def _first_failure_line(out):
-    for line in out.splitlines():
-        if any(key in line for key in ("tfkernels emu:", "AddressSanitizer", "AssertionError", "Error:", "error")):
-            return line.strip()[:300]
-    return out.strip().splitlines()[-1][:300] if out.strip() else ""
+    """The line that says what caught the fault: the emulator's or AddressSanitizer's
+    report, else pytest's first `E ` line."""
+    lines = out.splitlines()
+    for keys in (("tfkernels emu:", "AddressSanitizer:"), ("E   ",)):
+        for line in lines:
+            if any(key in line for key in keys):
+                return line.strip()[:300]
+    return lines[-1][:300] if lines else ""
 
 
 def main():
