@@ -80,10 +80,12 @@ test: build emu
 test-emu-full: build emu
 	TFKERNELS_EMU_REQUIRED=1 TFKERNELS_EMU_GRID=full $(IN_ENV) $(PY) -m pytest tests -m emu $(PYTEST_ARGS)
 
-# AddressSanitizer must be loaded first into the process that loads the library.
+# AddressSanitizer must be loaded first into the process that loads the library;
+# --capture=sys leaves stderr alone so that its report (it ends the process) shows.
 test-emu-asan: build emu-asan
 	TFKERNELS_EMU_REQUIRED=1 TFKERNELS_EMU_VARIANT=asan ASAN_OPTIONS=detect_leaks=0 \
-	  LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so)" $(IN_ENV) $(PY) -m pytest tests -m emu $(PYTEST_ARGS)
+	  LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so)" \
+	  $(IN_ENV) $(PY) -m pytest tests -m emu --capture=sys $(PYTEST_ARGS)
 
 bench: build
 	$(IN_ENV) $(PY) -m tfkernels.bench $(BENCH_ARGS)

@@ -77,7 +77,7 @@ def run_fault(fault, python, keep):
             libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout
             env["LD_PRELOAD"] = libasan.strip()
             env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0"
-        run = subprocess.run([python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"] + tests, cwd=repo,
+        run = subprocess.run([python, "-m", "pytest", "-x", "-q", "--capture=sys", "-p", "no:cacheprovider"] + tests, cwd=repo,
                              env=env, capture_output=True, text=True)
         out = run.stdout + run.stderr
         if run.returncode == 0:
