@@ -37,16 +37,28 @@ def pytest_runtest_makereport(item, call):
                                                   "rerunning this test uses it again)"))
 
 
+def pytest_terminal_summary(terminalreporter):
+    from tests import emu_device
+
+    emu_device.report_stats(terminalreporter)
+
+
 def pytest_collection_modifyitems(config, items):
     # The emulated device runs the quick grid (cases marked emu_quick) unless
     # TFKERNELS_EMU_GRID=full: every case is ~1000x slower than on a GPU.
-    if os.environ.get("TFKERNELS_EMU_GRID", "quick") != "full":
-        kept, dropped = [], []
-        for item in items:
-            (dropped if "emu" in item.keywords and "emu_quick" not in item.keywords else kept).append(item)
-        if dropped:
-            config.hook.pytest_deselected(items=dropped)
-            items[:] = kept
+    # Cases marked gpu_only (sizes that take minutes under emulation) never run
+    # on the emulated device.
+    full = os.environ.get("TFKERNELS_EMU_GRID", "quick") == "full"
+
+    def emu_dropped(item):
+        return "emu" in item.keywords and ("gpu_only" in item.keywords or not (full or "emu_quick" in item.keywords))
+
+    kept, dropped = [], []
+    for item in items:
+        (dropped if emu_dropped(item) else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none visible)")

@@ -11,8 +11,10 @@ The grid covers each feature along its own axis (head dims x dtypes; square
 lengths x masks; rectangular shapes x alignments; GQA; seqlens_k; layouts; both
 dQ modes), not the full product. Determinism: deterministic=True is bitwise
 reproducible; the default (fp32 atomics) mode stays within 2x the arithmetic
-noise over 100 runs. Without a GPU every test here is skipped by the conftest.
-Small cases are also marked `sanitize` for compute-sanitizer runs.
+noise over 100 runs. Every test runs on a GPU ("cuda") and on the emulated device
+("emu", tests/devices.py), except those that need CUDA itself (graphs, streams) or
+sizes that take minutes under emulation (marked `gpu_only`). Small cases are also
+marked `sanitize` for compute-sanitizer runs.
 """
 import pytest
 import torch
@@ -25,8 +27,10 @@ from .attention_cuda_cases import make_qkv as _qkv
 from .attention_cuda_cases import misaligned_qkv
 from .utils import assert_flash_rule, max_abs_err
 
-pytestmark = pytest.mark.cuda
 sanitize = pytest.mark.sanitize
+gpu_only = pytest.mark.gpu_only  # minutes per case on the emulated device
+# The emulated quick grid (make test): every instantiation and dQ mode once, odd shapes.
+quick = pytest.mark.emu_quick
 
 
 def _kernel_grads(q, k, v, dout, grad_lse=None, deterministic=False, **kw):
@@ -78,15 +82,26 @@ def _run_and_check(q, k, v, grad_lse=None, deterministic=False, **kw):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", ALL_HEAD_DIMS)
-def test_head_dims(head_dim, dtype):
-    q, k, v = _qkv(2, 3, 3, 113, 203, head_dim, dtype)
+def test_head_dims(cuda_device, head_dim, dtype):
+    q, k, v = _qkv(cuda_device, 2, 3, 3, 113, 203, head_dim, dtype)
     _run_and_check(q, k, v)
+
+
+@quick
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", ALL_HEAD_DIMS)
+def test_head_dims_small(cuda_device, head_dim, dtype):
+    # Every instantiation on one query tile, cheap enough for the quick emulated grid:
+    # Sq 17 against Sk 70 (a partial second key tile), GQA, causal bottom_right; the
+    # dQ mode alternates with the dtype.
+    q, k, v = _qkv(cuda_device, 1, 2, 1, 17, 70, head_dim, dtype)
+    _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right", deterministic=dtype == torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [40, 128, 256])
-def test_head_dims_causal_deterministic(head_dim, dtype):
-    q, k, v = _qkv(1, 2, 2, 200, 257, head_dim, dtype)
+def test_head_dims_causal_deterministic(cuda_device, head_dim, dtype):
+    q, k, v = _qkv(cuda_device, 1, 2, 2, 200, 257, head_dim, dtype)
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right", deterministic=True)
 
 
@@ -94,32 +109,36 @@ def test_head_dims_causal_deterministic(head_dim, dtype):
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
-@pytest.mark.parametrize("seqlen", [1, 17, 97, 128, 200, 257, 1023, 2048])
-def test_square_seqlens(seqlen, mask):
+@pytest.mark.parametrize("seqlen", [pytest.param(1, marks=quick), pytest.param(17, marks=quick), 97, 128, 200, 257,
+                                    pytest.param(1023, marks=gpu_only),
+                                    pytest.param(2048, marks=gpu_only)])
+def test_square_seqlens(cuda_device, seqlen, mask):
     is_causal, alignment = mask
     head_dim = {1: 64, 17: 32, 97: 96, 128: 128, 200: 80, 257: 160, 1023: 64, 2048: 128}[seqlen]
     dtype = torch.float16 if seqlen % 2 else torch.bfloat16
     batch = 2 if seqlen <= 257 else 1
-    q, k, v = _qkv(batch, 2, 2, seqlen, seqlen, head_dim, dtype)
+    q, k, v = _qkv(cuda_device, batch, 2, 2, seqlen, seqlen, head_dim, dtype)
     _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment, deterministic=seqlen in (97, 1023))
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("seqlen_q,seqlen_k",
-                         [(113, 203), (128, 217), (108, 256), (256, 512), (512, 256), (1023, 1024), (1024, 1023)])
-def test_rectangular(seqlen_q, seqlen_k, mask):
+                         [pytest.param(17, 130, marks=quick), pytest.param(130, 17, marks=quick),
+                          (113, 203), (128, 217), (108, 256), (256, 512), (512, 256),
+                          pytest.param(1023, 1024, marks=gpu_only), pytest.param(1024, 1023, marks=gpu_only)])
+def test_rectangular(cuda_device, seqlen_q, seqlen_k, mask):
     is_causal, alignment = mask
     dtype = torch.bfloat16 if seqlen_q % 2 else torch.float16
     head_dim = 64 if seqlen_q < 1000 else 128
-    q, k, v = _qkv(2, 2, 2, seqlen_q, seqlen_k, head_dim, dtype)
+    q, k, v = _qkv(cuda_device, 2, 2, 2, seqlen_q, seqlen_k, head_dim, dtype)
     _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment,
                    deterministic=(seqlen_q + seqlen_k) % 3 == 0)
 
 
 @pytest.mark.parametrize("seqlen_q,seqlen_k,head_dim", [(300, 257, 224), (97, 160, 192), (257, 300, 160)])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_large_head_dims_causal_rectangular(seqlen_q, seqlen_k, head_dim, deterministic):
-    q, k, v = _qkv(1, 2, 2, seqlen_q, seqlen_k, head_dim, torch.bfloat16)
+def test_large_head_dims_causal_rectangular(cuda_device, seqlen_q, seqlen_k, head_dim, deterministic):
+    q, k, v = _qkv(cuda_device, 1, 2, 2, seqlen_q, seqlen_k, head_dim, torch.bfloat16)
     _run_and_check(q, k, v, is_causal=True, causal_alignment="top_left", deterministic=deterministic)
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right", deterministic=deterministic)
 
@@ -131,9 +150,9 @@ def test_large_head_dims_causal_rectangular(seqlen_q, seqlen_k, head_dim, determ
 @pytest.mark.parametrize("kv_heads", [1, 3])
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("head_dim", [64, 111])
-def test_gqa(head_dim, mask, kv_heads, deterministic):
+def test_gqa(cuda_device, head_dim, mask, kv_heads, deterministic):
     is_causal, alignment = mask
-    q, k, v = _qkv(2, 9, kv_heads, 150, 190, head_dim, torch.float16)
+    q, k, v = _qkv(cuda_device, 2, 9, kv_heads, 150, 190, head_dim, torch.float16)
     _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment, deterministic=deterministic)
 
 
@@ -144,13 +163,13 @@ def test_gqa(head_dim, mask, kv_heads, deterministic):
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float16, 64), (torch.bfloat16, 128), (torch.float16, 59),
                                             (torch.float32, 64)], ids=["fp16-64", "bf16-128", "fp16-59", "fp32-64"])
-def test_seqlens_k(dtype, head_dim, mask, deterministic):
+def test_seqlens_k(cuda_device, dtype, head_dim, mask, deterministic):
     is_causal, alignment = mask
     batch, seqlen_q, seqlen_k = 5, 140, 300
     lens = torch.randint(1, seqlen_k + 1, (batch,))
     lens[0], lens[1], lens[2] = 0, seqlen_k, 1
-    lens = lens.to(device="cuda", dtype=torch.int32 if deterministic else torch.int64)
-    q, k, v = _qkv(batch, 4, 2, seqlen_q, seqlen_k, head_dim, dtype)
+    lens = lens.to(device=cuda_device, dtype=torch.int32 if deterministic else torch.int64)
+    q, k, v = _qkv(cuda_device, batch, 4, 2, seqlen_q, seqlen_k, head_dim, dtype)
     dq, dk, dv = _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment, seqlens_k=lens,
                                 deterministic=deterministic)
     # Batch 0 sees nothing; keys at or past seqlens_k get zero gradients.
@@ -161,9 +180,10 @@ def test_seqlens_k(dtype, head_dim, mask, deterministic):
 
 
 @sanitize
-def test_seqlens_k_padding_is_never_read():
-    q, k, v = _qkv(2, 2, 2, 70, 130, 64, torch.float16)
-    lens = torch.tensor([50, 129], device="cuda", dtype=torch.int32)
+@quick
+def test_seqlens_k_padding_is_never_read(cuda_device):
+    q, k, v = _qkv(cuda_device, 2, 2, 2, 70, 130, 64, torch.float16)
+    lens = torch.tensor([50, 129], device=cuda_device, dtype=torch.int32)
     clean = [t.clone() for t in (k, v)]
     for t in (k, v):
         t[0, :, 50:] = float("nan")
@@ -188,15 +208,16 @@ def test_seqlens_k_padding_is_never_read():
 @pytest.mark.parametrize("head_dim,seqlen_q,seqlen_k",
                          [(32, 1, 1), (59, 113, 203), (64, 128, 128), (128, 257, 200), (256, 97, 300),
                           (111, 512, 256)])
-def test_fp32(head_dim, seqlen_q, seqlen_k, mask):
+def test_fp32(cuda_device, head_dim, seqlen_q, seqlen_k, mask):
     is_causal, alignment = mask
-    q, k, v = _qkv(2, 3, 1, seqlen_q, seqlen_k, head_dim, torch.float32)
+    q, k, v = _qkv(cuda_device, 2, 3, 1, seqlen_q, seqlen_k, head_dim, torch.float32)
     _run_and_check(q, k, v, is_causal=is_causal, causal_alignment=alignment)
 
 
 @sanitize
-def test_fp32_small():
-    q, k, v = _qkv(1, 2, 2, 17, 33, 40, torch.float32)
+@quick
+def test_fp32_small(cuda_device):
+    q, k, v = _qkv(cuda_device, 1, 2, 2, 17, 33, 40, torch.float32)
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
 
 
@@ -204,18 +225,19 @@ def test_fp32_small():
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_grad_lse(dtype, deterministic):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, pytest.param(torch.float32, marks=quick)], ids=str)
+def test_grad_lse(cuda_device, dtype, deterministic):
     # Causal top_left, Sq <= Sk: every row sees a key, so lse is finite everywhere.
-    q, k, v = _qkv(2, 4, 2, 150, 170, 64, dtype)
-    grad_lse = torch.randn(2, 4, 150, device="cuda", dtype=torch.float32)
+    q, k, v = _qkv(cuda_device, 2, 4, 2, 150, 170, 64, dtype)
+    grad_lse = torch.randn(2, 4, 150, device=cuda_device, dtype=torch.float32)
     _run_and_check(q, k, v, grad_lse=grad_lse, is_causal=True, deterministic=deterministic)
 
 
 @sanitize
-def test_grad_lse_only():
+@quick
+def test_grad_lse_only(cuda_device):
     # Only lse is used: grad_out arrives as zeros, the gradient comes through lse.
-    q, k, v = _qkv(1, 2, 2, 40, 50, 64, torch.float16)
+    q, k, v = _qkv(cuda_device, 1, 2, 2, 40, 50, 64, torch.float16)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     _, lse = tfkernels.flash_attention(*leaves, return_lse=True)
     grad_lse = torch.randn_like(lse)
@@ -230,12 +252,13 @@ def test_grad_lse_only():
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_fully_masked_rows(dtype, deterministic):
+def test_fully_masked_rows(cuda_device, dtype, deterministic):
     # bottom_right with Sq > Sk: query rows i < Sq - Sk see no key (lse = -inf).
     seqlen_q, seqlen_k = 50, 20
-    q, k, v = _qkv(2, 2, 2, seqlen_q, seqlen_k, 64, dtype)
+    q, k, v = _qkv(cuda_device, 2, 2, 2, seqlen_q, seqlen_k, 64, dtype)
     dq, dk, dv = _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right", deterministic=deterministic)
     hidden = seqlen_q - seqlen_k
     assert torch.all(dq[:, :, :hidden] == 0)
@@ -243,29 +266,32 @@ def test_fully_masked_rows(dtype, deterministic):
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_all_rows_masked_by_zero_lengths(dtype):
-    q, k, v = _qkv(2, 2, 1, 33, 40, 128 if dtype != torch.float32 else 64, dtype)
-    lens = torch.zeros(2, device="cuda", dtype=torch.int64)
+def test_all_rows_masked_by_zero_lengths(cuda_device, dtype):
+    q, k, v = _qkv(cuda_device, 2, 2, 1, 33, 40, 128 if dtype != torch.float32 else 64, dtype)
+    lens = torch.zeros(2, device=cuda_device, dtype=torch.int64)
     for det in (False, True):
         grads = _kernel_grads(q, k, v, torch.randn_like(q), deterministic=det, seqlens_k=lens)
         assert all(torch.all(g == 0) for g in grads)
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_empty_keys(dtype):
+def test_empty_keys(cuda_device, dtype):
     # Sk = 0: dq is zero, dk and dv are empty.
-    q, k, v = _qkv(2, 2, 1, 20, 0, 64, dtype)
+    q, k, v = _qkv(cuda_device, 2, 2, 1, 20, 0, 64, dtype)
     for det in (False, True):
         dq, dk, dv = _kernel_grads(q, k, v, torch.randn_like(q), deterministic=det)
         assert torch.all(dq == 0) and dk.shape == k.shape and dv.shape == v.shape
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_empty_query(dtype):
-    q, k, v = _qkv(2, 2, 2, 0, 16, 64, dtype)
+def test_empty_query(cuda_device, dtype):
+    q, k, v = _qkv(cuda_device, 2, 2, 2, 0, 16, 64, dtype)
     for det in (False, True):
         dq, dk, dv = _kernel_grads(q, k, v, torch.randn_like(q), deterministic=det)
         assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)
@@ -276,38 +302,41 @@ def test_empty_query(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 59, 128])
-def test_bshd_views(head_dim, dtype):
-    q, k, v = _qkv(2, 4, 2, 129, 77, head_dim, dtype, layout="bshd")
+def test_bshd_views(cuda_device, head_dim, dtype):
+    q, k, v = _qkv(cuda_device, 2, 4, 2, 129, 77, head_dim, dtype, layout="bshd")
     assert not q.is_contiguous()
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_misaligned_views(dtype):
-    q, k, v = misaligned_qkv(dtype)
+def test_misaligned_views(cuda_device, dtype):
+    q, k, v = misaligned_qkv(cuda_device, dtype)
     _run_and_check(q, k, v, is_causal=True)
 
 
 @sanitize
-def test_odd_head_dim_strided_views():
-    q, k, v = _qkv(2, 3, 3, 40, 50, 59, torch.bfloat16, layout="bshd")
+@quick
+def test_odd_head_dim_strided_views(cuda_device):
+    q, k, v = _qkv(cuda_device, 2, 3, 3, 40, 50, 59, torch.bfloat16, layout="bshd")
     _run_and_check(q, k, v, deterministic=True)
     _run_and_check(q, k, v)
 
 
 @sanitize
-def test_expanded_kv():
-    q = torch.randn(3, 2, 33, 64, device="cuda", dtype=torch.float16)
-    k = torch.randn(1, 2, 45, 64, device="cuda", dtype=torch.float16).expand(3, -1, -1, -1)
-    v = torch.randn(1, 2, 45, 64, device="cuda", dtype=torch.float16).expand(3, -1, -1, -1)
+@quick
+def test_expanded_kv(cuda_device):
+    q = torch.randn(3, 2, 33, 64, device=cuda_device, dtype=torch.float16)
+    k = torch.randn(1, 2, 45, 64, device=cuda_device, dtype=torch.float16).expand(3, -1, -1, -1)
+    v = torch.randn(1, 2, 45, 64, device=cuda_device, dtype=torch.float16).expand(3, -1, -1, -1)
     _run_and_check(q, k, v)
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_expanded_grad_out(dtype):
+def test_expanded_grad_out(cuda_device, dtype):
     # out.sum() hands the backward a stride-0 (expanded) grad_out.
-    q, k, v = _qkv(1, 2, 1, 30, 40, 64, dtype)
+    q, k, v = _qkv(cuda_device, 1, 2, 1, 30, 40, 64, dtype)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     tfkernels.flash_attention(*leaves, is_causal=True).sum().backward()
     ones = torch.ones_like(q)
@@ -323,8 +352,8 @@ def test_expanded_grad_out(dtype):
 
 
 @pytest.mark.parametrize("scale", [0.3, -0.5, 0.0])
-def test_custom_scale(scale):
-    q, k, v = _qkv(1, 2, 2, 100, 140, 96, torch.float16)
+def test_custom_scale(cuda_device, scale):
+    q, k, v = _qkv(cuda_device, 1, 2, 2, 100, 140, 96, torch.float16)
     _run_and_check(q, k, v, scale=scale, is_causal=True)
 
 
@@ -342,8 +371,9 @@ def _direct_bwd(q, k, v, dout, deterministic, **kw):
 
 @pytest.mark.parametrize("dtype,head_dim,kv_heads", [(torch.float16, 64, 4), (torch.bfloat16, 128, 1)],
                          ids=["fp16-64-mha", "bf16-128-mqa"])
+@pytest.mark.cuda
 def test_deterministic_bitwise(dtype, head_dim, kv_heads):
-    q, k, v = _qkv(8, 4, kv_heads, 1024, 1024, head_dim, dtype)
+    q, k, v = _qkv("cuda", 8, 4, kv_heads, 1024, 1024, head_dim, dtype)
     dout = torch.randn_like(q)
     _, _, bwd = _direct_bwd(q, k, v, dout, True, is_causal=True)
     first = bwd()
@@ -353,10 +383,11 @@ def test_deterministic_bitwise(dtype, head_dim, kv_heads):
             assert torch.equal(a, b), f"{name}: deterministic=True differs between runs"
 
 
+@pytest.mark.cuda
 def test_default_mode_race_check():
     # The default mode adds dQ with fp32 atomics: run-to-run differences are
     # summation-order noise. A lost update or a race would be far larger.
-    q, k, v = _qkv(8, 4, 2, 1024, 1024, 64, torch.float16)
+    q, k, v = _qkv("cuda", 8, 4, 2, 1024, 1024, 64, torch.float16)
     dout = torch.randn_like(q)
     _, _, det_bwd = _direct_bwd(q, k, v, dout, True, is_causal=True)
     _, _, def_bwd = _direct_bwd(q, k, v, dout, False, is_causal=True)
@@ -376,8 +407,9 @@ def test_default_mode_race_check():
 # --------------------------------------------------------------------------- CUDA graphs, opcheck
 
 
+@pytest.mark.cuda
 def test_cuda_graph_capture():
-    q, k, v = _qkv(2, 4, 2, 200, 300, 128, torch.bfloat16)
+    q, k, v = _qkv("cuda", 2, 4, 2, 200, 300, 128, torch.bfloat16)
     dout = torch.randn_like(q)
     lens = torch.tensor([300, 123], device="cuda", dtype=torch.int32)
     out, lse = tfkernels.flash_attention(q, k, v, return_lse=True, is_causal=True, seqlens_k=lens)
@@ -402,9 +434,9 @@ def test_cuda_graph_capture():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_opcheck(dtype):
-    q, k, v = _qkv(2, 4, 2, 33, 47, 64, dtype, layout="bshd")
-    lens = torch.tensor([47, 5], device="cuda", dtype=torch.int32)
+def test_opcheck(cuda_device, dtype):
+    q, k, v = _qkv(cuda_device, 2, 4, 2, 33, 47, 64, dtype, layout="bshd")
+    lens = torch.tensor([47, 5], device=cuda_device, dtype=torch.int32)
     out, lse = tfkernels.flash_attention(q, k, v, return_lse=True, is_causal=True, causal_alignment="bottom_right",
                                          seqlens_k=lens)
     dout = torch.randn_like(out)

@@ -9,7 +9,9 @@ TFKERNELS_POISON_OUTPUTS=1), so an element the kernel forgets to write fails.
 The grid covers each feature along its own axis instead of the full cartesian
 product (head dims x dtypes on one odd shape; sequence lengths x causal; the
 rectangular shapes x alignments; GQA; seqlens_k; layouts), to run in about a
-minute on an H100. Without a GPU every test here is skipped by the conftest.
+minute on an H100. Every test runs on a GPU ("cuda", skipped without one) and on
+the emulated device ("emu", tests/devices.py), except those that need CUDA itself
+(graphs, streams) or sizes that take minutes under emulation (marked `gpu_only`).
 Small cases are also marked `sanitize` for compute-sanitizer runs.
 """
 import pytest
@@ -24,6 +26,9 @@ from .attention_cuda_cases import misaligned_qkv
 from .utils import assert_flash_rule, max_abs_err
 
 sanitize = pytest.mark.sanitize
+gpu_only = pytest.mark.gpu_only  # minutes per case on the emulated device
+# The emulated quick grid (make test): every instantiation once, odd shapes throughout.
+quick = pytest.mark.emu_quick
 
 
 def _check_lse(lse, lse_ref, atol, rtol):
@@ -70,6 +75,16 @@ def test_head_dims(cuda_device, head_dim, dtype):
     _run_and_check(q, k, v)
 
 
+@quick
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", ALL_HEAD_DIMS)
+def test_head_dims_small(cuda_device, head_dim, dtype):
+    # Every instantiation on one query tile, cheap enough for the quick emulated grid:
+    # Sq 17 against Sk 70 (a partial second key tile), GQA, causal bottom_right.
+    q, k, v = _qkv(cuda_device, 1, 2, 1, 17, 70, head_dim, dtype)
+    _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [40, 128, 256])
 def test_head_dims_causal(cuda_device, head_dim, dtype):
@@ -81,7 +96,9 @@ def test_head_dims_causal(cuda_device, head_dim, dtype):
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
-@pytest.mark.parametrize("seqlen", [1, 17, 97, 128, 200, 257, 1023, 2048])
+@pytest.mark.parametrize("seqlen", [pytest.param(1, marks=quick), pytest.param(17, marks=quick), 97, 128, 200, 257,
+                                    pytest.param(1023, marks=gpu_only),
+                                    pytest.param(2048, marks=gpu_only)])
 def test_square_seqlens(cuda_device, seqlen, mask):
     is_causal, alignment = mask
     # Cycle head dim and dtype with the length so each pairing shows up somewhere.
@@ -94,7 +111,9 @@ def test_square_seqlens(cuda_device, seqlen, mask):
 
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("seqlen_q,seqlen_k",
-                         [(113, 203), (128, 217), (108, 256), (256, 512), (512, 256), (1023, 1024), (1024, 1023)])
+                         [pytest.param(17, 130, marks=quick), pytest.param(130, 17, marks=quick),
+                          (113, 203), (128, 217), (108, 256), (256, 512), (512, 256),
+                          pytest.param(1023, 1024, marks=gpu_only), pytest.param(1024, 1023, marks=gpu_only)])
 def test_rectangular(cuda_device, seqlen_q, seqlen_k, mask):
     is_causal, alignment = mask
     dtype = torch.bfloat16 if seqlen_q % 2 else torch.float16
@@ -142,6 +161,7 @@ def test_seqlens_k(cuda_device, dtype, head_dim, mask, lens_dtype):
 
 
 @sanitize
+@quick
 def test_seqlens_k_padding_is_never_read(cuda_device):
     # K/V rows at or past seqlens_k are zero-filled on load: NaN there must not leak.
     q, k, v = _qkv(cuda_device, 2, 2, 2, 70, 130, 64, torch.float16)
@@ -166,8 +186,8 @@ def test_seqlens_k_padding_is_never_read(cuda_device):
 
 @pytest.mark.parametrize("mask", MASKS, ids=MASK_IDS)
 @pytest.mark.parametrize("head_dim,seqlen_q,seqlen_k",
-                         [(32, 1, 1), (59, 113, 203), (64, 128, 128), (128, 257, 200), (256, 97, 300),
-                          (111, 512, 256)])
+                         [pytest.param(32, 1, 1, marks=quick), (59, 113, 203), (64, 128, 128), (128, 257, 200),
+                          (256, 97, 300), (111, 512, 256)])
 def test_fp32(cuda_device, head_dim, seqlen_q, seqlen_k, mask):
     is_causal, alignment = mask
     q, k, v = _qkv(cuda_device, 2, 3, 1, seqlen_q, seqlen_k, head_dim, torch.float32)
@@ -175,6 +195,7 @@ def test_fp32(cuda_device, head_dim, seqlen_q, seqlen_k, mask):
 
 
 @sanitize
+@quick
 def test_fp32_small(cuda_device):
     q, k, v = _qkv(cuda_device, 1, 2, 2, 17, 33, 40, torch.float32)
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
@@ -184,7 +205,7 @@ def test_fp32_small(cuda_device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("head_dim", [64, 59, 128])
+@pytest.mark.parametrize("head_dim", [64, pytest.param(59, marks=quick), 128])
 def test_bshd_views(cuda_device, head_dim, dtype):
     # [B,S,H,D] storage seen as [B,H,S,D]: no copy on the aligned path.
     q, k, v = _qkv(cuda_device, 2, 4, 2, 129, 77, head_dim, dtype, layout="bshd")
@@ -192,6 +213,7 @@ def test_bshd_views(cuda_device, head_dim, dtype):
     _run_and_check(q, k, v, is_causal=True, causal_alignment="bottom_right")
 
 
+@quick
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_misaligned_views(cuda_device, dtype):
     q, k, v = misaligned_qkv(cuda_device, dtype)
@@ -199,6 +221,7 @@ def test_misaligned_views(cuda_device, dtype):
 
 
 @sanitize
+@quick
 def test_odd_head_dim_strided_views(cuda_device):
     # D = 59 with [B,S,H,D] views: the element-wise path with arbitrary strides.
     q, k, v = _qkv(cuda_device, 2, 3, 3, 40, 50, 59, torch.bfloat16, layout="bshd")
@@ -206,6 +229,7 @@ def test_odd_head_dim_strided_views(cuda_device):
 
 
 @sanitize
+@quick
 def test_expanded_kv(cuda_device):
     # Zero strides (expand) over batch are legal strided inputs.
     q = torch.randn(3, 2, 33, 64, device=cuda_device, dtype=torch.float16)
@@ -224,6 +248,7 @@ def test_custom_scale(cuda_device, scale):
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_fully_masked_rows(cuda_device, dtype):
     # bottom_right with Sq > Sk: query rows i < Sq - Sk see no key.
@@ -237,6 +262,7 @@ def test_fully_masked_rows(cuda_device, dtype):
 
 
 @sanitize
+@quick
 def test_all_rows_masked_by_zero_lengths(cuda_device):
     q, k, v = _qkv(cuda_device, 2, 2, 1, 33, 40, 128, torch.bfloat16)
     lens = torch.zeros(2, device=cuda_device, dtype=torch.int64)
@@ -308,6 +334,7 @@ def test_float64_is_rejected_clearly(cuda_device):
 
 
 @sanitize
+@quick
 def test_empty_query(cuda_device):
     q, k, v = _qkv(cuda_device, 2, 2, 2, 0, 16, 64, torch.float16)
     out, lse = tfkernels.flash_attention(q, k, v, return_lse=True)
@@ -315,6 +342,7 @@ def test_empty_query(cuda_device):
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_empty_keys(cuda_device, dtype):
     # Sk = 0: every row sees nothing.

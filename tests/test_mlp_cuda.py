@@ -1,7 +1,9 @@
 """linear_gelu / fused_mlp (forward and backward) on CUDA: csrc/cuda/mlp.cpp over the
 project's GEMM core (csrc/cuda/gemm/mlp_impl.cuh).
 
-Every test is marked `cuda` and skips without a GPU; the small ones are also marked
+Every test runs on a GPU ("cuda", skipped without one) and on the emulated device
+("emu", tests/devices.py), except CUDA-graph capture and the sizes marked `gpu_only`
+(minutes each under emulation), which need a GPU; the small ones are also marked
 `sanitize` (compute-sanitizer runs them). The oracle is tfkernels.reference: fp16/bf16
 follow the FlashAttention rule (tests/utils.assert_flash_rule) against the reference on
 float32 copies (TF32 off) and the reference in the dtype; fp32 is checked by relative
@@ -25,29 +27,35 @@ from tfkernels import reference
 from .utils import assert_flash_rule, max_abs_err, tf32_matmul
 
 
-pytestmark = pytest.mark.cuda
 
 sanitize = pytest.mark.sanitize
+gpu_only = pytest.mark.gpu_only
+# Problems of more than this many multiply-adds per GEMM take minutes each on the
+# emulated device (two schedules, fibers per thread): they run on a GPU only.
+EMU_MAX_MACS = 2 * 10**7
+# The emulated quick grid (make test): the small (sanitize) cases, fp32, views, edges;
+# the tile shapes run quick in test_fused_qkv_cuda.py.
+quick = pytest.mark.emu_quick
 
 
 
 
-def _param(shape, bias, dtype, requires_grad, scale=1.0):
-    t = (torch.randn(*shape, device="cuda") * scale).to(dtype)
+def _param(device, shape, dtype, requires_grad, scale=1.0):
+    t = (torch.randn(*shape, device=device) * scale).to(dtype)
     return t.requires_grad_(requires_grad) if requires_grad else t
 
 
-def linear_inputs(lead, d_in, d_out, bias, dtype, requires_grad=False):
-    x = _param((*lead, d_in), True, dtype, requires_grad)
-    w = _param((d_out, d_in), True, dtype, requires_grad, scale=1 / max(d_in, 1) ** 0.5)
-    b = _param((d_out,), True, dtype, requires_grad) if bias else None
+def linear_inputs(device, lead, d_in, d_out, bias, dtype, requires_grad=False):
+    x = _param(device, (*lead, d_in), dtype, requires_grad)
+    w = _param(device, (d_out, d_in), dtype, requires_grad, scale=1 / max(d_in, 1) ** 0.5)
+    b = _param(device, (d_out,), dtype, requires_grad) if bias else None
     return x, w, b
 
 
-def mlp_inputs(lead, d_model, d_ff, bias, dtype, requires_grad=False):
-    x, w1, b1 = linear_inputs(lead, d_model, d_ff, bias, dtype, requires_grad)
-    w2 = _param((d_model, d_ff), True, dtype, requires_grad, scale=1 / max(d_ff, 1) ** 0.5)
-    b2 = _param((d_model,), True, dtype, requires_grad) if bias else None
+def mlp_inputs(device, lead, d_model, d_ff, bias, dtype, requires_grad=False):
+    x, w1, b1 = linear_inputs(device, lead, d_model, d_ff, bias, dtype, requires_grad)
+    w2 = _param(device, (d_model, d_ff), dtype, requires_grad, scale=1 / max(d_ff, 1) ** 0.5)
+    b2 = _param(device, (d_model,), dtype, requires_grad) if bias else None
     return x, w1, b1, w2, b2
 
 
@@ -132,14 +140,14 @@ def _cases(cases, prefix):
                 m *= s
             shape = "x".join(map(str, lead)) if lead else "1d"  # the leading dims
             pid = f"{prefix}M{m}-{shape}-{d_in}-{d_out}-{approx}{'-bias' if bias else ''}-{dt}"
-            params.append(pytest.param(lead, d_in, d_out, bias, approx, dtype, id=pid,
-                                       marks=[sanitize] if small else []))
+            marks = ([sanitize, quick] if small else []) + ([gpu_only] if m * d_in * d_out > EMU_MAX_MACS else [])
+            params.append(pytest.param(lead, d_in, d_out, bias, approx, dtype, id=pid, marks=marks))
     return params
 
 
 @pytest.mark.parametrize("lead,d_in,d_out,bias,approx,dtype", _cases(LINEAR_CASES, ""))
-def test_linear_gelu_16bit(lead, d_in, d_out, bias, approx, dtype):
-    x, w, b = linear_inputs(lead, d_in, d_out, bias, dtype, requires_grad=True)
+def test_linear_gelu_16bit(cuda_device, lead, d_in, d_out, bias, approx, dtype):
+    x, w, b = linear_inputs(cuda_device, lead, d_in, d_out, bias, dtype, requires_grad=True)
     out, pre = torch.ops.tfkernels.linear_gelu(x, w, b, approx, True)
     assert out.shape == (*lead, d_out) and pre.shape == (*lead, d_out)
     grad = torch.randn_like(out)
@@ -172,8 +180,8 @@ MLP_CASES = [
 
 
 @pytest.mark.parametrize("lead,d_model,d_ff,bias,approx,dtype", _cases(MLP_CASES, "mlp-"))
-def test_fused_mlp_16bit(lead, d_model, d_ff, bias, approx, dtype):
-    tensors = mlp_inputs(lead, d_model, d_ff, bias, dtype, requires_grad=True)
+def test_fused_mlp_16bit(cuda_device, lead, d_model, d_ff, bias, approx, dtype):
+    tensors = mlp_inputs(cuda_device, lead, d_model, d_ff, bias, dtype, requires_grad=True)
     out, pre = torch.ops.tfkernels.fused_mlp(*tensors, approx, True)
     assert out.shape == (*lead, d_model) and pre.shape == (*lead, d_ff)
     grad = torch.randn_like(out)
@@ -188,23 +196,23 @@ def test_fused_mlp_16bit(lead, d_model, d_ff, bias, approx, dtype):
 # ------------------------------------------------------------------ fp32
 
 FP32_LINEAR = [
-    pytest.param((17,), 40, 160, True, "none", id="M17-40-160-none-bias", marks=sanitize),
-    pytest.param((1000,), 768, 3072, True, "tanh", id="M1000-768-3072-tanh-bias"),
-    pytest.param((2, 500), 1024, 1001, False, "none", id="M1000-1024-1001-none"),
+    pytest.param((17,), 40, 160, True, "none", id="M17-40-160-none-bias", marks=[sanitize, quick]),
+    pytest.param((1000,), 768, 3072, True, "tanh", id="M1000-768-3072-tanh-bias", marks=gpu_only),
+    pytest.param((2, 500), 1024, 1001, False, "none", id="M1000-1024-1001-none", marks=gpu_only),
 ]
 FP32_MLP = [
-    pytest.param((1,), 40, 160, True, "tanh", id="M1-40-160-tanh-bias", marks=sanitize),
-    pytest.param((1000,), 768, 3072, False, "none", id="M1000-768-3072-none"),
-    pytest.param((16384,), 1024, 4096, True, "tanh", id="M16384-1024-4096-tanh-bias"),
-    pytest.param((17,), 40, 37, True, "none", id="M17-40-37-none-bias", marks=sanitize),
+    pytest.param((1,), 40, 160, True, "tanh", id="M1-40-160-tanh-bias", marks=[sanitize, quick]),
+    pytest.param((1000,), 768, 3072, False, "none", id="M1000-768-3072-none", marks=gpu_only),
+    pytest.param((16384,), 1024, 4096, True, "tanh", id="M16384-1024-4096-tanh-bias", marks=gpu_only),
+    pytest.param((17,), 40, 37, True, "none", id="M17-40-37-none-bias", marks=[sanitize, quick]),
 ]
 TF32 = [pytest.param(False, id="tf32-off"), pytest.param(True, id="tf32-on")]
 
 
 @pytest.mark.parametrize("tf32", TF32)
 @pytest.mark.parametrize("lead,d_in,d_out,bias,approx", FP32_LINEAR)
-def test_linear_gelu_fp32(lead, d_in, d_out, bias, approx, tf32):
-    tensors = linear_inputs(lead, d_in, d_out, bias, torch.float32, requires_grad=True)
+def test_linear_gelu_fp32(cuda_device, lead, d_in, d_out, bias, approx, tf32):
+    tensors = linear_inputs(cuda_device, lead, d_in, d_out, bias, torch.float32, requires_grad=True)
     with tf32_matmul(tf32):
         out, pre = torch.ops.tfkernels.linear_gelu(*tensors, approx, True)
         grad = torch.randn_like(out)
@@ -219,8 +227,8 @@ def test_linear_gelu_fp32(lead, d_in, d_out, bias, approx, tf32):
 
 @pytest.mark.parametrize("tf32", TF32)
 @pytest.mark.parametrize("lead,d_model,d_ff,bias,approx", FP32_MLP)
-def test_fused_mlp_fp32(lead, d_model, d_ff, bias, approx, tf32):
-    tensors = mlp_inputs(lead, d_model, d_ff, bias, torch.float32, requires_grad=True)
+def test_fused_mlp_fp32(cuda_device, lead, d_model, d_ff, bias, approx, tf32):
+    tensors = mlp_inputs(cuda_device, lead, d_model, d_ff, bias, torch.float32, requires_grad=True)
     with tf32_matmul(tf32):
         out, pre = torch.ops.tfkernels.fused_mlp(*tensors, approx, True)
         grad = torch.randn_like(out)
@@ -254,12 +262,12 @@ def check_by_dtype(names, actual, ref_fn, dtype):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("tile", ["128x256", "128x128", "64x128"])
-def test_every_tile_shape(tile, dtype, monkeypatch):
+def test_every_tile_shape(cuda_device, tile, dtype, monkeypatch):
     """Each tensor-core tile shape, forced, on every GEMM of both ops, with edges in
     every dim: M = 300, d_model = 200 (3 x 64 + 8), d_ff = 280 (not a multiple of 64).
     The backward GEMMs have no 128x256 shape: it falls back to 128x128."""
     monkeypatch.setenv("TFKERNELS_GEMM_TILE", tile)
-    tensors = mlp_inputs((2, 150), 200, 280, True, dtype, requires_grad=True)
+    tensors = mlp_inputs(cuda_device, (2, 150), 200, 280, True, dtype, requires_grad=True)
     out = tfkernels.fused_mlp(*tensors, approximate="tanh")
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -281,20 +289,21 @@ def test_every_tile_shape(tile, dtype, monkeypatch):
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_strided_and_misaligned_inputs(dtype):
+def test_strided_and_misaligned_inputs(cuda_device, dtype):
     """x as a column slice (row stride d_model + 8: read in place), as a transposed view
     (copied), and off 16-byte alignment (generic kernel); weights with padded row
     strides. Forward and both backward ops."""
     B, S, D, F = 3, 19, 64, 96
-    x_pad = torch.randn(B, S, D + 8, device="cuda").to(dtype)[..., :D]
-    x_t = torch.randn(S, B, D, device="cuda").to(dtype).transpose(0, 1)
-    flat = torch.randn(B * S * D + 1, device="cuda").to(dtype)
+    x_pad = torch.randn(B, S, D + 8, device=cuda_device).to(dtype)[..., :D]
+    x_t = torch.randn(S, B, D, device=cuda_device).to(dtype).transpose(0, 1)
+    flat = torch.randn(B * S * D + 1, device=cuda_device).to(dtype)
     x_mis = flat[1:].view(B, S, D)
-    w1 = (torch.randn(F, D + 8, device="cuda") / D**0.5).to(dtype)[:, :D]
-    b1 = torch.randn(F, device="cuda").to(dtype)
-    w2 = (torch.randn(D, F + 16, device="cuda") / F**0.5).to(dtype)[:, :F]
-    b2 = torch.randn(D, device="cuda").to(dtype)
+    w1 = (torch.randn(F, D + 8, device=cuda_device) / D**0.5).to(dtype)[:, :D]
+    b1 = torch.randn(F, device=cuda_device).to(dtype)
+    w2 = (torch.randn(D, F + 16, device=cuda_device) / F**0.5).to(dtype)[:, :F]
+    b2 = torch.randn(D, device=cuda_device).to(dtype)
     for x in (x_pad, x_t, x_mis):
         tensors = [t.detach().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
         out, pre = torch.ops.tfkernels.fused_mlp(x, w1, b1, w2, b2, "none", True)
@@ -320,23 +329,23 @@ def test_strided_and_misaligned_inputs(dtype):
 
 @sanitize
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_backward_ops_read_strided_grad_and_pre(dtype):
+def test_backward_ops_read_strided_grad_and_pre(cuda_device, dtype):
     """grad_out and pre as column slices of wider tensors (row strides read in place),
     and grad_out expanded from a [N] vector (row stride 0): the same answer as
     contiguous copies, bit for bit (same kernels, same order of summation)."""
     B, S, D, F = 2, 33, 64, 128
-    x = torch.randn(B, S, D, device="cuda").to(dtype)
-    w1 = (torch.randn(F, D, device="cuda") / D**0.5).to(dtype)
-    w2 = (torch.randn(D, F, device="cuda") / F**0.5).to(dtype)
-    pre_wide = torch.randn(B, S, F + 8, device="cuda").to(dtype)
-    pre_lin_wide = torch.randn(B, S, F + 24, device="cuda").to(dtype)
+    x = torch.randn(B, S, D, device=cuda_device).to(dtype)
+    w1 = (torch.randn(F, D, device=cuda_device) / D**0.5).to(dtype)
+    w2 = (torch.randn(D, F, device=cuda_device) / F**0.5).to(dtype)
+    pre_wide = torch.randn(B, S, F + 8, device=cuda_device).to(dtype)
+    pre_lin_wide = torch.randn(B, S, F + 24, device=cuda_device).to(dtype)
     for grad_kind in ("slice", "expanded"):
         if grad_kind == "slice":
-            g_mlp = torch.randn(B, S, D + 8, device="cuda").to(dtype)[..., :D]
-            g_lin = torch.randn(B, S, F + 8, device="cuda").to(dtype)[..., :F]
+            g_mlp = torch.randn(B, S, D + 8, device=cuda_device).to(dtype)[..., :D]
+            g_lin = torch.randn(B, S, F + 8, device=cuda_device).to(dtype)[..., :F]
         else:
-            g_mlp = torch.randn(D, device="cuda").to(dtype).expand(B, S, D)
-            g_lin = torch.randn(F, device="cuda").to(dtype).expand(B, S, F)
+            g_mlp = torch.randn(D, device=cuda_device).to(dtype).expand(B, S, D)
+            g_lin = torch.randn(F, device=cuda_device).to(dtype).expand(B, S, F)
         pre = pre_wide[..., :F]
         a = torch.ops.tfkernels.fused_mlp_bwd(g_mlp, x, w1, w2, pre, "tanh")
         c = torch.ops.tfkernels.fused_mlp_bwd(g_mlp.contiguous(), x, w1, w2, pre.contiguous(), "tanh")
@@ -352,10 +361,11 @@ def test_backward_ops_read_strided_grad_and_pre(dtype):
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_backward_from_sum(dtype):
+def test_backward_from_sum(cuda_device, dtype):
     """loss = out.sum(): autograd hands the backward an expanded gradient (strides 0)."""
-    tensors = mlp_inputs((2, 21), 64, 256, True, dtype, requires_grad=True)
+    tensors = mlp_inputs(cuda_device, (2, 21), 64, 256, True, dtype, requires_grad=True)
     tfkernels.fused_mlp(*tensors, approximate="none").sum().backward()
     lin = [t.detach().requires_grad_(True) for t in tensors[:3]]
     tfkernels.linear_gelu(*lin, approximate="tanh").sum().backward()
@@ -372,11 +382,12 @@ def test_backward_from_sum(dtype):
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_save_pre_false(dtype):
+def test_save_pre_false(cuda_device, dtype):
     """save_pre=False (what the wrapper passes under no_grad): pre is an empty [0]
     tensor and the output is the same, bit for bit."""
-    x, w1, b1, w2, b2 = mlp_inputs((3, 7), 64, 256, True, dtype, requires_grad=True)
+    x, w1, b1, w2, b2 = mlp_inputs(cuda_device, (3, 7), 64, 256, True, dtype, requires_grad=True)
     out_s, pre_s = torch.ops.tfkernels.linear_gelu(x, w1, b1, "tanh", True)
     out_n, pre_n = torch.ops.tfkernels.linear_gelu(x, w1, b1, "tanh", False)
     assert pre_s.shape == (3, 7, 256) and pre_n.shape == (0,)
@@ -391,11 +402,12 @@ def test_save_pre_false(dtype):
 
 
 @sanitize
+@quick
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_empty_and_degenerate(dtype):
+def test_empty_and_degenerate(cuda_device, dtype):
     ops = torch.ops.tfkernels
     # No rows: empty outputs; the backward still writes dW = 0 and db = 0.
-    x, w1, b1, w2, b2 = mlp_inputs((0, 5), 64, 128, True, dtype)
+    x, w1, b1, w2, b2 = mlp_inputs(cuda_device, (0, 5), 64, 128, True, dtype)
     out, pre = ops.fused_mlp(x, w1, b1, w2, b2, "none", True)
     assert out.shape == (0, 5, 64) and pre.shape == (0, 5, 128)
     gx, gw1, gb1, gw2, gb2 = ops.fused_mlp_bwd(torch.zeros_like(out), x, w1, w2, pre, "none")
@@ -412,7 +424,7 @@ def test_empty_and_degenerate(dtype):
         out = getattr(tfkernels, fn)(*ours, **kw)
         grad = torch.randn_like(out)
         out.backward(grad)
-        ref_out, ref_g = run_ref(getattr(reference, fn), tensors, dtype, grad, **kw)
+        ref_out, ref_g = run_ref(getattr(reference, fn), ours, dtype, grad, **kw)  # leaves that require grad
         # Reductions over zero or few terms: exact up to one rounding of the same sums.
         torch.testing.assert_close(out.detach(), ref_out, rtol=2e-2, atol=2e-2)
         for t, r in zip(ours, ref_g):
@@ -420,16 +432,17 @@ def test_empty_and_degenerate(dtype):
                 torch.testing.assert_close(t.grad, r, rtol=2e-2, atol=2e-2)
 
     # d_model = 0: the output is gelu(b1) (then b2 + gelu(b1) W2^T); db1 from one reduction.
-    both_ways("linear_gelu", mlp_inputs((2, 3), 0, 16, True, dtype)[:3], approximate="tanh")
-    both_ways("fused_mlp", mlp_inputs((2, 3), 0, 16, True, dtype), approximate="none")
+    both_ways("linear_gelu", mlp_inputs(cuda_device, (2, 3), 0, 16, True, dtype)[:3], approximate="tanh")
+    both_ways("fused_mlp", mlp_inputs(cuda_device, (2, 3), 0, 16, True, dtype), approximate="none")
     # d_ff = 0: the output is b2; db2 from one reduction.
-    both_ways("fused_mlp", mlp_inputs((2, 3), 16, 0, True, dtype), approximate="none")
+    both_ways("fused_mlp", mlp_inputs(cuda_device, (2, 3), 16, 0, True, dtype), approximate="none")
 
 
+@gpu_only  # the emulated device checks every launch under two schedules instead
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_deterministic(dtype):
+def test_deterministic(cuda_device, dtype):
     """No atomics anywhere: two runs agree bit for bit."""
-    tensors = mlp_inputs((2, 500), 768, 3072, True, dtype, requires_grad=True)
+    tensors = mlp_inputs(cuda_device, (2, 500), 768, 3072, True, dtype, requires_grad=True)
     results = []
     for _ in range(2):
         for t in tensors:
@@ -445,10 +458,11 @@ def test_deterministic(dtype):
 
 @sanitize
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")])
+@pytest.mark.cuda
 def test_cuda_graph_capture(dtype):
     """All four ops launch on the current stream with no host sync: captured and
     replayed, they give the eager results."""
-    x, w1, b1, w2, b2 = mlp_inputs((2, 37), 128, 512, True, dtype)
+    x, w1, b1, w2, b2 = mlp_inputs("cuda", (2, 37), 128, 512, True, dtype)
     ops = torch.ops.tfkernels
     g_out = torch.randn(2, 37, 128, device="cuda").to(dtype)
     g_hid = torch.randn(2, 37, 512, device="cuda").to(dtype)
@@ -476,8 +490,8 @@ def test_cuda_graph_capture(dtype):
 
 @sanitize
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_opcheck(dtype):
-    x, w1, b1, w2, b2 = mlp_inputs((2, 9), 64, 96, True, dtype, requires_grad=True)
+def test_opcheck(cuda_device, dtype):
+    x, w1, b1, w2, b2 = mlp_inputs(cuda_device, (2, 9), 64, 96, True, dtype, requires_grad=True)
     ops = torch.ops.tfkernels
     # save_pre=True with inputs that require grad (opcheck also runs the backward through
     # the registered autograd formula); save_pre=False is the inference form.
@@ -487,15 +501,16 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.linear_gelu.default, (*plain[:3], "none", False))
     torch.library.opcheck(ops.fused_mlp.default, (*plain, "tanh", False))
     xd, w1d, w2d = x.detach(), w1.detach(), w2.detach()
-    pre = torch.randn(2, 9, 96, device="cuda").to(dtype)
+    pre = torch.randn(2, 9, 96, device=cuda_device).to(dtype)
     torch.library.opcheck(ops.linear_gelu_bwd.default,
-                          (torch.randn(2, 9, 96, device="cuda").to(dtype), xd, w1d, pre, "none"))
+                          (torch.randn(2, 9, 96, device=cuda_device).to(dtype), xd, w1d, pre, "none"))
     torch.library.opcheck(ops.fused_mlp_bwd.default,
-                          (torch.randn(2, 9, 64, device="cuda").to(dtype), xd, w1d, w2d, pre, "tanh"))
+                          (torch.randn(2, 9, 64, device=cuda_device).to(dtype), xd, w1d, w2d, pre, "tanh"))
 
 
-def test_rejects_bad_input():
-    x, w1, b1, w2, b2 = mlp_inputs((4,), 64, 128, True, torch.float32)
+@quick
+def test_rejects_bad_input(cuda_device):
+    x, w1, b1, w2, b2 = mlp_inputs(cuda_device, (4,), 64, 128, True, torch.float32)
     ops = torch.ops.tfkernels
     with pytest.raises(RuntimeError, match="dtype"):
         tfkernels.linear_gelu(x.double(), w1.double(), b1.double())
@@ -511,4 +526,4 @@ def test_rejects_bad_input():
     with pytest.raises(RuntimeError, match="pre"):  # the [0] tensor of save_pre=False
         ops.fused_mlp_bwd(torch.ones_like(out), x, w1, w2, pre, "none")
     with pytest.raises(RuntimeError, match="grad_out"):
-        ops.linear_gelu_bwd(out, x, w1, torch.zeros(4, 128, device="cuda"), "none")
+        ops.linear_gelu_bwd(out, x, w1, torch.zeros(4, 128, device=cuda_device), "none")
