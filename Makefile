@@ -81,10 +81,11 @@ test-emu-full: build emu
 	TFKERNELS_EMU_REQUIRED=1 TFKERNELS_EMU_GRID=full $(IN_ENV) $(PY) -m pytest tests -m emu $(PYTEST_ARGS)
 
 # AddressSanitizer must be loaded first into the process that loads the library;
-# --capture=sys leaves stderr alone so that its report (it ends the process) shows.
+# libstdc++ with it, for the __cxa_throw it intercepts; --capture=sys leaves
+# stderr alone so that its report (it ends the process) shows.
 test-emu-asan: build emu-asan
 	TFKERNELS_EMU_REQUIRED=1 TFKERNELS_EMU_VARIANT=asan ASAN_OPTIONS=detect_leaks=0 \
-	  LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so)" \
+	  LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libstdc++.so)" \
 	  $(IN_ENV) $(PY) -m pytest tests -m emu --capture=sys $(PYTEST_ARGS)
 
 bench: build

@@ -75,7 +75,9 @@ def run_fault(fault, python, keep):
             return "BUILD FAILED", build.stderr[-2000:]
         if variant == "asan":
             libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout
-            env["LD_PRELOAD"] = libasan.strip()
+            libstdcxx = subprocess.run(["gcc", "-print-file-name=libstdc++.so"], capture_output=True, text=True).stdout
+            # libstdc++ too: its __cxa_throw must be there when AddressSanitizer intercepts it.
+            env["LD_PRELOAD"] = libasan.strip() + " " + libstdcxx.strip()
             env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0"
         run = subprocess.run([python, "-m", "pytest", "-x", "-q", "--capture=sys", "-p", "no:cacheprovider"] + tests, cwd=repo,
                              env=env, capture_output=True, text=True)
