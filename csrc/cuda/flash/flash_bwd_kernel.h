@@ -24,8 +24,11 @@
 // one holding query n0 - off (causal) to the last; a block at or past len_k (or
 // seen by no query) visits none and writes zeros. The dQ kernel visits key tiles
 // [0, num_key_tiles). Inside a visited tile the element mask runs where the tile
-// straddles len_k or the diagonal. K/V rows at or past len_k and Q/dO rows at or
-// past Sq are zero-filled; query rows past Sq get lse2 = +inf so P = 0 there. A
+// straddles len_k or the diagonal, and in the dK/dV kernel also on a partial last
+// query tile. K/V rows at or past len_k and Q/dO rows at or past Sq are
+// zero-filled; query rows past Sq get lse2 = +inf so P = 0 there while K is
+// finite (against Inf in K their S is 0 * Inf = NaN: hence the mask, which keeps
+// them out of dK and dV; their dQ rows are never stored). A
 // row with lse = -inf (it saw no key) also gets lse2 = +inf: P = exp2(x - inf) = 0,
 // so its gradients are exactly 0, never NaN. A row with lse = NaN (it saw a
 // non-finite score) gets P = NaN on the keys it sees, as the reference.
@@ -96,11 +99,15 @@ __device__ __forceinline__ void load_row_stats(float* s_lse2, float* s_delta, co
 
 // Phase 1: S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 32 queries,
 // then P^T (if kWriteP) and dS^T rounded to 16 bits into sP / sdS [key][query].
+// need_mask: the tile holds hidden pairs (keys past len_k, above the causal
+// diagonal, or query rows with lse2 = +inf: past Sq or seeing no key); they get
+// P = dS = 0 exactly.
 template <typename Traits, typename Element, bool kWriteP>
 __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, const Element* sK, const Element* sV,
                                        const float* s_lse2, const float* s_delta, Element* sP, Element* sdS, int n0,
                                        int m0, int len_k, int off, bool causal, bool need_mask, float scale_log2,
                                        int warp, int lane, const LaneAddr& la) {
+  constexpr float kInf = __builtin_huge_valf();
   constexpr int kStride = Traits::kSmemStride;
   constexpr int kPS = Traits::kPStride;
   const int key_w = 16 * (warp % 4);
@@ -154,12 +161,16 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int ql = q_w + nt * 8 + 2 * tq + c;  // local query (column of S^T)
-        float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] * scale_log2 - s_lse2[ql]);
+        const float lse2 = s_lse2[ql];
+        float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] * scale_log2 - lse2);
         float dp = acc_dp[nt][2 * r + c] - s_delta[ql];
         if (need_mask) {
           const int key = n0 + kl;
           const int q = m0 + ql;
-          const bool visible = key < len_k && (!causal || key <= q + off);
+          // lse2 = +inf marks a query row past Sq (zero-filled: its S is 0 * Inf =
+          // NaN against a key holding Inf, and exp2(NaN - inf) is NaN, not 0) or a
+          // row that sees no key.
+          const bool visible = key < len_k && lse2 != kInf && (!causal || key <= q + off);
           // Both exactly 0: a hidden pair's dp (Inf in v) or delta (a NaN row) may
           // not be finite, and 0 * (dp - delta) would be NaN.
           if (!visible) {
@@ -381,7 +392,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const int m0 = (m_begin + it % n_m) * kBlockM;
       const Element* sQs = sQ + stage * Traits::kStreamStageElems;
       const Element* sdOs = sdO + stage * Traits::kStreamStageElems;
-      const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off);
+      // A partial last query tile is masked too: its zero-filled rows past Sq meet
+      // every key of the block in the dK, dV sums (NaN P or dS there would become
+      // NaN * 0 = NaN in them).
+      const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off) ||
+                             m0 + kBlockM > seqlen_q;
 
       bwd::phase1<Traits, Element, true>(sQs, sdOs, sK, sV, s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, sP,
                                          sdS, n0, m0, len_k, off, causal, need_mask, scale_log2, warp, lane, la);
@@ -553,6 +568,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const int n0 = it * kBlockN;
       const Element* sKs = sK + stage * Traits::kStreamStageElems;
       const Element* sVs = sV + stage * Traits::kStreamStageElems;
+      // Query rows past Sq need no mask here: their dS rows reach only their own
+      // dQ rows, which are never stored.
       const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off);
       bwd::phase1<Traits, Element, false>(sQ, sdO, sKs, sVs, s_lse2, s_delta, nullptr, sdS, n0, m0, len_k, off,
                                           causal, need_mask, scale_log2, warp, lane, la);
