@@ -5,12 +5,16 @@ import os
 # extension is loaded.
 os.environ.setdefault("TFKERNELS_POISON_OUTPUTS", "1")
 
+import sys  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.devices import cuda_device  # noqa: E402,F401 (fixture: the CUDA kernels on "cuda" and "emu")
+try:
+    from tests.devices import cuda_device  # noqa: E402,F401 (fixture: the CUDA kernels on "cuda" and "emu")
+except ImportError:  # this file run outside the repository (tests/test_conftest.py copies it)
+    pass
 
 
 def seed_for(nodeid):
@@ -38,9 +42,9 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter):
-    from tests import emu_device
-
-    emu_device.report_stats(terminalreporter)
+    emu_device = sys.modules.get("tests.emu_device")  # only when a test used the emulated device
+    if emu_device is not None:
+        emu_device.report_stats(terminalreporter)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -75,8 +75,11 @@ def _compare_active_with_restored(q, k, v, grad, **kwargs):
         else:
             # float32 gradients: 4x, as in test_flash_attention.py (the kernel recomputes P from a
             # rounded lse, with other summation orders, in the yardstick's own precision).
-            factor = 4.0 if a.dtype == torch.float32 and name != "out" else 2.0
-            assert_flash_rule(a, hi, lo, name, factor=factor)
+            # fp32 gradients: the CPU attention rule (4x), and 4 ulps of slack for rows
+            # that see one key, where torch's dense backward is exact (P = 1) and a
+            # kernel recomputing P from lse is off by an ulp or two.
+            grad32 = a.dtype == torch.float32 and name != "out"
+            assert_flash_rule(a, hi, lo, name, factor=4.0 if grad32 else 2.0, eps_ulps=4 if grad32 else 1)
     return ran
 
 

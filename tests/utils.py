@@ -21,18 +21,20 @@ def max_abs_err(a, b):
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def assert_flash_rule(actual, ref_high, ref_low, name="output", factor=2.0):
+def assert_flash_rule(actual, ref_high, ref_low, name="output", factor=2.0, eps_ulps=1):
     """FlashAttention's rule: the kernel's max error against the high-precision
     reference is at most `factor` x the error of the same reference computed in
     the kernel's dtype, plus an epsilon of the dtype's round-off at the size of
-    the values (so an exact low-precision reference does not demand exactness).
+    the values (so an exact low-precision reference does not demand exactness);
+    `eps_ulps` widens that epsilon to a few units of round-off where a reference can
+    be exact by cancellation that no kernel can reproduce.
     """
     assert actual.shape == ref_high.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref_high.shape)}"
     actual, ref_high, ref_low = actual.detach(), ref_high.detach(), ref_low.detach()
     assert not torch.isnan(actual).any(), f"{name}: contains NaN (unwritten or invalid elements)"
     finite = ref_high[torch.isfinite(ref_high)]
     magnitude = float(finite.abs().max()) if finite.numel() else 1.0
-    eps = torch.finfo(actual.dtype).eps * max(magnitude, 1e-3)
+    eps = eps_ulps * torch.finfo(actual.dtype).eps * max(magnitude, 1e-3)
     err = max_abs_err(actual, ref_high)
     ref_err = max_abs_err(ref_low, ref_high)
     bound = factor * ref_err + eps
