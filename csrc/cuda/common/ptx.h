@@ -6,11 +6,11 @@
 // A is 16x16 row-major in 4 x .b32 registers (8 halves), B is 16x8 "col" in 2
 // registers, C/D are 16x8 fp32 in 4 registers: thread t holds rows t/4 and t/4+8,
 // columns 2*(t%4) and 2*(t%4)+1.
-#pragma once
 //
 // The inline-PTX primitives have a second implementation for the emulated device
 // (csrc/emu/ptx.h, selected by TFKERNELS_EMULATE), written from the PTX ISA; the
 // plain CUDA helpers below them are shared by both.
+#pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
