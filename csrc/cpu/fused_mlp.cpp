@@ -181,12 +181,15 @@ void fused_mlp_bwd_kernel(const MlpShape& s, const scalar_t* go, const scalar_t*
     const int64_t mb = balanced_block(m, kBwdRows);
     const int64_t fb = balanced_block(f, kHidden);
     const int64_t tiles_m = ceil_div(m, mb), tiles_f = ceil_div(f, fb);
+    // At least one task per row block even without hidden units (d_ff = 0): the
+    // first task of each row block also sums gb2, which does not depend on f.
+    const int64_t tasks_f = std::max<int64_t>(tiles_f, 1);
     std::vector<double> part1(static_cast<size_t>(tiles_m * f), 0.0);
     std::vector<double> part2(static_cast<size_t>(tiles_m * n), 0.0);
-    at::parallel_for(0, tiles_m * tiles_f, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tiles_m * tasks_f, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(is_16bit<scalar_t> ? static_cast<size_t>(mb * fb) : 0);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t tm = t / tiles_f, tf = t % tiles_f;
+        const int64_t tm = t / tasks_f, tf = t % tasks_f;
         const int64_t r0 = tm * mb, f0 = tf * fb;
         const int64_t rows = std::min(mb, m - r0), fc = std::min(fb, f - f0);
         double* p1 = part1.data() + tm * f + f0;
@@ -194,6 +197,7 @@ void fused_mlp_bwd_kernel(const MlpShape& s, const scalar_t* go, const scalar_t*
           sum_rows_blocked<acc_t>(0, rows, n, part2.data() + tm * n,
                                   [&](int64_t i, acc_t* acc) { add_rows(go + (r0 + i) * n, 1, n, n, acc); });
         }
+        if (tf >= tiles_f) continue;
         if constexpr (is_16bit<scalar_t>) {
           gemm_rm(false, false, rows, fc, n, 1.0f, go + r0 * n, n, w2 + f0, f, 0.0f, scratch.data(), fc);
           sum_rows_blocked<acc_t>(0, rows, fc, p1, [&](int64_t i, acc_t* acc) {
