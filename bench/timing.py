@@ -139,6 +139,8 @@ def run_case(benchmark, case, request=None):
         step = prepared = None  # noqa: F841 - release the inputs before the next case
         _free(device)
 
+    if benchmark.stats is None:  # --benchmark-disable: the calls ran once, untimed (a smoke run)
+        return
     median = benchmark.stats.stats.median
     value, unit = rate(case, median)
     amount, _ = work(case)
