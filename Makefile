@@ -75,7 +75,7 @@ emu-asan: env
 # The CPU tests, and the CUDA kernels' quick grid on the emulated device (a real
 # GPU's too, when there is one).
 test: build emu
-	TFKERNELS_EMU_REQUIRED=1 $(IN_ENV) $(PY) -m pytest tests bench/test_report.py $(PYTEST_ARGS)
+	TFKERNELS_EMU_REQUIRED=1 $(IN_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-emu-full: build emu
 	TFKERNELS_EMU_REQUIRED=1 TFKERNELS_EMU_GRID=full $(IN_ENV) $(PY) -m pytest tests -m emu $(PYTEST_ARGS)

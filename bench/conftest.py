@@ -2,7 +2,7 @@
 JSON keys (environment, skipped and failed cases) that bench/report.py reads.
 
 Run through `python -m tfkernels.bench` (which also writes the report), or
-directly: `pytest bench/ --benchmark-json=out.json` (settings: see providers.py).
+directly: `pytest bench/ --benchmark-json=out.json` (settings: see settings.py).
 """
 import json
 import os
@@ -12,13 +12,14 @@ os.environ["TFKERNELS_POISON_OUTPUTS"] = "0"
 
 import pytest  # noqa: E402
 
-import providers  # noqa: E402
+import settings  # noqa: E402
+import timing  # noqa: E402
 
 
 def pytest_report_header(config):
-    device = providers.bench_device()
-    return (f"tfkernels bench: device {providers.device_name(device)} ({device}), grid {providers.bench_grid()}, "
-            f"torch.compile on {providers.compile_policy()} shapes")
+    device = settings.bench_device()
+    return (f"tfkernels bench: device {settings.device_name(device)} ({device}), grid {settings.bench_grid()}, "
+            f"torch.compile on {settings.compile_policy()} shapes")
 
 
 def pytest_report_teststatus(report, config):
@@ -35,9 +36,9 @@ def pytest_report_teststatus(report, config):
 
 def _records():
     return {
-        "env": providers.environment(providers.bench_device()),
-        "skipped": providers.RECORDS["skipped"],
-        "failed": providers.RECORDS["failed"],
+        "env": settings.environment(settings.bench_device()),
+        "skipped": timing.RECORDS["skipped"],
+        "failed": timing.RECORDS["failed"],
     }
 
 
@@ -56,4 +57,4 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def run(benchmark, request):
     """run(case): time one case (skips with its reason where the provider is missing)."""
-    return lambda case: providers.run_case(benchmark, case, request)
+    return lambda case: timing.run_case(benchmark, case, request)

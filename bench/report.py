@@ -24,7 +24,7 @@ COLORS = {
 FAMILY_ORDER = ["attention", "qkv", "mlp"]
 OP_ORDER = ["attention", "fused_qkv", "linear_gelu", "fused_mlp", "bias_gelu"]
 FAMILY_TITLES = {"attention": "Attention (flash_attention)", "qkv": "QKV projection (fused_qkv)",
-                 "mlp": "GELU family (linear_gelu, fused_mlp, bias_gelu)"}
+                 "mlp": "MLP family (linear_gelu, fused_mlp, bias_gelu)"}
 DIRECTION_TITLES = {"fwd": "forward", "fwd+bwd": "forward + backward"}
 DIRECTION_FILES = {"fwd": "fwd", "fwd+bwd": "fwdbwd"}
 DTYPE_ORDER = {"fp32": 0, "bf16": 1, "fp16": 2}

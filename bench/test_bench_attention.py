@@ -2,9 +2,9 @@
 torch.compile of it; forward and forward+backward."""
 import pytest
 
-import providers
+import cases
 
 
-@pytest.mark.parametrize("case", providers.params("attention"))
+@pytest.mark.parametrize("case", cases.params("attention"))
 def test_attention(run, case):
     run(case)

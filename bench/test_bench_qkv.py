@@ -2,9 +2,9 @@
 it, and the GEMM alone (a ceiling, not a peer); forward and forward+backward."""
 import pytest
 
-import providers
+import cases
 
 
-@pytest.mark.parametrize("case", providers.params("fused_qkv"))
+@pytest.mark.parametrize("case", cases.params("fused_qkv"))
 def test_fused_qkv(run, case):
     run(case)

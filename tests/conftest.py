@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 try:
-    from tests.devices import cuda_device  # noqa: E402,F401 (fixture: the CUDA kernels on "cuda" and "emu")
+    from tests.devices import cuda_device, device  # noqa: E402,F401 (fixtures: "cuda" and "emu"; also "cpu")
 except ImportError:  # this file run outside the repository (tests/test_conftest.py copies it)
     pass
 

@@ -1,4 +1,4 @@
-"""NaN and Inf inputs propagate as in the reference, on every device (issue 18).
+"""NaN and Inf inputs propagate as in the reference, on every device.
 
 The rule (README, Semantics): a query row that sees a non-finite score gets what
 the reference's softmax gives (NaN output and lse for a NaN or +inf score, or for

@@ -57,3 +57,14 @@ def test_no_machine_specific_paths():
     pattern = re.compile(r"(?<![\w.])/(?:work|home|root|Users)/[\w.-]+")
     found = [(name, m.group(0)) for name, text in _tracked_text_files().items() for m in pattern.finditer(text)]
     assert not found, f"machine-specific paths committed: {found}"
+
+
+def test_bench_holds_only_benchmarks_and_their_report():
+    # The GPU validation scripts live in tools/; bench/device_check.sh is a shim that runs
+    # tools/device_check.sh, kept because session briefs name that path.
+    allowed = re.compile(r"bench/(results/.*|test_bench_\w+\.py|providers(_\w+)?\.py"
+                         r"|(conftest|settings|cases|timing|report|run)\.py|device_check\.sh)")
+    strays = [name for name in _tracked_text_files() if name.startswith("bench/") and not allowed.fullmatch(name)]
+    assert not strays, f"bench/ holds only the benchmarks, their runner and report: move {strays}"
+    shim = (ROOT / "bench" / "device_check.sh").read_text().splitlines()
+    assert len(shim) <= 3 and shim[-1].startswith("exec ") and "tools/device_check.sh" in shim[-1], shim

@@ -1,200 +1,24 @@
-"""Run the benchmark suite and write the report: `python -m tfkernels.bench`.
+"""`python -m tfkernels.bench`: the benchmark runner of a source checkout (`make bench`).
 
-    python -m tfkernels.bench                     # this machine's device (CUDA when visible)
-    python -m tfkernels.bench --device cpu --quick
-    python -m tfkernels.bench --compare OLD.json NEW.json
-    python -m tfkernels.bench --report bench/results/nvidia-h200/results.json
-    python -m tfkernels.bench -- -k "tfkernels or sdpa"     # extra pytest arguments
-
-Runs bench/test_bench_*.py (pytest-benchmark) one suite per process, so a crash in
-one suite still leaves the others' results; merges their JSON into
-bench/results/<device>/results.json (the previous one moves to raw/), then
-bench/report.py writes README.md and the PNG charts there and the tables are
-printed. Needs a source checkout: bench/ is found beside the package, or in the
-current directory, or at $TFKERNELS_BENCH_DIR.
+The benchmark suites, their runner and the report live in the repository's bench/
+folder, which a wheel does not contain: this finds the checkout this package was
+imported from (an editable install or the repository root) and runs its
+bench/run.py, passing the arguments on (see `python -m tfkernels.bench --help`).
+From an installed wheel it says so and exits.
 """
-import argparse
-import importlib.util
-import os
-import sys
-
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    # Run as a script (bench/device_check.sh does, so that it works even when the extension failed to
-    # build): do not let tfkernels/*.py shadow top-level modules.
-    sys.path.pop(0)
-
-import json
-import shutil
 import subprocess
-import tempfile
-import time
+import sys
 from pathlib import Path
 
-SUITES = {"attention": "test_bench_attention.py", "qkv": "test_bench_qkv.py", "mlp": "test_bench_mlp.py"}
-# Shares of a --time-budget: each suite may use its share of what is left when it starts.
-BUDGET_WEIGHTS = {"attention": 0.5, "qkv": 0.2, "mlp": 0.3}
-
-
-def find_bench_dir():
-    candidates = []
-    if os.environ.get("TFKERNELS_BENCH_DIR"):
-        candidates.append(Path(os.environ["TFKERNELS_BENCH_DIR"]))
-    candidates.append(Path(__file__).resolve().parent.parent / "bench")
-    candidates.append(Path.cwd() / "bench")
-    for c in candidates:
-        if (c / "report.py").is_file() and (c / "conftest.py").is_file():
-            return c.resolve()
-    raise SystemExit("tfkernels.bench: bench/ not found (looked in: " + ", ".join(str(c) for c in candidates)
-                     + "). Run from a source checkout of tfkernels (the repository root), or set "
-                       "TFKERNELS_BENCH_DIR to its bench/ folder.")
-
-
-def _load(bench_dir, name):
-    spec = importlib.util.spec_from_file_location(f"tfkernels_bench_{name}", bench_dir / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m tfkernels.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
-    parser.add_argument("--quick", action="store_true", help="the trimmed grid (what bench/device_check.sh runs)")
-    parser.add_argument("--suites", default=",".join(SUITES),
-                        help=f"comma-separated subset of {','.join(SUITES)} (default: all)")
-    parser.add_argument("--compile", choices=["headline", "all", "none"],
-                        help="shapes torch.compile runs on (default headline: compiling costs 5-20 s a case)")
-    parser.add_argument("--out", help="output folder (default: bench/results/<device-slug>/)")
-    parser.add_argument("--charts", default="per-direction", choices=["per-direction", "per-family", "none"],
-                        help="one PNG per op family and direction (default), one per family, or none")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
-                        help="skip the cases that would start after this many seconds")
-    parser.add_argument("--note", help="a line for the report's header (what was measured, e.g. which branches)")
-    parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two saved runs and exit")
-    parser.add_argument("--report", metavar="JSON", help="only render the report of a saved run")
-    parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
-    return parser.parse_args(argv)
+_RUNNER = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    bench_dir = find_bench_dir()
-    report = _load(bench_dir, "report")
-    if args.compare:
-        print(report.compare(*args.compare))
-        return 0
-    if args.report:
-        out = args.out or os.path.dirname(os.path.abspath(args.report))
-        _text, files = report.write_report(args.report, out, args.charts)
-        run = report.load(args.report)
-        print(report.markdown(run, files, with_images=False))
-        print(report.headline(run))
-        print(f"report: {os.path.join(out, 'README.md')}")
-        return 0
-
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("tfkernels.bench: --device cuda but torch sees no CUDA device")
-    suites = [s.strip() for s in args.suites.split(",") if s.strip()]
-    unknown = set(suites) - set(SUITES)
-    if unknown:
-        raise SystemExit(f"tfkernels.bench: unknown suite(s) {sorted(unknown)}; choose from {list(SUITES)}")
-
-    env = dict(os.environ)
-    env["TFKERNELS_BENCH_DEVICE"] = device
-    env["TFKERNELS_BENCH_GRID"] = "quick" if args.quick else "full"
-    if args.compile:
-        env["TFKERNELS_BENCH_COMPILE"] = args.compile
-    if args.note:
-        env["TFKERNELS_BENCH_NOTE"] = args.note
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    # Prefer the tfkernels next to bench/ (a source checkout) over another install.
-    root = bench_dir.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-
-    providers = _load(bench_dir, "providers")
-    out_dir = Path(args.out) if args.out else bench_dir / "results" / providers.device_slug(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"tfkernels.bench: {providers.device_name(device)} ({device}), grid "
-          f"{env['TFKERNELS_BENCH_GRID']}, suites {','.join(suites)} -> {out_dir}", flush=True)
-
-    started = time.time()
-    parts, crashed, failed_suites = [], [], []
-    with tempfile.TemporaryDirectory(prefix="tfk-bench-") as tmp:
-        end = started + args.time_budget if args.time_budget else None
-        for i, suite in enumerate(suites):
-            part = Path(tmp) / f"{suite}.json"
-            if end is not None:
-                weights = [BUDGET_WEIGHTS[s] for s in suites[i:]]
-                share = (end - time.time()) * weights[0] / sum(weights)
-                env["TFKERNELS_BENCH_DEADLINE"] = str(time.time() + max(share, 0.0))
-            cmd = [sys.executable, "-m", "pytest", str(bench_dir / SUITES[suite]), "-v", "-p", "no:cacheprovider",
-                   "--rootdir", str(root), "--benchmark-json", str(part), "--benchmark-quiet",
-                   "--benchmark-disable-gc", "--no-header", "-o", "console_output_style=count",
-                   *args.pytest_args]
-            print(f"\n=== {suite}: {' '.join(cmd[2:4])} ...", flush=True)
-            records = Path(tmp) / f"{suite}.records.json"
-            env["TFKERNELS_BENCH_RECORDS"] = str(records)
-            code = subprocess.call(cmd, cwd=root, env=env)
-            if code < 0 or code not in (0, 1, 5):
-                why = f"exit {code}" if code >= 0 else f"killed by signal {-code}"
-                crashed.append({"suite": suite, "why": why})
-                print(f"tfkernels.bench: suite {suite} crashed ({why}); continuing", flush=True)
-            elif code == 1:
-                failed_suites.append(suite)
-            if part.is_file():
-                with open(part) as f:
-                    parts.append(json.load(f))
-            elif records.is_file():  # every case skipped: no pytest-benchmark JSON, but the reasons
-                with open(records) as f:
-                    parts.append({"benchmarks": [], "datetime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
-                                  "tfkernels": json.load(f)})
-        merged = merge(parts, crashed)
-        if merged is None:
-            print("tfkernels.bench: no suite produced results", file=sys.stderr)
-            return 2
-        results = out_dir / "results.json"
-        if results.exists():
-            keep = out_dir / "raw" / f"results-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(results.stat().st_mtime))}.json"
-            keep.parent.mkdir(exist_ok=True)
-            shutil.move(str(results), keep)
-            print(f"tfkernels.bench: previous results moved to {keep}")
-        with open(results, "w") as f:
-            json.dump(merged, f, indent=1)
-    text, files = report.write_report(str(results), str(out_dir), args.charts)
-    print()
-    print(report.markdown(report.load(str(results)), files, with_images=False))
-    print(f"tfkernels.bench: {time.time() - started:.0f} s; wrote {results}, {out_dir / 'README.md'}"
-          + (f" and {len(files)} charts" if files else ""))
-    run = report.load(str(results))
-    print()
-    print(report.headline(run))
-    if crashed or run["failed"] or failed_suites:
-        print(f"tfkernels.bench: {len(run['failed'])} case(s) failed"
-              + (f", crashed suites: {', '.join(c['suite'] for c in crashed)}" if crashed else ""), file=sys.stderr)
-        return 1
-    return 0
-
-
-def merge(parts, crashed):
-    """One JSON from the suites' pytest-benchmark JSONs."""
-    if not parts:
-        return None
-    merged = dict(parts[0])
-    merged["benchmarks"] = [b for p in parts for b in p.get("benchmarks", [])]
-    tfk = dict(parts[0].get("tfkernels", {}))
-    tfk["env"] = dict(tfk.get("env", {}))
-    loads = [x for p in parts for x in (p.get("tfkernels", {}).get("env", {}).get("loadavg") or []) if x is not None]
-    if loads:
-        tfk["env"]["loadavg"] = [min(loads), max(loads)]
-    tfk["skipped"] = [s for p in parts for s in p.get("tfkernels", {}).get("skipped", [])]
-    tfk["failed"] = [s for p in parts for s in p.get("tfkernels", {}).get("failed", [])]
-    tfk["crashed"] = crashed
-    merged["tfkernels"] = tfk
-    return merged
+    if not _RUNNER.is_file():
+        sys.exit("tfkernels.bench: the benchmarks are not part of an installed tfkernels (looked for "
+                 f"{_RUNNER}). They run from a source checkout: clone the repository and run `make bench`, "
+                 "or `python bench/run.py` in it.")
+    return subprocess.call([sys.executable, str(_RUNNER), *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

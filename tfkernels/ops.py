@@ -7,11 +7,11 @@ registered backward op, so compiled graphs and CUDA graphs see only our ops.
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
+from . import _fake_checks
 
 __all__ = ["flash_attention", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"]
 
 _ops = torch.ops.tfkernels
-_GELU_FORMS = ("none", "tanh")
 _ALIGNMENTS = ("top_left", "bottom_right")
 
 
@@ -117,6 +117,10 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
 
 
 # --------------------------------------------------------------------------- fused QKV
+# Each op below: the wrapper, the fake kernels (forward and backward op; they check
+# shapes as the C++ kernels do, see _fake_checks.py) and the autograd formula.
+# Fake kernels return contiguous tensors, as the real kernels do (new_empty, not
+# empty_like, which would copy a non-contiguous input's strides).
 
 def fused_qkv(x, weight, bias=None, *, num_heads, num_kv_heads=None):
     """One GEMM x [B,S,E] @ weight^T (+ bias) written straight into the head layout.
@@ -131,14 +135,15 @@ def fused_qkv(x, weight, bias=None, *, num_heads, num_kv_heads=None):
 
 @torch.library.register_fake("tfkernels::fused_qkv")
 def _(x, weight, bias, num_heads, num_kv_heads):
+    head_dim = _fake_checks.check_qkv(x, weight, bias, num_heads, num_kv_heads)
     batch, seqlen, _ = x.shape
-    head_dim = weight.shape[0] // (num_heads + 2 * num_kv_heads)
     kv_shape = (batch, num_kv_heads, seqlen, head_dim)
     return x.new_empty((batch, num_heads, seqlen, head_dim)), x.new_empty(kv_shape), x.new_empty(kv_shape)
 
 
 @torch.library.register_fake("tfkernels::fused_qkv_bwd")
 def _(grad_q, grad_k, grad_v, x, weight):
+    _fake_checks.check_qkv_grads(grad_q, grad_k, grad_v, x, weight)
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1])
 
 
@@ -179,66 +184,26 @@ def _qkv_grad_shapes(x, weight, grads):
 torch.library.register_autograd("tfkernels::fused_qkv", _qkv_backward, setup_context=_qkv_setup)
 
 
-# --------------------------------------------------------------------------- GELU family
+# --------------------------------------------------------------------------- the MLP family: bias_gelu
+# `approximate` ("none" or "tanh") is checked in one place for every op of the family,
+# forward and backward, CPU and CUDA: parse_gelu_approximate in csrc/args.cpp.
 
 def bias_gelu(x, bias, *, approximate="none"):
     """gelu(x + bias) over the last dim of x, in one elementwise pass."""
-    _check_choice("approximate", approximate, _GELU_FORMS)
     return _ops.bias_gelu(x, bias, approximate)
-
-
-def linear_gelu(x, weight, bias=None, *, approximate="none"):
-    """gelu(x @ weight^T + bias) with the bias and GELU fused into the GEMM's output pass."""
-    _check_choice("approximate", approximate, _GELU_FORMS)
-    out, _ = _ops.linear_gelu(x, weight, bias, approximate, _needs_grad(x, weight, bias))
-    return out
-
-
-def fused_mlp(x, w1, b1, w2, b2, *, approximate="none"):
-    """gelu(x @ w1^T + b1) @ w2^T + b2; the hidden activation is never stored."""
-    _check_choice("approximate", approximate, _GELU_FORMS)
-    out, _ = _ops.fused_mlp(x, w1, b1, w2, b2, approximate, _needs_grad(x, w1, b1, w2, b2))
-    return out
-
-
-# Fake kernels return contiguous tensors, as the real kernels do (new_empty, not
-# empty_like, which would copy a non-contiguous input's strides).
 
 
 @torch.library.register_fake("tfkernels::bias_gelu")
 def _(x, bias, approximate):
+    _fake_checks.check_bias_gelu(x, bias)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("tfkernels::bias_gelu_bwd")
 def _(grad_out, x, bias, approximate):
+    features = _fake_checks.check_bias_gelu(x, bias)
+    _fake_checks.check_rows_like(grad_out, "grad_out", x, features)
     return x.new_empty(x.shape), bias.new_empty(bias.shape)
-
-
-def _pre_shape(x, features, save_pre):
-    return (*x.shape[:-1], features) if save_pre else (0,)
-
-
-@torch.library.register_fake("tfkernels::linear_gelu")
-def _(x, weight, bias, approximate, save_pre):
-    features = weight.shape[0]
-    return x.new_empty((*x.shape[:-1], features)), x.new_empty(_pre_shape(x, features, save_pre))
-
-
-@torch.library.register_fake("tfkernels::linear_gelu_bwd")
-def _(grad_out, x, weight, pre, approximate):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1])
-
-
-@torch.library.register_fake("tfkernels::fused_mlp")
-def _(x, w1, b1, w2, b2, approximate, save_pre):
-    return x.new_empty((*x.shape[:-1], w2.shape[0])), x.new_empty(_pre_shape(x, w1.shape[0], save_pre))
-
-
-@torch.library.register_fake("tfkernels::fused_mlp_bwd")
-def _(grad_out, x, w1, w2, pre, approximate):
-    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[:1]), w2.new_empty(w2.shape),
-            w2.new_empty(w2.shape[:1]))
 
 
 def _bias_gelu_setup(ctx, inputs, output):
@@ -253,6 +218,43 @@ def _bias_gelu_backward(ctx, grad_out):
     return grad_x, grad_bias, None
 
 
+torch.library.register_autograd("tfkernels::bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup)
+
+
+# --------------------------------------------------------------------------- the MLP family: linear_gelu
+# linear_gelu and fused_mlp return the pre-activation too when asked (save_pre), so that
+# their backward need not recompute it; the wrappers ask only when a gradient will flow.
+
+def _pre_shape(x, features, save_pre):
+    return (*x.shape[:-1], features) if save_pre else (0,)
+
+
+def _missing_pre_error(op):
+    return RuntimeError(f"tfkernels: {op} ran without saving its pre-activation (save_pre=False) but a gradient "
+                        "was requested; call it with save_pre=True (the public wrapper does this when any input "
+                        "requires grad)")
+
+
+def linear_gelu(x, weight, bias=None, *, approximate="none"):
+    """gelu(x @ weight^T + bias) with the bias and GELU fused into the GEMM's output pass."""
+    out, _ = _ops.linear_gelu(x, weight, bias, approximate, _needs_grad(x, weight, bias))
+    return out
+
+
+@torch.library.register_fake("tfkernels::linear_gelu")
+def _(x, weight, bias, approximate, save_pre):
+    features = _fake_checks.check_linear(x, "x", weight, "weight", bias, "bias")
+    return x.new_empty((*x.shape[:-1], features)), x.new_empty(_pre_shape(x, features, save_pre))
+
+
+@torch.library.register_fake("tfkernels::linear_gelu_bwd")
+def _(grad_out, x, weight, pre, approximate):
+    features = _fake_checks.check_linear(x, "x", weight, "weight", None, "bias")
+    _fake_checks.check_rows_like(grad_out, "grad_out", x, features)
+    _fake_checks.check_rows_like(pre, "pre", x, features)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1])
+
+
 def _linear_gelu_setup(ctx, inputs, output):
     x, weight, bias, approximate, save_pre = inputs
     ctx.set_materialize_grads(False)
@@ -260,12 +262,6 @@ def _linear_gelu_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.approximate = approximate
     ctx.saved_pre = save_pre
-
-
-def _missing_pre_error(op):
-    return RuntimeError(f"tfkernels: {op} ran without saving its pre-activation (save_pre=False) but a gradient "
-                        "was requested; call it with save_pre=True (the public wrapper does this when any input "
-                        "requires grad)")
 
 
 def _linear_gelu_backward(ctx, grad_out, _grad_pre):
@@ -276,6 +272,32 @@ def _linear_gelu_backward(ctx, grad_out, _grad_pre):
         raise _missing_pre_error("linear_gelu")
     grad_x, grad_weight, grad_bias = _ops.linear_gelu_bwd(grad_out, x, weight, pre, ctx.approximate)
     return grad_x, grad_weight, (grad_bias if ctx.has_bias else None), None, None
+
+
+torch.library.register_autograd("tfkernels::linear_gelu", _linear_gelu_backward, setup_context=_linear_gelu_setup)
+
+
+# --------------------------------------------------------------------------- the MLP family: fused_mlp
+
+def fused_mlp(x, w1, b1, w2, b2, *, approximate="none"):
+    """gelu(x @ w1^T + b1) @ w2^T + b2; the hidden activation is never stored."""
+    out, _ = _ops.fused_mlp(x, w1, b1, w2, b2, approximate, _needs_grad(x, w1, b1, w2, b2))
+    return out
+
+
+@torch.library.register_fake("tfkernels::fused_mlp")
+def _(x, w1, b1, w2, b2, approximate, save_pre):
+    hidden, features = _fake_checks.check_mlp(x, w1, b1, w2, b2)
+    return x.new_empty((*x.shape[:-1], features)), x.new_empty(_pre_shape(x, hidden, save_pre))
+
+
+@torch.library.register_fake("tfkernels::fused_mlp_bwd")
+def _(grad_out, x, w1, w2, pre, approximate):
+    hidden, features = _fake_checks.check_mlp(x, w1, None, w2, None)
+    _fake_checks.check_rows_like(grad_out, "grad_out", x, features)
+    _fake_checks.check_rows_like(pre, "pre", x, hidden)
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[:1]), w2.new_empty(w2.shape),
+            w2.new_empty(w2.shape[:1]))
 
 
 def _fused_mlp_setup(ctx, inputs, output):
@@ -298,8 +320,6 @@ def _fused_mlp_backward(ctx, grad_out, _grad_pre):
     return (grad_x, grad_w1, grad_b1 if has_b1 else None, grad_w2, grad_b2 if has_b2 else None, None, None)
 
 
-torch.library.register_autograd("tfkernels::bias_gelu", _bias_gelu_backward, setup_context=_bias_gelu_setup)
-torch.library.register_autograd("tfkernels::linear_gelu", _linear_gelu_backward, setup_context=_linear_gelu_setup)
 torch.library.register_autograd("tfkernels::fused_mlp", _fused_mlp_backward, setup_context=_fused_mlp_setup)
 
 

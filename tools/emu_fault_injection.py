@@ -48,7 +48,7 @@ FAULTS = [
     ("deleted __syncthreads in the GEMM epilogue", GEMM,
      "  __syncthreads();  // the pipeline smem is now free for the C tile\n",
      "",
-     "race", ["tests/test_fused_qkv_cuda.py", "-k", "emu"], "race detector / schedule comparison"),
+     "race", ["tests/test_qkv.py", "-k", "emu"], "race detector / schedule comparison"),
 ]
 
 

@@ -1,49 +1,56 @@
-"""Checks of the benchmark machinery itself (no timing): FLOP counts, the case grids,
-report tables and ratios, charts, --compare, and the runner's JSON merge.
+"""Checks of the benchmark machinery in bench/ (no timing): FLOP counts, the case grids,
+report tables and ratios, charts, --compare, the runner's JSON merge and the
+`python -m tfkernels.bench` launcher.
 
-    python -m pytest bench/test_report.py -q
+    python -m pytest tests/test_report.py -q
 """
-import importlib.util
+import importlib
 import json
-import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-import providers
-import report
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
-BENCH = Path(__file__).resolve().parent
+# bench/'s modules import each other by name, as `pytest bench` and `python bench/run.py`
+# (bench/ first on sys.path) run them; the same here, only while importing them.
+with pytest.MonkeyPatch.context() as _patch:
+    _patch.syspath_prepend(str(BENCH))
+    cases = importlib.import_module("cases")
+    report = importlib.import_module("report")
+    runner = importlib.import_module("run")
 
 
 def test_attention_flops_follow_design():
     shape = (("B", 2), ("H", 4), ("S", 128), ("D", 64), ("causal", False))
-    fwd = providers.Case("attention", "fwd", "sdpa", "bf16", shape)
-    assert providers.work(fwd) == (4 * 2 * 4 * 128 * 128 * 64, "TFLOP/s")
-    causal = providers.Case("attention", "fwd+bwd", "sdpa", "bf16", shape[:-1] + (("causal", True),))
-    assert providers.work(causal)[0] == 4 * 2 * 4 * 128 * 128 * 64 // 2 * 7 // 2
+    fwd = cases.Case("attention", "fwd", "sdpa", "bf16", shape)
+    assert cases.work(fwd) == (4 * 2 * 4 * 128 * 128 * 64, "TFLOP/s")
+    causal = cases.Case("attention", "fwd+bwd", "sdpa", "bf16", shape[:-1] + (("causal", True),))
+    assert cases.work(causal)[0] == 4 * 2 * 4 * 128 * 128 * 64 // 2 * 7 // 2
 
 
 def test_gemm_and_bytes_counts():
-    mlp = providers.Case("fused_mlp", "fwd", "eager", "fp32", (("M", 8), ("d", 4), ("ff", 16)))
-    assert providers.work(mlp)[0] == 2 * 2 * 8 * 4 * 16
-    qkv = providers.Case("fused_qkv", "fwd+bwd", "eager", "fp32", (("B", 2), ("S", 4), ("d", 8), ("H", 1), ("D", 8)))
-    assert providers.work(qkv)[0] == 3 * 2 * 8 * 8 * 24
-    bg = providers.Case("bias_gelu", "fwd", "eager", "bf16", (("M", 8), ("N", 16)))
-    assert providers.work(bg) == ((2 * 8 * 16 + 16) * 2, "GB/s")
+    mlp = cases.Case("fused_mlp", "fwd", "eager", "fp32", (("M", 8), ("d", 4), ("ff", 16)))
+    assert cases.work(mlp)[0] == 2 * 2 * 8 * 4 * 16
+    qkv = cases.Case("fused_qkv", "fwd+bwd", "eager", "fp32", (("B", 2), ("S", 4), ("d", 8), ("H", 1), ("D", 8)))
+    assert cases.work(qkv)[0] == 3 * 2 * 8 * 8 * 24
+    bg = cases.Case("bias_gelu", "fwd", "eager", "bf16", (("M", 8), ("N", 16)))
+    assert cases.work(bg) == ((2 * 8 * 16 + 16) * 2, "GB/s")
 
 
 @pytest.mark.parametrize("device,grid", [("cpu", "full"), ("cpu", "quick"), ("cuda", "full"), ("cuda", "quick")])
 def test_grids(device, grid):
-    for op in providers.PROVIDERS:
-        cases = providers.cases(op, device, grid)
-        assert cases and len({c.id for c in cases}) == len(cases)
-        assert any(c.headline for c in cases)
-        names = {c.provider for c in cases}
+    for op in cases.PROVIDERS:
+        grid_cases = cases.cases(op, device, grid)
+        assert grid_cases and len({c.id for c in grid_cases}) == len(grid_cases)
+        assert any(c.headline for c in grid_cases)
+        names = {c.provider for c in grid_cases}
         assert "tfkernels" in names and "eager" in names
         if op == "attention":
             assert ("sdpa-cudnn" in names) == (device == "cuda") and ("sdpa" in names) == (device == "cpu")
-    full_attention = providers.cases("attention", "cuda", "full")
+    full_attention = cases.cases("attention", "cuda", "full")
     assert {c.dims["S"] for c in full_attention} == {512, 1024, 2048, 4096, 8192, 16384}
     assert all(c.dims["B"] * c.dims["S"] == 16384 and c.dims["H"] * c.dims["D"] == 2048 for c in full_attention)
 
@@ -92,9 +99,6 @@ def test_compare(tmp_path):
 
 
 def test_runner_merge():
-    spec = importlib.util.spec_from_file_location("tfk_bench_runner", BENCH.parent / "tfkernels" / "bench.py")
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
     parts = [{"benchmarks": [1], "tfkernels": {"env": {"loadavg": [1.0, 2.0]}, "skipped": [{"a": 1}], "failed": []}},
              {"benchmarks": [2, 3], "tfkernels": {"env": {"loadavg": [0.5, 3.0]}, "skipped": [], "failed": [{"b": 2}]}}]
     merged = runner.merge(parts, [{"suite": "mlp", "why": "killed by signal 11"}])
@@ -102,4 +106,19 @@ def test_runner_merge():
     assert merged["tfkernels"]["skipped"] == [{"a": 1}] and merged["tfkernels"]["failed"] == [{"b": 2}]
     assert merged["tfkernels"]["env"]["loadavg"] == [0.5, 3.0]
     assert runner.merge([], []) is None
-    assert os.path.isdir(runner.find_bench_dir())
+
+
+def test_launcher_runs_the_checkouts_runner():
+    # -m tfkernels.bench hands its arguments to bench/run.py (here: its --help).
+    out = subprocess.run([sys.executable, "-m", "tfkernels.bench", "--help"], cwd=BENCH.parent, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "usage: python bench/run.py" in out.stdout, out.stderr
+
+
+def test_launcher_outside_a_checkout_says_so(tmp_path):
+    # The launcher as a wheel installs it: a tfkernels/ folder with no bench/ beside it.
+    (tmp_path / "tfkernels").mkdir()
+    (tmp_path / "tfkernels" / "bench.py").write_text((BENCH.parent / "tfkernels" / "bench.py").read_text())
+    code = f"import runpy; runpy.run_path({str(tmp_path / 'tfkernels' / 'bench.py')!r}, run_name='__main__')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "not part of an installed tfkernels" in out.stderr and "make bench" in out.stderr

@@ -1,10 +1,10 @@
 """Every tfkernels CUDA op, forward and backward, on small odd shapes: the target of
-compute-sanitizer (memcheck, racecheck) in bench/device_check.sh. With --tests it
+compute-sanitizer (memcheck, racecheck) in tools/device_check.sh. With --tests it
 first runs the tests marked `sanitize` (pytest -m "cuda and sanitize") in the same
 process, so one sanitizer run (one torch start-up) covers both. Small so that it
 runs in seconds under the sanitizer.
 
-    compute-sanitizer --tool memcheck python bench/sanitize_smoke.py --tests
+    compute-sanitizer --tool memcheck python tools/sanitize_smoke.py --tests
 
 Exits 1 if a marked test fails, or an op raises (other than "no CUDA kernel yet",
 which is reported and skipped) or returns non-finite values.

@@ -1,0 +1,184 @@
+"""What the benchmarks measure: the cases (op x direction x provider x dtype x shape)
+of each device's grid, and the work (FLOPs or bytes) each call does."""
+from dataclasses import dataclass
+
+import torch
+
+from settings import DTYPES, bench_device, bench_grid
+
+DIRECTIONS = ("fwd", "fwd+bwd")
+# The op family of each benchmarked op: its provider module (providers_<family>.py),
+# its suite (test_bench_<family>.py) and its chart.
+FAMILY = {"attention": "attention", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp",
+          "bias_gelu": "mlp"}
+
+# Provider order (tables, chart colours). "bound" providers do less work than the op
+# (the GEMM alone) and are shown as a ceiling, never counted as a peer.
+PROVIDERS = {
+    "attention": ["tfkernels", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "eager",
+                  "compile"],
+    "fused_qkv": ["tfkernels", "eager", "compile", "gemm-only"],
+    "linear_gelu": ["tfkernels", "eager", "cublaslt", "compile", "gemm-only"],
+    "fused_mlp": ["tfkernels", "eager", "cublaslt", "compile", "gemm-only"],
+    "bias_gelu": ["tfkernels", "eager", "compile"],
+}
+BOUND_PROVIDERS = {"gemm-only"}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    direction: str
+    provider: str
+    dtype: str
+    shape: tuple  # ((name, value), ...) in display order
+    headline: bool = False
+
+    @property
+    def dims(self):
+        return dict(self.shape)
+
+    @property
+    def shape_label(self):
+        parts = []
+        for name, value in self.shape:
+            if name == "causal":
+                parts.append("causal" if value else "non-causal")
+            else:
+                parts.append(f"{name}{value}")
+        return " ".join(parts)
+
+    @property
+    def id(self):
+        return f"{self.direction}-{self.provider}-{self.dtype}-{self.shape_label.replace(' ', '-')}"
+
+    @property
+    def peer(self):
+        return self.provider != "tfkernels" and self.provider not in BOUND_PROVIDERS
+
+    def meta(self):
+        return {"op": self.op, "family": FAMILY[self.op], "direction": self.direction, "provider": self.provider,
+                "dtype": self.dtype, "shape": self.dims, "shape_label": self.shape_label, "peer": self.peer,
+                "bound": self.provider in BOUND_PROVIDERS, "headline": self.headline}
+
+
+# --------------------------------------------------------------------------- grids
+
+def _attention_shapes(device, grid):
+    """(dtype, shape, headline) for attention."""
+    out = []
+    if device == "cuda":
+        dtypes = ["bf16", "fp16"] if grid == "full" else ["bf16"]
+        seqlens = [512, 1024, 2048, 4096, 8192, 16384] if grid == "full" else [512, 2048, 8192]
+        for dtype in dtypes:
+            for head_dim in (64, 128):
+                for causal in (False, True):
+                    for s in seqlens:
+                        shape = (("B", 16384 // s), ("H", 2048 // head_dim), ("S", s), ("D", head_dim),
+                                 ("causal", causal))
+                        headline = dtype == "bf16" and head_dim == 128 and s == 2048 and not causal
+                        out.append((dtype, shape, headline))
+    else:
+        dtypes = ["fp32", "bf16"]
+        seqlens = [512, 2048] if grid == "full" else [2048]
+        for dtype in dtypes:
+            for causal in ((False, True) if grid == "full" else (False,)):
+                for s in seqlens:
+                    shape = (("B", 1), ("H", 8), ("S", s), ("D", 64), ("causal", causal))
+                    out.append((dtype, shape, s == 2048 and not causal))
+    return out
+
+
+def _gemm_shapes(op, device, grid):
+    """(dtype, shape, headline) for fused_qkv, linear_gelu, fused_mlp, bias_gelu."""
+    if device == "cuda":
+        tokens, dtypes = 16384, ["bf16"]
+        if grid == "full":
+            widths = [1024, 2048, 4096]
+        else:
+            widths = [1024, 4096] if op == "fused_qkv" else [2048]
+        headline_width = 1024 if op == "fused_qkv" else 2048
+    else:
+        tokens, widths, headline_width = 2048, [1024], 1024
+        # fp32 everywhere, plus bf16 for linear_gelu (the CPU aim: linear_gelu vs eager).
+        dtypes = ["fp32", "bf16"] if grid == "full" and op == "linear_gelu" else ["fp32"]
+    out = []
+    for dtype in dtypes:
+        for d in widths:
+            if op == "fused_qkv":
+                seqlen = min(tokens, 2048)
+                shape = (("B", tokens // seqlen), ("S", seqlen), ("d", d), ("H", d // 64), ("D", 64))
+            elif op == "bias_gelu":
+                shape = (("M", tokens), ("N", 4 * d))
+            elif op == "linear_gelu":
+                shape = (("M", tokens), ("K", d), ("N", 4 * d))
+            else:
+                shape = (("M", tokens), ("d", d), ("ff", 4 * d))
+            out.append((dtype, shape, d == headline_width))
+    return out
+
+
+def cases(op, device=None, grid=None):
+    device = device or bench_device()
+    grid = grid or bench_grid()
+    shapes = _attention_shapes(device, grid) if op == "attention" else _gemm_shapes(op, device, grid)
+    result = []
+    for direction in DIRECTIONS:
+        for dtype, shape, headline in shapes:
+            for provider in provider_list(op, device):
+                result.append(Case(op, direction, provider, dtype, shape, headline))
+    return result
+
+
+def provider_list(op, device):
+    names = PROVIDERS[op]
+    if op == "attention":
+        cuda_backends = {"sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"}
+        # The CPU has one SDPA path (the default); on CUDA each backend is forced in turn.
+        names = [n for n in names if (n in cuda_backends) == (device == "cuda") or n not in cuda_backends | {"sdpa"}]
+    return names
+
+
+def params(op):
+    """pytest.param list for a suite file."""
+    import pytest
+
+    # torch.compile cases run last in each suite: when a time budget runs out, they are what is left out.
+    ordered = sorted(cases(op), key=lambda c: c.provider == "compile")
+    return [pytest.param(c, id=c.id) for c in ordered]
+
+
+# --------------------------------------------------------------------------- work counts
+
+def element_size(dtype):
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def work(case):
+    """(amount, unit): FLOPs for TFLOP/s, bytes for GB/s, per call."""
+    d = case.dims
+    bwd = case.direction == "fwd+bwd"
+    if case.op == "attention":
+        flops = 4 * d["B"] * d["H"] * d["S"] * d["S"] * d["D"]
+        if d["causal"]:
+            flops //= 2
+        return (flops * 7 // 2 if bwd else flops), "TFLOP/s"
+    if case.op == "bias_gelu":
+        es = element_size(case.dtype)
+        mn, n = d["M"] * d["N"], d["N"]
+        # fwd reads x, bias and writes y; bwd reads dy, x, bias and writes dx, dbias.
+        return ((5 * mn + 3 * n) * es if bwd else (2 * mn + n) * es), "GB/s"
+    if case.op == "fused_qkv":
+        tokens, width = d["B"] * d["S"], d["d"]
+        flops = 2 * tokens * width * 3 * width
+    elif case.op == "linear_gelu":
+        flops = 2 * d["M"] * d["K"] * d["N"]
+    else:  # fused_mlp: two GEMMs
+        flops = 2 * 2 * d["M"] * d["d"] * d["ff"]
+    return (3 * flops if bwd else flops), "TFLOP/s"  # backward: grad input + grad weight
+
+
+def rate(case, seconds):
+    amount, unit = work(case)
+    scale = 1e12 if unit == "TFLOP/s" else 1e9
+    return amount / seconds / scale, unit
