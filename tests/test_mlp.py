@@ -723,7 +723,7 @@ def test_public_api_saves_pre_only_when_needed(device):
 @sanitize
 @quick
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_empty_and_degenerate(request, device, dtype):
+def test_empty_and_degenerate(device, dtype):
     # No rows: empty outputs; the backward still writes dW = 0 and db = 0.
     x, w1, b1, w2, b2 = mlp_inputs(device, (0, 5), 64, 128, True, dtype)
     out, pre = ops.fused_mlp(x, w1, b1, w2, b2, "none", True)
@@ -753,10 +753,6 @@ def test_empty_and_degenerate(request, device, dtype):
     both_ways("linear_gelu", mlp_inputs(device, (2, 3), 0, 16, True, dtype)[:3], approximate="tanh")
     both_ways("fused_mlp", mlp_inputs(device, (2, 3), 0, 16, True, dtype), approximate="none")
     # d_ff = 0: the output is b2; db2 from one reduction.
-    if request.node.callspec.params["device"] == "cpu":
-        # Found when this test first ran on the CPU: fused_mlp_bwd_cpu leaves grad_b2 unsummed
-        # when d_ff = 0 (no hidden tile runs the b2 reduction). Remove this once it is fixed.
-        pytest.xfail("CPU fused_mlp_bwd: grad_b2 wrong when d_ff = 0 (csrc/cpu/fused_mlp.cpp)")
     both_ways("fused_mlp", mlp_inputs(device, (2, 3), 16, 0, True, dtype), approximate="none")
 
 
