@@ -1,6 +1,6 @@
 // Compile-time tile shapes and shared-memory layout of the tensor-core flash
-// attention kernels (fp16/bf16). The backward is meant to reuse the layout: a
-// tile is `rows` x kHeadDim elements stored with a padded row stride, loaded by
+// attention kernels (fp16/bf16), forward and backward. Both use one tile layout:
+// `rows` x kHeadDim elements stored with a padded row stride, loaded by
 // load_tile() in flash_tile.h and read by ldmatrix (plain or .trans).
 #pragma once
 
