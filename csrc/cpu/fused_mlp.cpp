@@ -180,7 +180,9 @@ void fused_mlp_bwd_kernel(const MlpShape& s, const scalar_t* go, const scalar_t*
   {
     const int64_t mb = balanced_block(m, kBwdRows);
     const int64_t fb = balanced_block(f, kHidden);
-    const int64_t tiles_m = ceil_div(m, mb), tiles_f = ceil_div(f, fb);
+    // At least one hidden tile per row block, even with d_ff = 0: its tf == 0 task
+    // also sums grad_out into gb2, which does not depend on d_ff.
+    const int64_t tiles_m = ceil_div(m, mb), tiles_f = std::max<int64_t>(1, ceil_div(f, fb));
     std::vector<double> part1(static_cast<size_t>(tiles_m * f), 0.0);
     std::vector<double> part2(static_cast<size_t>(tiles_m * n), 0.0);
     at::parallel_for(0, tiles_m * tiles_f, 1, [&](int64_t begin, int64_t end) {
@@ -194,6 +196,7 @@ void fused_mlp_bwd_kernel(const MlpShape& s, const scalar_t* go, const scalar_t*
           sum_rows_blocked<acc_t>(0, rows, n, part2.data() + tm * n,
                                   [&](int64_t i, acc_t* acc) { add_rows(go + (r0 + i) * n, 1, n, n, acc); });
         }
+        if (fc == 0) continue;  // d_ff = 0: nothing but gb2
         if constexpr (is_16bit<scalar_t>) {
           gemm_rm(false, false, rows, fc, n, 1.0f, go + r0 * n, n, w2 + f0, f, 0.0f, scratch.data(), fc);
           sum_rows_blocked<acc_t>(0, rows, fc, p1, [&](int64_t i, acc_t* acc) {
