@@ -140,6 +140,12 @@ def head_dim_filter():
     return {int(d) for d in spec.split(";") if d.strip()} if spec else None
 
 
+def nvcc_flag_list():
+    """csrc/cuda/nvcc_flags.txt: the nvcc flags CMakeLists.txt reads too."""
+    with open(os.path.join(ROOT, "csrc", "cuda", "nvcc_flags.txt")) as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
 def cuda_sources():
     sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True)
                      + glob.glob("csrc/cuda/**/*.cpp", recursive=True))
@@ -175,14 +181,7 @@ def extension():
     if dims is not None:
         macros.append("-DTFKERNELS_HEAD_DIMS_RESTRICTED=1")
         macros += [f"-DTFKERNELS_HAS_HDIM{d}=1" for d in sorted(dims)]
-    nvcc_flags = macros + [
-        "-O3", "-lineinfo",
-        "--use_fast_math",            # exp2f/fdividef in the softmax; accuracy is tested
-        "--expt-relaxed-constexpr",
-        "-Xptxas=-warn-spills",
-        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
-    ]
+    nvcc_flags = macros + nvcc_flag_list()
     if os.environ.get("TFKERNELS_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")
     nvcc_threads = os.environ.get("NVCC_THREADS")

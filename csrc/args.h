@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "head_dim.h"
+
 namespace tfkernels {
 
 enum class GeluApprox { kNone, kTanh };
@@ -30,8 +32,6 @@ struct AttentionShape {
   bool bottom_right;     // causal alignment: query i sees keys j <= i + (len_k - Sq)
   bool has_seqlens_k;
 };
-
-constexpr int64_t kMaxHeadDim = 256;
 
 // Validates q, k, v (and seqlens_k, including its values when it lives on the CPU)
 // and resolves the scale and alignment.

@@ -7,11 +7,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# Citations that point at a document under another name, kept until their file is next
-# edited: csrc/ is outside the change that moved the design notes to docs/ARCHITECTURE.md.
-PENDING_CITATIONS = {("csrc/cuda/flash/flash_params.h", "DESIGN.md")}
-
-
 def _tracked_text_files():
     try:
         names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True,
@@ -32,7 +27,7 @@ def test_cited_documents_exist():
     files.pop("tests/test_repo_files.py")  # names documents as data, not as citations
     missing = [(name, doc) for name, text in files.items()
                for doc in sorted(set(re.findall(r"\b([A-Z][A-Z_]+\.md)\b", text)))
-               if doc not in basenames and (name, doc) not in PENDING_CITATIONS]
+               if doc not in basenames]
     assert not missing, f"files cite documents that are not in the repository: {missing}"
 
 

@@ -20,7 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FWD = "csrc/cuda/flash/flash_fwd_kernel.h"
 TILE = "csrc/cuda/flash/flash_tile.h"
-GEMM = "csrc/cuda/gemm/gemm_kernel.cuh"
+GEMM = "csrc/cuda/gemm/mainloop_tc.cuh"
 FWD_TESTS = "tests/test_flash_attention_cuda.py::test_head_dims[emu-64-torch.bfloat16]"
 
 # name, file, original text, faulty text, variant, tests (pytest node ids), what should catch it

@@ -1,6 +1,6 @@
 // Torch-facing launcher of the bias-GELU CUDA kernels (compiled by the host
 // compiler): argument checks, dtype mapping, allocation, stream, launch check.
-// The kernels themselves live in bias_gelu_kernel.cu, which sees no torch header.
+// The kernels themselves live in bias_gelu/, which sees no torch header.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -8,21 +8,13 @@
 
 #include "alloc.h"
 #include "args.h"
+#include "cuda/bias_gelu/bias_gelu_params.h"
 #include "cuda/common/device_context.h"
-#include "cuda/bias_gelu_kernel.h"
+#include "cuda/common/launcher_utils.h"
 #include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
-
-cuda::ElemType elem_type(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return cuda::ElemType::kFloat32;
-    case at::kBFloat16: return cuda::ElemType::kBFloat16;
-    case at::kHalf: return cuda::ElemType::kFloat16;
-    default: TORCH_CHECK(false, "tfkernels: bias_gelu on CUDA has no kernel for dtype ", dtype);
-  }
-}
 
 // x [..., N] (CUDA, float32/bf16/fp16) and bias [N] of its dtype and device.
 // Returns N. Any strides are accepted: the launcher makes x contiguous.
@@ -48,15 +40,15 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x, const at::Tensor& bias, c10::stri
   at::Tensor out = empty_output(x.sizes(), xc.options());
   if (out.numel() == 0) return out;
 
-  cuda::BiasGeluParams params{};
+  bias_gelu::BiasGeluParams params{};
   params.x = xc.const_data_ptr();
   params.bias = bc.const_data_ptr();
   params.out = out.mutable_data_ptr();
   params.cols = cols;
   params.rows = xc.numel() / cols;
-  params.dtype = elem_type(x.scalar_type());
+  params.dtype = cuda::dtype_of(x);
   params.tanh = form == GeluApprox::kTanh;
-  TFKERNELS_CHECK_LAUNCH(cuda::launch_bias_gelu(params, device::current_stream()));
+  TFKERNELS_CHECK_LAUNCH(bias_gelu::launch_bias_gelu(params, device::current_stream()));
   return out;
 }
 
@@ -81,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad_out
     return {grad_x, grad_bias};
   }
 
-  cuda::BiasGeluBwdParams params{};
+  bias_gelu::BiasGeluBwdParams params{};
   params.grad_out = gc.const_data_ptr();
   params.x = xc.const_data_ptr();
   params.bias = bc.const_data_ptr();
@@ -89,15 +81,15 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad_out
   params.grad_bias = grad_bias.mutable_data_ptr();
   params.cols = cols;
   params.rows = xc.numel() / cols;
-  params.dtype = elem_type(x.scalar_type());
+  params.dtype = cuda::dtype_of(x);
   params.tanh = form == GeluApprox::kTanh;
-  const int64_t workspace_elems = cuda::bias_gelu_bwd_workspace_elems(params);
+  const int64_t workspace_elems = bias_gelu::bias_gelu_bwd_workspace_elems(params);
   at::Tensor workspace;  // per-row-chunk float partials of grad_bias, stream-ordered allocation
   if (workspace_elems > 0) {
     workspace = at::empty({workspace_elems}, xc.options().dtype(at::kFloat));
     params.workspace = workspace.mutable_data_ptr<float>();
   }
-  TFKERNELS_CHECK_LAUNCH(cuda::launch_bias_gelu_bwd(params, device::current_stream()));
+  TFKERNELS_CHECK_LAUNCH(bias_gelu::launch_bias_gelu_bwd(params, device::current_stream()));
   return {grad_x, grad_bias};
 }
 

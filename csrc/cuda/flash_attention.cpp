@@ -16,6 +16,8 @@
 #include "alloc.h"
 #include "args.h"
 #include "cuda/common/device_context.h"
+#include "cuda/common/dtype.h"
+#include "cuda/common/launcher_utils.h"
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/kernel_traits.h"
 #include "cuda/flash/static_switch.h"
@@ -24,15 +26,13 @@
 namespace tfkernels {
 namespace {
 
-// 16-byte cp.async loads need 16-byte aligned rows: the base pointer and every
-// stride that can multiply a non-zero index (dims of size > 1) a multiple of 8
-// elements of 2 bytes.
-bool aligned16(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    if (t.size(d) > 1 && (t.stride(d) * static_cast<int64_t>(t.element_size())) % 16 != 0) return false;
-  }
-  return true;
+using cuda::aligned16;
+
+// Heads and batches index grid dims y and z; rows and keys stay below 2^30 so that
+// the kernels' int32 tile arithmetic (row + tile size) cannot overflow.
+void check_cuda_limits(const AttentionShape& shape) {
+  cuda::check_limit("flash_attention", "heads and batches", {shape.heads, shape.batch}, cuda::kMaxGridYZ);
+  cuda::check_limit("flash_attention", "sequence lengths", {shape.seqlen_q, shape.seqlen_k}, (int64_t(1) << 30) - 1);
 }
 
 // The stride of a dim that is only ever indexed with 0 does not matter; pass 0 so
@@ -105,13 +105,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k);
   check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
   device::check_on_device(q_in, "q");
-  TORCH_CHECK(shape.heads <= 65535 && shape.batch <= 65535,
-              "tfkernels: the CUDA flash attention supports at most 65535 heads and 65535 batches, got H = ",
-              shape.heads, ", B = ", shape.batch);
-  constexpr int64_t kMaxSeq = int64_t(1) << 30;
-  TORCH_CHECK(shape.seqlen_q < kMaxSeq && shape.seqlen_k < kMaxSeq,
-              "tfkernels: the CUDA flash attention supports sequence lengths below 2^30, got Sq = ", shape.seqlen_q,
-              ", Sk = ", shape.seqlen_k);
+  check_cuda_limits(shape);
 
   const device::Guard guard(q_in.device());
   at::Tensor out = empty_output({shape.batch, shape.heads, shape.seqlen_q, shape.head_dim}, q_in.options());
@@ -140,7 +134,6 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   if (is_fp32) {
     err = flash::run_flash_fwd_fp32(p, stream);
   } else {
-    const bool is_bf16 = q.scalar_type() == at::kBFloat16;
     auto missing = [&](int padded) { return head_dim_not_built(shape.head_dim, padded); };
     // sm_80 and sm_90 give a block 163 and 227 KB of shared memory, enough for
     // every instantiation. sm_86/sm_89 give 99 KB: there the D = 128 tiles (102 KB)
@@ -149,11 +142,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
     // padded dim), and a dim with none left gets a clear error.
     const int64_t smem_limit = device::max_smem_per_block();
     int kernel_dim = flash::padded_head_dim(p.head_dim);
-    while (kernel_dim <= flash::kMaxHeadDim && flash::fwd_smem_bytes(kernel_dim) > smem_limit) kernel_dim += 32;
-    TORCH_CHECK(kernel_dim <= flash::kMaxHeadDim, "tfkernels: flash attention with head dim ", shape.head_dim,
+    while (kernel_dim <= kMaxHeadDim && flash::fwd_smem_bytes(kernel_dim) > smem_limit) kernel_dim += 32;
+    TORCH_CHECK(kernel_dim <= kMaxHeadDim, "tfkernels: flash attention with head dim ", shape.head_dim,
                 " needs ", flash::fwd_smem_bytes(flash::padded_head_dim(p.head_dim)),
                 " bytes of shared memory a block; this device allows ", smem_limit);
-    err = TFK_FP16_SWITCH(is_bf16, Element, [&] {
+    err = cuda::dispatch_16bit(cuda::dtype_of(q), [&](auto tag) {
+      using Element = typename decltype(tag)::type;
       return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_fwd<Element, kHeadDim>(p, stream); });
     });
   }
@@ -175,13 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   check_attention_grad_args(shape, q_in, grad_out_c, grad_lse_in, out_in, lse_in);
   check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
   device::check_on_device(q_in, "q");
-  TORCH_CHECK(shape.heads <= 65535 && shape.batch <= 65535,
-              "tfkernels: the CUDA flash attention supports at most 65535 heads and 65535 batches, got H = ",
-              shape.heads, ", B = ", shape.batch);
-  constexpr int64_t kMaxSeq = int64_t(1) << 30;
-  TORCH_CHECK(shape.seqlen_q < kMaxSeq && shape.seqlen_k < kMaxSeq,
-              "tfkernels: the CUDA flash attention supports sequence lengths below 2^30, got Sq = ", shape.seqlen_q,
-              ", Sk = ", shape.seqlen_k);
+  check_cuda_limits(shape);
 
   const device::Guard guard(q_in.device());
   at::Tensor grad_q = empty_output(q_in.sizes(), q_in.options());
@@ -190,7 +178,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   if (shape.batch == 0 || shape.heads == 0) return {grad_q, grad_k, grad_v};
 
   const bool is_fp32 = q_in.scalar_type() == at::kFloat;
-  const bool is_bf16 = q_in.scalar_type() == at::kBFloat16;
   at::Tensor q = q_in, k = k_in, v = v_in, dout = grad_out_c;
   bool fast = false;
   if (!is_fp32 && shape.head_dim % 8 == 0) {
@@ -226,8 +213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   p.deterministic = deterministic;
 
   const cudaStream_t stream = device::current_stream();
-  const flash::BwdDtype dtype =
-      is_fp32 ? flash::BwdDtype::kFloat : (is_bf16 ? flash::BwdDtype::kBFloat16 : flash::BwdDtype::kHalf);
+  const cuda::DType dtype = cuda::dtype_of(q_in);
   TFKERNELS_CHECK_LAUNCH(flash::run_flash_bwd_preprocess(p, dtype, stream));
   cudaError_t err = cudaSuccess;
   if (is_fp32) {
@@ -242,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
     TORCH_CHECK(flash::bwd_smem_bytes(kernel_dim) <= smem_limit, "tfkernels: the flash attention backward with head dim ",
                 shape.head_dim, " needs ", flash::bwd_smem_bytes(kernel_dim),
                 " bytes of shared memory a block; this device allows ", smem_limit);
-    err = TFK_FP16_SWITCH(is_bf16, Element, [&] {
+    err = cuda::dispatch_16bit(dtype, [&](auto tag) {
+      using Element = typename decltype(tag)::type;
       return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_bwd<Element, kHeadDim>(p, stream); });
     });
     if (err == cudaSuccess && !deterministic) err = flash::run_flash_bwd_convert_dq(p, dtype, stream);

@@ -1,7 +1,7 @@
 // CUDA kernels of fused_qkv and fused_qkv_bwd: argument checks, layout and
 // alignment decisions, output allocation and launch on the current stream. The
 // GEMM core itself lives in csrc/cuda/gemm/ (CUDA headers only); this file hands
-// it plain descriptors (gemm_args.h).
+// it plain descriptors (gemm_params.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -10,21 +10,24 @@
 #include "alloc.h"
 #include "args.h"
 #include "cuda/common/device_context.h"
-#include "cuda/gemm/gemm_args.h"
+#include "cuda/common/launcher_utils.h"
+#include "cuda/gemm/gemm_params.h"
 #include "cuda/gemm_launch_utils.h"
 #include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
 
-namespace g = ::tfkernels::cuda::gemm;
-using namespace ::tfkernels::gemm_launch;
+namespace g = ::tfkernels::gemm;
+using cuda::aligned16;
+using cuda::is_aligned;
+using g::check_cuda_dtype;
+using g::last_dim_contiguous;
 
+// The GEMM core indexes rows, columns and the reduction dim with int32.
 void check_sizes(const QkvShape& s) {
-  const int64_t tokens = s.batch * s.seqlen;
-  TORCH_CHECK(tokens <= kMaxDim && s.embed <= kMaxDim && s.out_features() <= kMaxDim,
-              "tfkernels: fused_qkv on CUDA needs B*S, E and (H + 2*Hkv)*D below 2^31, got ", tokens, ", ",
-              s.embed, ", ", s.out_features());
+  cuda::check_limit("fused_qkv", "B*S, E and (H + 2*Hkv)*D", {s.batch * s.seqlen, s.embed, s.out_features()},
+                    cuda::kMaxInt32);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -49,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& 
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
 
-  g::QkvFwdArgs a;
+  g::QkvFwdParams a;
   a.x = g::plain_operand(x2.data_ptr(), x2.stride(0));
   a.w = g::plain_operand(w.data_ptr(), w.stride(0));
   a.bias = b.defined() ? b.data_ptr() : nullptr;
@@ -64,10 +67,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cuda(const at::Tensor& 
   a.Hkv = static_cast<int>(s.kv_heads);
   a.D = static_cast<int>(s.head_dim);
   // 16-byte cp.async along E, 16-byte bias loads and head-row stores along D.
-  a.vector_ok = K % 8 == 0 && s.head_dim % 8 == 0 && aligned16(x2.data_ptr()) && aligned16(w.data_ptr()) &&
-                stride_ok(M, x2.stride(0)) && stride_ok(N, w.stride(0)) && (a.bias == nullptr || aligned16(a.bias));
-  set_device_fields(a, x.scalar_type());
-  launch_by_dtype(x.scalar_type(), a, &g::qkv_forward_f16, &g::qkv_forward_bf16, &g::qkv_forward_f32);
+  const bool vector_ok = K % 8 == 0 && s.head_dim % 8 == 0 && aligned16(x2) && aligned16(w) && is_aligned(a.bias, 16);
+  a.config = g::device_config(x.scalar_type(), vector_ok);
+  cuda::launch_for_dtype(x.scalar_type(), [&](auto tag, cudaStream_t stream) {
+    return g::qkv_forward<cuda::tag_type<decltype(tag)>>(a, stream);
+  });
   return {q, k, v};
 }
 
@@ -101,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cuda(const at::Tens
   at::Tensor x2 = last_dim_contiguous(x.reshape({tokens, E}));
   at::Tensor w = last_dim_contiguous(weight);
 
-  g::QkvBwdArgs a;
+  g::QkvBwdParams a;
   // dQKV as one matrix X[b*S + s][head*D + d] over the three tensors, read in place.
   const at::Tensor* parts[3] = {&dq, &dk, &dv};
   const int64_t begins[3] = {0, s.heads * D, (s.heads + s.kv_heads) * D};
@@ -122,16 +126,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cuda(const at::Tens
   a.tokens = static_cast<int>(tokens);
   a.E = static_cast<int>(E);
   a.Nqkv = static_cast<int>(N);
-  bool ok = E % 8 == 0 && D % 8 == 0 && aligned16(x2.data_ptr()) && aligned16(w.data_ptr()) &&
-            stride_ok(tokens, x2.stride(0)) && stride_ok(N, w.stride(0));
-  for (int p = 0; p < 3; ++p) {
-    const at::Tensor& t = *parts[p];
-    ok = ok && aligned16(t.data_ptr()) && stride_ok(t.size(0), t.stride(0)) && stride_ok(t.size(1), t.stride(1)) &&
-         stride_ok(t.size(2), t.stride(2));
-  }
-  a.vector_ok = ok;
-  set_device_fields(a, x.scalar_type());
-  launch_by_dtype(x.scalar_type(), a, &g::qkv_backward_f16, &g::qkv_backward_bf16, &g::qkv_backward_f32);
+  bool ok = E % 8 == 0 && D % 8 == 0 && aligned16(x2) && aligned16(w);
+  for (const at::Tensor* t : parts) ok = ok && aligned16(*t);
+  a.config = g::device_config(x.scalar_type(), ok);
+  cuda::launch_for_dtype(x.scalar_type(), [&](auto tag, cudaStream_t stream) {
+    return g::qkv_backward<cuda::tag_type<decltype(tag)>>(a, stream);
+  });
   return {grad_x, grad_w, grad_b};
 }
 

@@ -64,15 +64,19 @@
 #include "alloc.h"
 #include "args.h"
 #include "cuda/common/device_context.h"
-#include "cuda/gemm/gemm_args.h"
+#include "cuda/common/launcher_utils.h"
+#include "cuda/gemm/gemm_params.h"
 #include "cuda/gemm_launch_utils.h"
 #include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
 
-namespace g = ::tfkernels::cuda::gemm;
-using namespace ::tfkernels::gemm_launch;
+namespace g = ::tfkernels::gemm;
+using g::as_rows;
+using g::check_cuda_dtype;
+using g::chunks_ok;
+using g::last_dim_contiguous;
 
 std::vector<int64_t> with_last(const at::Tensor& x, int64_t features) {
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
@@ -80,11 +84,9 @@ std::vector<int64_t> with_last(const at::Tensor& x, int64_t features) {
   return sizes;
 }
 
+// The GEMM core indexes rows, columns and the reduction dim with int32.
 void check_dims(const char* op, std::initializer_list<int64_t> dims) {
-  for (int64_t d : dims) {
-    TORCH_CHECK(d <= kMaxDim, "tfkernels: ", op, " on CUDA needs every dimension (rows, features) below 2^31, got ",
-                d);
-  }
+  cuda::check_limit(op, "rows and features", dims, cuda::kMaxInt32);
 }
 
 const void* bias_ptr(const c10::optional<at::Tensor>& bias, at::Tensor& holder) {
@@ -114,11 +116,10 @@ class Gemm {
     args_.out = out.data_ptr();
     args_.ldc = N;
     vector_ok_ = chunks_ok(a) && chunks_ok(b) && chunks_ok(out);
-    set_device_fields(args_, out.scalar_type());
   }
   Gemm& bias(const void* p) {
     args_.bias = p;
-    vector_ok_ = vector_ok_ && aligned16(p);
+    vector_ok_ = vector_ok_ && cuda::is_aligned(p, 16);
     return *this;
   }
   Gemm& pre_out(const at::Tensor& pre) {  // [M, N] contiguous
@@ -140,18 +141,20 @@ class Gemm {
     return *this;
   }
   void run(at::ScalarType dtype) {
-    args_.vector_ok = vector_ok_;
-    launch_by_dtype(dtype, args_, &g::mlp_gemm_f16, &g::mlp_gemm_bf16, &g::mlp_gemm_f32);
+    args_.config = g::device_config(dtype, vector_ok_);
+    cuda::launch_for_dtype(dtype, [&](auto tag, cudaStream_t stream) {
+      return g::mlp_gemm<cuda::tag_type<decltype(tag)>>(args_, stream);
+    });
   }
 
  private:
-  g::MlpGemmArgs args_;
+  g::MlpGemmParams args_;
   bool vector_ok_ = false;
 };
 
 // grad_pre = grad_out * gelu'(pre), all [M, N]; grad_pre contiguous.
 void dgelu_pass(const at::Tensor& grad_out, const at::Tensor& pre, const at::Tensor& grad_pre, GeluApprox approx) {
-  g::MlpDGeluArgs a;
+  g::MlpDGeluParams a;
   a.grad_out = grad_out.data_ptr();
   a.ld_grad = grad_out.stride(0);
   a.pre = pre.data_ptr();
@@ -160,9 +163,10 @@ void dgelu_pass(const at::Tensor& grad_out, const at::Tensor& pre, const at::Ten
   a.M = grad_pre.size(0);
   a.N = grad_pre.size(1);
   a.tanh = approx == GeluApprox::kTanh;
-  a.vector_ok = chunks_ok(grad_out) && chunks_ok(pre) && chunks_ok(grad_pre);
-  a.num_sms = device::num_sms();
-  launch_by_dtype(grad_pre.scalar_type(), a, &g::mlp_dgelu_f16, &g::mlp_dgelu_bf16, &g::mlp_dgelu_f32);
+  a.config = g::device_config(grad_pre.scalar_type(), chunks_ok(grad_out) && chunks_ok(pre) && chunks_ok(grad_pre));
+  cuda::launch_for_dtype(grad_pre.scalar_type(), [&](auto tag, cudaStream_t stream) {
+    return g::mlp_dgelu<cuda::tag_type<decltype(tag)>>(a, stream);
+  });
 }
 
 // The weight-gradient GEMM also writes the bias gradient, unless its output has no

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include "cuda/common/dtype.h"
 #include "cuda/flash/flash_params.h"
 
 namespace tfkernels {
@@ -26,13 +27,11 @@ cudaError_t run_flash_fwd_fp32(const FwdParams& params, cudaStream_t stream);
 //   run_flash_bwd_preprocess (delta = rowsum(dO * O) - grad_lse, any dtype),
 //   then run_flash_bwd<Element, D> (16-bit) or run_flash_bwd_fp32, and in the
 //   16-bit default (non-deterministic) mode run_flash_bwd_convert_dq.
-enum class BwdDtype { kHalf, kBFloat16, kFloat };
-
-cudaError_t run_flash_bwd_preprocess(const BwdParams& params, BwdDtype dtype, cudaStream_t stream);
+cudaError_t run_flash_bwd_preprocess(const BwdParams& params, cuda::DType dtype, cudaStream_t stream);
 
 // dq = dq_accum * scale rounded to the 16-bit dtype; both contiguous
 // [B,H,Sq,head_dim].
-cudaError_t run_flash_bwd_convert_dq(const BwdParams& params, BwdDtype dtype, cudaStream_t stream);
+cudaError_t run_flash_bwd_convert_dq(const BwdParams& params, cuda::DType dtype, cudaStream_t stream);
 
 // Defined in flash_bwd_launch_template.h, instantiated once per
 // flash_bwd_hdim<D>_<dtype>.cu file. Deterministic mode writes dq itself;

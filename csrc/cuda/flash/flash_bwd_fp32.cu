@@ -21,9 +21,9 @@
 #include <cstdint>
 
 #include "cuda/common/ptx.h"
+#include "cuda/common/smem_opt_in.h"
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/flash_fwd_kernel.h"           // read_len_k, num_key_tiles
-#include "cuda/flash/flash_fwd_launch_template.h"  // DynamicSmemOptIn
 
 namespace tfkernels {
 namespace flash {
@@ -254,8 +254,8 @@ cudaError_t run_flash_bwd_fp32(const BwdParams& params, cudaStream_t stream) {
   const int smem = b32_smem_floats(params.head_dim) * static_cast<int>(sizeof(float));
   const int smem_max = b32_smem_floats(kMaxHeadDim) * static_cast<int>(sizeof(float));
   if (smem > 48 * 1024) {
-    static DynamicSmemOptIn opt_in_dq;
-    static DynamicSmemOptIn opt_in_dkdv;
+    static cuda::DynamicSmemOptIn opt_in_dq;
+    static cuda::DynamicSmemOptIn opt_in_dkdv;
     cudaError_t err = opt_in_dq.apply(flash_bwd_fp32_kernel<false>, smem_max);
     if (err != cudaSuccess) return err;
     err = opt_in_dkdv.apply(flash_bwd_fp32_kernel<true>, smem_max);

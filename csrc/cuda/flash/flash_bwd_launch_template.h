@@ -12,9 +12,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include "cuda/common/smem_opt_in.h"
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/flash_bwd_kernel.h"
-#include "cuda/flash/flash_fwd_launch_template.h"  // DynamicSmemOptIn
 #include "cuda/flash/kernel_traits.h"
 
 namespace tfkernels {
@@ -26,18 +26,16 @@ cudaError_t run_flash_bwd(const BwdParams& params, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   auto dkdv = &flash_bwd_dkdv_kernel<Traits, Element>;
   auto dq = &flash_bwd_dq_kernel<Traits, Element>;
-  if (kSmem > 48 * 1024) {
-    static DynamicSmemOptIn opt_in_dkdv;
-    static DynamicSmemOptIn opt_in_dq;
-    cudaError_t err = opt_in_dkdv.apply(dkdv, kSmem);
-    if (err != cudaSuccess) return err;
-    err = opt_in_dq.apply(dq, kSmem);
-    if (err != cudaSuccess) return err;
-  }
+  static cuda::DynamicSmemOptIn opt_in_dkdv;  // one per instantiation
+  static cuda::DynamicSmemOptIn opt_in_dq;
+  cudaError_t err = opt_in_dkdv.apply(dkdv, kSmem);
+  if (err != cudaSuccess) return err;
+  err = opt_in_dq.apply(dq, kSmem);
+  if (err != cudaSuccess) return err;
   if (params.seqlen_k > 0) {
     const dim3 grid((params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, params.kv_heads, params.batch);
     dkdv<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
-    const cudaError_t err = cudaGetLastError();
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (params.deterministic && params.seqlen_q > 0) {

@@ -6,12 +6,12 @@
 // Why grad_lse enters delta: d lse_i / d s_ij = P_ij, so the gradient through lse
 // adds P_ij * grad_lse_i to dS_ij = P_ij (dP_ij - delta_i), which is the same as
 // subtracting grad_lse_i from delta_i.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "cuda/common/convert.h"
+#include "cuda/common/dtype.h"
 #include "cuda/common/ptx.h"
 #include "cuda/flash/flash_api.h"
 
@@ -19,13 +19,6 @@ namespace tfkernels {
 namespace flash {
 
 namespace {
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-__device__ __forceinline__ void from_float(float x, __half* out) { *out = __float2half_rn(x); }
-__device__ __forceinline__ void from_float(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
 
 constexpr int kDeltaWarps = 8;
 
@@ -43,7 +36,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) flash_bwd_delta_kernel(const
   const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
   const T* d = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
   float sum = 0.0f;
-  for (int c = lane; c < p.head_dim; c += 32) sum = fmaf(to_float(o[c]), to_float(d[c]), sum);
+  for (int c = lane; c < p.head_dim; c += 32) sum = fmaf(cuda::to_float(o[c]), cuda::to_float(d[c]), sum);
   sum = cuda::group_sum<32>(sum);
   if (lane == 0) p.delta[row] = sum - (p.grad_lse != nullptr ? p.grad_lse[row] : 0.0f);
 }
@@ -53,46 +46,39 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, T* __
                                             float scale) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    from_float(acc[i] * scale, dq + i);
+    dq[i] = cuda::from_float<T>(acc[i] * scale);
   }
 }
 
 }  // namespace
 
-cudaError_t run_flash_bwd_preprocess(const BwdParams& params, BwdDtype dtype, cudaStream_t stream) {
+cudaError_t run_flash_bwd_preprocess(const BwdParams& params, cuda::DType dtype, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(params.batch) * params.heads * params.seqlen_q;
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = (rows + kDeltaWarps - 1) / kDeltaWarps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
-  switch (dtype) {
-    case BwdDtype::kHalf: flash_bwd_delta_kernel<__half><<<grid, kDeltaWarps * 32, 0, stream>>>(params); break;
-    case BwdDtype::kBFloat16:
-      flash_bwd_delta_kernel<__nv_bfloat16><<<grid, kDeltaWarps * 32, 0, stream>>>(params);
-      break;
-    case BwdDtype::kFloat: flash_bwd_delta_kernel<float><<<grid, kDeltaWarps * 32, 0, stream>>>(params); break;
-  }
+  cuda::dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    flash_bwd_delta_kernel<T><<<grid, kDeltaWarps * 32, 0, stream>>>(params);
+  });
   return cudaGetLastError();
 }
 
-cudaError_t run_flash_bwd_convert_dq(const BwdParams& params, BwdDtype dtype, cudaStream_t stream) {
+// 16-bit default mode only: the fp32 path writes dq directly.
+cudaError_t run_flash_bwd_convert_dq(const BwdParams& params, cuda::DType dtype, cudaStream_t stream) {
+  if (dtype == cuda::DType::kFloat32) return cudaErrorInvalidValue;
   const int64_t n = static_cast<int64_t>(params.batch) * params.heads * params.seqlen_q * params.head_dim;
   if (n == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   int64_t blocks = (n + kThreads - 1) / kThreads;
   if (blocks > 65536) blocks = 65536;  // grid-stride beyond
   const dim3 grid(static_cast<unsigned>(blocks));
-  switch (dtype) {
-    case BwdDtype::kHalf:
-      flash_bwd_convert_dq_kernel<__half>
-          <<<grid, kThreads, 0, stream>>>(params.dq_accum, static_cast<__half*>(params.dq), n, params.scale);
-      break;
-    case BwdDtype::kBFloat16:
-      flash_bwd_convert_dq_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          params.dq_accum, static_cast<__nv_bfloat16*>(params.dq), n, params.scale);
-      break;
-    case BwdDtype::kFloat: return cudaErrorInvalidValue;  // the fp32 path writes dq directly
-  }
+  cuda::dispatch_16bit(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    flash_bwd_convert_dq_kernel<T><<<grid, kThreads, 0, stream>>>(params.dq_accum, static_cast<T*>(params.dq), n,
+                                                                  params.scale);
+  });
   return cudaGetLastError();
 }
 

@@ -19,12 +19,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <mutex>
 
 #include "cuda/common/ptx.h"
+#include "cuda/common/smem_opt_in.h"
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/flash_fwd_kernel.h"  // read_len_k, num_key_tiles
-#include "cuda/flash/flash_fwd_launch_template.h"  // DynamicSmemOptIn
 
 namespace tfkernels {
 namespace flash {
@@ -191,7 +190,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
 cudaError_t run_flash_fwd_fp32(const FwdParams& params, cudaStream_t stream) {
   const int smem = f32_smem_floats(params.head_dim) * static_cast<int>(sizeof(float));
   if (smem > 48 * 1024) {
-    static DynamicSmemOptIn opt_in;
+    static cuda::DynamicSmemOptIn opt_in;
     const cudaError_t err = opt_in.apply(flash_fwd_fp32_kernel, f32_smem_floats(kMaxHeadDim) * sizeof(float));
     if (err != cudaSuccess) return err;
   }

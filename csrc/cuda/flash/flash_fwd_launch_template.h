@@ -10,8 +10,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include <mutex>
-
+#include "cuda/common/smem_opt_in.h"
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/flash_fwd_kernel.h"
 #include "cuda/flash/kernel_traits.h"
@@ -19,39 +18,14 @@
 namespace tfkernels {
 namespace flash {
 
-// Opts a kernel into more than 48 KB of dynamic shared memory, once per device,
-// thread-safely. The caller owns one DynamicSmemOptIn per kernel (a function-local
-// static of its own template instantiation).
-struct DynamicSmemOptIn {
-  static constexpr int kMaxDevices = 64;
-  std::once_flag flags[kMaxDevices];
-  cudaError_t results[kMaxDevices] = {};
-
-  template <typename Kernel>
-  cudaError_t apply(Kernel kernel, int bytes) {
-    int device = 0;
-    const cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    if (device < 0 || device >= kMaxDevices) {
-      return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    }
-    std::call_once(flags[device], [&] {
-      results[device] = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    });
-    return results[device];
-  }
-};
-
 template <typename Element, int kHeadDim>
 cudaError_t run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   using Traits = typename FwdConfig<kHeadDim>::Traits;
   auto kernel = &flash_fwd_kernel<Traits, Element>;
   constexpr int kSmem = Traits::kSmemBytes;
-  if (kSmem > 48 * 1024) {
-    static DynamicSmemOptIn opt_in;  // one per instantiation
-    const cudaError_t err = opt_in.apply(kernel, kSmem);
-    if (err != cudaSuccess) return err;
-  }
+  static cuda::DynamicSmemOptIn opt_in;  // one per instantiation
+  const cudaError_t err = opt_in.apply(kernel, kSmem);
+  if (err != cudaSuccess) return err;
   const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads, params.batch);
   kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
   return cudaGetLastError();

@@ -1,9 +1,12 @@
 // The plain parameter block the torch-facing launcher (csrc/cuda/flash_attention.cpp)
 // fills and every flash-attention kernel reads. No torch types: kernel translation
-// units include only CUDA headers and our own (DESIGN.md, "Keep torch headers out").
+// units include only CUDA headers and our own, because a torch header costs about a
+// minute of nvcc time per architecture in every file that includes it.
 #pragma once
 
 #include <cstdint>
+
+#include "head_dim.h"
 
 namespace tfkernels {
 namespace flash {
@@ -64,9 +67,8 @@ struct BwdParams : FwdParams {
   bool deterministic;
 };
 
-// Kernels exist for these head dims; a real D is rounded up to the next one and
-// its tail is zero-filled by predicated loads.
-constexpr int kMaxHeadDim = 256;
+// Kernels exist for the multiples of 32 up to kMaxHeadDim (head_dim.h); a real D is
+// rounded up to the next one and its tail is zero-filled by predicated loads.
 inline constexpr int padded_head_dim(int d) { return d <= 32 ? 32 : ((d + 31) / 32) * 32; }
 
 }  // namespace flash

@@ -1,8 +1,10 @@
 // Compile-time tile shapes and shared-memory layout of the tensor-core flash
-// attention kernels (fp16/bf16). The backward is meant to reuse the layout: a
-// tile is `rows` x kHeadDim elements stored with a padded row stride, loaded by
+// attention kernels (fp16/bf16), forward and backward. Both use one tile layout:
+// `rows` x kHeadDim elements stored with a padded row stride, loaded by
 // load_tile() in flash_tile.h and read by ldmatrix (plain or .trans).
 #pragma once
+
+#include "head_dim.h"
 
 namespace tfkernels {
 namespace flash {
@@ -26,7 +28,7 @@ struct FwdTraits {
   // is computed on.
   static constexpr int kStages = 2;
 
-  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim must be a multiple of 32 up to 256");
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= kMaxHeadDim, "head dim must be a multiple of 32 up to kMaxHeadDim");
   static_assert(kBlockM == 16 * kNWarps, "each warp owns 16 query rows");
   static_assert(kBlockN % 16 == 0, "kBlockN must be a multiple of 16");
 
@@ -62,21 +64,25 @@ struct FwdConfig {
   using Traits = FwdTraits<kHeadDim, 128, (kHeadDim <= 128 ? 64 : 32), 8, (kHeadDim <= 192)>;
 };
 
-// Dynamic shared memory of the 16-bit forward instantiation for a padded head dim
-// (0 for a dim that has none): lets the launcher pick a kernel that fits the device.
-inline constexpr int fwd_smem_bytes(int padded_dim) {
+// Dynamic shared memory of the 16-bit instantiation of Config (FwdConfig or
+// BwdConfig) for a padded head dim (0 for a dim that has none): lets the launcher
+// pick a kernel that fits the device.
+template <template <int> class Config>
+inline constexpr int smem_bytes_for(int padded_dim) {
   switch (padded_dim) {
-    case 32: return FwdConfig<32>::Traits::kSmemBytes;
-    case 64: return FwdConfig<64>::Traits::kSmemBytes;
-    case 96: return FwdConfig<96>::Traits::kSmemBytes;
-    case 128: return FwdConfig<128>::Traits::kSmemBytes;
-    case 160: return FwdConfig<160>::Traits::kSmemBytes;
-    case 192: return FwdConfig<192>::Traits::kSmemBytes;
-    case 224: return FwdConfig<224>::Traits::kSmemBytes;
-    case 256: return FwdConfig<256>::Traits::kSmemBytes;
+    case 32: return Config<32>::Traits::kSmemBytes;
+    case 64: return Config<64>::Traits::kSmemBytes;
+    case 96: return Config<96>::Traits::kSmemBytes;
+    case 128: return Config<128>::Traits::kSmemBytes;
+    case 160: return Config<160>::Traits::kSmemBytes;
+    case 192: return Config<192>::Traits::kSmemBytes;
+    case 224: return Config<224>::Traits::kSmemBytes;
+    case 256: return Config<256>::Traits::kSmemBytes;
     default: return 0;
   }
 }
+
+inline constexpr int fwd_smem_bytes(int padded_dim) { return smem_bytes_for<FwdConfig>(padded_dim); }
 
 // ---------------------------------------------------------------- backward
 //
@@ -104,7 +110,7 @@ struct BwdTraits {
   static constexpr int kNWarps = 8;
   static constexpr int kNThreads = kNWarps * 32;
   static constexpr int kStages = kStages_;
-  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dim must be a multiple of 32 up to 256");
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= kMaxHeadDim, "head dim must be a multiple of 32 up to kMaxHeadDim");
   static_assert(kBlockN == 64 && kBlockM == 64, "the warp layout assumes 64 x 64 tiles and 8 warps");
 
   static constexpr int kChunksPerRow = kHeadDim / 8;
@@ -141,19 +147,7 @@ struct BwdConfig {
   using Traits = BwdTraits<kHeadDim, (kHeadDim <= 96 ? 2 : 1)>;
 };
 
-inline constexpr int bwd_smem_bytes(int padded_dim) {
-  switch (padded_dim) {
-    case 32: return BwdConfig<32>::Traits::kSmemBytes;
-    case 64: return BwdConfig<64>::Traits::kSmemBytes;
-    case 96: return BwdConfig<96>::Traits::kSmemBytes;
-    case 128: return BwdConfig<128>::Traits::kSmemBytes;
-    case 160: return BwdConfig<160>::Traits::kSmemBytes;
-    case 192: return BwdConfig<192>::Traits::kSmemBytes;
-    case 224: return BwdConfig<224>::Traits::kSmemBytes;
-    case 256: return BwdConfig<256>::Traits::kSmemBytes;
-    default: return 0;
-  }
-}
+inline constexpr int bwd_smem_bytes(int padded_dim) { return smem_bytes_for<BwdConfig>(padded_dim); }
 
 }  // namespace flash
 }  // namespace tfkernels

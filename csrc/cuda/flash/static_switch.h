@@ -1,30 +1,16 @@
 // Turns runtime values into template parameters (the static_switch idiom):
 //
-//   TFK_FP16_SWITCH(is_bf16, Element, [&] { ... Element ... });
 //   TFK_HEADDIM_SWITCH(head_dim, on_missing, [&] { ... kHeadDim ... });
 //
 // TFK_HEADDIM_SWITCH rounds head_dim up to the next instantiated dim and calls the
-// lambda with `constexpr int kHeadDim` set to it. Builds restricted with
+// lambda with `constexpr int kHeadDim` set to it. (The dtype goes through
+// cuda::dispatch_16bit, cuda/common/dtype.h.) Builds restricted with
 // TFKERNELS_HEAD_DIMS (setup.py defines TFKERNELS_HEAD_DIMS_RESTRICTED=1 and
 // TFKERNELS_HAS_HDIM<D>=1 for the kept dims) compile only the kept cases; any other
 // dim calls on_missing(padded_dim), which should raise a clear error.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "cuda/flash/flash_params.h"
-
-#define TFK_FP16_SWITCH(IS_BF16, ELEMENT, ...)     \
-  [&] {                                            \
-    if (IS_BF16) {                                 \
-      using ELEMENT = __nv_bfloat16;               \
-      return __VA_ARGS__();                        \
-    } else {                                       \
-      using ELEMENT = __half;                      \
-      return __VA_ARGS__();                        \
-    }                                              \
-  }()
 
 #define TFK_BOOL_SWITCH(COND, CONST_NAME, ...) \
   [&] {                                        \

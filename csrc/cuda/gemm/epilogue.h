@@ -24,71 +24,20 @@
 
 #include <cstdint>
 
+#include "cuda/common/convert.h"
 #include "cuda/common/ptx.h"
+#include "cuda/common/vector_io.h"
 #include "gelu.h"
 
 namespace tfkernels {
-namespace cuda {
 namespace gemm {
 
-// ------------------------------------------------------------------ element I/O
+using cuda::FastDiv;
+using cuda::from_float;
+using cuda::load_float8;
+using cuda::store_float8;
+using cuda::to_float;
 
-template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  return static_cast<float>(x);
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  return static_cast<T>(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// Eight consecutive elements; p must be 16-byte aligned (32-byte for float).
-template <typename T>
-__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
-  if constexpr (sizeof(T) == 4) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0];
-    const float4 b = reinterpret_cast<const float4*>(p)[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-  } else {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store8_global(T* p, const float (&v)[8]) {
-  if constexpr (sizeof(T) == 4) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-  } else {
-    uint4 raw;
-    raw.x = pack2<T>(v[0], v[1]);
-    raw.y = pack2<T>(v[2], v[3]);
-    raw.z = pack2<T>(v[4], v[5]);
-    raw.w = pack2<T>(v[6], v[7]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  }
-}
 
 // ------------------------------------------------------------------ activations
 
@@ -127,16 +76,16 @@ struct LinearEpilogue {
   __device__ __forceinline__ void store8(int row, int col0, float (&v)[8]) const {
     if (bias != nullptr) {
       float b[8];
-      load8(bias + col0, b);
+      load_float8(bias + col0, b);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] += b[i];
     }
-    if (pre_out != nullptr) store8_global(pre_out + row * ld_pre + col0, v);
+    if (pre_out != nullptr) store_float8(pre_out + row * ld_pre + col0, v);
     float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if constexpr (Act::kNeedsAux) load8(aux + row * ld_aux + col0, a);
+    if constexpr (Act::kNeedsAux) load_float8(aux + row * ld_aux + col0, a);
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = Act::apply(v[i], a[i]);
-    store8_global(out + row * ldc + col0, v);
+    store_float8(out + row * ldc + col0, v);
   }
 
   __device__ __forceinline__ void store1(int row, int col, float v) const {
@@ -187,11 +136,11 @@ struct QkvScatterEpilogue {
   __device__ __forceinline__ void store8(int row, int col0, float (&v8)[8]) const {
     if (bias != nullptr) {
       float b[8];
-      load8(bias + col0, b);
+      load_float8(bias + col0, b);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v8[i] += b[i];
     }
-    store8_global(address(row, col0), v8);
+    store_float8(address(row, col0), v8);
   }
 
   __device__ __forceinline__ void store1(int row, int col, float x) const {
@@ -203,5 +152,4 @@ struct QkvScatterEpilogue {
 };
 
 }  // namespace gemm
-}  // namespace cuda
 }  // namespace tfkernels

@@ -1,81 +1,117 @@
-// Tile configurations of the tensor-core GEMM and the heuristic that picks one per
-// problem. Plain C++ (host) plus constexpr traits the kernels read.
+// What a GEMM instantiation is, in one type: GemmTraits carries the element type,
+// both operand layouts and forms, the row-sum flag and the epilogue, and derives
+// the device views of the operands and the kernel's parameter block from them.
+// Every kernel and launcher of the core takes a GemmTraits (plus the tile shape or
+// the TF32 switch that picks the main loop). CUDA headers only.
 #pragma once
 
-#include <cstddef>
+#include <cuda_runtime.h>
+
+#include <climits>
 #include <cstdint>
 
+#include "cuda/common/grid.h"
+#include "cuda/common/ptx.h"
+#include "cuda/gemm/gemm_params.h"
+
 namespace tfkernels {
-namespace cuda {
 namespace gemm {
 
-// A CTA computes a BM x BN tile of C with WARPS_M x WARPS_N warps, each owning a
-// (BM/WARPS_M) x (BN/WARPS_N) warp tile of m16n8k16 mma fragments, while a
-// STAGES-deep cp.async pipeline streams BK-wide slices of A and B through shared
-// memory. BK = 64 16-bit elements makes every K-contiguous smem row 128 bytes, and
-// BM, BN are multiples of 64, so every smem row (K- or M/N-contiguous) is a whole
-// number of 128-byte lines and one XOR swizzle (chunk ^ row % 8) serves all layouts.
-template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_, int MIN_BLOCKS_>
-struct TileConfig {
-  static constexpr int BM = BM_, BN = BN_, BK = BK_;
-  static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
-  static constexpr int kMinBlocks = MIN_BLOCKS_;  // __launch_bounds__ occupancy target
-  static constexpr int kThreads = WARPS_M * WARPS_N * 32;
-  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
-  static constexpr int MFRAG = WM / 16, NFRAG = WN / 8;
-  static constexpr int kElemBytes = 2;
-  static constexpr size_t kStageBytes = size_t(BM + BN) * BK * kElemBytes;
-  static constexpr size_t kPipeBytes = kStageBytes * STAGES;
-  // The epilogue stages the fp32 C tile with rows padded by 8 floats (see the kernel).
-  static constexpr int kEpiPitch = BN + 8;
-  static constexpr size_t kEpiBytes = size_t(BM) * kEpiPitch * 4;
-  static constexpr size_t kSmemBytes = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;
+using cuda::FastDiv;
 
-  static_assert(BK == 64, "smem rows of K-contiguous tiles must be 128 bytes (8 chunks) for the swizzle");
-  static_assert(BM % 64 == 0 && BN % 64 == 0, "M/N-contiguous smem rows must be whole 128-byte lines");
-  static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tile: whole m16 fragments and pairs of n8 fragments");
-  static_assert((BM * BK / 8) % kThreads == 0 && (BN * BK / 8) % kThreads == 0, "even cp.async split");
+// Device form of Operand (gemm_args.h): parts unrolled into scalars (no dynamically
+// indexed parameter arrays, which would go through local memory) and the two
+// divisors of the segmented form as FastDiv.
+template <typename T, bool kSeg>
+struct OperandView {
+  const T* p0 = nullptr;
+  const T* p1 = nullptr;
+  const T* p2 = nullptr;
+  int64_t ld0 = 0, ld1 = 0, ld2 = 0;
+  int64_t ss0 = 0, ss1 = 0, ss2 = 0;  // segment (head) strides
+  int64_t bs0 = 0, bs1 = 0, bs2 = 0;  // outer segment (batch) strides
+  int pb1 = INT_MAX, pb2 = INT_MAX;   // where parts 1 and 2 begin along j
+  int seg_len = 1, outer_len = 1;
+  FastDiv div_seg, div_outer;
+
+  // &X[i][j]; i the outer index, j the inner (contiguous) one. i, j >= 0.
+  __device__ __forceinline__ const T* at(int i, int j) const {
+    if constexpr (!kSeg) {
+      return p0 + static_cast<int64_t>(i) * ld0 + j;
+    } else {
+      const T* p = p0;
+      int64_t ld = ld0, ss = ss0, bs = bs0;
+      if (j >= pb2) {
+        p = p2; ld = ld2; ss = ss2; bs = bs2; j -= pb2;
+      } else if (j >= pb1) {
+        p = p1; ld = ld1; ss = ss1; bs = bs1; j -= pb1;
+      }
+      const int g = static_cast<int>(div_seg.div(static_cast<uint32_t>(j)));
+      const int d = j - g * seg_len;
+      const int b = static_cast<int>(div_outer.div(static_cast<uint32_t>(i)));
+      const int s = i - b * outer_len;
+      return p + g * ss + b * bs + s * ld + d;
+    }
+  }
+  __device__ __forceinline__ const T* base() const { return p0; }
 };
 
-// The shapes (smem: pipeline / epilogue staging; the max is allocated):
-//  L  128x256x64, 8 warps (2x4, warp tile 64x64), 3 stages: 144 KiB, 1 CTA/SM.
-//     Highest operand reuse: per k step a CTA loads (128 + 256) elements for
-//     128 * 256 MACs, 1/85 element per MAC against 1/64 for 128x128.
-//  M  128x128x64, 8 warps (2x4, warp tile 64x32), 3 stages: 96 KiB, 2 CTAs/SM on
-//     H100 (228 KiB; registers capped at 128 for it), 1 on A100 (164 KiB). GEMMs
-//     with a segmented (head-layout) or M/N-contiguous operand, or a row sum (the
-//     backward GEMMs), run it at 1 CTA/SM (see min_blocks).
-//  S   64x128x64, 4 warps (2x2, warp tile 32x64), 4 stages: 96 KiB, 2 CTAs/SM:
-//     for few tokens (M <= 64 wastes no half tile) or too few 128x128 tiles to fill the GPU.
-using TileL = TileConfig<128, 256, 64, 2, 4, 3, 1>;
-using TileM = TileConfig<128, 128, 64, 2, 4, 3, 2>;
-using TileS = TileConfig<64, 128, 64, 2, 2, 4, 2>;
-
-enum class TileShape { k128x256, k128x128, k64x128 };
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The heuristic. A GEMM runs fastest with the largest tile that still fills the
-// machine: bigger tiles read less of A and B per MAC (see above), but the block
-// scheduler places one CTA per SM before it doubles up, so a grid of fewer tiles
-// than SMs leaves SMs idle, and that loss (up to 2x) outweighs the reuse gain
-// (~1.3x between neighbouring shapes). So:
-//  - M <= 64 (decode, tiny batches): S. A 128-row tile would be at least half empty.
-//  - L if it gives at least one full wave (tiles >= SMs).
-//  - M if it gives at least one full wave.
-//  - S otherwise: twice the CTAs of M, 2 per SM, for small problems.
-// `allow_large` is false for GEMMs compiled without the L shape (the backward).
-// The GPU benchmarks (bench/) are meant to justify or move these thresholds; wave
-// quantisation (e.g. 1.1 waves of M vs 2.2 of S) is not modelled yet.
-inline TileShape pick_tile_shape(int64_t M, int64_t N, int num_sms, bool allow_large) {
-  if (M <= 64) return TileShape::k64x128;
-  const int64_t tiles_l = ceil_div(M, 128) * ceil_div(N, 256);
-  const int64_t tiles_m = ceil_div(M, 128) * ceil_div(N, 128);
-  if (allow_large && tiles_l >= num_sms) return TileShape::k128x256;
-  if (tiles_m >= num_sms) return TileShape::k128x128;
-  return TileShape::k64x128;
+template <typename T, bool kSeg>
+OperandView<T, kSeg> make_view(const Operand& o) {
+  OperandView<T, kSeg> v;
+  v.p0 = static_cast<const T*>(o.ptr[0]);
+  v.ld0 = o.ld[0];
+  if constexpr (kSeg) {
+    v.p1 = static_cast<const T*>(o.ptr[1]);
+    v.p2 = static_cast<const T*>(o.ptr[2]);
+    v.ld1 = o.ld[1];
+    v.ld2 = o.ld[2];
+    v.ss0 = o.seg_stride[0]; v.ss1 = o.seg_stride[1]; v.ss2 = o.seg_stride[2];
+    v.bs0 = o.batch_stride[0]; v.bs1 = o.batch_stride[1]; v.bs2 = o.batch_stride[2];
+    v.pb1 = o.ptr[1] != nullptr ? o.part_begin[1] : INT_MAX;
+    v.pb2 = o.ptr[2] != nullptr ? o.part_begin[2] : INT_MAX;
+    v.seg_len = o.seg_len;
+    v.outer_len = o.outer_len;
+    v.div_seg = FastDiv(static_cast<uint32_t>(o.seg_len > 0 ? o.seg_len : 1));
+    v.div_outer = FastDiv(static_cast<uint32_t>(o.outer_len > 0 ? o.outer_len : 1));
+  }
+  return v;
 }
 
+// The kernel's parameter block: both operand views and the problem size in tiles.
+template <typename T, bool kSegA, bool kSegB>
+struct GemmKernelParams {
+  OperandView<T, kSegA> a;
+  OperandView<T, kSegB> b;
+  int M = 0, N = 0, K = 0;
+  int tiles_m = 0, tiles_n = 0;
+};
+
+// T: float, __half or __nv_bfloat16. LA, LB: where A and B are contiguous
+// (gemm_params.h). kSegA, kSegB: segmented operand forms. kRowSum: the row sums of A
+// go to Epi::store_rowsum. Epi: the epilogue functor (epilogue.h).
+template <typename T, Layout LA, Layout LB, bool kSegA_, bool kSegB_, bool kRowSum_, class Epi>
+struct GemmTraits {
+  using Element = T;
+  using Epilogue = Epi;
+  static constexpr Layout kLayoutA = LA, kLayoutB = LB;
+  static constexpr bool kSegA = kSegA_, kSegB = kSegB_, kRowSum = kRowSum_;
+  // ldmatrix.trans addressing for an M/N-contiguous operand.
+  static constexpr bool kTransposed = LA == Layout::kInnerMN || LB == Layout::kInnerMN;
+  using Params = GemmKernelParams<T, kSegA, kSegB>;
+
+  static Params make_params(const Operand& a, const Operand& b, int M, int N, int K, int BM, int BN) {
+    Params p;
+    p.a = make_view<T, kSegA>(a);
+    p.b = make_view<T, kSegB>(b);
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.tiles_m = static_cast<int>(cuda::ceil_div<int64_t>(M, BM));
+    p.tiles_n = static_cast<int>(cuda::ceil_div<int64_t>(N, BN));
+    return p;
+  }
+};
+
 }  // namespace gemm
-}  // namespace cuda
 }  // namespace tfkernels

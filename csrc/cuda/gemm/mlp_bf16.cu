@@ -1,18 +1,13 @@
-// Instantiation of the MLP family (linear_gelu, fused_mlp: forward and backward GEMMs,
-// dGELU pass) for one dtype, in its own translation unit so the dtypes compile in
+// Instantiation of the MLP family (linear_gelu, fused_mlp: forward and backward
+// GEMMs, dGELU pass) for bf16, in its own translation unit so the dtypes compile in
 // parallel. CUDA headers only.
 #include "cuda/gemm/mlp_impl.cuh"
 
 namespace tfkernels {
-namespace cuda {
 namespace gemm {
 
-cudaError_t mlp_gemm_bf16(const MlpGemmArgs& args, cudaStream_t stream) { return mlp_gemm_impl<__nv_bfloat16>(args, stream); }
-
-cudaError_t mlp_dgelu_bf16(const MlpDGeluArgs& args, cudaStream_t stream) {
-  return mlp_dgelu_impl<__nv_bfloat16>(args, stream);
-}
+template cudaError_t mlp_gemm<__nv_bfloat16>(const MlpGemmParams& params, cudaStream_t stream);
+template cudaError_t mlp_dgelu<__nv_bfloat16>(const MlpDGeluParams& params, cudaStream_t stream);
 
 }  // namespace gemm
-}  // namespace cuda
 }  // namespace tfkernels

@@ -1,5 +1,5 @@
 // The MLP family on the GEMM core: the four GEMM kinds of gemm_args.h (MlpGemmKind)
-// and the elementwise dGELU pass. Included once per dtype by mlp_{f16,bf16,f32}.cu.
+// and the elementwise dGELU pass. Included once per dtype by mlp_{fp16,bf16,fp32}.cu.
 // CUDA headers only.
 //
 // How the ops use them (csrc/cuda/mlp.cpp builds the sequences; x [M, K], W/W1 [F, K],
@@ -19,10 +19,15 @@
 //                    kDgrad     dx = grad_pre W1
 #pragma once
 
-#include "cuda/gemm/gemm_kernel.cuh"
+#include <cmath>
+
+#include "cuda/common/convert.h"
+#include "cuda/common/grid.h"
+#include "cuda/common/vector_io.h"
+#include "cuda/gemm/epilogue.h"
+#include "cuda/gemm/gemm_launch.cuh"
 
 namespace tfkernels {
-namespace cuda {
 namespace gemm {
 
 // gelu(x) and gelu'(x) from one evaluation of erf (or tanh): the formulas of gelu.h.
@@ -58,15 +63,15 @@ struct DGeluHiddenEpilogue {
 
   __device__ __forceinline__ void store8(int row, int col0, float (&v)[8]) const {
     float p[8], h[8];
-    load8(pre + row * ld_pre + col0, p);
+    load_float8(pre + row * ld_pre + col0, p);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       float dg;
       gelu_and_grad<kTanh>(p[i], h[i], dg);
       v[i] *= dg;
     }
-    store8_global(grad_pre + row * ld_grad + col0, v);
-    store8_global(hidden + row * ld_hidden + col0, h);
+    store_float8(grad_pre + row * ld_grad + col0, v);
+    store_float8(hidden + row * ld_hidden + col0, h);
   }
 
   __device__ __forceinline__ void store1(int row, int col, float v) const {
@@ -79,24 +84,15 @@ struct DGeluHiddenEpilogue {
   __device__ __forceinline__ void store_rowsum(int, float) const {}
 };
 
-// One GEMM on the path the arguments allow: 16-bit aligned -> tensor cores with the
-// tile heuristic; 16-bit otherwise -> the generic kernel; fp32 -> the generic kernel,
-// TF32 mma when allowed, else exact FMA.
+// One GEMM of the family: operands plain, the main loop chosen by launch_gemm.
 template <typename T, Layout LA, Layout LB, bool kRowSum, bool kAllowLarge, class Epi>
-cudaError_t mlp_run_gemm(const MlpGemmArgs& a, const Epi& ep, cudaStream_t stream) {
-  if constexpr (sizeof(T) == 2) {
-    if (a.vector_ok)
-      return launch_tc_auto<T, LA, LB, false, false, kRowSum, kAllowLarge>(a.a, a.b, a.M, a.N, a.K, ep, a.num_sms,
-                                                                          a.tile_override, a.max_smem, stream);
-    return launch_generic<T, false, LA, LB, false, false, kRowSum>(a.a, a.b, a.M, a.N, a.K, ep, stream);
-  } else {
-    if (a.tf32) return launch_generic<T, true, LA, LB, false, false, kRowSum>(a.a, a.b, a.M, a.N, a.K, ep, stream);
-    return launch_generic<T, false, LA, LB, false, false, kRowSum>(a.a, a.b, a.M, a.N, a.K, ep, stream);
-  }
+cudaError_t mlp_run_gemm(const MlpGemmParams& a, const Epi& ep, cudaStream_t stream) {
+  using Traits = GemmTraits<T, LA, LB, false, false, kRowSum, Epi>;
+  return launch_gemm<Traits, kAllowLarge>(a.a, a.b, a.M, a.N, a.K, ep, a.config, stream);
 }
 
 template <typename T, class Act>
-LinearEpilogue<T, Act> mlp_linear_epilogue(const MlpGemmArgs& a) {
+LinearEpilogue<T, Act> mlp_linear_epilogue(const MlpGemmParams& a) {
   LinearEpilogue<T, Act> ep;
   ep.out = static_cast<T*>(a.out);
   ep.ldc = a.ldc;
@@ -108,7 +104,7 @@ LinearEpilogue<T, Act> mlp_linear_epilogue(const MlpGemmArgs& a) {
 }
 
 template <typename T, bool kTanh>
-cudaError_t mlp_dgrad_dgelu(const MlpGemmArgs& a, cudaStream_t stream) {
+cudaError_t mlp_dgrad_dgelu(const MlpGemmParams& a, cudaStream_t stream) {
   DGeluHiddenEpilogue<T, kTanh> ep;
   ep.grad_pre = static_cast<T*>(a.out);
   ep.ld_grad = a.ldc;
@@ -120,7 +116,7 @@ cudaError_t mlp_dgrad_dgelu(const MlpGemmArgs& a, cudaStream_t stream) {
 }
 
 template <typename T>
-cudaError_t mlp_gemm_impl(const MlpGemmArgs& a, cudaStream_t stream) {
+cudaError_t mlp_gemm(const MlpGemmParams& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;  // nothing to store (K == 0 still stores zeros)
   constexpr Layout K_ = Layout::kInnerK, MN = Layout::kInnerMN;
   switch (a.kind) {
@@ -170,11 +166,11 @@ __global__ void __launch_bounds__(256)
     for (int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V; c < g.cols; c += col_step) {
       if constexpr (V == 8) {
         float a[8], p[8];
-        load8(go + c, a);
-        load8(pr + c, p);
+        load_float8(go + c, a);
+        load_float8(pr + c, p);
 #pragma unroll
         for (int i = 0; i < 8; ++i) a[i] *= gelu_grad<kTanh>(p[i]);
-        store8_global(out + c, a);
+        store_float8(out + c, a);
       } else {
         out[c] = from_float<T>(to_float(go[c]) * gelu_grad<kTanh>(to_float(pr[c])));
       }
@@ -183,7 +179,7 @@ __global__ void __launch_bounds__(256)
 }
 
 template <typename T, bool kTanh, int V>
-cudaError_t mlp_dgelu_launch(const MlpDGeluArgs& a, cudaStream_t stream) {
+cudaError_t mlp_dgelu_launch(const MlpDGeluParams& a, cudaStream_t stream) {
   DGeluGrid g;
   const bool flat = (a.M == 1 || (a.ld_grad == a.N && a.ld_pre == a.N));
   g.rows = flat ? 1 : a.M;
@@ -196,10 +192,10 @@ cudaError_t mlp_dgelu_launch(const MlpDGeluArgs& a, cudaStream_t stream) {
   while (tx < 256 && tx < vecs) tx *= 2;
   const int ty = 256 / tx;
   // Enough blocks for ~16 per SM; the loops stride over the rest.
-  const int64_t max_blocks = static_cast<int64_t>(a.num_sms > 0 ? a.num_sms : 1) * 16;
-  int64_t gx = ceil_div(vecs, tx);
+  const int64_t max_blocks = static_cast<int64_t>(a.config.num_sms > 0 ? a.config.num_sms : 1) * 16;
+  int64_t gx = cuda::ceil_div<int64_t>(vecs, tx);
   if (gx > max_blocks) gx = max_blocks;
-  int64_t gy = ceil_div(g.rows, ty);
+  int64_t gy = cuda::ceil_div<int64_t>(g.rows, ty);
   const int64_t cap_y = max_blocks / gx > 0 ? max_blocks / gx : 1;
   if (gy > cap_y) gy = cap_y;
   if (gy > 65535) gy = 65535;
@@ -210,14 +206,13 @@ cudaError_t mlp_dgelu_launch(const MlpDGeluArgs& a, cudaStream_t stream) {
 }
 
 template <typename T>
-cudaError_t mlp_dgelu_impl(const MlpDGeluArgs& a, cudaStream_t stream) {
+cudaError_t mlp_dgelu(const MlpDGeluParams& a, cudaStream_t stream) {
   if (a.M == 0 || a.N == 0) return cudaSuccess;
-  if (a.vector_ok) {
+  if (a.config.vector_ok) {
     return a.tanh ? mlp_dgelu_launch<T, true, 8>(a, stream) : mlp_dgelu_launch<T, false, 8>(a, stream);
   }
   return a.tanh ? mlp_dgelu_launch<T, true, 1>(a, stream) : mlp_dgelu_launch<T, false, 1>(a, stream);
 }
 
 }  // namespace gemm
-}  // namespace cuda
 }  // namespace tfkernels

@@ -1,19 +1,12 @@
-// Instantiation of the fused QKV projection for one dtype (own translation unit so
-// the dtypes compile in parallel). CUDA headers only.
+// Instantiation of the fused QKV projection for bf16 (own translation unit so the
+// dtypes compile in parallel). CUDA headers only.
 #include "cuda/gemm/qkv_impl.cuh"
 
 namespace tfkernels {
-namespace cuda {
 namespace gemm {
 
-cudaError_t qkv_forward_bf16(const QkvFwdArgs& args, cudaStream_t stream) {
-  return qkv_forward_impl<__nv_bfloat16>(args, stream);
-}
-
-cudaError_t qkv_backward_bf16(const QkvBwdArgs& args, cudaStream_t stream) {
-  return qkv_backward_impl<__nv_bfloat16>(args, stream);
-}
+template cudaError_t qkv_forward<__nv_bfloat16>(const QkvFwdParams& params, cudaStream_t stream);
+template cudaError_t qkv_backward<__nv_bfloat16>(const QkvBwdParams& params, cudaStream_t stream);
 
 }  // namespace gemm
-}  // namespace cuda
 }  // namespace tfkernels

@@ -15,15 +15,27 @@
 // chunk. A second, tiny kernel adds the chunks in order into grad_bias. No float
 // atomics: the result is bitwise reproducible run to run. The tiling depends only
 // on the shape and pointer alignment, never on the device.
-#include "bias_gelu_kernel.h"
-
+#include "cuda/bias_gelu/bias_gelu_params.h"
+#include "cuda/common/convert.h"
+#include "cuda/common/dtype.h"
+#include "cuda/common/grid.h"
+#include "cuda/common/vector_io.h"
 #include "gelu.h"
-#include "launch_utils.h"
 
 namespace tfkernels {
-namespace cuda {
+namespace bias_gelu {
 
 namespace {
+
+using cuda::AlignedVector;
+using cuda::ceil_div;
+using cuda::from_float;
+using cuda::grid_for;
+using cuda::is_aligned;
+using cuda::kVec16;
+using cuda::load_vector;
+using cuda::store_vector;
+using cuda::to_float;
 
 constexpr int kFwdThreads = 256;
 
@@ -196,12 +208,7 @@ BwdPlan plan_bwd_typed(const BiasGeluBwdParams& p) {
 }
 
 BwdPlan plan_bwd(const BiasGeluBwdParams& p) {
-  switch (p.dtype) {
-    case ElemType::kFloat32: return plan_bwd_typed<float>(p);
-    case ElemType::kBFloat16: return plan_bwd_typed<__nv_bfloat16>(p);
-    case ElemType::kFloat16: return plan_bwd_typed<__half>(p);
-  }
-  return plan_bwd_typed<float>(p);
+  return cuda::dispatch_dtype(p.dtype, [&](auto tag) { return plan_bwd_typed<typename decltype(tag)::type>(p); });
 }
 
 template <typename T, bool kTanh>
@@ -231,20 +238,12 @@ void launch_bwd_typed(const BiasGeluBwdParams& p, cudaStream_t stream) {
 
 template <bool kTanh>
 void launch_fwd_form(const BiasGeluParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case ElemType::kFloat32: return launch_fwd_typed<float, kTanh>(p, stream);
-    case ElemType::kBFloat16: return launch_fwd_typed<__nv_bfloat16, kTanh>(p, stream);
-    case ElemType::kFloat16: return launch_fwd_typed<__half, kTanh>(p, stream);
-  }
+  cuda::dispatch_dtype(p.dtype, [&](auto tag) { launch_fwd_typed<typename decltype(tag)::type, kTanh>(p, stream); });
 }
 
 template <bool kTanh>
 void launch_bwd_form(const BiasGeluBwdParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case ElemType::kFloat32: return launch_bwd_typed<float, kTanh>(p, stream);
-    case ElemType::kBFloat16: return launch_bwd_typed<__nv_bfloat16, kTanh>(p, stream);
-    case ElemType::kFloat16: return launch_bwd_typed<__half, kTanh>(p, stream);
-  }
+  cuda::dispatch_dtype(p.dtype, [&](auto tag) { launch_bwd_typed<typename decltype(tag)::type, kTanh>(p, stream); });
 }
 
 }  // namespace
@@ -274,5 +273,5 @@ cudaError_t launch_bias_gelu_bwd(const BiasGeluBwdParams& params, cudaStream_t s
   return cudaGetLastError();
 }
 
-}  // namespace cuda
+}  // namespace bias_gelu
 }  // namespace tfkernels

@@ -1,5 +1,5 @@
 // Launch API of the bias-GELU CUDA kernels: plain C++ params structs that cross
-// between the torch-facing launcher (bias_gelu.cpp, compiled by the host
+// between the torch-facing launcher (csrc/cuda/bias_gelu.cpp, compiled by the host
 // compiler) and the kernels (bias_gelu_kernel.cu, compiled by nvcc with CUDA
 // headers only). Tensors arrive as raw pointers to contiguous [rows, cols] data.
 #pragma once
@@ -8,10 +8,10 @@
 
 #include <cstdint>
 
-namespace tfkernels {
-namespace cuda {
+#include "cuda/common/dtype.h"
 
-enum class ElemType { kFloat32, kBFloat16, kFloat16 };
+namespace tfkernels {
+namespace bias_gelu {
 
 // out[r, c] = gelu(x[r, c] + bias[c]).
 struct BiasGeluParams {
@@ -20,7 +20,7 @@ struct BiasGeluParams {
   void* out;
   int64_t rows;
   int64_t cols;
-  ElemType dtype;
+  cuda::DType dtype;
   bool tanh;  // approximate="tanh" (else the erf form)
 };
 
@@ -37,7 +37,7 @@ struct BiasGeluBwdParams {
   float* workspace;
   int64_t rows;
   int64_t cols;
-  ElemType dtype;
+  cuda::DType dtype;
   bool tanh;
 };
 
@@ -50,5 +50,5 @@ int64_t bias_gelu_bwd_workspace_elems(const BiasGeluBwdParams& params);
 cudaError_t launch_bias_gelu(const BiasGeluParams& params, cudaStream_t stream);
 cudaError_t launch_bias_gelu_bwd(const BiasGeluBwdParams& params, cudaStream_t stream);
 
-}  // namespace cuda
+}  // namespace bias_gelu
 }  // namespace tfkernels

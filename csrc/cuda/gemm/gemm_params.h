@@ -14,7 +14,6 @@
 #include <cstdint>
 
 namespace tfkernels {
-namespace cuda {
 namespace gemm {
 
 // How an operand sits in memory, named by its contiguous ("inner") dimension.
@@ -60,9 +59,20 @@ inline Operand plain_operand(const void* ptr, int64_t ld) {
   return o;
 }
 
+// Which kernel a GEMM runs, decided from the device and the operands (the launcher
+// fills it; gemm_launch.cuh reads it): 16-bit with vector_ok -> tensor cores with the
+// tile heuristic; otherwise the generic kernel, with TF32 mma for fp32 when allowed.
+struct DeviceConfig {
+  bool vector_ok = false;   // every 16-byte alignment condition holds (tensor-core path)
+  bool tf32 = false;        // fp32 inputs only: TF32 tensor cores allowed
+  int num_sms = 1;
+  int tile_override = -1;   // a TileShape (tile_size.h) to force, or -1: the heuristic
+  size_t max_smem = 0;      // the device's opt-in smem per block (sharedMemPerBlockOptin); 0: no limit
+};
+
 // Fused QKV forward: q/k/v = split_heads(x W^T + bias).
 //   GEMM: M = B*S tokens, N = (H + 2*Hkv) * D, K = E; A = x (kInnerK), B = W (kInnerK).
-struct QkvFwdArgs {
+struct QkvFwdParams {
   Operand x;                // plain [M, E]
   Operand w;                // plain [N, E]
   const void* bias = nullptr;  // [N] or null
@@ -70,18 +80,14 @@ struct QkvFwdArgs {
   void* k = nullptr;        // [B, Hkv, S, D]
   void* v = nullptr;
   int M = 0, N = 0, K = 0, S = 1, H = 1, Hkv = 1, D = 1;
-  bool vector_ok = false;   // every 16-byte alignment condition holds (tensor-core path)
-  bool tf32 = false;        // fp32 inputs only: TF32 tensor cores allowed
-  int num_sms = 1;
-  int tile_override = -1;   // a TileShape (gemm_traits.h) to force, or -1: the heuristic
-  size_t max_smem = 0;      // the device's opt-in smem per block (sharedMemPerBlockOptin); 0: no limit
+  DeviceConfig config;
 };
 
 // Fused QKV backward, two GEMMs reading dQKV = [dq | dk | dv] in head layout:
 //   dx = dQKV W      M = tokens, N = E, K = Nqkv; A = dQKV (kInnerK, segmented), B = W (kInnerMN)
 //   dW = dQKV^T x    M = Nqkv, N = E, K = tokens; A = dQKV (kInnerMN, segmented), B = x (kInnerMN)
 //   db = column sums of dQKV, fused into the dW GEMM as row sums of its A operand.
-struct QkvBwdArgs {
+struct QkvBwdParams {
   Operand dqkv;             // segmented, X[token][n]
   Operand x;                // plain [tokens, E]
   Operand w;                // plain [Nqkv, E]
@@ -89,18 +95,14 @@ struct QkvBwdArgs {
   void* dw = nullptr;       // [Nqkv, E] contiguous
   void* db = nullptr;       // [Nqkv]
   int tokens = 0, E = 0, Nqkv = 0;
-  bool vector_ok = false;
-  bool tf32 = false;
-  int num_sms = 1;
-  int tile_override = -1;   // as in QkvFwdArgs (the backward has no 128x256 shape)
-  size_t max_smem = 0;
+  DeviceConfig config;      // the backward has no 128x256 shape
 };
 
 // ------------------------------------------------------------------ MLP family
 //
 // linear_gelu and fused_mlp (forward and backward) are sequences of GEMMs of four
-// kinds, each one call of an mlp_gemm_{dtype} entry point, plus one elementwise pass
-// (mlp_dgelu_{dtype}). The launcher (csrc/cuda/mlp.cpp) builds the sequence, the
+// kinds, each one call of the mlp_gemm<T> entry point, plus one elementwise pass
+// (mlp_dgelu<T>). The launcher (csrc/cuda/mlp.cpp) builds the sequence, the
 // operands (plain) and the temporaries; csrc/cuda/gemm/mlp_impl.cuh says what each
 // kind computes.
 enum class MlpGemmKind {
@@ -121,7 +123,7 @@ enum class MlpGemmKind {
 
 enum class MlpAct { kNone, kErf, kTanh };
 
-struct MlpGemmArgs {
+struct MlpGemmParams {
   MlpGemmKind kind = MlpGemmKind::kForward;
   MlpAct act = MlpAct::kNone;
   Operand a;                    // plain
@@ -137,19 +139,14 @@ struct MlpGemmArgs {
   void* aux_out = nullptr;      // kDgradDGelu: gelu(pre) [M, ld_aux_out]
   int64_t ld_aux_out = 0;
   void* rowsum = nullptr;       // kWgrad: [M]
-  // Tensor-core path (16-bit only): every operand's inner extent, row stride and
-  // pointer, and every epilogue pointer and row stride, allow 16-byte accesses (the
-  // launcher checks; otherwise the generic kernel runs).
-  bool vector_ok = false;
-  bool tf32 = false;            // fp32 inputs only: TF32 tensor cores allowed
-  int num_sms = 1;
-  int tile_override = -1;       // a TileShape to force, or -1: the heuristic
-  size_t max_smem = 0;          // sharedMemPerBlockOptin; 0: no limit
+  // vector_ok: every operand's inner extent, row stride and pointer, and every
+  // epilogue pointer and row stride, allow 16-byte accesses.
+  DeviceConfig config;
 };
 
 // grad_pre[m, n] = grad_out[m, n] * gelu'(pre[m, n]) (linear_gelu's backward has no GEMM
 // to fuse dGELU into). Rows read through their strides, grad_pre written contiguous.
-struct MlpDGeluArgs {
+struct MlpDGeluParams {
   const void* grad_out = nullptr;  // [M, ld_grad]
   int64_t ld_grad = 0;
   const void* pre = nullptr;       // [M, ld_pre]
@@ -157,25 +154,23 @@ struct MlpDGeluArgs {
   void* grad_pre = nullptr;        // [M, N] contiguous
   int64_t M = 0, N = 0;
   bool tanh = false;
-  bool vector_ok = false;          // N, both strides multiples of 8, pointers 16-byte aligned
-  int num_sms = 1;
+  // vector_ok: N a multiple of 8, rows 16-byte aligned (8-wide accesses); num_sms
+  // sizes the grid.
+  DeviceConfig config;
 };
 
-// Per-dtype entry points (one translation unit each, so they build in parallel).
-// They launch on `stream`, never synchronise, and return the launch status.
-cudaError_t qkv_forward_f16(const QkvFwdArgs& args, cudaStream_t stream);
-cudaError_t qkv_forward_bf16(const QkvFwdArgs& args, cudaStream_t stream);
-cudaError_t qkv_forward_f32(const QkvFwdArgs& args, cudaStream_t stream);
-cudaError_t qkv_backward_f16(const QkvBwdArgs& args, cudaStream_t stream);
-cudaError_t qkv_backward_bf16(const QkvBwdArgs& args, cudaStream_t stream);
-cudaError_t qkv_backward_f32(const QkvBwdArgs& args, cudaStream_t stream);
-cudaError_t mlp_gemm_f16(const MlpGemmArgs& args, cudaStream_t stream);
-cudaError_t mlp_gemm_bf16(const MlpGemmArgs& args, cudaStream_t stream);
-cudaError_t mlp_gemm_f32(const MlpGemmArgs& args, cudaStream_t stream);
-cudaError_t mlp_dgelu_f16(const MlpDGeluArgs& args, cudaStream_t stream);
-cudaError_t mlp_dgelu_bf16(const MlpDGeluArgs& args, cudaStream_t stream);
-cudaError_t mlp_dgelu_f32(const MlpDGeluArgs& args, cudaStream_t stream);
+// Entry points, T = float, __half or __nv_bfloat16: templates defined in
+// qkv_impl.cuh / mlp_impl.cuh and instantiated once per dtype in qkv_<dtype>.cu /
+// mlp_<dtype>.cu, so the dtypes build in parallel. They launch on `stream`, never
+// synchronise, and return the launch status.
+template <typename T>
+cudaError_t qkv_forward(const QkvFwdParams& params, cudaStream_t stream);
+template <typename T>
+cudaError_t qkv_backward(const QkvBwdParams& params, cudaStream_t stream);
+template <typename T>
+cudaError_t mlp_gemm(const MlpGemmParams& params, cudaStream_t stream);
+template <typename T>
+cudaError_t mlp_dgelu(const MlpDGeluParams& params, cudaStream_t stream);
 
 }  // namespace gemm
-}  // namespace cuda
 }  // namespace tfkernels
