@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import tfkernels
+from tfkernels import _masks
 from tfkernels.nn import ConvertReport, TransformerEncoderLayer, convert
 
 from .utils import assert_close_float64, assert_flash_rule
@@ -159,7 +159,7 @@ def test_other_masks_fall_back_with_one_warning_and_stay_correct():
     left_padding = torch.tensor([[True] * 3 + [False] * 6, [False] * 9])
     band = torch.ones(9, 9, dtype=torch.bool).triu(3) | torch.ones(9, 9, dtype=torch.bool).tril(-3)  # local window
     bias = torch.randn(9, 9, dtype=torch.float64)  # an additive float mask
-    tfkernels.nn._warned.clear()
+    _masks._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for kwargs in [{"src_key_padding_mask": left_padding}, {"mask": band}, {"mask": bias},

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import tfkernels  # noqa: E402
+from tfkernels import _masks  # noqa: E402
 from tfkernels.integrations import huggingface as tfk_hf  # noqa: E402
 
 from .utils import assert_close_float64, assert_flash_rule  # noqa: E402
@@ -74,7 +74,7 @@ def test_outputs_and_gradients_match_eager_and_sdpa(kind, padding):
     models = _models(kind)
     ids, mask, valid = _batch(padding)
     weights = torch.randn(*ids.shape, models["eager"].config.hidden_size, dtype=torch.float64)
-    tfkernels.nn._warned.clear()
+    _masks._warned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the masks must run on the kernel, not the fallback
         results = {impl: _forward_backward(model, ids, mask, valid, weights) for impl, model in models.items()}
@@ -93,7 +93,7 @@ def test_left_padding_falls_back_with_one_warning(kind):
     models = _models(kind, impls=("eager", "tfkernels"))
     ids, mask, valid = _batch("left")
     weights = torch.randn(*ids.shape, models["eager"].config.hidden_size, dtype=torch.float64)
-    tfkernels.nn._warned.clear()
+    _masks._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out, grads = _forward_backward(models["tfkernels"], ids, mask, valid, weights)
@@ -110,16 +110,16 @@ def test_masks_become_seqlens_and_causal_flags():
     padding = torch.arange(seqlen)[None, :] < lens[:, None]
     causal = torch.ones(seqlen, seqlen, dtype=torch.bool).tril()
     both = (causal[None] & padding[:, None, :])[:, None]
-    plan = tfk_hf._kernel_plan(both, batch, seqlen, seqlen, True)
+    plan = _masks.kernel_plan(both, batch, seqlen, seqlen, True)
     assert plan[:2] == (True, "top_left") and plan[2].tolist() == [6, 4, 1]
-    plan = tfk_hf._kernel_plan(padding[:, None, None, :].expand(batch, 1, seqlen, seqlen), batch, seqlen, seqlen, False)
+    plan = _masks.kernel_plan(padding[:, None, None, :].expand(batch, 1, seqlen, seqlen), batch, seqlen, seqlen, False)
     assert plan[:2] == (False, "top_left") and plan[2].tolist() == [6, 4, 1]
     additive = torch.zeros(batch, 1, seqlen, seqlen).masked_fill(~both, torch.finfo(torch.float32).min)
-    assert tfk_hf._kernel_plan(additive, batch, seqlen, seqlen, True)[:2] == (True, "top_left")
+    assert _masks.kernel_plan(additive, batch, seqlen, seqlen, True)[:2] == (True, "top_left")
     decode = torch.ones(seqlen, seqlen + 3, dtype=torch.bool).tril(3)[None, None]  # queries at the end of the cache
-    assert tfk_hf._kernel_plan(decode, 1, seqlen, seqlen + 3, True)[:2] == (True, "bottom_right")
-    assert tfk_hf._kernel_plan(~both, batch, seqlen, seqlen, True) is None  # not a padding pattern
-    assert tfk_hf._kernel_plan(additive * 0.5 + 1.0, batch, seqlen, seqlen, True) is None  # a float bias
+    assert _masks.kernel_plan(decode, 1, seqlen, seqlen + 3, True)[:2] == (True, "bottom_right")
+    assert _masks.kernel_plan(~both, batch, seqlen, seqlen, True) is None  # not a padding pattern
+    assert _masks.kernel_plan(additive * 0.5 + 1.0, batch, seqlen, seqlen, True) is None  # a float bias
 
 
 def test_cached_greedy_generation_matches_eager():
@@ -180,7 +180,7 @@ def test_t5_relative_position_bias_matches_eager(padding):
     decoder_ids = torch.randint(0, VOCAB, (ids.shape[0], 9))
     weights = torch.randn(*decoder_ids.shape, config.d_model, dtype=torch.float64)
     results = {}
-    tfkernels.nn._warned.clear()
+    _masks._warned.clear()
     for impl, model in models.items():
         model.zero_grad()
         with warnings.catch_warnings(record=True) as caught:

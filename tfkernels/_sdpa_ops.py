@@ -20,7 +20,7 @@ Conventions of the ops replaced:
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
-from ._mask_plan import PlanCache, keep_mask, kernel_plan
+from ._masks import PlanCache, keep_mask, kernel_plan
 
 __all__ = ["Unsupported", "cpu_forward", "cpu_backward", "sdpa_flash_forward", "sdpa_flash_backward",
            "flash_forward", "flash_forward_inplace", "flash_backward"]

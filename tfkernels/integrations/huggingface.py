@@ -26,9 +26,7 @@ HF passes it only in training), softcap, attention sinks (s_aux).
 import torch
 
 from .. import ops, reference
-from .._mask_plan import PlanCache
-from .._mask_plan import kernel_plan as _kernel_plan  # noqa: F401  (tests read it here)
-from ..nn import _attention_with_bias, _warn_once
+from .._masks import PlanCache, additive_bias, attention_with_bias, warn_once
 
 try:
     from transformers import AttentionInterface
@@ -57,7 +55,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if kwargs.get("s_aux") is not None:
         raise ValueError("tfkernels attention does not support attention sinks (s_aux)")
     if kwargs.get("output_attentions", False):
-        _warn_once(("hf", "weights"), "tfkernels attention does not return attention weights "
+        warn_once(("hf", "weights"), "tfkernels attention does not return attention weights "
                    "(output_attentions=True); they are None.")
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     batch, _, seqlen_q, _ = query.shape
@@ -75,10 +73,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                   scale=scaling, seqlens_k=seqlens_k)
     else:
         if position_bias is not None:
-            _warn_once(("hf", "bias"), "tfkernels attention: the kernel takes no position bias (T5-style relative "
+            warn_once(("hf", "bias"), "tfkernels attention: the kernel takes no position bias (T5-style relative "
                        "attention); attention with one runs in plain PyTorch (slower).")
         else:
-            _warn_once(("hf", "mask"), "tfkernels attention: this attention mask is not plain right padding (with "
+            warn_once(("hf", "mask"), "tfkernels attention: this attention mask is not plain right padding (with "
                        "or without a causal mask); attention for it runs in plain PyTorch (slower).")
         if attention_mask is None:
             bias = torch.zeros((), device=query.device)
@@ -86,11 +84,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                 bias = reference.attention_mask(seqlen_q, seqlen_k, is_causal=True, device=query.device)
         else:
             bias = attention_mask
-        if bias.dtype == torch.bool:
-            bias = torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
+        bias = additive_bias(bias)
         if position_bias is not None:
             bias = bias + position_bias
-        out = _attention_with_bias(query, key, value, bias, scale=scaling)
+        out = attention_with_bias(query, key, value, bias, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
