@@ -93,6 +93,7 @@ def _mask_plan(attn_mask, is_causal, batch, seqlen_q, seqlen_k):
     plan = kernel_plan(keep, batch, seqlen_q, seqlen_k, True)
     if plan is None:
         return None
+    plan = plan[:3]  # (is_causal, alignment, seqlens_k): no window is tried, so none is needed
     if attn_mask.is_floating_point() and _has_empty_rows(plan, seqlen_q, seqlen_k):
         # Rows that see no key: the kernel returns 0 there; torch returns 0 for -inf masks
         # but averages all values when the mask blocks with a finite value (finfo.min).
