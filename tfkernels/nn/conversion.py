@@ -36,9 +36,10 @@ def convert(model, *, attention_dropout=None):
     query/key/value, possibly different: swapping it blindly is unsafe; use
     tfkernels.nn.SelfAttention where you know it is self-attention).
 
-    attention_dropout: None keeps each layer's attention dropout (torch uses `dropout`
-    there, so converted layers with dropout > 0 raise in training); pass 0.0 to drop it
-    (the other dropouts stay). Returns a ConvertReport; `print(report)` lists it all.
+    attention_dropout: None keeps each layer's attention dropout (torch's default is the
+    layer's `dropout`), which the attention kernel applies in training as torch does; a
+    number replaces it (the other dropouts stay). Returns a ConvertReport;
+    `print(report)` lists it all.
     """
     if isinstance(model, nn.TransformerEncoderLayer):
         raise TypeError("tfkernels.nn.convert swaps layers inside a model; for a bare layer use "
@@ -51,11 +52,6 @@ def convert(model, *, attention_dropout=None):
             if getattr(module, "use_nested_tensor", False):
                 report.notes.append(f"{name or '<root>'}: nn.TransformerEncoder nested-tensor fast path turned off")
             module.use_nested_tensor = False
-    dropouts = sorted({m.self_attn.dropout for _, m in model.named_modules()
-                       if isinstance(m, TransformerEncoderLayer) and m.self_attn.dropout > 0})
-    if dropouts:
-        report.notes.append(f"attention dropout {dropouts} kept: these layers raise in training mode; call "
-                            "convert(model, attention_dropout=0.0) to drop it (other dropouts stay)")
     return report
 
 

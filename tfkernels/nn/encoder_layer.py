@@ -57,10 +57,12 @@ class TransformerEncoderLayer(nn.Module):
     torch.compile(fullgraph=True) and CUDA graphs. Padded query rows are computed (they
     attend to the valid keys), as in torch's non-nested path, not zeroed.
 
-    Dropout: the attention kernel has no dropout, so an attention dropout > 0 in training
-    raises. It defaults to ``dropout`` as in torch; pass ``attention_dropout=0.0`` to keep
-    the other dropouts (dropout, dropout1, dropout2: plain nn.Dropout modules, applied
-    exactly where torch applies them) and drop only the attention one.
+    Dropout, as in torch: the attention dropout (on the attention weights, in training
+    only) runs in the kernel (flash_attention's dropout_p) and defaults to ``dropout``;
+    ``attention_dropout=`` sets it apart from the others. dropout, dropout1 and dropout2
+    are plain nn.Dropout modules, applied exactly where torch applies them. The kernel
+    draws its dropout mask from torch's default generator, so runs are reproducible
+    under torch.manual_seed, but the masks differ from torch's.
 
     Extra keyword-only arguments: ``attention_dropout`` (see above) and, in forward,
     ``seqlens``.
@@ -70,10 +72,10 @@ class TransformerEncoderLayer(nn.Module):
                  batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, attention_dropout=None):
         super().__init__()
         factory = dict(device=device, dtype=dtype)
-        self.self_attn = SelfAttention(d_model, nhead, bias=bias, **factory)
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        self.self_attn = SelfAttention(d_model, nhead, dropout=attention_dropout, bias=bias, **factory)
         # Read by nn.TransformerEncoder (sequence dim) and by users of torch's layer.
         self.self_attn.batch_first = batch_first
-        self.self_attn.dropout = float(dropout if attention_dropout is None else attention_dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
@@ -200,18 +202,13 @@ class TransformerEncoderLayer(nn.Module):
         return plan
 
     def _sa_block(self, x, plan):
-        if self.training and self.self_attn.dropout > 0:
-            raise RuntimeError(
-                f"tfkernels.nn.TransformerEncoderLayer: attention dropout (p={self.self_attn.dropout}) is not "
-                "supported in training: the fused attention kernel has no dropout. Build the layer with "
-                "attention_dropout=0.0 (or convert(model, attention_dropout=0.0)); the other dropouts are kept.")
         if plan.bias is None:
             out = self.self_attn(x, plan.seqlens, is_causal=plan.causal)
         else:
             attn = self.self_attn
             q, k, v = ops.fused_qkv(x, attn.in_proj_weight, attn.in_proj_bias, num_heads=attn.num_heads,
                                     num_kv_heads=attn.num_kv_heads)
-            o = attention_with_bias(q, k, v, plan.bias)
+            o = attention_with_bias(q, k, v, plan.bias, dropout_p=attn.active_dropout)
             out = attn.out_proj(o.transpose(1, 2).reshape(x.shape))
         return self.dropout1(out)
 

@@ -65,15 +65,22 @@ class SelfAttention(nn.Module):
     heads (GQA) in_proj_weight has (n_head + 2*num_kv_heads) * head_dim rows.
     forward(x [B,S,E], seqlens=None): seqlens [B] are the valid key lengths
     (right padding); outputs at padded query positions are finite but meaningless.
+    `dropout` is nn.MultiheadAttention's: the probability of dropping an attention
+    weight, in training mode only (flash_attention's dropout_p, drawn from torch's
+    default generator; the kept weights are scaled by 1 / (1 - dropout)).
     """
 
-    def __init__(self, d_model, n_head, *, num_kv_heads=None, bias=True, is_causal=False, device=None, dtype=None):
+    def __init__(self, d_model, n_head, *, dropout=0.0, num_kv_heads=None, bias=True, is_causal=False, device=None,
+                 dtype=None):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim = d_model
         self.num_heads = n_head
         self.num_kv_heads = _resolve_kv_heads(n_head, num_kv_heads)
         self.head_dim = _head_dim(d_model, n_head)
         self.is_causal = is_causal
+        self.dropout = float(dropout)
         factory = dict(device=device, dtype=dtype)
         rows = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.in_proj_weight = nn.Parameter(torch.empty(rows, d_model, **factory))
@@ -93,13 +100,18 @@ class SelfAttention(nn.Module):
         q, k, v = ops.fused_qkv(x, self.in_proj_weight, self.in_proj_bias, num_heads=self.num_heads,
                                 num_kv_heads=self.num_kv_heads)
         causal = self.is_causal if is_causal is None else is_causal
-        attn = ops.flash_attention(q, k, v, is_causal=causal, seqlens_k=seqlens)
+        attn = ops.flash_attention(q, k, v, is_causal=causal, seqlens_k=seqlens, dropout_p=self.active_dropout)
         attn = attn.transpose(1, 2).reshape(batch, seqlen, self.embed_dim)
         return self.out_proj(attn)
 
+    @property
+    def active_dropout(self):
+        """The attention dropout a forward applies now: `dropout` in training, 0 in eval."""
+        return self.dropout if self.training else 0.0
+
     def extra_repr(self):
         return (f"d_model={self.embed_dim}, n_head={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"is_causal={self.is_causal}")
+                f"is_causal={self.is_causal}, dropout={self.dropout}")
 
 
 class FusedMLP(nn.Module):
