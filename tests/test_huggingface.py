@@ -142,15 +142,6 @@ def test_bfloat16_llama_follows_the_flash_rule():
     assert_flash_rule(out[valid], ref[valid], low[valid], "last_hidden_state")
 
 
-def test_attention_dropout_in_training_raises():
-    model = transformers.AutoModel.from_config(_config("bert", attention_probs_dropout_prob=0.1),
-                                               attn_implementation="tfkernels").train()
-    ids, mask, _ = _batch("right")
-    with pytest.raises(ValueError, match="no dropout"):
-        model(input_ids=ids, attention_mask=mask)
-    model.eval()(input_ids=ids, attention_mask=mask)  # eval passes dropout=0
-
-
 def test_registered_under_its_name():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
