@@ -3,6 +3,7 @@
 Small randomly initialised BERT, GPT-2 and Llama (GQA) models built from configs in
 code (nothing is downloaded). transformers is optional: without it these tests skip.
 """
+import copy
 import warnings
 
 import pytest
@@ -13,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from tfkernels import _masks  # noqa: E402
 from tfkernels.integrations import huggingface as tfk_hf  # noqa: E402
 
-from .utils import assert_close_float64, assert_flash_rule  # noqa: E402
+from .utils import assert_close_float64, assert_flash_rule, float64_softmax  # noqa: E402
 
 VOCAB = 97
 
@@ -41,11 +42,13 @@ def _models(kind, impls=("eager", "sdpa", "tfkernels"), dtype=torch.float64, aut
     models = {}
     for impl in impls:
         torch.manual_seed(0)
-        model = auto.from_config(config, attn_implementation=impl).to(dtype).eval()
+        # A config of its own: from_config records the implementation in the config it is given,
+        # so a shared one would make every model run the last implementation.
+        model = auto.from_config(copy.deepcopy(config), attn_implementation=impl).to(dtype).eval()
         if models:
             model.load_state_dict(next(iter(models.values())).state_dict())
         models[impl] = model
-    assert models["tfkernels"].config._attn_implementation == "tfkernels"
+    assert {impl: m.config._attn_implementation for impl, m in models.items()} == {impl: impl for impl in models}
     return models
 
 
@@ -62,8 +65,9 @@ def _batch(padding, batch=3, seqlen=12):
 
 def _forward_backward(model, ids, mask, valid, weights):
     model.zero_grad()
-    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    (hidden * weights)[valid].sum().backward()  # padded query rows are undefined: keep them out of the loss
+    with float64_softmax():  # eager's float32 softmax would make it the least accurate of the three
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        (hidden * weights)[valid].sum().backward()  # padded query rows are undefined: keep them out of the loss
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return hidden.detach(), grads
 
@@ -125,8 +129,9 @@ def test_masks_become_seqlens_and_causal_flags():
 def test_cached_greedy_generation_matches_eager():
     models = _models("llama", impls=("eager", "tfkernels"), auto=transformers.AutoModelForCausalLM)
     ids = torch.randint(1, VOCAB, (2, 5))
-    tokens = {impl: model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-              for impl, model in models.items()}
+    with float64_softmax():
+        tokens = {impl: model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+                  for impl, model in models.items()}
     assert torch.equal(tokens["tfkernels"], tokens["eager"])
 
 

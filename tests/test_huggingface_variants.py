@@ -7,6 +7,8 @@ GPT-OSS refuse SDPA), and BERT trained with attention dropout. Every test counts
 kernel calls and fails if the plain-PyTorch fallback runs. Nothing is downloaded;
 without transformers these tests skip.
 """
+import copy
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 import tfkernels  # noqa: E402
 from tfkernels.integrations import huggingface as tfk_hf  # noqa: E402
 
-from .utils import assert_close_float64  # noqa: E402
+from .utils import assert_close_float64, float64_softmax  # noqa: E402
 
 VOCAB = 97
 WINDOW = 4  # shorter than the sequences below, so the band mask matters
@@ -42,7 +44,9 @@ def _models(kind, impls, auto=transformers.AutoModel):
     models = {}
     for impl in impls:
         torch.manual_seed(0)
-        model = auto.from_config(config, attn_implementation=impl, **extra).to(torch.float64).eval()
+        # A config of its own: from_config records the implementation in the config it is given.
+        model = auto.from_config(copy.deepcopy(config), attn_implementation=impl, **extra).to(torch.float64).eval()
+        assert model.config._attn_implementation == impl
         if models:
             model.load_state_dict(next(iter(models.values())).state_dict())
         elif kind == "gpt_oss":
@@ -93,8 +97,9 @@ def _padded_batch(padding, batch=3):
 
 def _forward_backward(model, ids, mask, valid, weights):
     model.zero_grad()
-    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    (hidden * weights)[valid].sum().backward()  # padded query rows are undefined: keep them out of the loss
+    with float64_softmax():  # eager's float32 softmax would make it the least accurate of the three
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        (hidden * weights)[valid].sum().backward()  # padded query rows are undefined: keep them out of the loss
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return hidden.detach(), grads
 
@@ -136,7 +141,9 @@ def test_cached_greedy_generation_matches_eager(kind, monkeypatch):
     # decoding runs against the sliding-window cache.
     models = _models(kind, ("eager", "tfkernels"), auto=transformers.AutoModelForCausalLM)
     ids = torch.randint(3, VOCAB, (2, WINDOW + 3))
-    expected = models["eager"].generate(ids, max_new_tokens=2 * WINDOW, do_sample=False, min_new_tokens=2 * WINDOW)
+    with float64_softmax():
+        expected = models["eager"].generate(ids, max_new_tokens=2 * WINDOW, do_sample=False,
+                                            min_new_tokens=2 * WINDOW)
     calls = KernelCalls(monkeypatch)
     tokens = models["tfkernels"].generate(ids, max_new_tokens=2 * WINDOW, do_sample=False, min_new_tokens=2 * WINDOW)
     assert tokens.shape[1] == ids.shape[1] + 2 * WINDOW
@@ -165,7 +172,7 @@ def _train(model, ids, mask, labels, steps):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

@@ -55,3 +55,26 @@ def tf32_matmul(enabled):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def float64_softmax():
+    """F.softmax(x, dtype=torch.float32) keeps a float64 x in float64 for the block.
+
+    Hugging Face's eager attention (Llama, Mistral, Gemma 2) takes its softmax in
+    float32 even in a float64 model: that makes "eager" a float32-accurate reference,
+    and turns its finfo(float64).min mask into -inf, so a row that sees no key gives
+    NaN, which reaches the valid rows of the next layer (0 x NaN).
+    """
+    original = torch.nn.functional.softmax
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):
+        if input.dtype == torch.float64 and dtype == torch.float32:
+            dtype = None
+        return original(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+    torch.nn.functional.softmax = softmax
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = original
