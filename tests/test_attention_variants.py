@@ -258,14 +258,18 @@ def test_gradcheck(variant):
         sinks_arg = args[3] if len(args) > 3 else None
         return tfkernels.flash_attention(*args[:3], sinks=sinks_arg, return_lse=True, **kwargs)
 
-    assert torch.autograd.gradcheck(lambda *t: fn(*t)[0], inputs, fast_mode=True)
-    # lse is float32 by the schema: larger steps and tolerances; rows without keys (lse -inf) excluded.
+    assert torch.autograd.gradcheck(lambda q, k, v: fn(q, k, v, *inputs[3:])[0], inputs[:3], fast_mode=True)
+    # The kernels use sinks (and lse) in float32: larger steps and tolerances for them;
+    # rows without keys (lse -inf) excluded.
+    loose = dict(eps=1e-3, atol=1e-3, rtol=1e-3, fast_mode=True)
+    if sinks is not None:
+        assert torch.autograd.gradcheck(lambda *t: fn(*t)[0], inputs, **loose)
 
     def finite_lse(*t):
         lse = fn(*t)[1].double()
         return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
-    assert torch.autograd.gradcheck(finite_lse, inputs, eps=1e-3, atol=1e-3, rtol=1e-3, fast_mode=True)
+    assert torch.autograd.gradcheck(finite_lse, inputs, **loose)
 
 
 # ------------------------------------------------------------------------------ dropout
@@ -390,15 +394,19 @@ def test_non_finite_reaches_only_the_rows_that_see_it(device, where, value):
     name, torch_device = device
     q, k, v = _inputs((1, 2, 1, 40, 40, 16), _dtype_for(name), torch_device)
     bad = 20
+    q[..., 3].abs_()  # an Inf in k gives +inf scores (NaN rows), not -inf ones (probability 0)
     (k if where == "k" else v)[0, 0, bad, 3] = value
     window = (3, 2)
-    out = _kernel(tfkernels.flash_attention, q, k, v, window_size=window, softcap=10.0)
+    # The softcap would turn an infinite score finite (c * tanh(inf) = c): only with NaN.
+    softcap = 10.0 if math.isnan(value) else 0.0
+    out = _kernel(tfkernels.flash_attention, q, k, v, window_size=window, softcap=softcap)
     i = torch.arange(40)
     sees_bad = (bad >= i - window[0]) & (bad <= i + window[1])
-    bad_rows = ~torch.isfinite(out[0, 0].cpu()).all(-1)
-    assert torch.equal(bad_rows, sees_bad)
-    ref = reference.flash_attention(*(t.cpu().double() for t in (q, k, v)), window_size=window, softcap=10.0)
+    for h in range(2):
+        assert torch.equal(~torch.isfinite(out[0, h].cpu()).all(-1), sees_bad)
+    ref = reference.flash_attention(*(t.cpu().double() for t in (q, k, v)), window_size=window, softcap=softcap)
     assert torch.equal(torch.isnan(out.cpu()), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out.cpu()), torch.isinf(ref))
 
 
 # ------------------------------------------------------------------------------ bad input

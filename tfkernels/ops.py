@@ -121,6 +121,11 @@ def _(grad_out, grad_lse, q, k, v, out, lse, is_causal, causal_alignment, scale,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_sinks
 
 
+@torch.library.register_fake("tfkernels::_dropout_mask")
+def _(rng_state, batch, heads, seqlen_q, seqlen_k, dropout_p):
+    return rng_state.new_empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.bool)
+
+
 def _check_variants_fake(q, window_left, window_right, softcap, sinks, dropout_p, rng_state):
     """The kernels' checks of the variant arguments, for tracing (fake tensors)."""
     torch._check(window_left >= -1 and window_right >= -1,
