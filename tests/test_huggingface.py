@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from tfkernels import _masks  # noqa: E402
 from tfkernels.integrations import huggingface as tfk_hf  # noqa: E402
 
-from .utils import assert_close_float64, assert_flash_rule, float64_softmax  # noqa: E402
+from .utils import assert_close_float64, assert_flash_rule, float64_softmax, hf_forward_backward  # noqa: E402
 
 VOCAB = 97
 
@@ -63,15 +63,6 @@ def _batch(padding, batch=3, seqlen=12):
     return ids, (None if padding == "none" else mask), mask.bool()
 
 
-def _forward_backward(model, ids, mask, valid, weights):
-    model.zero_grad()
-    with float64_softmax():  # eager's float32 softmax would make it the least accurate of the three
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        (hidden * weights)[valid].sum().backward()  # padded query rows are undefined: keep them out of the loss
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return hidden.detach(), grads
-
-
 @pytest.mark.parametrize("padding", ["none", "right"])
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 def test_outputs_and_gradients_match_eager_and_sdpa(kind, padding):
@@ -81,7 +72,7 @@ def test_outputs_and_gradients_match_eager_and_sdpa(kind, padding):
     _masks._warned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the masks must run on the kernel, not the fallback
-        results = {impl: _forward_backward(model, ids, mask, valid, weights) for impl, model in models.items()}
+        results = {impl: hf_forward_backward(model, ids, mask, valid, weights) for impl, model in models.items()}
     out, grads = results["tfkernels"]
     assert len(grads) > 10
     for impl in ("eager", "sdpa"):
@@ -100,8 +91,8 @@ def test_left_padding_falls_back_with_one_warning(kind):
     _masks._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out, grads = _forward_backward(models["tfkernels"], ids, mask, valid, weights)
-    ref, ref_grads = _forward_backward(models["eager"], ids, mask, valid, weights)
+        out, grads = hf_forward_backward(models["tfkernels"], ids, mask, valid, weights)
+    ref, ref_grads = hf_forward_backward(models["eager"], ids, mask, valid, weights)
     assert sum("plain PyTorch" in str(w.message) for w in caught) == 1  # one per process, not per layer
     assert_close_float64(out[valid], ref[valid], "last_hidden_state")
     for name, g in grads.items():

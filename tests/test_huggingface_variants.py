@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 import tfkernels  # noqa: E402
 from tfkernels.integrations import huggingface as tfk_hf  # noqa: E402
 
-from .utils import assert_close_float64, float64_softmax  # noqa: E402
+from .utils import assert_close_float64, float64_softmax, hf_forward_backward  # noqa: E402
 
 VOCAB = 97
 WINDOW = 4  # shorter than the sequences below, so the band mask matters
@@ -95,25 +95,16 @@ def _padded_batch(padding, batch=3):
     return ids, (None if padding == "none" else mask), mask.bool()
 
 
-def _forward_backward(model, ids, mask, valid, weights):
-    model.zero_grad()
-    with float64_softmax():  # eager's float32 softmax would make it the least accurate of the three
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        (hidden * weights)[valid].sum().backward()  # padded query rows are undefined: keep them out of the loss
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return hidden.detach(), grads
-
-
 @pytest.mark.parametrize("padding", ["none", "right"])
 @pytest.mark.parametrize("kind", ["mistral", "gemma2", "gpt_oss"])
 def test_outputs_and_gradients_match_eager_and_sdpa(kind, padding, monkeypatch):
     models = _models(kind, _impls(kind))
     ids, mask, valid = _padded_batch(padding)
     weights = torch.randn(*ids.shape, 48, dtype=torch.float64)
-    results = {impl: _forward_backward(model, ids, mask, valid, weights)
+    results = {impl: hf_forward_backward(model, ids, mask, valid, weights)
                for impl, model in models.items() if impl != "tfkernels"}
     calls = KernelCalls(monkeypatch)
-    out, grads = _forward_backward(models["tfkernels"], ids, mask, valid, weights)
+    out, grads = hf_forward_backward(models["tfkernels"], ids, mask, valid, weights)
     layers = models["tfkernels"].config.num_hidden_layers
     assert len(calls.calls) == layers
     sliding = sum(t == "sliding_attention" for t in getattr(models["tfkernels"].config, "layer_types", None)

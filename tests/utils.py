@@ -78,3 +78,14 @@ def float64_softmax():
         yield
     finally:
         torch.nn.functional.softmax = original
+
+
+def hf_forward_backward(model, ids, mask, valid, weights):
+    """A Hugging Face model's last_hidden_state and every parameter gradient of
+    sum(hidden * weights) over the valid (unpadded) query rows."""
+    model.zero_grad()
+    with float64_softmax():  # eager's float32 softmax would make it the least accurate reference
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        (hidden * weights)[valid].sum().backward()  # padded query rows are undefined: keep them out of the loss
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return hidden.detach(), grads
