@@ -4,10 +4,12 @@ Tiny random Mistral (sliding window), Gemma 2 (sliding window every other layer,
 logit softcap) and GPT-OSS (sliding window every other layer, attention sinks
 `s_aux`) against "eager" (and "sdpa" where transformers supports it: Gemma 2 and
 GPT-OSS refuse SDPA), and BERT trained with attention dropout. Every test counts the
-kernel calls and fails if the plain-PyTorch fallback runs. Nothing is downloaded;
+kernel calls and fails if the plain-PyTorch fallback runs (except the left-padding test,
+which checks that the fallback applies the same variants). Nothing is downloaded;
 without transformers these tests skip.
 """
 import copy
+import warnings
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tfkernels  # noqa: E402
+from tfkernels import _masks  # noqa: E402
 from tfkernels.integrations import huggingface as tfk_hf  # noqa: E402
 
 from .utils import assert_close_float64, float64_softmax, hf_forward_backward  # noqa: E402
@@ -124,6 +127,24 @@ def test_outputs_and_gradients_match_eager_and_sdpa(kind, padding, monkeypatch):
                 torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
             else:
                 assert_close_float64(g, ref_grads[name], f"grad {name} vs {impl}")
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
+def test_left_padding_falls_back_with_softcap_and_sinks(kind):
+    # Left padding is no kernel mask: the plain-PyTorch fallback runs, and must apply the same variants.
+    models = _models(kind, ("eager", "tfkernels"))
+    ids, mask, valid = _padded_batch("right")
+    mask, valid = mask.flip(1), valid.flip(1)
+    weights = torch.randn(*ids.shape, 48, dtype=torch.float64)
+    _masks._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, grads = hf_forward_backward(models["tfkernels"], ids, mask, valid, weights)
+    assert sum("plain PyTorch" in str(w.message) for w in caught) == 1
+    ref, ref_grads = hf_forward_backward(models["eager"], ids, mask, valid, weights)
+    assert_close_float64(out[valid], ref[valid], "last_hidden_state vs eager")
+    for name, g in grads.items():
+        assert_close_float64(g, ref_grads[name], f"grad {name} vs eager")
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gemma2", "gpt_oss"])
