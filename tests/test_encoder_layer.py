@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import tfkernels
+from tfkernels import _masks
 from tfkernels.nn import ConvertReport, TransformerEncoderLayer, convert
 
 from .utils import assert_close_float64, assert_flash_rule
@@ -159,7 +160,7 @@ def test_other_masks_fall_back_with_one_warning_and_stay_correct():
     left_padding = torch.tensor([[True] * 3 + [False] * 6, [False] * 9])
     band = torch.ones(9, 9, dtype=torch.bool).triu(3) | torch.ones(9, 9, dtype=torch.bool).tril(-3)  # local window
     bias = torch.randn(9, 9, dtype=torch.float64)  # an additive float mask
-    tfkernels.nn._warned.clear()
+    _masks._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for kwargs in [{"src_key_padding_mask": left_padding}, {"mask": band}, {"mask": bias},
@@ -176,15 +177,31 @@ def test_other_masks_fall_back_with_one_warning_and_stay_correct():
     assert sum("plain PyTorch" in str(w.message) for w in caught) == 1
 
 
-def test_attention_dropout_in_training_raises_other_dropouts_match_torch():
+def test_attention_dropout_runs_in_the_kernel_in_training_other_dropouts_match_torch(monkeypatch):
     ref = nn.TransformerEncoderLayer(D_MODEL, HEADS, D_FF, dropout=0.25, activation="gelu", batch_first=True,
                                      dtype=torch.float64)
     fused = TransformerEncoderLayer.from_torch(copy.deepcopy(ref))
     x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
     assert fused.training and fused.self_attn.dropout == 0.25
-    with pytest.raises(RuntimeError, match="attention dropout .* not supported in training"):
-        fused(x)
-    fused.eval()(x)  # eval is fine
+    fused.dropout.p = fused.dropout1.p = fused.dropout2.p = 0.0  # only the attention dropout acts
+    dropout_ps = []
+    kernel = tfkernels.ops.flash_attention
+    monkeypatch.setattr(tfkernels.ops, "flash_attention",
+                        lambda *a, **kw: dropout_ps.append(kw.get("dropout_p")) or kernel(*a, **kw))
+    torch.manual_seed(3)
+    first = fused(x)
+    torch.manual_seed(3)
+    assert torch.equal(fused(x), first)  # reproducible under the same seed
+    assert not torch.allclose(fused(x), first)  # a fresh draw, another mask
+    assert_close_float64(fused.eval()(x), ref.eval()(x), "eval output (no dropout)")
+    assert dropout_ps == [0.25, 0.25, 0.25, 0.0]
+    ref.train()
+    # A mask outside the kernel's reach runs the plain-PyTorch path, with the dropout too.
+    left_padding = torch.tensor([[True] * 3 + [False] * 8, [False] * 11])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        undropped = fused.eval()(x, src_key_padding_mask=left_padding)
+        assert not torch.allclose(fused.train()(x, src_key_padding_mask=left_padding), undropped)
 
     # attention_dropout=0.0 keeps dropout, dropout1, dropout2 (plain nn.Dropout, where torch has them). The
     # feed-forward ones draw the same random stream as torch with attention dropout off, so they match exactly;
@@ -236,19 +253,19 @@ def test_convert_report_weights_and_modes():
     assert model.extra["odd"].self_attn.in_proj_weight.dtype == torch.float64
     assert model.extra["odd"].norm_first and model.extra["odd"].self_attn.dropout == 0.0
     assert not any(p.is_meta for p in model.parameters())
-    # The converted stack runs, in training too (attention dropout dropped).
+    # The converted stack runs, in training too (attention dropout set to 0 above).
     out = model.encoder(torch.randn(2, 5, D_MODEL), src_key_padding_mask=torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))
     out.sum().backward()
     with pytest.raises(TypeError, match="from_torch"):
         convert(nn.TransformerEncoderLayer(D_MODEL, HEADS))
 
 
-def test_convert_keeps_attention_dropout_by_default_and_says_so():
+def test_convert_keeps_attention_dropout_by_default():
     model = nn.Sequential(nn.TransformerEncoderLayer(D_MODEL, HEADS, D_FF, dropout=0.1))
     report = convert(model)
-    assert any("attention dropout" in note for note in report.notes)
-    with pytest.raises(RuntimeError, match="attention_dropout=0.0"):
-        model(torch.randn(4, 2, D_MODEL))
+    assert not report.notes
+    assert model[0].self_attn.dropout == 0.1 and model[0].training
+    model(torch.randn(4, 2, D_MODEL)).sum().backward()  # trains, attention dropout in the kernel
 
 
 def test_constructor_errors_are_clear():

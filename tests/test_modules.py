@@ -89,6 +89,33 @@ def test_self_attention_gqa_matches_reference_composition():
     assert_close_float64(fused(x), fused.out_proj(attn), "output")
 
 
+def test_self_attention_dropout_runs_in_the_kernel_in_training_only():
+    # The kernel's mask is reproduced from the rng state that flash_attention draws
+    # (torch.randint on the default generator, as tfkernels.ops does), so the training
+    # output and every gradient are compared exactly with the reference composition.
+    embed, heads, batch, seqlen, p = 32, 4, 2, 17, 0.3
+    fused = SelfAttention(embed, heads, dropout=p, is_causal=True, dtype=DT)
+    x = torch.randn(batch, seqlen, embed, dtype=DT)
+    torch.manual_seed(5)
+    out = fused(x)
+    torch.manual_seed(5)
+    rng_state = torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64)
+    keep = torch.ops.tfkernels._dropout_mask(rng_state, batch, heads, seqlen, seqlen, p)
+    assert 0 < int((~keep).sum()) < keep.numel()
+    weight = fused.in_proj_weight.detach().clone().requires_grad_()
+    q, k, v = reference.fused_qkv(x, weight, fused.in_proj_bias.detach(), num_heads=heads)
+    attn = reference.flash_attention(q, k, v, is_causal=True, dropout_p=p, dropout_mask=keep)
+    ref = fused.out_proj(attn.transpose(1, 2).reshape(batch, seqlen, embed))
+    assert_close_float64(out, ref, "training output")
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    assert_close_float64(fused.in_proj_weight.grad, weight.grad, "grad in_proj_weight")
+    fused.eval()
+    attn = reference.flash_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, seqlen, embed)
+    assert_close_float64(fused(x), fused.out_proj(attn), "eval output (no dropout)")
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_fused_mlp_matches_sequential(approximate, bias):
@@ -177,6 +204,8 @@ def test_module_constructor_errors_are_clear():
         FusedQKV(50, 4)
     with pytest.raises(ValueError, match="approximate"):
         FusedMLP(8, 16, approximate="fast")
+    with pytest.raises(ValueError, match="dropout"):
+        SelfAttention(48, 6, dropout=1.0)
 
 
 def test_public_api_exports():

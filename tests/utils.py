@@ -55,3 +55,37 @@ def tf32_matmul(enabled):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def float64_softmax():
+    """F.softmax(x, dtype=torch.float32) keeps a float64 x in float64 for the block.
+
+    Hugging Face's eager attention (Llama, Mistral, Gemma 2) takes its softmax in
+    float32 even in a float64 model: that makes "eager" a float32-accurate reference,
+    and turns its finfo(float64).min mask into -inf, so a row that sees no key gives
+    NaN, which reaches the valid rows of the next layer (0 x NaN).
+    """
+    original = torch.nn.functional.softmax
+
+    def softmax(input, dim=None, _stacklevel=3, dtype=None):
+        if input.dtype == torch.float64 and dtype == torch.float32:
+            dtype = None
+        return original(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+    torch.nn.functional.softmax = softmax
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = original
+
+
+def hf_forward_backward(model, ids, mask, valid, weights):
+    """A Hugging Face model's last_hidden_state and every parameter gradient of
+    sum(hidden * weights) over the valid (unpadded) query rows."""
+    model.zero_grad()
+    with float64_softmax():  # eager's float32 softmax would make it the least accurate reference
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        (hidden * weights)[valid].sum().backward()  # padded query rows are undefined: keep them out of the loss
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return hidden.detach(), grads
