@@ -58,7 +58,8 @@ void check_dim_size(const at::Tensor& t, const char* name, int64_t dim, int64_t 
 }
 
 void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "tfkernels: ", name,
+  // An empty tensor has no element to read: any strides (autograd hands over expanded zeros).
+  TORCH_CHECK(t.dim() == 0 || t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, "tfkernels: ", name,
               " must be contiguous in its last dimension (stride 1), got strides ", t.strides());
 }
 

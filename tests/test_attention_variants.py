@@ -530,3 +530,19 @@ def test_sinks_gradient_in_callers_dtype():
     out = tfkernels.flash_attention(q, k, v, sinks=sinks)
     (grad,) = torch.autograd.grad(out.sum() + 0 * sinks.sum(), [sinks])
     assert grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(4, 0), (0, 5)], ids=["no_keys", "no_queries"])
+def test_empty_sizes_with_sinks(seqlen_q, seqlen_k):
+    """No key: every row's lse is its sink and d sink sums grad_lse; no query: nothing flows.
+    The upstream gradients come from .sum() (expanded, stride 0), as autograd hands them over."""
+    q, k, v = (t.requires_grad_() for t in _inputs((2, 2, 1, seqlen_q, seqlen_k, 8), torch.float64, "cpu"))
+    sinks = _sinks(2, "cpu").double().requires_grad_()
+    out, lse = tfkernels.flash_attention(q, k, v, sinks=sinks, window_size=(1, 0), softcap=3.0, dropout_p=0.2,
+                                         return_lse=True)
+    assert (out == 0).all()
+    assert torch.equal(lse, sinks.detach().float().view(1, 2, 1).expand(2, 2, seqlen_q))
+    grads = torch.autograd.grad(out.sum() + lse.sum(), [q, k, v, sinks])
+    for g, t in zip(grads[:3], (q, k, v)):
+        assert g.shape == t.shape and (g == 0).all()
+    torch.testing.assert_close(grads[3], torch.full((2,), 2.0 * seqlen_q, dtype=torch.float64))

@@ -428,13 +428,47 @@ def test_flash_forward_op_contract_on_cpu():
     torch.testing.assert_close(lse_used, ref_used[1].float())
 
 
+def test_flash_forward_op_window_and_dropout_on_cpu():
+    """Sliding windows and dropout reach the kernel; the dropout rng state travels in the
+    philox-seed slot (uint64 [2]) to the backward, which regenerates the same mask."""
+    q, k, v, grad = _inputs(2, 4, 2, 21, 37, 40, torch.float64)
+    q_, k_, v_, grad_ = (t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v, grad))
+    with _cuda_adapters_on_cpu():
+        out, lse, rng, offset, debug = torch.ops.aten._flash_attention_forward(
+            q_, k_, v_, None, None, 21, 37, 0.3, True, False, window_size_left=5, window_size_right=0)
+        out.backward(grad_)
+    assert (rng.dtype, rng.shape, offset.dtype, offset.shape) == (torch.uint64, (2,), torch.uint64, ())
+    mask = torch.ops.tfkernels._dropout_mask(rng.view(torch.int64), 2, 4, 21, 37, 0.3)
+    assert 0 < int(mask.sum()) < mask.numel()
+    ref = _ref_fwd_bwd(q, k, v, grad, is_causal=True, causal_alignment="bottom_right", window_size=(5, 0),
+                       dropout_p=0.3, dropout_mask=mask)
+    assert_close_float64(out.transpose(1, 2), ref[0], "out")
+    torch.testing.assert_close(lse, ref[1].float(), rtol=1e-6, atol=1e-6)
+    for name, g, r in zip(("dq", "dk", "dv"), (q_.grad, k_.grad, v_.grad), ref[2:]):
+        assert_close_float64(g.transpose(1, 2), r, name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_flash_op_dropout_on_cpu(causal):
+    q, k, v, grad = _inputs(2, 4, 2, 17, 17, 40, torch.float64)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    with _cuda_adapters_on_cpu():
+        out, lse, *_, rng, offset, debug = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, dropout_p=0.2, is_causal=causal)
+        out.backward(grad)
+    mask = torch.ops.tfkernels._dropout_mask(rng.view(torch.int64), 2, 4, 17, 17, 0.2)
+    ref = _ref_fwd_bwd(q, k, v, grad, is_causal=causal, causal_alignment="bottom_right", dropout_p=0.2,
+                       dropout_mask=mask)
+    assert_close_float64(out, ref[0], "out")
+    for name, g, r in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref[2:]):
+        assert_close_float64(g, r, name)
+
+
 def test_flash_forward_op_declines_what_it_cannot_serve():
     q, k, v, _ = (t.transpose(1, 2).contiguous() for t in _inputs(1, 2, 2, 8, 8, 32))
     cu_seqlens = torch.tensor([0, 8], dtype=torch.int32)
     cases = [
         (dict(cum_seq_q=cu_seqlens, cum_seq_k=cu_seqlens), "variable-length"),
-        (dict(dropout_p=0.1), "dropout"),
-        (dict(window_size_left=4, window_size_right=0), "sliding window"),
         (dict(alibi_slopes=torch.ones(2)), "alibi"),
     ]
     for change, match in cases:

@@ -13,7 +13,7 @@ ops and their contracts):
 - CUDA: the ops torch's FA4 provider replaces: `_scaled_dot_product_flash_attention`
   and its backward, `_flash_attention_forward` (also `_no_dropout_inplace`) and
   `_flash_attention_backward`. SDPA reaches them when it picks its flash backend
-  (fp16/bf16, no attn_mask, no dropout); `varlen_attn` and context parallelism call
+  (fp16/bf16, no attn_mask); `varlen_attn` and context parallelism call
   them directly.
 - CPU: `_scaled_dot_product_flash_attention_for_cpu` and its backward, which SDPA on the
   CPU calls for every call without dropout whose last dims are contiguous: with or
