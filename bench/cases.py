@@ -7,10 +7,16 @@ import torch
 from settings import DTYPES, bench_device, bench_grid
 
 DIRECTIONS = ("fwd", "fwd+bwd")
-# The op family of each benchmarked op: its provider module (providers_<family>.py),
-# its suite (test_bench_<family>.py) and its chart.
-FAMILY = {"attention": "attention", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp",
-          "bias_gelu": "mlp"}
+# The op family of each benchmarked op: its section and charts in the report
+# (bench/report.py keeps a torch-free copy, OP_FAMILY).
+FAMILY = {"attention": "attention", "attention_window": "attention", "attention_softcap": "attention",
+          "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp"}
+# The suite of each op: its test file (test_bench_<suite>.py), its provider module
+# (providers_<suite>.py) and its name in bench/run.py's SUITES. The attention variants
+# are a suite of their own (a --suites choice, a budget share) charted with attention.
+SUITE = {"attention": "attention", "attention_window": "attention_variants",
+         "attention_softcap": "attention_variants", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp",
+         "bias_gelu": "mlp"}
 
 # Provider order (tables, chart colours). "bound" providers do less work than the op
 # (the GEMM alone) and are shown as a ceiling, never counted as a peer.
@@ -21,8 +27,15 @@ PROVIDERS = {
     "linear_gelu": ["tfkernels", "eager", "cublaslt", "compile", "gemm-only"],
     "fused_mlp": ["tfkernels", "eager", "cublaslt", "compile", "gemm-only"],
     "bias_gelu": ["tfkernels", "eager", "compile"],
+    # sdpa-mask: SDPA given the window as a boolean mask (it computes every score);
+    # flex: flex_attention with the window as a block mask (compiled, skips empty blocks).
+    "attention_window": ["tfkernels", "sdpa-mask", "eager", "flex"],
+    "attention_softcap": ["tfkernels", "eager", "compile"],
 }
 BOUND_PROVIDERS = {"gemm-only"}
+# Providers that torch.compile their code: they follow the compile policy and run last.
+COMPILED_PROVIDERS = {"compile", "flex"}
+SOFTCAP = 50.0  # Gemma 2's attention logit softcap
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,22 @@ def _attention_shapes(device, grid):
     return out
 
 
+def _variant_shapes(op, device, grid):
+    """(dtype, shape, headline) for attention_window (Mistral's causal sliding window:
+    each query sees itself and the W - 1 keys before it) and attention_softcap.
+    The quick grid keeps the headline dtype only."""
+    dtypes = ["bf16", "fp32"] if device == "cuda" else ["fp32", "bf16"]
+    if grid == "quick":
+        dtypes = dtypes[:1]
+    heads, head_dim = (16, 128) if device == "cuda" else (8, 64)
+    if op == "attention_window":
+        shape = (("B", 1), ("H", heads), ("S", 8192), ("D", head_dim), ("W", 1024))
+    else:
+        shape = ((("B", 4), ("H", heads), ("S", 4096)) if device == "cuda" else (("B", 1), ("H", heads), ("S", 2048)))
+        shape += (("D", head_dim), ("causal", False))
+    return [(dtype, shape, dtype == dtypes[0]) for dtype in dtypes]
+
+
 def _gemm_shapes(op, device, grid):
     """(dtype, shape, headline) for fused_qkv, linear_gelu, fused_mlp, bias_gelu."""
     if device == "cuda":
@@ -121,7 +150,12 @@ def _gemm_shapes(op, device, grid):
 def cases(op, device=None, grid=None):
     device = device or bench_device()
     grid = grid or bench_grid()
-    shapes = _attention_shapes(device, grid) if op == "attention" else _gemm_shapes(op, device, grid)
+    if op == "attention":
+        shapes = _attention_shapes(device, grid)
+    elif op in ("attention_window", "attention_softcap"):
+        shapes = _variant_shapes(op, device, grid)
+    else:
+        shapes = _gemm_shapes(op, device, grid)
     result = []
     for direction in DIRECTIONS:
         for dtype, shape, headline in shapes:
@@ -144,7 +178,7 @@ def params(op):
     import pytest
 
     # torch.compile cases run last in each suite: when a time budget runs out, they are what is left out.
-    ordered = sorted(cases(op), key=lambda c: c.provider == "compile")
+    ordered = sorted(cases(op), key=lambda c: c.provider in COMPILED_PROVIDERS)
     return [pytest.param(c, id=c.id) for c in ordered]
 
 
@@ -154,13 +188,23 @@ def element_size(dtype):
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
 
 
+def window_pairs(s, w):
+    """Visible (query, key) pairs of a causal window of W keys: sum over rows i of min(i + 1, W)."""
+    full = max(0, s - w)
+    return full * w + min(s, w) * (min(s, w) + 1) // 2
+
+
 def work(case):
-    """(amount, unit): FLOPs for TFLOP/s, bytes for GB/s, per call."""
+    """(amount, unit): FLOPs for TFLOP/s, bytes for GB/s, per call.
+
+    attention_window counts the work its band needs, for every provider, so the
+    providers that compute all S^2 scores (SDPA with a mask, eager) show a lower rate."""
     d = case.dims
     bwd = case.direction == "fwd+bwd"
-    if case.op == "attention":
-        flops = 4 * d["B"] * d["H"] * d["S"] * d["S"] * d["D"]
-        if d["causal"]:
+    if FAMILY[case.op] == "attention":
+        pairs = window_pairs(d["S"], d["W"]) if case.op == "attention_window" else d["S"] * d["S"]
+        flops = 4 * d["B"] * d["H"] * pairs * d["D"]
+        if d.get("causal"):
             flops //= 2
         return (flops * 7 // 2 if bwd else flops), "TFLOP/s"
     if case.op == "bias_gelu":

@@ -1,9 +1,9 @@
 """What every provider module (providers_<family>.py) shares, and the dispatch to them.
 
 A provider is one way to compute an op: tfkernels, a torch peer (SDPA, eager
-PyTorch, cuBLASLt, torch.compile) or a ceiling (the GEMMs alone). A family module
-has `prepare(case, device) -> Prepared` for the ops of its family (cases.FAMILY)
-and raises Skip for a provider the device lacks.
+PyTorch, cuBLASLt, torch.compile) or a ceiling (the GEMMs alone). A suite's module
+(providers_<suite>.py, cases.SUITE) has `prepare(case, device) -> Prepared` for
+the ops of its suite and raises Skip for a provider the device lacks.
 """
 import contextlib
 import importlib
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cases import FAMILY
+from cases import SUITE
 from settings import DTYPES, first_line
 
 
@@ -32,8 +32,8 @@ class Prepared:
 
 
 def prepare(case, device):
-    """The Prepared of case.provider for case.op, from providers_<family>.py."""
-    return importlib.import_module(f"providers_{FAMILY[case.op]}").prepare(case, device)
+    """The Prepared of case.provider for case.op, from providers_<suite>.py."""
+    return importlib.import_module(f"providers_{SUITE[case.op]}").prepare(case, device)
 
 
 def randn(shape, dtype, device, scale=1.0):

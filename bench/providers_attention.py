@@ -26,7 +26,7 @@ def _score_limit(device):
     return (4 << 30) if device == "cuda" else (1 << 30)
 
 
-def _check_score_bytes(nbytes, device):
+def check_score_bytes(nbytes, device):
     """Skip a provider that would materialise a score matrix larger than the device's limit."""
     if nbytes > _score_limit(device):
         raise Skip(f"would materialise a {nbytes / 2**30:.1f} GiB score matrix per call "
@@ -55,12 +55,12 @@ def prepare(case, device):
         return Prepared(lambda q, k, v: tfk.flash_attention(q, k, v, is_causal=causal), make, (0, 1, 2))
     if p.startswith("sdpa"):
         if p == "sdpa-math":
-            _check_score_bytes(score_bytes, device)
+            check_score_bytes(score_bytes, device)
         ctx = _sdpa_context(p) if p != "sdpa" else contextlib.nullcontext
         return Prepared(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), make, (0, 1, 2),
                         context=ctx)
     if p in ("eager", "compile"):
-        _check_score_bytes(score_bytes, device)
+        check_score_bytes(score_bytes, device)
         mask = torch.ones(s, s, dtype=torch.bool, device=device).triu(1) if causal else None
         scale = 1.0 / math.sqrt(hd)
         fn = lambda q, k, v: eager_attention(q, k, v, mask, scale)  # noqa: E731

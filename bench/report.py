@@ -14,15 +14,19 @@ import os
 import sys
 from collections import OrderedDict, defaultdict
 
-PROVIDER_ORDER = ["tfkernels", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "cublaslt", "eager",
-                  "compile", "gemm-only"]
+PROVIDER_ORDER = ["tfkernels", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sdpa-mask",
+                  "cublaslt", "eager", "compile", "flex", "gemm-only"]
 COLORS = {
     "tfkernels": "#d62728", "sdpa": "#1f77b4", "sdpa-flash": "#1f77b4", "sdpa-cudnn": "#17becf",
     "sdpa-efficient": "#9467bd", "sdpa-math": "#8c564b", "cublaslt": "#2ca02c", "eager": "#7f7f7f",
-    "compile": "#ff7f0e", "gemm-only": "#c7c7c7",
+    "compile": "#ff7f0e", "gemm-only": "#c7c7c7", "sdpa-mask": "#aec7e8", "flex": "#e377c2",
 }
 FAMILY_ORDER = ["attention", "qkv", "mlp"]
-OP_ORDER = ["attention", "fused_qkv", "linear_gelu", "fused_mlp", "bias_gelu"]
+# Each op's family (section and charts), in report order: a copy of bench/cases.py's
+# FAMILY, which needs torch (tests/test_report.py checks that they agree).
+OP_FAMILY = {"attention": "attention", "attention_window": "attention", "attention_softcap": "attention",
+             "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp"}
+OP_ORDER = list(OP_FAMILY)
 FAMILY_TITLES = {"attention": "Attention (flash_attention)", "qkv": "QKV projection (fused_qkv)",
                  "mlp": "MLP family (linear_gelu, fused_mlp, bias_gelu)"}
 DIRECTION_TITLES = {"fwd": "forward", "fwd+bwd": "forward + backward"}
@@ -156,7 +160,7 @@ def _present_ops(run):
 
 
 def _family(op):
-    return "attention" if op.startswith("attention") else {"fused_qkv": "qkv"}.get(op, "mlp")
+    return OP_FAMILY.get(op, "mlp")
 
 
 def header_lines(run):

@@ -28,9 +28,11 @@ import report
 import settings
 
 BENCH_DIR = Path(__file__).resolve().parent
-SUITES = {"attention": "test_bench_attention.py", "qkv": "test_bench_qkv.py", "mlp": "test_bench_mlp.py"}
+# The suites (cases.SUITE names each op's), in the order they run.
+SUITES = {"attention": "test_bench_attention.py", "attention_variants": "test_bench_attention_variants.py",
+          "qkv": "test_bench_qkv.py", "mlp": "test_bench_mlp.py"}
 # Shares of a --time-budget: each suite may use its share of what is left when it starts.
-BUDGET_WEIGHTS = {"attention": 0.5, "qkv": 0.2, "mlp": 0.3}
+BUDGET_WEIGHTS = {"attention": 0.4, "attention_variants": 0.1, "qkv": 0.2, "mlp": 0.3}
 
 
 def parse_args(argv):

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from cases import rate, work
+from cases import COMPILED_PROVIDERS, rate, work
 from providers import Skip, prepare
 from settings import bench_device, bench_grid, cache_bytes, compile_policy, device_name, first_line
 
@@ -97,10 +97,11 @@ def run_case(benchmark, case, request=None):
 
     device = bench_device()
     try:
-        check_deadline(45.0 if case.provider == "compile" else 0.0)  # compiling alone can take most of a minute
+        compiles = case.provider in COMPILED_PROVIDERS
+        check_deadline(45.0 if compiles else 0.0)  # compiling alone can take most of a minute
         if _BROKEN_CONTEXT:
             raise Skip(f"CUDA context unusable after the error in {_BROKEN_CONTEXT[0]} (next suite starts afresh)")
-        if case.provider == "compile" and not compile_allowed(case):
+        if compiles and not compile_allowed(case):
             if compile_policy() == "none":
                 raise Skip("torch.compile left out of this run (TFKERNELS_BENCH_COMPILE=none / --compile none)")
             raise Skip("torch.compile runs on the headline shapes only (compiling takes 5-20 s a case; "
@@ -172,7 +173,8 @@ def _fmt_rate(value, unit):
 
 
 def compile_allowed(case):
-    """Headline shapes; on the CPU only their fp32 ones (inductor's CPU bf16 compile is slow)."""
+    """For the compiled providers (torch.compile, flex): headline shapes; on the CPU only their fp32 ones
+    (inductor's CPU bf16 compile is slow)."""
     policy = compile_policy()
     if policy == "headline" and bench_device() == "cpu":
         return case.headline and case.dtype == "fp32"

@@ -40,6 +40,29 @@ def test_gemm_and_bytes_counts():
     assert cases.work(bg) == ((2 * 8 * 16 + 16) * 2, "GB/s")
 
 
+def test_window_counts_the_pairs_its_band_sees():
+    for s, w in ((1, 4), (5, 2), (17, 17), (113, 16)):
+        visible = sum(1 for i in range(s) for j in range(s) if i - w < j <= i)
+        assert cases.window_pairs(s, w) == visible
+    shape = (("B", 2), ("H", 3), ("S", 113), ("D", 40), ("W", 16))
+    window = cases.Case("attention_window", "fwd+bwd", "sdpa-mask", "fp32", shape)
+    assert cases.work(window) == (4 * 2 * 3 * cases.window_pairs(113, 16) * 40 * 7 // 2, "TFLOP/s")
+    softcap = cases.Case("attention_softcap", "fwd", "eager", "fp32", (("B", 1), ("H", 2), ("S", 17), ("D", 80),
+                                                                         ("causal", False)))
+    assert cases.work(softcap) == (4 * 2 * 17 * 17 * 80, "TFLOP/s")
+
+
+def test_suites_providers_and_report_families_agree():
+    assert set(cases.SUITE) == set(cases.FAMILY) == set(cases.PROVIDERS)
+    suites = set(cases.SUITE.values())
+    assert suites == set(runner.SUITES) == set(runner.BUDGET_WEIGHTS)
+    for suite, test_file in runner.SUITES.items():
+        assert test_file == f"test_bench_{suite}.py" and (BENCH / test_file).is_file()
+        assert (BENCH / f"providers_{suite}.py").is_file()
+    assert report.OP_FAMILY == cases.FAMILY and set(cases.FAMILY.values()) == set(report.FAMILY_ORDER)
+    assert {report._family("attention_window"), report._family("attention_softcap")} == {"attention"}
+
+
 @pytest.mark.parametrize("device,grid", [("cpu", "full"), ("cpu", "quick"), ("cuda", "full"), ("cuda", "quick")])
 def test_grids(device, grid):
     for op in cases.PROVIDERS:
