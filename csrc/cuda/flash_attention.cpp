@@ -90,6 +90,8 @@ at::Tensor set_attention_params(flash::FwdParams& p, const AttentionShape& shape
   p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
   p.causal = shape.causal;
   p.bottom_right = shape.bottom_right;
+  p.window_left = -1;
+  p.window_right = -1;
   p.aligned16 = fast;
   return lens;
 }

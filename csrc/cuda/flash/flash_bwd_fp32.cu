@@ -22,7 +22,7 @@
 
 #include "cuda/common/ptx.h"
 #include "cuda/flash/flash_api.h"
-#include "cuda/flash/flash_fwd_kernel.h"           // read_len_k, num_key_tiles
+#include "cuda/flash/block_info.h"
 #include "cuda/flash/flash_fwd_launch_template.h"  // DynamicSmemOptIn
 
 namespace tfkernels {
@@ -62,12 +62,12 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
   const int batch = blockIdx.z;
   const int seqlen_q = p.seqlen_q;
   const int group = p.head_group;
-  const bool causal = p.causal;
-  const int len_k = read_len_k(p, batch);
-  const int off = p.bottom_right ? len_k - seqlen_q : 0;
+  const BlockInfo info(p, batch);
+  const Mask& mask = info.mask;
+  const int len_k = info.len_k();
   const float scale = p.scale;
 
-  const int block_r = (!kKeyRows && causal) ? static_cast<int>(gridDim.x - 1 - blockIdx.x)
+  const int block_r = (!kKeyRows && p.causal) ? static_cast<int>(gridDim.x - 1 - blockIdx.x)
                                             : static_cast<int>(blockIdx.x);
   const int r0 = block_r * kB32BlockR;
   const int rw = r0 + warp * kB32RowsPerWarp;  // this warp's first row
@@ -80,21 +80,17 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
   const float* k_ptr = static_cast<const float*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
   const float* v_ptr = static_cast<const float*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
 
-  // Column tiles: keys [0, n_tiles * 32) (dQ), or per group head the query tiles
-  // from c_begin (dK/dV).
-  int n_ct = 0, c_begin = 0, n_iter = 0;
+  // Column tiles: the key tiles the block's queries see (dQ), or per group head
+  // the query tiles that see the block's keys (dK/dV).
+  TileRange c_tiles;
   if (kKeyRows) {
-    const int c_tiles = (seqlen_q + kB32BlockC - 1) / kB32BlockC;
-    if (causal) {
-      const int first_q = r0 - off;
-      c_begin = first_q <= 0 ? 0 : (first_q >= seqlen_q ? c_tiles : first_q / kB32BlockC);
-    }
-    n_ct = (r0 < len_k && c_begin < c_tiles) ? c_tiles - c_begin : 0;
-    n_iter = n_ct * group;
+    c_tiles = info.query_tiles(r0, r0 + kB32BlockR, kB32BlockC);
   } else {
     const int row_end = (r0 + kB32BlockR < seqlen_q) ? r0 + kB32BlockR : seqlen_q;
-    n_iter = num_key_tiles(p, len_k, off, row_end, kB32BlockC);
+    c_tiles = info.key_tiles(r0, row_end, kB32BlockC);
   }
+  const int n_ct = c_tiles.count();
+  const int n_iter = kKeyRows ? n_ct * group : n_ct;
 
   float acc0[kB32RowsPerWarp][kB32ColsPerLane];
   float acc1[kB32RowsPerWarp][kB32ColsPerLane];
@@ -139,9 +135,9 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
     int c0;
     if (kKeyRows) {
       head = kv_head * group + it / n_ct;
-      c0 = (c_begin + it % n_ct) * kB32BlockC;
+      c0 = (c_tiles.begin + it % n_ct) * kB32BlockC;
     } else {
-      c0 = it * kB32BlockC;
+      c0 = (c_tiles.begin + it) * kB32BlockC;
     }
     const float* xc = kKeyRows ? q_base + head * p.q_head_stride : k_ptr;
     const float* yc = kKeyRows ? do_base + head * p.do_head_stride : v_ptr;
@@ -189,7 +185,7 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
       const int q = kKeyRows ? c0 + lane : rw + r;
       const float lse = kKeyRows ? sL[lane] : lse_r[r];
       const float dl = kKeyRows ? sD[lane] : delta_r[r];
-      const bool visible = key < len_k && q < seqlen_q && (!causal || key <= q + off) && lse != -kInf;
+      const bool visible = q < seqlen_q && mask.visible(q, key) && lse != -kInf;
       seen[r] = __ballot_sync(0xffffffffu, visible);
       const float pv = visible ? cuda::exp2_approx((s[r] * scale - lse) * kLog2eF) : 0.0f;
       pr[r] = pv;

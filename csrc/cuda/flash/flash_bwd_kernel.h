@@ -45,7 +45,7 @@
 #include <cstdint>
 
 #include "cuda/common/ptx.h"
-#include "cuda/flash/flash_fwd_kernel.h"  // read_len_k, num_key_tiles
+#include "cuda/flash/block_info.h"
 #include "cuda/flash/flash_params.h"
 #include "cuda/flash/flash_tile.h"
 #include "cuda/flash/kernel_traits.h"
@@ -105,8 +105,8 @@ __device__ __forceinline__ void load_row_stats(float* s_lse2, float* s_delta, co
 template <typename Traits, typename Element, bool kWriteP>
 __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, const Element* sK, const Element* sV,
                                        const float* s_lse2, const float* s_delta, Element* sP, Element* sdS, int n0,
-                                       int m0, int len_k, int off, bool causal, bool need_mask, float scale_log2,
-                                       int warp, int lane, const LaneAddr& la) {
+                                       int m0, const Mask& mask, bool need_mask, float scale_log2, int warp, int lane,
+                                       const LaneAddr& la) {
   constexpr float kInf = __builtin_huge_valf();
   constexpr int kStride = Traits::kSmemStride;
   constexpr int kPS = Traits::kPStride;
@@ -170,7 +170,7 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
           // lse2 = +inf marks a query row past Sq (zero-filled: its S is 0 * Inf =
           // NaN against a key holding Inf, and exp2(NaN - inf) is NaN, not 0) or a
           // row that sees no key.
-          const bool visible = key < len_k && lse2 != kInf && (!causal || key <= q + off);
+          const bool visible = lse2 != kInf && mask.visible(q, key);
           // Both exactly 0: a hidden pair's dp (Inf in v) or delta (a NaN row) may
           // not be finite, and 0 * (dp - delta) would be NaN.
           if (!visible) {
@@ -196,7 +196,7 @@ template <typename Traits, typename Element>
 __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, const Element* sP, const Element* sdS,
                                        float (&acc_dk)[Traits::kNTilesHalfD][4],
                                        float (&acc_dv)[Traits::kNTilesHalfD][4], int warp, const LaneAddr& la,
-                                       bool exact, int n0, int m0, int off, int lane) {
+                                       bool exact, int n0, int m0, const Mask& mask, int lane) {
   constexpr int kStride = Traits::kSmemStride;
   constexpr int kPS = Traits::kPStride;
   constexpr int kNT = Traits::kNTilesHalfD;
@@ -212,9 +212,8 @@ __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, co
 #pragma unroll
     for (int dt = 0; dt < kNT / 2; ++dt) {
       uint32_t b[4];
-      // Rows of the products are keys n0 + key_w + r, k the queries m0 + kk * 16 + ...:
-      // query q sees key n0 + key_w + r iff q >= n0 + key_w + r - off.
-      const Diagonal sees{n0 + key_w - off, false};
+      // Rows of the products are keys n0 + key_w + r, k the queries m0 + kk * 16 + ....
+      const Band sees = mask.key_rows(n0 + key_w);
       cuda::ldmatrix_x4_trans(b, sdO + (kk * 16 + la.r0) * kStride + d_w + dt * 16 + la.c0);
       if (exact) {
         mma_pair_visible_only<Element>(acc_dv[2 * dt], acc_dv[2 * dt + 1], ap, b, m0 + kk * 16, lane, sees);
@@ -243,7 +242,7 @@ __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, co
 // query then sums only the keys it sees (mma_pair_visible_only).
 template <typename Traits, typename Element, int kNT>
 __device__ __forceinline__ void phase3(const Element* sdS, const Element* sK, float (&acc)[kNT][4], int d0, int warp,
-                                       const LaneAddr& la, bool exact, int n0, int m0, int off, int lane) {
+                                       const LaneAddr& la, bool exact, int n0, int m0, const Mask& mask, int lane) {
   static_assert(kNT % 2 == 0, "n8 tiles come in pairs");
   constexpr int kStride = Traits::kSmemStride;
   constexpr int kPS = Traits::kPStride;
@@ -257,9 +256,9 @@ __device__ __forceinline__ void phase3(const Element* sdS, const Element* sK, fl
       uint32_t b[4];
       cuda::ldmatrix_x4_trans(b, sK + (kk * 16 + la.r0) * kStride + d0 + dt * 16 + la.c0);
       if (exact) {
-        // Rows are queries m0 + q_w + r, k the keys n0 + kk * 16 + ...: key <= m0 + q_w + r + off.
+        // Rows are queries m0 + q_w + r, k the keys n0 + kk * 16 + ....
         mma_pair_visible_only<Element>(acc[2 * dt], acc[2 * dt + 1], a, b, n0 + kk * 16, lane,
-                                       Diagonal{m0 + q_w + off, true});
+                                       mask.query_rows(m0 + q_w));
       } else {
         const uint32_t b0[2] = {b[0], b[1]};
         const uint32_t b1[2] = {b[2], b[3]};
@@ -316,20 +315,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_q = params.seqlen_q;
   const int head_dim = params.head_dim;
   const bool aligned16 = params.aligned16;
-  const bool causal = params.causal;
   const int group = params.head_group;
 
-  const int len_k = read_len_k(params, batch);
-  const int off = params.bottom_right ? len_k - seqlen_q : 0;
-  // Query tiles that can see a key of [n0, n0 + kBlockN): causal query q sees key
-  // n0 iff q >= n0 - off, and every later key of the block only later queries.
-  const int m_tiles = (seqlen_q + kBlockM - 1) / kBlockM;
-  int m_begin = 0;
-  if (causal) {
-    const int first_q = n0 - off;
-    m_begin = first_q <= 0 ? 0 : (first_q >= seqlen_q ? m_tiles : first_q / kBlockM);
-  }
-  const int n_m = (n0 < len_k && m_begin < m_tiles) ? m_tiles - m_begin : 0;
+  const BlockInfo info(params, batch);
+  const Mask& mask = info.mask;
+  const int len_k = info.len_k();
+  // Query tiles holding a query that sees a key of [n0, n0 + kBlockN).
+  const TileRange m_tiles = info.query_tiles(n0, n0 + kBlockN, kBlockM);
+  const int m_begin = m_tiles.begin;
+  const int n_m = m_tiles.count();
   const int n_iter = n_m * group;
 
   float acc_dk[kNT][4];
@@ -377,12 +371,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     load_q_tile(0, 0);
     cuda::cp_async_commit();
 
-    bool k_nonfinite = false;  // the block's K holds Inf/NaN (checked once, causal only)
+    bool k_nonfinite = false;  // the block's K holds Inf/NaN (checked once, banded masks only)
     for (int it = 0; it < n_iter; ++it) {
       // One stage: tile it was issued during tile it-1's phase 3 (below).
       cuda::cp_async_wait<0>();
       __syncthreads();  // tile it has landed for all; all are done with tile it-1
-      if (it == 0 && causal) k_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sK, tid));
+      if (it == 0 && mask.banded()) k_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sK, tid));
       if (kStages == 2 && it + 1 < n_iter) {
         load_q_tile(it + 1, (it + 1) % 2);
         cuda::cp_async_commit();
@@ -395,14 +389,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // A partial last query tile is masked too: its zero-filled rows past Sq meet
       // every key of the block in the dK, dV sums (NaN P or dS there would become
       // NaN * 0 = NaN in them).
-      const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off) ||
-                             m0 + kBlockM > seqlen_q;
+      const bool need_mask = !mask.all_visible(m0, m0 + kBlockM, n0, n0 + kBlockN) || m0 + kBlockM > seqlen_q;
 
       bwd::phase1<Traits, Element, true>(sQs, sdOs, sK, sV, s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, sP,
-                                         sdS, n0, m0, len_k, off, causal, need_mask, scale_log2, warp, lane, la);
-      // Tiles on the causal diagonal carry hidden pairs; with Inf/NaN in Q or dO
-      // (dK, dV) or K (dQ) they take the row-exact products. Block-uniform test.
-      const bool diagonal = causal && n0 + kBlockN - 1 > m0 + off;
+                                         sdS, n0, m0, mask, need_mask, scale_log2, warp, lane, la);
+      // Tiles the band cuts carry hidden pairs; with Inf/NaN in Q or dO (dK, dV)
+      // or K (dQ) they take the row-exact products. Block-uniform test.
+      const bool diagonal = mask.band_cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
       bool qdo_nonfinite = false;
       if (diagonal) {
         qdo_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockM>(sQs, tid) ||
@@ -410,7 +403,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       } else {
         __syncthreads();  // P^T and dS^T complete
       }
-      bwd::phase2<Traits, Element>(sQs, sdOs, sP, sdS, acc_dk, acc_dv, warp, la, qdo_nonfinite, n0, m0, off, lane);
+      bwd::phase2<Traits, Element>(sQs, sdOs, sP, sdS, acc_dk, acc_dv, warp, la, qdo_nonfinite, n0, m0, mask, lane);
       if (kStages == 1 && it + 1 < n_iter) {
         // Q, dO and the statistics of tile it are dead once every warp is past
         // phase 2 (phase 3 reads only dS^T and K): load tile it+1 under phase 3.
@@ -434,7 +427,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
             for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
           }
           const int dc = d_w + c * kChunk * 8;
-          bwd::phase3<Traits, Element, kChunk>(sdS, sK, acc, dc, warp, la, diagonal && k_nonfinite, n0, m0, off,
+          bwd::phase3<Traits, Element, kChunk>(sdS, sK, acc, dc, warp, la, diagonal && k_nonfinite, n0, m0, mask,
                                                lane);
 #pragma unroll
           for (int nt = 0; nt < kChunk; ++nt) {
@@ -511,12 +504,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_q = params.seqlen_q;
   const int head_dim = params.head_dim;
   const bool aligned16 = params.aligned16;
-  const bool causal = params.causal;
 
-  const int len_k = read_len_k(params, batch);
-  const int off = params.bottom_right ? len_k - seqlen_q : 0;
+  const BlockInfo info(params, batch);
+  const Mask& mask = info.mask;
+  const int len_k = info.len_k();
   const int row_end = (m0 + kBlockM < seqlen_q) ? m0 + kBlockM : seqlen_q;
-  const int n_tiles = num_key_tiles(params, len_k, off, row_end, kBlockN);
+  const TileRange tiles = info.key_tiles(m0, row_end, kBlockN);
+  const int n_tiles = tiles.count();
 
   float acc[kNT][4];
 #pragma unroll
@@ -538,7 +532,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                            kv_head * params.v_head_stride;
     const float scale_log2 = params.scale_log2;
     auto load_kv_tile = [&](int it, int stage) {
-      const int n1 = it * kBlockN;
+      const int n1 = (tiles.begin + it) * kBlockN;
       load_tile<Traits, kBlockN>(sK + stage * Traits::kStreamStageElems, k_ptr, params.k_row_stride, n1, len_k, head_dim,
                                  aligned16, tid);
       load_tile<Traits, kBlockN>(sV + stage * Traits::kStreamStageElems, v_ptr, params.v_row_stride, n1, len_k, head_dim,
@@ -565,23 +559,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         cuda::cp_async_commit();
       }
       const int stage = kStages == 2 ? it % 2 : 0;
-      const int n0 = it * kBlockN;
+      const int n0 = (tiles.begin + it) * kBlockN;
       const Element* sKs = sK + stage * Traits::kStreamStageElems;
       const Element* sVs = sV + stage * Traits::kStreamStageElems;
       // Query rows past Sq need no mask here: their dS rows reach only their own
       // dQ rows, which are never stored.
-      const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off);
-      bwd::phase1<Traits, Element, false>(sQ, sdO, sKs, sVs, s_lse2, s_delta, nullptr, sdS, n0, m0, len_k, off,
-                                          causal, need_mask, scale_log2, warp, lane, la);
-      // As in the dK/dV kernel: a diagonal tile with Inf/NaN in K takes the row-exact dS K.
-      const bool diagonal = causal && n0 + kBlockN - 1 > m0 + off;
+      const bool need_mask = !mask.all_visible(m0, m0 + kBlockM, n0, n0 + kBlockN);
+      bwd::phase1<Traits, Element, false>(sQ, sdO, sKs, sVs, s_lse2, s_delta, nullptr, sdS, n0, m0, mask, need_mask,
+                                          scale_log2, warp, lane, la);
+      // As in the dK/dV kernel: a tile the band cuts with Inf/NaN in K takes the row-exact dS K.
+      const bool diagonal = mask.band_cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
       bool k_nonfinite = false;
       if (diagonal) {
         k_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sKs, tid));  // and dS^T complete
       } else {
         __syncthreads();  // dS^T complete
       }
-      bwd::phase3<Traits, Element, kNT>(sdS, sKs, acc, d_w, warp, la, k_nonfinite, n0, m0, off, lane);
+      bwd::phase3<Traits, Element, kNT>(sdS, sKs, acc, d_w, warp, la, k_nonfinite, n0, m0, mask, lane);
     }
   }
 

@@ -23,7 +23,7 @@
 
 #include "cuda/common/ptx.h"
 #include "cuda/flash/flash_api.h"
-#include "cuda/flash/flash_fwd_kernel.h"  // read_len_k, num_key_tiles
+#include "cuda/flash/block_info.h"
 #include "cuda/flash/flash_fwd_launch_template.h"  // DynamicSmemOptIn
 
 namespace tfkernels {
@@ -62,10 +62,12 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   const int kv_head = head / params.head_group;
   const int m0 = m_block * kF32BlockM;
   const int seqlen_q = params.seqlen_q;
-  const int len_k = read_len_k(params, batch);
-  const int off = params.bottom_right ? len_k - seqlen_q : 0;
+  const BlockInfo info(params, batch);
+  const Mask& mask = info.mask;
+  const int len_k = info.len_k();
   const int row_end = (m0 + kF32BlockM < seqlen_q) ? m0 + kF32BlockM : seqlen_q;
-  const int n_tiles = num_key_tiles(params, len_k, off, row_end, kF32BlockN);
+  const TileRange tiles = info.key_tiles(m0, row_end, kF32BlockN);
+  const int n_tiles = tiles.count();
   const int r0 = m0 + warp * kF32RowsPerWarp;  // this warp's first row
   const bool warp_active = r0 < seqlen_q;
 
@@ -98,7 +100,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
 
   const float scale_log2 = params.scale_log2;
   for (int it = 0; it < n_tiles; ++it) {
-    const int n0 = it * kF32BlockN;
+    const int n0 = (tiles.begin + it) * kF32BlockN;
     __syncthreads();  // every warp is done with the previous tile
     for (int r = warp; r < kF32BlockN; r += kF32Warps) {
       const int key = n0 + r;
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
       }
     }
     __syncthreads();
-    if (!warp_active || (params.causal && n0 > r0 + kF32RowsPerWarp - 1 + off)) continue;
+    if (!warp_active || !mask.any_visible(r0, r0 + kF32RowsPerWarp, n0, n0 + kF32BlockN)) continue;
 
     // S for key n0 + lane and the warp's 4 rows.
     float s[kF32RowsPerWarp] = {};
@@ -129,7 +131,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
 #pragma unroll
     for (int r = 0; r < kF32RowsPerWarp; ++r) {
       const int row = r0 + r;
-      const bool visible = key < len_k && (!params.causal || key <= row + off);
+      const bool visible = mask.visible(row, key);
       seen[r] = __ballot_sync(0xffffffffu, visible);
       const float x = visible ? s[r] * scale_log2 : kNegInf;
       const float mx = fmaxf(row_max[r], cuda::group_max<32>(x));
@@ -171,7 +173,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
     const int row = r0 + r;
     if (row >= seqlen_q) break;
     const float l = row_sum[r];
-    const bool sees_a_key = row_sees_a_key(params, len_k, off, row);
+    const bool sees_a_key = mask.row_sees_a_key(row);
     // Exact division: the fp32 path is checked tightly against float64. l is NaN
     // or 0 after non-finite scores: O = acc * (1 / l) and lse are NaN then.
     const float inv_l = sees_a_key ? __frcp_rn(l) : 0.0f;

@@ -36,7 +36,10 @@ struct FwdParams {
   float scale_log2;  // scale * log2(e): scores go to base 2 so exp is one ex2
 
   bool causal;
-  bool bottom_right;  // causal offset len_k - Sq instead of 0
+  bool bottom_right;  // causal (and window) offset len_k - Sq instead of 0
+  // Sliding window: query i sees keys i + off - window_left .. i + off + window_right;
+  // -1 = unbounded on that side (mask.h folds these with causal and len_k).
+  int window_left, window_right;
 
   // 16-bit path only: D % 8 == 0 and every base pointer and batch/head/row stride
   // is a multiple of 16 bytes, so 16-byte cp.async loads and 16-byte stores are
