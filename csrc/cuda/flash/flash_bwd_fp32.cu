@@ -24,6 +24,7 @@
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/block_info.h"
 #include "cuda/flash/flash_fwd_launch_template.h"  // DynamicSmemOptIn
+#include "cuda/flash/variants.h"
 
 namespace tfkernels {
 namespace flash {
@@ -36,7 +37,6 @@ constexpr int kB32RowsPerWarp = 4;
 constexpr int kB32BlockR = kB32Warps * kB32RowsPerWarp;  // 16
 constexpr int kB32BlockC = 32;                           // one column per lane
 constexpr int kB32ColsPerLane = kMaxHeadDim / 32;        // 8
-constexpr float kLog2eF = 1.4426950408889634074f;
 
 __host__ __device__ inline int b32_col_stride(int d) { return d | 1; }
 __host__ __device__ inline int b32_smem_floats(int d) {
@@ -66,6 +66,8 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
   const Mask& mask = info.mask;
   const int len_k = info.len_k();
   const float scale = p.scale;
+  const ScoreMap score_map = ScoreMap::natural(p);
+  const Dropout dropout = Dropout::make(p);
 
   const int block_r = (!kKeyRows && p.causal) ? static_cast<int>(gridDim.x - 1 - blockIdx.x)
                                             : static_cast<int>(blockIdx.x);
@@ -187,9 +189,18 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
       const float dl = kKeyRows ? sD[lane] : delta_r[r];
       const bool visible = q < seqlen_q && mask.visible(q, key) && lse != -kInf;
       seen[r] = __ballot_sync(0xffffffffu, visible);
-      const float pv = visible ? cuda::exp2_approx((s[r] * scale - lse) * kLog2eF) : 0.0f;
-      pr[r] = pv;
-      dsr[r] = pv * (dp[r] - dl);
+      float slope;  // softcap: d score / d (scale q.k)
+      const float sc = score_map(s[r], &slope);
+      const float pv = visible ? cuda::exp2_approx((sc - lse) * kLog2eF) : 0.0f;
+      // dV takes P Z, dP is (dO . v) Z, dS = P (dP - delta): Z = keep / (1 - p).
+      float pz = pv, dpz = dp[r];
+      if (dropout.on) {
+        const bool kept = dropout.keep(static_cast<uint32_t>(batch) * p.heads + head, q, key);
+        pz = kept ? pv * dropout.scale : 0.0f;
+        dpz = kept ? dpz * dropout.scale : 0.0f;
+      }
+      pr[r] = pz;
+      dsr[r] = pv * (dpz - dl) * slope;
     }
 
     const int cols_here = (col_limit - c0) < kB32BlockC ? (col_limit - c0) : kB32BlockC;

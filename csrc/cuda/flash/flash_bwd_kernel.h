@@ -49,6 +49,7 @@
 #include "cuda/flash/flash_params.h"
 #include "cuda/flash/flash_tile.h"
 #include "cuda/flash/kernel_traits.h"
+#include "cuda/flash/variants.h"
 
 namespace tfkernels {
 namespace flash {
@@ -105,7 +106,8 @@ __device__ __forceinline__ void load_row_stats(float* s_lse2, float* s_delta, co
 template <typename Traits, typename Element, bool kWriteP>
 __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, const Element* sK, const Element* sV,
                                        const float* s_lse2, const float* s_delta, Element* sP, Element* sdS, int n0,
-                                       int m0, const Mask& mask, bool need_mask, float scale_log2, int warp, int lane,
+                                       int m0, const Mask& mask, bool need_mask, const ScoreMap& score_map,
+                                       const Dropout& dropout, uint32_t batch_head, int warp, int lane,
                                        const LaneAddr& la) {
   constexpr float kInf = __builtin_huge_valf();
   constexpr int kStride = Traits::kSmemStride;
@@ -162,8 +164,17 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
       for (int c = 0; c < 2; ++c) {
         const int ql = q_w + nt * 8 + 2 * tq + c;  // local query (column of S^T)
         const float lse2 = s_lse2[ql];
-        float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] * scale_log2 - lse2);
-        float dp = acc_dp[nt][2 * r + c] - s_delta[ql];
+        float slope;  // softcap: d score / d (scale q.k)
+        float pv = cuda::exp2_approx(score_map(acc_s[nt][2 * r + c], &slope) - lse2);
+        // dV takes P Z, dP is (dO . v) Z, dS = P (dP - delta): Z = keep / (1 - p).
+        float pz = pv;
+        float dpz = acc_dp[nt][2 * r + c];
+        if (dropout.on) {
+          const bool kept = dropout.keep(batch_head, m0 + ql, n0 + kl);
+          pz = kept ? pv * dropout.scale : 0.0f;
+          dpz = kept ? dpz * dropout.scale : 0.0f;
+        }
+        float dp = dpz - s_delta[ql];
         if (need_mask) {
           const int key = n0 + kl;
           const int q = m0 + ql;
@@ -175,11 +186,12 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
           // not be finite, and 0 * (dp - delta) would be NaN.
           if (!visible) {
             pv = 0.0f;
+            pz = 0.0f;
             dp = 0.0f;
           }
         }
-        p[c] = pv;
-        ds[c] = pv * dp;
+        p[c] = pz;
+        ds[c] = pv * dp * slope;
       }
       const int idx = kl * kPS + q_w + nt * 8 + 2 * tq;
       if (kWriteP) *reinterpret_cast<uint32_t*>(sP + idx) = cuda::pack2<Element>(p[0], p[1]);
@@ -347,7 +359,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                            kv_head * params.k_head_stride;
     const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
                            kv_head * params.v_head_stride;
-    const float scale_log2 = params.scale_log2;
+    const ScoreMap score_map = ScoreMap::base2(params);
+    const Dropout dropout = Dropout::make(params);
 
     // Issues the copies of iteration `it`'s Q / dO tile and statistics into `stage`.
     auto load_q_tile = [&](int it, int stage) {
@@ -392,7 +405,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       const bool need_mask = !mask.all_visible(m0, m0 + kBlockM, n0, n0 + kBlockN) || m0 + kBlockM > seqlen_q;
 
       bwd::phase1<Traits, Element, true>(sQs, sdOs, sK, sV, s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, sP,
-                                         sdS, n0, m0, mask, need_mask, scale_log2, warp, lane, la);
+                                         sdS, n0, m0, mask, need_mask, score_map, dropout,
+                                         static_cast<uint32_t>(batch) * params.heads + head, warp, lane, la);
       // Tiles the band cuts carry hidden pairs; with Inf/NaN in Q or dO (dK, dV)
       // or K (dQ) they take the row-exact products. Block-uniform test.
       const bool diagonal = mask.band_cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
@@ -530,7 +544,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                            kv_head * params.k_head_stride;
     const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
                            kv_head * params.v_head_stride;
-    const float scale_log2 = params.scale_log2;
+    const ScoreMap score_map = ScoreMap::base2(params);
+    const Dropout dropout = Dropout::make(params);
+    const uint32_t batch_head = static_cast<uint32_t>(batch) * params.heads + head;
     auto load_kv_tile = [&](int it, int stage) {
       const int n1 = (tiles.begin + it) * kBlockN;
       load_tile<Traits, kBlockN>(sK + stage * Traits::kStreamStageElems, k_ptr, params.k_row_stride, n1, len_k, head_dim,
@@ -566,7 +582,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // dQ rows, which are never stored.
       const bool need_mask = !mask.all_visible(m0, m0 + kBlockM, n0, n0 + kBlockN);
       bwd::phase1<Traits, Element, false>(sQ, sdO, sKs, sVs, s_lse2, s_delta, nullptr, sdS, n0, m0, mask, need_mask,
-                                          scale_log2, warp, lane, la);
+                                          score_map, dropout, batch_head, warp, lane, la);
       // As in the dK/dV kernel: a tile the band cuts with Inf/NaN in K takes the row-exact dS K.
       const bool diagonal = mask.band_cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
       bool k_nonfinite = false;

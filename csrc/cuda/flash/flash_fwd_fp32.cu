@@ -25,6 +25,7 @@
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/block_info.h"
 #include "cuda/flash/flash_fwd_launch_template.h"  // DynamicSmemOptIn
+#include "cuda/flash/variants.h"
 
 namespace tfkernels {
 namespace flash {
@@ -98,7 +99,9 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
     }
   }
 
-  const float scale_log2 = params.scale_log2;
+  const ScoreMap score_map = ScoreMap::base2(params);
+  const Dropout dropout = Dropout::make(params);
+  const uint32_t batch_head = static_cast<uint32_t>(batch) * params.heads + head;
   for (int it = 0; it < n_tiles; ++it) {
     const int n0 = (tiles.begin + it) * kF32BlockN;
     __syncthreads();  // every warp is done with the previous tile
@@ -133,13 +136,14 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
       const int row = r0 + r;
       const bool visible = mask.visible(row, key);
       seen[r] = __ballot_sync(0xffffffffu, visible);
-      const float x = visible ? s[r] * scale_log2 : kNegInf;
+      const float x = visible ? score_map(s[r]) : kNegInf;
       const float mx = fmaxf(row_max[r], cuda::group_max<32>(x));
       const float m_use = (mx == kNegInf) ? 0.0f : mx;
       const float alpha = cuda::exp2_approx(row_max[r] - m_use);
       p[r] = cuda::exp2_approx(x - m_use);
-      row_sum[r] = row_sum[r] * alpha + cuda::group_sum<32>(p[r]);
+      row_sum[r] = row_sum[r] * alpha + cuda::group_sum<32>(p[r]);  // pre-dropout, as lse
       row_max[r] = mx;
+      if (dropout.on && !dropout.keep(batch_head, row, key)) p[r] = 0.0f;
 #pragma unroll
       for (int i = 0; i < kF32ColsPerLane; ++i) acc_o[r][i] *= alpha;
     }
@@ -165,25 +169,24 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   }
 
   if (!warp_active) return;
-  constexpr float kLn2 = 0.693147180559945309f;
+  const float sink2 = sink_base2(params, head);
   float* o_ptr = static_cast<float*>(params.out) + batch * params.o_batch_stride + head * params.o_head_stride;
   float* lse_ptr = params.lse + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
 #pragma unroll
   for (int r = 0; r < kF32RowsPerWarp; ++r) {
     const int row = r0 + r;
     if (row >= seqlen_q) break;
-    const float l = row_sum[r];
-    const bool sees_a_key = mask.row_sees_a_key(row);
     // Exact division: the fp32 path is checked tightly against float64. l is NaN
     // or 0 after non-finite scores: O = acc * (1 / l) and lse are NaN then.
-    const float inv_l = sees_a_key ? __frcp_rn(l) : 0.0f;
+    const RowFinish<true> fin(row_max[r], row_sum[r], mask.row_sees_a_key(row), sink2);
+    const float inv_l = fin.inv_l * dropout.scale;
 #pragma unroll
     for (int i = 0; i < kF32ColsPerLane; ++i) {
       const int c = lane + 32 * i;
       if (c < d) o_ptr[static_cast<int64_t>(row) * params.o_row_stride + c] = acc_o[r][i] * inv_l;
     }
     if (lane == 0) {
-      lse_ptr[row] = !sees_a_key ? kNegInf : l > 0.0f ? row_max[r] * kLn2 + logf(l) : __int_as_float(0x7fffffff);
+      lse_ptr[row] = fin.lse;
     }
   }
 }

@@ -41,6 +41,7 @@
 #include "cuda/flash/flash_params.h"
 #include "cuda/flash/flash_tile.h"
 #include "cuda/flash/kernel_traits.h"
+#include "cuda/flash/variants.h"
 
 namespace tfkernels {
 namespace flash {
@@ -82,6 +83,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
   const int row_end = (m0 + kBlockM < seqlen_q) ? m0 + kBlockM : seqlen_q;
   const TileRange tiles = info.key_tiles(m0, row_end, kBlockN);
   const int n_tiles = tiles.count();
+  const Dropout dropout = Dropout::make(params);
+  const uint32_t batch_head = static_cast<uint32_t>(batch) * params.heads + head;
 
   const Element* q_ptr = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
                          head * params.q_head_stride;
@@ -138,7 +141,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
       }
     }
 
-    const float scale_log2 = params.scale_log2;
+    const ScoreMap score_map = ScoreMap::base2(params);
 
     for (int it = 0; it < n_tiles; ++it) {
       // Tile `it` has landed for every thread, and every warp is done with tile it-1.
@@ -192,13 +195,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
         }
       }
 
-      // ---- scale to base 2 and mask. The scale is applied before the max so a
-      // negative scale stays correct.
+      // ---- scale to base 2 (softcap: c log2e tanh(scale s / c)) and mask. The
+      // scale is applied before the max so a negative scale stays correct.
       const bool need_mask = !mask.all_visible(m0w, m0w + 16, n0, n0 + kBlockN);
 #pragma unroll
       for (int nt = 0; nt < kNTilesS; ++nt) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc_s[nt][j] *= scale_log2;
+        for (int j = 0; j < 4; ++j) acc_s[nt][j] = score_map(acc_s[nt][j]);
       }
       if (need_mask) {
 #pragma unroll
@@ -239,6 +242,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
         }
       }
 
+      // ---- dropout: the row sums above are pre-dropout (lse is); dropped P are 0
+      // in P V, and 1 / (1 - p) is folded into the final normalisation.
+      if (dropout.on) {
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t kept = dropout.keep_pair(batch_head, m0w + g + 8 * r, n0 + nt * 8 + 2 * tq);
+            if (!(kept & 1u)) acc_s[nt][2 * r] = 0.0f;
+            if (!(kept & 2u)) acc_s[nt][2 * r + 1] = 0.0f;
+          }
+        }
+      }
+
       // ---- O += P V: the S accumulators of n8 tiles 2k and 2k+1 form the A
       // fragment of k16 step k (rows g/g+8, keys 2*tq.. and 8+2*tq..).
 #pragma unroll
@@ -266,20 +283,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
     }
   }
 
-  // ---- epilogue: normalise once, lse, stage through this warp's Q rows, store.
-  // Every warp reads and writes only its own 16 rows of sQ (the Q ldmatrix reads
-  // above included), so a __syncwarp() orders the staging.
-  constexpr float kLn2 = 0.693147180559945309f;
+  // ---- epilogue: normalise once (sink, dropout scale), lse, stage through this
+  // warp's Q rows, store. Every warp reads and writes only its own 16 rows of sQ
+  // (the Q ldmatrix reads above included), so a __syncwarp() orders the staging.
+  const float sink2 = sink_base2(params, head);
   float inv_l[2];
   float lse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float l = cuda::group_sum<4>(row_sum[r]);
-    const bool sees_a_key = mask.row_sees_a_key(m0w + g + 8 * r);
     // l >= 1 when the row's scores are finite (its max contributes exp2(0) = 1); l
     // is NaN or 0 after non-finite scores, and then O and lse are NaN.
-    inv_l[r] = sees_a_key ? 1.0f / l : 0.0f;
-    lse[r] = !sees_a_key ? kNegInf : l > 0.0f ? (row_max[r] + __log2f(l)) * kLn2 : __int_as_float(0x7fffffff);
+    const RowFinish<false> fin(row_max[r], cuda::group_sum<4>(row_sum[r]), mask.row_sees_a_key(m0w + g + 8 * r),
+                               sink2);
+    inv_l[r] = fin.inv_l * dropout.scale;
+    lse[r] = fin.lse;
   }
   if (!warp_active) return;
   __syncwarp();

@@ -41,6 +41,16 @@ struct FwdParams {
   // -1 = unbounded on that side (mask.h folds these with causal and len_k).
   int window_left, window_right;
 
+  // Variants (issue 15; variants.h). softcap > 0: scores are
+  // softcap * tanh(scale q.k / softcap). sinks: nullptr or float32 [H], a per-head
+  // logit in every row's softmax denominator (and lse). dropout_p > 0: P is
+  // multiplied by keep / (1 - p), keep from csrc/dropout_rng.h with (seed, offset)
+  // = rng_state[0..1], an int64 [2] read from device memory (CUDA-graph safe).
+  float softcap;
+  const float* sinks;
+  float dropout_p;
+  const int64_t* rng_state;
+
   // 16-bit path only: D % 8 == 0 and every base pointer and batch/head/row stride
   // is a multiple of 16 bytes, so 16-byte cp.async loads and 16-byte stores are
   // legal. When false the kernels load and store element by element (odd head
@@ -62,6 +72,7 @@ struct BwdParams : FwdParams {
   void* dq;
   void* dk;
   void* dv;
+  float* grad_sinks;      // float32 [H] when sinks is given: -sum_{b,i} exp(sink - lse) delta
   // deterministic: dQ by a second kernel that walks the K/V tiles of each query
   // tile (no atomics); otherwise fp32 atomicAdd into dq_accum, then a convert pass.
   bool deterministic;
