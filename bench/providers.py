@@ -32,7 +32,7 @@ import torch.nn.functional as F
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DIRECTIONS = ("fwd", "fwd+bwd")
 FAMILY = {"attention": "attention", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp",
-          "bias_gelu": "mlp"}
+          "bias_gelu": "mlp", "attention_window": "attention", "attention_softcap": "attention"}
 GELU = "tanh"  # every GELU provider uses the tanh form, so cuBLASLt's epilogue compares like for like
 
 # Provider order (tables, chart colours). "bound" providers do less work than the op
@@ -282,6 +282,10 @@ def _elsize(dtype):
 
 def work(case):
     """(amount, unit): FLOPs for TFLOP/s, bytes for GB/s, per call."""
+    if case.op in ("attention_window", "attention_softcap"):  # bench/providers_attention_variants.py
+        import providers_attention_variants
+
+        return providers_attention_variants.work(case)
     d = case.dims
     bwd = case.direction == "fwd+bwd"
     if case.op == "attention":
@@ -513,6 +517,10 @@ def _need_cublaslt(case, device):
 
 
 def prepare(case, device):
+    if case.op in ("attention_window", "attention_softcap"):
+        import providers_attention_variants
+
+        return providers_attention_variants.prepare(case, device)
     if case.op == "attention":
         return _prepare_attention(case, device)
     return _prepare_linear(case, device)

@@ -156,7 +156,7 @@ def _present_ops(run):
 
 
 def _family(op):
-    return {"attention": "attention", "fused_qkv": "qkv"}.get(op, "mlp")
+    return "attention" if op.startswith("attention") else {"fused_qkv": "qkv"}.get(op, "mlp")
 
 
 def header_lines(run):

@@ -68,10 +68,49 @@ static void check_floating_like(const at::Tensor& t, const char* name, const at:
   check_same_dtype(t, name, ref, ref_name);
 }
 
+void check_rng_state(const at::Tensor& rng_state, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 && rng_state.size(0) == 2,
+              "tfkernels: rng_state must be an int64 tensor [2] (seed, offset), got ", rng_state.scalar_type(), " ",
+              shape_str(rng_state));
+  check_same_device(rng_state, "rng_state", ref, ref_name);
+}
+
+static void check_attention_variants(AttentionShape& s, const at::Tensor& q, int64_t window_left,
+                                     int64_t window_right, double softcap, const c10::optional<at::Tensor>& sinks,
+                                     double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+  TORCH_CHECK(window_left >= -1 && window_right >= -1,
+              "tfkernels: window_size must be a pair of ints >= -1 (-1 = unbounded), got (", window_left, ", ",
+              window_right, ")");
+  s.window_left = window_left;
+  s.window_right = window_right;
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+              "tfkernels: softcap must be a finite number >= 0 (0 = off), got ", softcap);
+  s.softcap = static_cast<float>(softcap);
+  s.has_sinks = sinks.has_value() && sinks->defined();
+  if (s.has_sinks) {
+    const at::Tensor& t = *sinks;
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "tfkernels: sinks must be float32 (the Python wrapper casts), got ",
+                t.scalar_type());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == s.heads, "tfkernels: sinks must be a 1-D tensor [H] with H = ",
+                s.heads, " (q.shape[1]), got ", shape_str(t));
+    TORCH_CHECK(t.is_contiguous(), "tfkernels: sinks must be contiguous, got strides ", t.strides());
+    check_same_device(t, "sinks", q, "q");
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "tfkernels: dropout_p must be in [0, 1), got ", dropout_p);
+  s.dropout_p = static_cast<float>(dropout_p);
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng_state.has_value() && rng_state->defined(),
+                "tfkernels: rng_state (int64 [2]) is required when dropout_p > 0, got None");
+    check_rng_state(*rng_state, q, "q");
+  }
+}
+
 AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     bool is_causal, c10::string_view causal_alignment,
                                     c10::optional<double> scale,
-                                    const c10::optional<at::Tensor>& seqlens_k) {
+                                    const c10::optional<at::Tensor>& seqlens_k, int64_t window_left,
+                                    int64_t window_right, double softcap, const c10::optional<at::Tensor>& sinks,
+                                    double dropout_p, const c10::optional<at::Tensor>& rng_state) {
   check_dtype_in(q, "q", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
   check_rank(q, "q", 4, "[B, H, Sq, D]");
   check_rank(k, "k", 4, "[B, Hkv, Sk, D]");
@@ -127,6 +166,7 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
                   "], got min ", lo, " and max ", hi);
     }
   }
+  check_attention_variants(s, q, window_left, window_right, softcap, sinks, dropout_p, rng_state);
   return s;
 }
 

@@ -29,16 +29,28 @@ struct AttentionShape {
   bool causal;
   bool bottom_right;     // causal alignment: query i sees keys j <= i + (len_k - Sq)
   bool has_seqlens_k;
+  // Variants (see csrc/ops.cpp). The window is as given, not yet combined with causal.
+  int64_t window_left, window_right;  // -1 = unbounded
+  float softcap;                      // 0 = off
+  bool has_sinks;
+  float dropout_p;                    // 0 = off
 };
 
 constexpr int64_t kMaxHeadDim = 256;
 
-// Validates q, k, v (and seqlens_k, including its values when it lives on the CPU)
-// and resolves the scale and alignment.
+// Validates q, k, v (and seqlens_k, including its values when it lives on the CPU),
+// resolves the scale and alignment, and validates the variants: window sizes >= -1,
+// softcap finite and >= 0, sinks float32 [H] contiguous on q's device, dropout_p in
+// [0, 1) with rng_state int64 [2] on q's device when dropout_p > 0.
 AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     bool is_causal, c10::string_view causal_alignment,
                                     c10::optional<double> scale,
-                                    const c10::optional<at::Tensor>& seqlens_k);
+                                    const c10::optional<at::Tensor>& seqlens_k, int64_t window_left,
+                                    int64_t window_right, double softcap, const c10::optional<at::Tensor>& sinks,
+                                    double dropout_p, const c10::optional<at::Tensor>& rng_state);
+
+// The dropout RNG state: rng_state int64 [2] (seed, offset) on `device`.
+void check_rng_state(const at::Tensor& rng_state, const at::Tensor& ref, const char* ref_name);
 
 // For the backward: grad_out and out like q, lse float32 [B,H,Sq], grad_lse like lse.
 void check_attention_grad_args(const AttentionShape& shape, const at::Tensor& q,

@@ -14,14 +14,30 @@ TFKERNELS_LIBRARY(TFKERNELS_OP_NAMESPACE, m) {
   // is an integer [B] of valid key lengths. lse is float32 [B,H,Sq]; -inf marks a
   // query row that sees no key (its output is 0). `deterministic` only affects the
   // backward; it is an argument of the forward so that autograd can carry it.
+  // Variants (README, Semantics): window_left/right bound the keys a row sees
+  // around its (alignment-shifted) diagonal, -1 = unbounded; softcap c > 0 maps
+  // scores to c * tanh(s / c), 0 = off; sinks (float32 [H] or None) join every
+  // row's softmax denominator, and lse includes them; dropout_p > 0 drops
+  // probabilities with the counter-based RNG of csrc/dropout_rng.h seeded by
+  // rng_state (int64 [2] = seed, offset, on q's device), which the backward
+  // reuses to regenerate the same mask.
   m.def(
       "flash_attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, str causal_alignment, "
-      "float? scale, Tensor? seqlens_k, bool deterministic) -> (Tensor out, Tensor lse)");
+      "float? scale, Tensor? seqlens_k, bool deterministic, int window_left, int window_right, "
+      "float softcap, Tensor? sinks, float dropout_p, Tensor? rng_state) -> (Tensor out, Tensor lse)");
   // grad_lse is optional: it is non-None only when a caller differentiates through lse.
+  // grad_sinks is float32 [H] with sinks, else an empty float32 [0].
   m.def(
       "flash_attention_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor out, Tensor lse, bool is_causal, str causal_alignment, float? scale, "
-      "Tensor? seqlens_k, bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "Tensor? seqlens_k, bool deterministic, int window_left, int window_right, float softcap, "
+      "Tensor? sinks, float dropout_p, Tensor? rng_state) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
+  // Test-only: the attention dropout keep mask, bool [B,H,Sq,Sk], that the kernels
+  // draw for rng_state and dropout_p (True = kept), so tests can compare exactly.
+  m.def(
+      "_dropout_mask(Tensor rng_state, int batch, int heads, int seqlen_q, int seqlen_k, float dropout_p) "
+      "-> Tensor");
 
   // Fused QKV projection. x [B,S,E]; weight [(H+2*Hkv)*D, E] with rows ordered q heads,
   // k heads, v heads; returns q [B,H,S,D] and k, v [B,Hkv,S,D], contiguous.

@@ -30,9 +30,13 @@ OPS = ["flash_attention_fwd", "flash_attention_bwd", "fused_qkv", "fused_qkv_bwd
        "linear_gelu", "linear_gelu_bwd", "fused_mlp", "fused_mlp_bwd"]
 
 
+_BWD_DETERMINISTIC = 11  # flash_attention_bwd's `deterministic` argument
+
+
 def _atomic_outputs(name, args):
-    if name == "flash_attention_bwd" and not args[-1] and args[2].dtype != torch.float32:
-        return {0}
+    # dq (and, should the kernel sum it with atomics, grad_sinks) of the default backward.
+    if name == "flash_attention_bwd" and not args[_BWD_DETERMINISTIC] and args[2].dtype != torch.float32:
+        return {0, 3}
     return set()
 
 

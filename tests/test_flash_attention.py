@@ -22,6 +22,7 @@ from .utils import assert_close_float64, assert_flash_rule, high_precision, max_
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _ops = torch.ops.tfkernels
+NO_VARIANTS = (-1, -1, 0.0, None, 0.0, None)  # window_left/right, softcap, sinks, dropout_p, rng_state
 
 
 def _inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype):
@@ -256,9 +257,9 @@ def test_gradcheck(config):
 def _opcheck_args(dtype=torch.float32):
     lens = torch.tensor([5, 0, 9], dtype=torch.int32)
     return [
-        (*_inputs(2, 4, 2, 11, 9, 16, dtype), False, "top_left", None, None, False),
-        (*_inputs(3, 2, 1, 7, 9, 8, dtype), True, "bottom_right", 0.3, lens, True),
-        (*_inputs(1, 3, 3, 13, 5, 40, torch.float64), True, "top_left", None, None, False),
+        (*_inputs(2, 4, 2, 11, 9, 16, dtype), False, "top_left", None, None, False, *NO_VARIANTS),
+        (*_inputs(3, 2, 1, 7, 9, 8, dtype), True, "bottom_right", 0.3, lens, True, *NO_VARIANTS),
+        (*_inputs(1, 3, 3, 13, 5, 40, torch.float64), True, "top_left", None, None, False, *NO_VARIANTS),
     ]
 
 
@@ -299,7 +300,7 @@ def _good():
 
 
 def _call(q, k, v, is_causal=False, alignment="top_left", scale=None, seqlens_k=None):
-    return _ops.flash_attention_fwd(q, k, v, is_causal, alignment, scale, seqlens_k, False)
+    return _ops.flash_attention_fwd(q, k, v, is_causal, alignment, scale, seqlens_k, False, *NO_VARIANTS)
 
 
 @pytest.mark.parametrize(
@@ -364,7 +365,7 @@ def test_bad_backward_args():
     q, k, v = _good()
     out, lse = _call(q, k, v)
     go = torch.randn_like(out)
-    attrs = (False, "top_left", None, None, False)
+    attrs = (False, "top_left", None, None, False, *NO_VARIANTS)
 
     def bwd(grad_out=go, grad_lse=None, out=out, lse=lse):
         return _ops.flash_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, *attrs)
@@ -395,14 +396,16 @@ _MEMORY_SCRIPT = textwrap.dedent(
     ops = torch.ops.tfkernels
     S, D = 16384, 64
     q, k, v, go = (torch.randn(1, 1, S, D) for _ in range(4))
-    out, lse = ops.flash_attention_fwd(q[:, :, :64], k[:, :, :64], v[:, :, :64], False, "top_left", None, None, False)
+    nv = (-1, -1, 0.0, None, 0.0, None)  # no variants
+    out, lse = ops.flash_attention_fwd(q[:, :, :64], k[:, :, :64], v[:, :, :64], False, "top_left", None, None, False,
+                                       *nv)
     ops.flash_attention_bwd(go[:, :, :64], None, q[:, :, :64], k[:, :, :64], v[:, :, :64], out, lse,
-                            False, "top_left", None, None, False)  # warm up (BLAS buffers, thread pool)
+                            False, "top_left", None, None, False, *nv)  # warm up (BLAS buffers, thread pool)
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     base = rss()
-    out, lse = ops.flash_attention_fwd(q, k, v, False, "top_left", None, None, False)
+    out, lse = ops.flash_attention_fwd(q, k, v, False, "top_left", None, None, False, *nv)
     fwd = rss() - base
-    grads = ops.flash_attention_bwd(go, None, q, k, v, out, lse, False, "top_left", None, None, False)
+    grads = ops.flash_attention_bwd(go, None, q, k, v, out, lse, False, "top_left", None, None, False, *nv)
     bwd = rss() - base
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     print(fwd, bwd)

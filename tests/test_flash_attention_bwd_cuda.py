@@ -27,6 +27,8 @@ from .attention_cuda_cases import make_qkv as _qkv
 from .attention_cuda_cases import misaligned_qkv
 from .utils import assert_flash_rule, max_abs_err
 
+NO_VARIANTS = (-1, -1, 0.0, None, 0.0, None)  # window_left/right, softcap, sinks, dropout_p, rng_state
+
 sanitize = pytest.mark.sanitize
 gpu_only = pytest.mark.gpu_only  # minutes per case on the emulated device
 # The emulated quick grid (make test): every instantiation and dQ mode once, odd shapes.
@@ -366,7 +368,7 @@ def _direct_bwd(q, k, v, dout, deterministic, **kw):
     is_causal = kw.get("is_causal", False)
     alignment = kw.get("causal_alignment", "top_left")
     return out, lse, lambda: torch.ops.tfkernels.flash_attention_bwd(
-        dout, None, q, k, v, out, lse, is_causal, alignment, None, None, deterministic)
+        dout, None, q, k, v, out, lse, is_causal, alignment, None, None, deterministic, *NO_VARIANTS)[:3]
 
 
 @pytest.mark.parametrize("dtype,head_dim,kv_heads", [(torch.float16, 64, 4), (torch.bfloat16, 128, 1)],
@@ -413,20 +415,24 @@ def test_cuda_graph_capture():
     dout = torch.randn_like(q)
     lens = torch.tensor([300, 123], device="cuda", dtype=torch.int32)
     out, lse = tfkernels.flash_attention(q, k, v, return_lse=True, is_causal=True, seqlens_k=lens)
-    args = (dout, None, q, k, v, out, lse, True, "top_left", None, lens, True)
+    args = (dout, None, q, k, v, out, lse, True, "top_left", None, lens)
+
+    def bwd(deterministic):  # dq, dk, dv
+        return torch.ops.tfkernels.flash_attention_bwd(*args, deterministic, *NO_VARIANTS)[:3]
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        torch.ops.tfkernels.flash_attention_bwd(*args)
-        torch.ops.tfkernels.flash_attention_bwd(*args[:-1], False)
+        bwd(True)
+        bwd(False)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        g_det = torch.ops.tfkernels.flash_attention_bwd(*args)
-        g_def = torch.ops.tfkernels.flash_attention_bwd(*args[:-1], False)
+        g_det = bwd(True)
+        g_def = bwd(False)
     graph.replay()
-    e_det = torch.ops.tfkernels.flash_attention_bwd(*args)
-    e_def = torch.ops.tfkernels.flash_attention_bwd(*args[:-1], False)
+    e_det = bwd(True)
+    e_def = bwd(False)
     for a, b in zip(g_det, e_det):
         assert torch.equal(a, b)
     for a, b in zip(g_def, e_def):
@@ -441,5 +447,6 @@ def test_opcheck(cuda_device, dtype):
                                          seqlens_k=lens)
     dout = torch.randn_like(out)
     torch.library.opcheck(torch.ops.tfkernels.flash_attention_bwd.default,
-                          (dout, torch.randn_like(lse), q, k, v, out, lse, True, "bottom_right", None, lens, True),
+                          (dout, torch.randn_like(lse), q, k, v, out, lse, True, "bottom_right", None, lens, True,
+                           *NO_VARIANTS),
                           test_utils=("test_schema", "test_faketensor"))

@@ -358,7 +358,7 @@ def test_opcheck(cuda_device, dtype):
     q, k, v = _qkv(cuda_device, 2, 4, 2, 33, 47, 64, dtype, layout="bshd")
     lens = torch.tensor([47, 5], device=cuda_device, dtype=torch.int32)
     torch.library.opcheck(torch.ops.tfkernels.flash_attention_fwd.default,
-                          (q, k, v, True, "bottom_right", None, lens, False),
+                          (q, k, v, True, "bottom_right", None, lens, False, -1, -1, 0.0, None, 0.0, None),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -14,8 +14,14 @@ Conventions of the ops replaced:
 - CUDA, FlashAttention's ops: `_scaled_dot_product_flash_attention` takes [B,H,S,D],
   `_flash_attention_forward` [B,S,H,D] (or packed varlen [T,H,D] with cum_seq_q/k);
   is_causal is FlashAttention's bottom-right alignment (SDPA only sends it with Sq ==
-  Sk, where both alignments agree); lse is float32 [B,H,Sq]; no dropout means the
-  rng state is unused and returned as zeros, as torch's FA4 provider does.
+  Sk, where both alignments agree); lse is float32 [B,H,Sq]. Sliding windows
+  (window_size_left/right, bottom-right aligned like FlashAttention's) and dropout
+  are passed to the kernel. With dropout the kernel's rng_state (int64 [2], seed and
+  offset, drawn from torch's default generator on q's device) travels in the
+  philox-seed slot (uint64 [2], its bits unchanged) and returns to the backward
+  there; the offset slot is 0. Without dropout both are zeros, as torch's FA4
+  provider returns them. The CPU op's backward takes no rng state, so on the CPU
+  dropout still runs torch's kernel.
 """
 import torch
 
@@ -26,6 +32,8 @@ __all__ = ["Unsupported", "cpu_forward", "cpu_backward", "sdpa_flash_forward", "
            "flash_forward", "flash_forward_inplace", "flash_backward"]
 
 _ops = torch.ops.tfkernels
+# window_left, window_right, softcap, sinks, dropout_p, rng_state: plain attention.
+_NO_VARIANTS = (-1, -1, 0.0, None, 0.0, None)
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 256
 
@@ -36,9 +44,9 @@ class Unsupported(Exception):
 
 # --------------------------------------------------------------------------- shared checks and layouts
 
-def _check_dense(q, k, v, dropout_p, dtypes=_DTYPES):
-    if dropout_p != 0.0:
-        raise Unsupported(f"dropout_p={dropout_p} (the kernel has no dropout)")
+def _check_dense(q, k, v, dropout_p, dtypes=_DTYPES, dropout=False):
+    if dropout_p != 0.0 and not dropout:
+        raise Unsupported(f"dropout_p={dropout_p} (this op cannot carry the dropout rng state to its backward)")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise Unsupported(f"q, k, v must be 4-D, got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
     if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -132,7 +140,7 @@ def _cpu_lse(lse, q):
 def cpu_forward(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
     _check_dense(q, k, v, dropout_p)
     causal, alignment, seqlens_k = _cpu_plan(q, k, is_causal, attn_mask)
-    out, lse = _ops.flash_attention_fwd(q, k, v, causal, alignment, scale, seqlens_k, False)
+    out, lse = _ops.flash_attention_fwd(q, k, v, causal, alignment, scale, seqlens_k, False, *_NO_VARIANTS)
     return _like(out, q), _cpu_lse(lse, q)
 
 
@@ -147,24 +155,37 @@ def cpu_backward(grad_out, q, k, v, out, lse, dropout_p, is_causal, *, attn_mask
     causal, alignment, seqlens_k = _cpu_plan(q, k, is_causal, attn_mask)
     lse = lse.to(torch.float32).contiguous()
     grads = _ops.flash_attention_bwd(grad_out.contiguous(), None, q, k, v, out, lse, causal, alignment, scale,
-                                     seqlens_k, False)
-    return tuple(_cpu_grad(g, t) for g, t in zip(grads, (q, k, v)))
+                                     seqlens_k, False, *_NO_VARIANTS)
+    return tuple(_cpu_grad(g, t) for g, t in zip(grads[:3], (q, k, v)))
 
 
 # --------------------------------------------------------------------------- CUDA (FlashAttention's ops)
 
-def _unused_rng_state(q):
-    # What FA4's provider returns without dropout: the state is never read.
-    return (torch.zeros((2,), dtype=torch.uint64, device=q.device),
-            torch.zeros((), dtype=torch.uint64, device=q.device))
+def _dropout_rng(q, dropout_p):
+    """(rng_state for the kernel or None, philox seed slot, philox offset slot)."""
+    offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+    if dropout_p == 0.0:
+        # What FA4's provider returns without dropout: the state is never read.
+        return None, torch.zeros((2,), dtype=torch.uint64, device=q.device), offset
+    rng_state = torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, device=q.device)
+    return rng_state, rng_state.view(torch.uint64), offset
+
+
+def _rng_from_slot(philox_seed, dropout_p):
+    """The kernel's rng_state back from the philox seed slot (see _dropout_rng)."""
+    return philox_seed.view(torch.int64) if dropout_p != 0.0 else None
+
+
+def _window(window_size_left, window_size_right):
+    return (-1 if window_size_left is None else int(window_size_left),
+            -1 if window_size_right is None else int(window_size_right))
 
 
 def _no_debug_mask(q):
     return torch.empty(0, dtype=q.dtype, device=q.device)
 
 
-def _check_flash_extras(cum_seq_q, cum_seq_k, return_debug_mask=False, window_size_left=None,
-                        window_size_right=None, alibi_slopes=None, block_table=None):
+def _check_flash_extras(cum_seq_q, cum_seq_k, return_debug_mask=False, alibi_slopes=None, block_table=None):
     if cum_seq_q is not None or cum_seq_k is not None:
         raise Unsupported("packed variable-length inputs (cum_seq_q/cum_seq_k): no varlen kernel yet")
     if return_debug_mask:
@@ -173,41 +194,38 @@ def _check_flash_extras(cum_seq_q, cum_seq_k, return_debug_mask=False, window_si
         raise Unsupported("alibi_slopes")
     if block_table is not None:
         raise Unsupported("a paged KV cache (block_table)")
-    if window_size_left not in (None, -1) or window_size_right not in (None, -1, 0):
-        raise Unsupported(f"a sliding window ({window_size_left}, {window_size_right})")
-
-
-def _flash_causal(is_causal, window_size_right):
-    # FlashAttention: window (-1, 0) is the causal mask, bottom-right aligned like is_causal.
-    return bool(is_causal) or window_size_right == 0
 
 
 def sdpa_flash_forward(q, k, v, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
-    _check_dense(q, k, v, dropout_p)
+    _check_dense(q, k, v, dropout_p, dropout=True)
     _check_flash_extras(None, None, return_debug_mask)
-    out, lse = _ops.flash_attention_fwd(q, k, v, bool(is_causal), "bottom_right", scale, None, False)
-    rng_state, offset = _unused_rng_state(q)
-    return _like(out, q), lse, None, None, q.shape[2], k.shape[2], rng_state, offset, _no_debug_mask(q)
+    rng_state, seed_slot, offset_slot = _dropout_rng(q, dropout_p)
+    out, lse = _ops.flash_attention_fwd(q, k, v, bool(is_causal), "bottom_right", scale, None, False, -1, -1, 0.0,
+                                        None, float(dropout_p), rng_state)
+    return _like(out, q), lse, None, None, q.shape[2], k.shape[2], seed_slot, offset_slot, _no_debug_mask(q)
 
 
 def sdpa_flash_backward(grad_out, q, k, v, out, lse, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                         philox_seed, philox_offset, *, scale=None):
-    _check_dense(q, k, v, dropout_p)
+    _check_dense(q, k, v, dropout_p, dropout=True)
     _check_flash_extras(cum_seq_q, cum_seq_k)
     grads = _ops.flash_attention_bwd(grad_out.contiguous(), None, q, k, v, out, lse.contiguous(), bool(is_causal),
-                                     "bottom_right", scale, None, _deterministic())
-    return tuple(_like(g, t) for g, t in zip(grads, (q, k, v)))
+                                     "bottom_right", scale, None, _deterministic(), -1, -1, 0.0, None,
+                                     float(dropout_p), _rng_from_slot(philox_seed, dropout_p))
+    return tuple(_like(g, t) for g, t in zip(grads[:3], (q, k, v)))
 
 
 def _flash_forward_bshd(q, k, v, cum_seq_q, cum_seq_k, dropout_p, is_causal, return_debug_mask, scale,
-                        window_size_left, window_size_right, seqused_k, alibi_slopes, block_table):
+                        window_size_left, window_size_right, seqused_k, alibi_slopes, block_table, rng_state=None):
     """Checks, then runs the kernel on [B,S,H,D] inputs: (out [B,Sq,H,D] in the kernel's layout, lse)."""
-    _check_flash_extras(cum_seq_q, cum_seq_k, return_debug_mask, window_size_left, window_size_right,
-                        alibi_slopes, block_table)
-    _check_dense(q, k, v, dropout_p)
+    _check_flash_extras(cum_seq_q, cum_seq_k, return_debug_mask, alibi_slopes=alibi_slopes,
+                        block_table=block_table)
+    _check_dense(q, k, v, dropout_p, dropout=rng_state is not None)
     q_, k_, v_ = _bhsd(q, k, v)
-    out, lse = _ops.flash_attention_fwd(q_, k_, v_, _flash_causal(is_causal, window_size_right), "bottom_right",
-                                        scale, seqused_k, False)
+    # FlashAttention's window is bottom-right aligned, as its causal mask; (-1, 0) is causal.
+    out, lse = _ops.flash_attention_fwd(q_, k_, v_, bool(is_causal), "bottom_right", scale, seqused_k, False,
+                                        *_window(window_size_left, window_size_right), 0.0, None, float(dropout_p),
+                                        rng_state)
     return out.transpose(1, 2), lse
 
 
@@ -215,10 +233,11 @@ def flash_forward(q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_cau
                   scale=None, window_size_left=None, window_size_right=None, seqused_k=None, alibi_slopes=None,
                   block_table=None, num_splits=None):
     # num_splits only tunes how the work is split (1 = batch invariant); the kernel never splits KV.
+    rng_state, seed_slot, offset_slot = _dropout_rng(q, dropout_p)
     out, lse = _flash_forward_bshd(q, k, v, cum_seq_q, cum_seq_k, dropout_p, is_causal, return_debug_mask, scale,
-                                   window_size_left, window_size_right, seqused_k, alibi_slopes, block_table)
-    rng_state, offset = _unused_rng_state(q)
-    return _like(out, q), lse, rng_state, offset, _no_debug_mask(q)
+                                   window_size_left, window_size_right, seqused_k, alibi_slopes, block_table,
+                                   rng_state)
+    return _like(out, q), lse, seed_slot, offset_slot, _no_debug_mask(q)
 
 
 def flash_forward_inplace(out, q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
@@ -233,10 +252,11 @@ def flash_forward_inplace(out, q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, drop
 
 def flash_backward(grad_out, q, k, v, out, lse, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                    rng_state, unused, *, scale=None, window_size_left=None, window_size_right=None):
-    _check_flash_extras(cum_seq_q, cum_seq_k, False, window_size_left, window_size_right)
-    _check_dense(q, k, v, dropout_p)
+    _check_flash_extras(cum_seq_q, cum_seq_k)
+    _check_dense(q, k, v, dropout_p, dropout=True)
     grad_out, q_, k_, v_, out = _bhsd(grad_out.contiguous(), q, k, v, out)
-    grads = _ops.flash_attention_bwd(grad_out, None, q_, k_, v_, out, lse.contiguous(),
-                                     _flash_causal(is_causal, window_size_right), "bottom_right", scale, None,
-                                     _deterministic())
-    return tuple(_like(g.transpose(1, 2), t) for g, t in zip(grads, (q, k, v)))
+    grads = _ops.flash_attention_bwd(grad_out, None, q_, k_, v_, out, lse.contiguous(), bool(is_causal),
+                                     "bottom_right", scale, None, _deterministic(),
+                                     *_window(window_size_left, window_size_right), 0.0, None, float(dropout_p),
+                                     _rng_from_slot(rng_state, dropout_p))
+    return tuple(_like(g.transpose(1, 2), t) for g, t in zip(grads[:3], (q, k, v)))

@@ -30,9 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-SUITES = {"attention": "test_bench_attention.py", "qkv": "test_bench_qkv.py", "mlp": "test_bench_mlp.py"}
+SUITES = {"attention": "test_bench_attention.py", "attention_variants": "test_bench_attention_variants.py",
+          "qkv": "test_bench_qkv.py", "mlp": "test_bench_mlp.py"}
 # Shares of a --time-budget: each suite may use its share of what is left when it starts.
-BUDGET_WEIGHTS = {"attention": 0.5, "qkv": 0.2, "mlp": 0.3}
+BUDGET_WEIGHTS = {"attention": 0.4, "attention_variants": 0.1, "qkv": 0.2, "mlp": 0.3}
 
 
 def find_bench_dir():

@@ -4,6 +4,8 @@ Each op gets a fake (meta) kernel, so torch.compile(fullgraph=True) traces it
 without a graph break, and an autograd formula whose backward calls the
 registered backward op, so compiled graphs and CUDA graphs see only our ops.
 """
+import math
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
@@ -27,44 +29,130 @@ def _needs_grad(*tensors):
 # --------------------------------------------------------------------------- attention
 
 def flash_attention(q, k, v, *, is_causal=False, causal_alignment="top_left", scale=None, seqlens_k=None,
+                    window_size=(-1, -1), softcap=0.0, sinks=None, dropout_p=0.0, generator=None,
                     return_lse=False, deterministic=False):
     """Tiled attention with online softmax: softmax(q k^T * scale + mask) v.
 
     q [B,H,Sq,D]; k, v [B,Hkv,Sk,D] with H % Hkv == 0 (GQA/MQA). Returns out
     [B,H,Sq,D], and with return_lse also lse [B,H,Sq] in float32. A query row that
-    sees no key gets 0 and lse = -inf; NaN/Inf inputs propagate as the README's
-    Semantics section says (a row that sees a NaN score gets NaN, never 0). `deterministic=True` makes the CUDA backward
-    bitwise reproducible (the default may accumulate dq with atomics); the CPU
-    backward is always deterministic.
+    sees no key gets 0 and lse = -inf (lse = sinks[h] with sinks); NaN/Inf inputs
+    propagate as the README's Semantics section says (a row that sees a NaN score
+    gets NaN, never 0). `deterministic=True` makes the CUDA backward bitwise
+    reproducible (the default may accumulate dq with atomics); the CPU backward is
+    always deterministic.
+
+    Variants (FlashAttention's names; README, Semantics):
+    - window_size=(left, right): query i sees key j only when
+      i + off - left <= j <= i + off + right, off the causal_alignment offset; -1 = unbounded.
+    - softcap=c > 0: scores become c * tanh(s / c) before the softmax.
+    - sinks: [H] logits (any float dtype, differentiable) that join every row's softmax
+      denominator and lse but add no value (GPT-OSS's s_aux).
+    - dropout_p in [0, 1) with an optional torch.Generator: probabilities are dropped after
+      the softmax and the kept ones scaled by 1 / (1 - p). The mask comes from a counter-based
+      RNG whose state is drawn from `generator` on q's device; the backward regenerates it.
     """
     _check_choice("causal_alignment", causal_alignment, _ALIGNMENTS)
-    out, lse = _ops.flash_attention_fwd(q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic)
+    window_left, window_right = _check_window(window_size)
+    softcap = _check_softcap(softcap)
+    dropout_p = _check_dropout(dropout_p)
+    if sinks is not None:
+        _check_sinks(sinks, q)
+        sinks = sinks.to(torch.float32).contiguous()  # differentiable: the gradient returns in sinks' dtype
+    rng_state = None
+    if dropout_p > 0:
+        rng_state = torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, device=q.device, generator=generator)
+    out, lse = _ops.flash_attention_fwd(q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic,
+                                        window_left, window_right, softcap, sinks, dropout_p, rng_state)
     return (out, lse) if return_lse else out
 
 
+def _is_int(x):
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
+def _check_window(window_size):
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"tfkernels: window_size must be a pair of ints (left, right) >= -1, got {window_size!r}")
+    if not (_is_int(left) and _is_int(right)) or left < -1 or right < -1:
+        raise ValueError(f"tfkernels: window_size must be a pair of ints (left, right) >= -1 (-1 = unbounded), "
+                         f"got {window_size!r}")
+    return int(left), int(right)
+
+
+def _check_softcap(softcap):
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) \
+            or softcap < 0:
+        raise ValueError(f"tfkernels: softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
+    return float(softcap)
+
+
+def _check_dropout(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"tfkernels: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _check_sinks(sinks, q):
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
+        what = sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise ValueError(f"tfkernels: sinks must be a floating-point tensor [H], got {what}")
+    if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
+        raise ValueError(f"tfkernels: sinks must have shape [H] = [{q.shape[1]}] (q.shape[1]), got "
+                         f"{list(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"tfkernels: sinks must be on q's device ({q.device}), got {sinks.device}")
+
+
 @torch.library.register_fake("tfkernels::flash_attention_fwd")
-def _(q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic):
+def _(q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic, window_left, window_right, softcap,
+      sinks, dropout_p, rng_state):
+    _check_variants_fake(q, window_left, window_right, softcap, sinks, dropout_p, rng_state)
     batch, heads, seqlen_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
 @torch.library.register_fake("tfkernels::flash_attention_bwd")
-def _(grad_out, grad_lse, q, k, v, out, lse, is_causal, causal_alignment, scale, seqlens_k, deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(grad_out, grad_lse, q, k, v, out, lse, is_causal, causal_alignment, scale, seqlens_k, deterministic,
+      window_left, window_right, softcap, sinks, dropout_p, rng_state):
+    _check_variants_fake(q, window_left, window_right, softcap, sinks, dropout_p, rng_state)
+    grad_sinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_sinks
+
+
+def _check_variants_fake(q, window_left, window_right, softcap, sinks, dropout_p, rng_state):
+    """The kernels' checks of the variant arguments, for tracing (fake tensors)."""
+    torch._check(window_left >= -1 and window_right >= -1,
+                 lambda: f"tfkernels: window_size must be >= -1, got ({window_left}, {window_right})")
+    torch._check(math.isfinite(softcap) and softcap >= 0,
+                 lambda: f"tfkernels: softcap must be a finite number >= 0, got {softcap}")
+    torch._check(0 <= dropout_p < 1, lambda: f"tfkernels: dropout_p must be in [0, 1), got {dropout_p}")
+    if sinks is not None:
+        torch._check(sinks.dtype == torch.float32, lambda: f"tfkernels: sinks must be float32, got {sinks.dtype}")
+        torch._check(sinks.dim() == 1 and sinks.shape[0] == q.shape[1],
+                     lambda: f"tfkernels: sinks must have shape [H] = [{q.shape[1]}], got {list(sinks.shape)}")
+        torch._check(sinks.device == q.device, lambda: f"tfkernels: sinks must be on {q.device}, got {sinks.device}")
+    if dropout_p > 0:
+        torch._check(rng_state is not None, lambda: "tfkernels: rng_state is required when dropout_p > 0")
+        torch._check(rng_state.dtype == torch.int64 and rng_state.shape == (2,),
+                     lambda: f"tfkernels: rng_state must be int64 [2], got {rng_state.dtype} {list(rng_state.shape)}")
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic = inputs
+    (q, k, v, is_causal, causal_alignment, scale, seqlens_k, deterministic, window_left, window_right, softcap,
+     sinks, dropout_p, rng_state) = inputs
     out, lse = output
     # Unused outputs (lse without return_lse) then arrive as None, not as zeros.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, out, lse, seqlens_k)
-    ctx.attrs = (is_causal, causal_alignment, scale, deterministic)
+    # rng_state (two int64) is saved, not the mask: the backward regenerates the mask from it.
+    ctx.save_for_backward(q, k, v, out, lse, seqlens_k, sinks, rng_state)
+    ctx.attrs = (is_causal, causal_alignment, scale, deterministic, window_left, window_right, softcap, dropout_p)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, seqlens_k = ctx.saved_tensors
-    is_causal, causal_alignment, scale, deterministic = ctx.attrs
+    q, k, v, out, lse, seqlens_k, sinks, rng_state = ctx.saved_tensors
+    is_causal, causal_alignment, scale, deterministic, window_left, window_right, softcap, dropout_p = ctx.attrs
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     # Autograd may hand over expanded gradients (stride 0, e.g. from out.sum()), which the
@@ -72,9 +160,11 @@ def _attention_backward(ctx, grad_out, grad_lse):
     grad_out = grad_out.contiguous()
     if grad_lse is not None:
         grad_lse = grad_lse.contiguous()
-    grad_q, grad_k, grad_v = _ops.flash_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, is_causal,
-                                                      causal_alignment, scale, seqlens_k, deterministic)
-    return grad_q, grad_k, grad_v, None, None, None, None, None
+    grad_q, grad_k, grad_v, grad_sinks = _ops.flash_attention_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, is_causal, causal_alignment, scale, seqlens_k, deterministic,
+        window_left, window_right, softcap, sinks, dropout_p, rng_state)
+    grad_sinks = grad_sinks if sinks is not None and ctx.needs_input_grad[11] else None
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, grad_sinks, None, None
 
 
 torch.library.register_autograd("tfkernels::flash_attention_fwd", _attention_backward,
@@ -305,13 +395,15 @@ torch.library.register_autograd("tfkernels::fused_mlp", _fused_mlp_backward, set
 
 # --------------------------------------------------------------------------- autocast
 
-def _register_autocast(opname):
+def _register_autocast(opname, keep_dtype=()):
     """Under torch.autocast the forward ops run in the autocast dtype, like F.linear and SDPA:
     floating-point inputs on the autocast device are cast (float64 is left alone, as autocast
     does), then the op runs with autocast off. The casts are differentiable, so gradients
     reach float32 parameters in float32. The backward ops need no rule: they see the
     forward's dtypes. Same mechanism as torch.library.register_autocast, except that the
-    dtype is read from the active autocast context (bf16 or fp16) instead of fixed."""
+    dtype is read from the active autocast context (bf16 or fp16) instead of fixed.
+    Arguments at the positions in `keep_dtype` are passed as they are (attention sinks
+    stay float32, as the kernels want)."""
     op = getattr(_ops, opname).default
     for device_type in ("cpu", "cuda"):
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
@@ -327,12 +419,13 @@ def _register_autocast(opname):
                 return a
 
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                return op(*[cast(a) for a in args])
+                return op(*[a if i in keep_dtype else cast(a) for i, a in enumerate(args)])
 
         op.py_impl(key)(kernel)  # seen by tracing (torch.compile, make_fx)
         _autocast_lib.impl(opname, lambda _keyset, *args, _k=kernel: _k(*args), key_name, with_keyset=True)
 
 
 _autocast_lib = torch.library.Library("tfkernels", "IMPL")
-for _name in ("flash_attention_fwd", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"):
+_register_autocast("flash_attention_fwd", keep_dtype=(11,))  # sinks
+for _name in ("fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"):
     _register_autocast(_name)

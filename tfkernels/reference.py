@@ -15,15 +15,18 @@ __all__ = ["flash_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_ml
 
 
 def attention_mask(seqlen_q, seqlen_k, *, batch=1, is_causal=False, causal_alignment="top_left",
-                   seqlens_k=None, device=None):
+                   seqlens_k=None, window_size=(-1, -1), device=None):
     """Boolean [B, 1, Sq, Sk] mask, True where query i may attend to key j.
 
-    Keys at or past seqlens_k[b] are hidden. With is_causal, key j is visible to
-    query i when j <= i + offset: offset is 0 for "top_left" and len_k - Sq for
-    "bottom_right", where len_k is seqlens_k[b] (or Sk without seqlens_k).
+    Keys at or past seqlens_k[b] are hidden. The diagonal of query i is key
+    i + offset: offset is 0 for "top_left" and len_k - Sq for "bottom_right", where
+    len_k is seqlens_k[b] (or Sk without seqlens_k). With is_causal, key j is visible
+    when j <= i + offset; with window_size = (left, right), when
+    i + offset - left <= j <= i + offset + right (-1 = unbounded on that side).
     """
     if causal_alignment not in ("top_left", "bottom_right"):
         raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
+    left, right = window_size
     i = torch.arange(seqlen_q, device=device).view(1, 1, seqlen_q, 1)
     j = torch.arange(seqlen_k, device=device).view(1, 1, 1, seqlen_k)
     if seqlens_k is None:
@@ -32,22 +35,34 @@ def attention_mask(seqlen_q, seqlen_k, *, batch=1, is_causal=False, causal_align
         len_k = seqlens_k.to(device=device, dtype=torch.long)
     len_k = len_k.view(-1, 1, 1, 1)
     mask = j < len_k
+    diagonal = i + (len_k - seqlen_q if causal_alignment == "bottom_right" else torch.zeros_like(len_k))
     if is_causal:
-        offset = len_k - seqlen_q if causal_alignment == "bottom_right" else torch.zeros_like(len_k)
-        mask = mask & (j <= i + offset)
+        mask = mask & (j <= diagonal)
+    if left >= 0:
+        mask = mask & (j >= diagonal - left)
+    if right >= 0:
+        mask = mask & (j <= diagonal + right)
     return mask
 
 
 def flash_attention(q, k, v, *, is_causal=False, causal_alignment="top_left", scale=None, seqlens_k=None,
-                    return_lse=False, deterministic=False):
+                    window_size=(-1, -1), softcap=0.0, sinks=None, dropout_p=0.0, generator=None,
+                    dropout_mask=None, return_lse=False, deterministic=False):
     """softmax(q k^T * scale + mask) v for q [B,H,Sq,D], k/v [B,Hkv,Sk,D].
 
-    Each query row attends over exactly the keys it sees. A hidden key (past
-    seqlens_k, above the causal diagonal) never enters a row's output or any
+    Each query row attends over exactly the keys it sees (attention_mask: seqlens_k,
+    is_causal, window_size). A hidden key never enters a row's output or any
     gradient through that row, even as 0 x NaN; a query row that sees no key
-    returns 0 and lse = -inf. Non-finite values among the keys a row sees
-    propagate as in softmax (see _attend). `deterministic` is accepted for
-    signature parity; the reference is always deterministic.
+    returns 0 and lse = -inf (lse = sinks[h] with sinks). Non-finite values among
+    the keys a row sees propagate as in softmax (see _attend).
+
+    Variants: softcap c > 0 maps each scaled score s to c * tanh(s / c); sinks [H]
+    are logits that join every row's softmax denominator (and lse) with no value;
+    dropout_p > 0 multiplies the probabilities by keep / (1 - dropout_p) after the
+    softmax (lse stays pre-dropout), with keep = dropout_mask (bool [B,H,Sq,Sk],
+    e.g. torch.ops.tfkernels._dropout_mask, to reproduce a kernel's draw exactly),
+    or else drawn here from torch.rand(generator=generator) (a different stream
+    than the kernels'). `deterministic` is accepted for signature parity.
 
     With finite q, k, v one masked product over all keys is exact (a hidden key
     adds 0 x finite = 0). Otherwise the rows are grouped by the set of keys they
@@ -64,13 +79,23 @@ def flash_attention(q, k, v, *, is_causal=False, causal_alignment="top_left", sc
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     mask = attention_mask(seqlen_q, seqlen_k, batch=batch, is_causal=is_causal, causal_alignment=causal_alignment,
-                          seqlens_k=seqlens_k, device=q.device).expand(batch, 1, seqlen_q, seqlen_k)
+                          seqlens_k=seqlens_k, window_size=tuple(window_size),
+                          device=q.device).expand(batch, 1, seqlen_q, seqlen_k)
+    keep = None
+    if dropout_p > 0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(batch, heads, seqlen_q, seqlen_k, generator=generator, device=q.device,
+                                      dtype=torch.float64) >= dropout_p
+        keep = dropout_mask.to(device=q.device, dtype=q.dtype) / (1.0 - dropout_p)
+    sink = None if sinks is None else sinks.view(heads, 1, 1)
+    variant = dict(softcap=softcap, sink=sink)
     if seqlen_q == 0 or seqlen_k == 0 or all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
-        out, lse = _attend(q, k, v, scale, mask)
+        out, lse = _attend(q, k, v, scale, mask, keep=keep, **variant)
     else:
         outs, lses = [], []
         for b in range(batch):
-            pieces = [(rows, *_attend(q[b][:, rows], k[b][:, keys], v[b][:, keys], scale))
+            pieces = [(rows, *_attend(q[b][:, rows], k[b][:, keys], v[b][:, keys], scale,
+                                      keep=None if keep is None else keep[b][:, rows][:, :, keys], **variant))
                       for rows, keys in _row_groups(mask[b, 0])]
             order = torch.cat([rows for rows, _, _ in pieces]).argsort()
             outs.append(torch.cat([o for _, o, _ in pieces], dim=1)[:, order])
@@ -87,30 +112,42 @@ def _row_groups(mask):
     return [((group_of_row == g).nonzero().squeeze(1), keys.nonzero().squeeze(1)) for g, keys in enumerate(patterns)]
 
 
-def _attend(q, k, v, scale, visible=None):
-    """Attention of q [..., n, D] over the keys k, v [..., m, D] that `visible` ([..., n, m]
+def _attend(q, k, v, scale, visible=None, *, softcap=0.0, sink=None, keep=None):
+    """Attention of q [..., H, n, D] over the keys k, v [..., H, m, D] that `visible` ([..., n, m]
     bool, default all) allows: (out, lse).
 
-    lse = mx + log(sum(exp(s - mx))) with mx the row max of the visible scores s,
-    and softmax = exp(s - lse), in float32 (float64 for float64 inputs). A NaN
-    score, a +inf score (inf - inf) or visible scores that are all -inf (-inf + inf)
-    make the row's lse and output NaN; a -inf score among finite ones gets
-    probability 0. A row that sees no key gets output 0 and lse = -inf.
+    lse = mx + log(sum(exp(s - mx)) + exp(sink - mx)) with mx the row max of the
+    visible scores s (and the sink [H, 1, 1], if any), and softmax = exp(s - lse), in
+    float32 (float64 for float64 inputs); `keep` ([..., n, m], 0 or 1 / (1 - p))
+    scales the probabilities after that (dropout). A NaN score, a +inf score
+    (inf - inf) or visible scores that are all -inf without a sink (-inf + inf) make
+    the row's lse and output NaN; a -inf score among finite ones gets probability 0.
+    A row that sees no key gets output 0 and lse = -inf, or lse = sink with a sink.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if k.shape[-2] == 0:  # (q k^T) v is an empty sum: zeros that still carry the graph
-        return torch.matmul(scores, v), torch.full(scores.shape[:-1], float("-inf"), device=q.device)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     s = scores if scores.dtype == torch.float64 else scores.float()
     if visible is None:
-        empty = torch.zeros(s.shape[:-1] + (1,), dtype=torch.bool, device=s.device)
+        empty = torch.full(s.shape[:-1] + (1,), k.shape[-2] == 0, dtype=torch.bool, device=s.device)
     else:
         s = s.masked_fill(~visible, float("-inf"))
         empty = ~visible.any(dim=-1, keepdim=True)
-    # amax keeps NaN; the lse's gradient does not depend on mx. Empty rows: exp(-inf - 0) = 0, lse = log 0.
-    row_max = s.amax(dim=-1, keepdim=True).detach().masked_fill(empty, 0)
-    lse = row_max + torch.log(torch.exp(s - row_max).sum(dim=-1, keepdim=True))
-    probs = torch.exp(s - lse.masked_fill(empty, 0)).to(q.dtype)
-    return torch.matmul(probs, v), lse.squeeze(-1)
+    # amax keeps NaN; the lse's gradient does not depend on mx. Empty rows without a
+    # sink: exp(-inf - 0) = 0, lse = log 0 = -inf.
+    row_max = s.amax(dim=-1, keepdim=True) if s.shape[-1] else torch.full_like(empty, float("-inf"), dtype=s.dtype)
+    sink_s = None if sink is None else sink.to(s.dtype)
+    if sink_s is not None:
+        row_max = torch.maximum(row_max, sink_s)
+    row_max = row_max.detach().masked_fill(empty & torch.isneginf(row_max.detach()), 0)
+    total = torch.exp(s - row_max).sum(dim=-1, keepdim=True)
+    if sink_s is not None:
+        total = total + torch.exp(sink_s - row_max)
+    lse = row_max + torch.log(total)
+    probs = torch.exp(s - lse.masked_fill(empty & torch.isneginf(lse.detach()), 0))
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype)
+    return torch.matmul(probs.to(q.dtype), v), lse.squeeze(-1)
 
 
 def fused_qkv(x, weight, bias=None, *, num_heads, num_kv_heads=None):

@@ -22,9 +22,10 @@ ops and their contracts):
   math path, which never reaches us.
 
 A call the kernels cannot serve runs torch's own kernel for that op (the one that ran
-before activation), with a one-time RuntimeWarning naming the reason: dropout, an
+before activation), with a one-time RuntimeWarning naming the reason: dropout on the CPU, an
 attn_mask other than right key padding and/or causal, an unsupported dtype or head dim,
-packed varlen inputs, sliding windows, alibi, paged KV. The mask is read on the CPU
+packed varlen inputs, alibi, paged KV (CUDA's flash ops pass sliding windows and
+dropout to the kernels). The mask is read on the CPU
 (no device sync) to find its padding lengths; CUDA's flash ops take no mask at all.
 
 `restore_flash_attention_impl()` (or leaving the `with` block) removes our kernels.

@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "dropout_rng.h"
+
 namespace tfkernels::cpu::fa {
 
 // max_j s[j] * c over j < n (n >= 1).
@@ -23,6 +25,16 @@ void exp2_scaled(float* s, int64_t n, float c, float m);
 void softmax_grad(float* dp, const float* p, int64_t n, float delta);
 // x[j] <- x[j] * a for j < n.
 void scale_row(float* x, int64_t n, float a);
+// Softcap: t = tanh(s[j] * a), s[j] <- c * t, and t[j] <- t when t != nullptr.
+void softcap_row(float* s, int64_t n, float a, float c, float* t);
+// ds[j] <- ds[j] * (1 - t[j]^2): the softcap's derivative (up to the scale).
+void tanh_grad(float* ds, const float* t, int64_t n);
+// x[j] <- keep[j] ? x[j] * a : 0 (dropout).
+void apply_keep(float* x, const uint8_t* keep, int64_t n, float a);
+// keep[t] for the keys 4 * g0 .. 4 * (g0 + groups) - 1 of row `row` of slice
+// `batch_head`: 1 = kept (csrc/dropout_rng.h).
+void dropout_keep(uint8_t* keep, const dropout::DropoutRng& rng, uint32_t batch_head, uint32_t row, int64_t g0,
+                  int64_t groups);
 
 inline double row_max_scaled(const double* s, int64_t n, double c) {
   double m = -INFINITY;
@@ -45,6 +57,19 @@ inline void softmax_grad(double* dp, const double* p, int64_t n, double delta) {
 }
 inline void scale_row(double* x, int64_t n, double a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+inline void softcap_row(double* s, int64_t n, double a, double c, double* t) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double th = std::tanh(s[j] * a);
+    s[j] = c * th;
+    if (t) t[j] = th;
+  }
+}
+inline void tanh_grad(double* ds, const double* t, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) ds[j] *= 1.0 - t[j] * t[j];
+}
+inline void apply_keep(double* x, const uint8_t* keep, int64_t n, double a) {
+  for (int64_t j = 0; j < n; ++j) x[j] = keep[j] ? x[j] * a : 0.0;
 }
 
 // The base of the softmax domain per compute type.

@@ -5,6 +5,8 @@
 // - fast_exp2f: the attention softmax. Round-to-nearest range reduction, a
 //   degree-6 polynomial for 2^f on [-0.5, 0.5] (Cephes exp2f, relative error
 //   ~2e-7, about 2 ulp), and the exponent added through the bits.
+// - tanh_f: the attention softcap; Cephes tanhf (odd polynomial below 0.625,
+//   1 - 2 / (exp(2|x|) + 1) above, with exp_f), about 2 ulp.
 // - exp_f, erf_f: GELU and its gradient, within 1 ulp of the correctly rounded
 //   value over [-6, 6] (checked against float64): Cephes-style exp with two-step
 //   range reduction; erf from a minimax polynomial pair switching at 0.9277.
@@ -93,6 +95,21 @@ TFK_ALWAYS_INLINE float erf_f(float a) {
   q = fma_f(q, s, 1.28379166e-1f);
   const float small = fma_f(q, a, a);
   return t > 0.927734375f ? big : small;
+}
+
+// tanh(x): +-1 for |x| -> inf, NaN stays NaN (it takes the polynomial branch).
+TFK_ALWAYS_INLINE float tanh_f(float x) {
+  const float z = __builtin_fabsf(x);
+  const float e = exp_f(z + z);
+  const float big = __builtin_copysignf(1.0f - 2.0f / (e + 1.0f), x);
+  const float s = x * x;
+  float p = -5.70498872745e-3f;
+  p = fma_f(p, s, 2.06390887954e-2f);
+  p = fma_f(p, s, -5.37397155531e-2f);
+  p = fma_f(p, s, 1.33314422036e-1f);
+  p = fma_f(p, s, -3.33332819422e-1f);
+  const float small = fma_f(p * s, x, x);
+  return z > 0.625f ? big : small;
 }
 
 }  // namespace tfkernels::cpu

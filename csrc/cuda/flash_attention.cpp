@@ -96,15 +96,25 @@ at::Tensor set_attention_params(flash::FwdParams& p, const AttentionShape& shape
   return lens;
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                           const at::Tensor& v_in, bool is_causal,
-                                                           c10::string_view causal_alignment,
-                                                           c10::optional<double> scale,
-                                                           const c10::optional<at::Tensor>& seqlens_k,
-                                                           bool deterministic) {
+// Placeholder until the CUDA kernels gain the attention variants (issue 15).
+void check_no_variants(const AttentionShape& shape) {
+  TORCH_CHECK(shape.window_left == -1 && shape.window_right == -1 && shape.softcap == 0.0f && !shape.has_sinks &&
+                  shape.dropout_p == 0.0f,
+              "tfkernels: window_size, softcap, sinks and dropout_p are not yet supported on CUDA (got window (",
+              shape.window_left, ", ", shape.window_right, "), softcap ", shape.softcap, ", sinks ",
+              shape.has_sinks ? "given" : "None", ", dropout_p ", shape.dropout_p, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool is_causal,
+    c10::string_view causal_alignment, c10::optional<double> scale, const c10::optional<at::Tensor>& seqlens_k,
+    bool deterministic, int64_t window_left, int64_t window_right, double softcap,
+    const c10::optional<at::Tensor>& sinks, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
   TFKERNELS_WARN_UNVERIFIED_CUDA("flash_attention");
   (void)deterministic;  // only the backward is affected
-  const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k);
+  const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k,
+                                                    window_left, window_right, softcap, sinks, dropout_p, rng_state);
+  check_no_variants(shape);
   check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
   device::check_on_device(q_in, "q");
   TORCH_CHECK(shape.heads <= 65535 && shape.batch <= 65535,
@@ -163,12 +173,17 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
     const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     bool is_causal, c10::string_view causal_alignment, c10::optional<double> scale,
-    const c10::optional<at::Tensor>& seqlens_k, bool deterministic) {
-  const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k);
+    const c10::optional<at::Tensor>& seqlens_k, bool deterministic, int64_t window_left, int64_t window_right,
+    double softcap, const c10::optional<at::Tensor>& sinks, double dropout_p,
+    const c10::optional<at::Tensor>& rng_state) {
+  const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k,
+                                                    window_left, window_right, softcap, sinks, dropout_p, rng_state);
+  check_no_variants(shape);
+  const at::Tensor grad_sinks = at::empty({0}, q_in.options().dtype(at::kFloat));
   // Autograd hands over expanded gradients (out.sum() gives stride 0 everywhere):
   // legal input, so copy a grad_out whose last dim is not contiguous.
   const at::Tensor grad_out_c =
@@ -189,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
   at::Tensor grad_q = empty_output(q_in.sizes(), q_in.options());
   at::Tensor grad_k = empty_output(k_in.sizes(), k_in.options());
   at::Tensor grad_v = empty_output(v_in.sizes(), v_in.options());
-  if (shape.batch == 0 || shape.heads == 0) return {grad_q, grad_k, grad_v};
+  if (shape.batch == 0 || shape.heads == 0) return {grad_q, grad_k, grad_v, grad_sinks};
 
   const bool is_fp32 = q_in.scalar_type() == at::kFloat;
   const bool is_bf16 = q_in.scalar_type() == at::kBFloat16;
@@ -250,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
     if (err == cudaSuccess && !deterministic) err = flash::run_flash_bwd_convert_dq(p, dtype, stream);
   }
   TFKERNELS_CHECK_LAUNCH(err);
-  return {grad_q, grad_k, grad_v};
+  return {grad_q, grad_k, grad_v, grad_sinks};
 }
 
 }  // namespace

@@ -23,6 +23,8 @@
 #include <tuple>
 #include <vector>
 
+#include "dropout_rng.h"
+
 namespace {
 
 using at::Tensor;
@@ -157,7 +159,8 @@ void test_fused_qkv() {
 
 void test_flash_attention() {
   auto attention = op<Pair(const Tensor&, const Tensor&, const Tensor&, bool, c10::string_view,
-                           std::optional<double>, const OptTensor&, bool)>("tfkernels::flash_attention_fwd");
+                           std::optional<double>, const OptTensor&, bool, int64_t, int64_t, double, const OptTensor&,
+                           double, const OptTensor&)>("tfkernels::flash_attention_fwd");
   const int64_t batch = 2, heads = 4, kv_heads = 2, head_dim = 16;
   for (auto [seqlen_q, seqlen_k] : {std::pair<int64_t, int64_t>{13, 13}, {5, 19}}) {
     for (bool causal : {false, true}) {
@@ -178,9 +181,38 @@ void test_flash_attention() {
       const std::string where = "(Sq=" + std::to_string(seqlen_q) + ", Sk=" + std::to_string(seqlen_k) +
                                 ", causal=" + (causal ? "true" : "false") + ")";
       // Every row sees key 0 under the top-left mask, so no row is empty here.
-      auto [out, lse] = attention.call(q, k, v, causal, "top_left", std::nullopt, std::nullopt, false);
+      auto [out, lse] = attention.call(q, k, v, causal, "top_left", std::nullopt, std::nullopt, false, -1, -1, 0.0,
+                                       std::nullopt, 0.0, std::nullopt);
       expect_close(out, expected, "flash_attention out" + where);
       expect_close(lse, expected_lse, "flash_attention lse" + where, 1e-6, 1e-6);
+    }
+  }
+}
+
+// Philox4x32-10 against the Random123 known-answer vectors (kat_vectors), the
+// generator behind attention dropout (csrc/dropout_rng.h).
+void test_dropout_rng() {
+  using tfkernels::dropout::Philox4;
+  struct Kat {
+    Philox4 counter;
+    uint32_t key0, key1;
+    Philox4 expected;
+  };
+  const Kat kats[] = {
+      {{0, 0, 0, 0}, 0, 0, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu},
+       0xffffffffu,
+       0xffffffffu,
+       {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+  };
+  for (const Kat& kat : kats) {
+    const Philox4 r = tfkernels::dropout::philox4x32_10(kat.counter, kat.key0, kat.key1);
+    if (r.x != kat.expected.x || r.y != kat.expected.y || r.z != kat.expected.z || r.w != kat.expected.w) {
+      std::ostringstream msg;
+      msg << std::hex << "philox4x32_10(counter " << kat.counter.x << ", key " << kat.key0 << ") = " << r.x << " "
+          << r.y << " " << r.z << " " << r.w << ", expected " << kat.expected.x << " " << kat.expected.y << " "
+          << kat.expected.z << " " << kat.expected.w;
+      throw Mismatch(msg.str());
     }
   }
 }
@@ -190,6 +222,7 @@ const std::map<std::string, std::function<void()>>& cases() {
       {"bias_gelu", test_bias_gelu},   {"bias_gelu_bwd", test_bias_gelu_bwd},
       {"linear_gelu", test_linear_gelu}, {"fused_mlp", test_fused_mlp},
       {"fused_qkv", test_fused_qkv},   {"flash_attention", test_flash_attention},
+      {"dropout_rng", test_dropout_rng},
   };
   return all;
 }
