@@ -179,6 +179,18 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
         dp[r] = fmaf(yrow[r * d + c], yv, dp[r]);
       }
     }
+    // Dropout keep decisions (bit r), Philox in a rolled loop.
+    uint32_t kept_bits = ~0u;
+    if (dropout.on) {
+      kept_bits = 0;
+      const uint32_t batch_head = static_cast<uint32_t>(batch) * p.heads + head;
+#pragma unroll 1
+      for (int r = 0; r < kB32RowsPerWarp; ++r) {
+        const bool kept = kKeyRows ? dropout.keep(batch_head, c0 + lane, rw + r)   // (query, key)
+                                   : dropout.keep(batch_head, rw + r, c0 + lane);
+        kept_bits |= static_cast<uint32_t>(kept) << r;
+      }
+    }
     float pr[kB32RowsPerWarp], dsr[kB32RowsPerWarp];
     uint32_t seen[kB32RowsPerWarp];  // bit j: row r and column c0 + j see each other
 #pragma unroll
@@ -195,7 +207,7 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
       // dV takes P Z, dP is (dO . v) Z, dS = P (dP - delta): Z = keep / (1 - p).
       float pz = pv, dpz = dp[r];
       if (dropout.on) {
-        const bool kept = dropout.keep(static_cast<uint32_t>(batch) * p.heads + head, q, key);
+        const bool kept = (kept_bits >> r) & 1u;
         pz = kept ? pv * dropout.scale : 0.0f;
         dpz = kept ? dpz * dropout.scale : 0.0f;
       }

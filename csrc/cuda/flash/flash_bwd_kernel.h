@@ -19,20 +19,24 @@
 //     No atomics anywhere: every sum has a fixed order, so results are bitwise
 //     reproducible. Costs a second recompute of S and dP.
 //
-// Masking (as the forward): query i sees key j iff j < len_k and (not causal or
-// j <= i + off). The dK/dV block of keys [n0, n0 + 64) visits query tiles from the
-// one holding query n0 - off (causal) to the last; a block at or past len_k (or
-// seen by no query) visits none and writes zeros. The dQ kernel visits key tiles
-// [0, num_key_tiles). Inside a visited tile the element mask runs where the tile
-// straddles len_k or the diagonal, and in the dK/dV kernel also on a partial last
-// query tile. K/V rows at or past len_k and Q/dO rows at or past Sq are
-// zero-filled; query rows past Sq get lse2 = +inf so P = 0 there while K is
+// Masking (as the forward, block_info.h / mask.h): query i sees key j iff
+// j < len_k and lo <= j - i <= hi (causal, window and alignment in one band). The
+// dK/dV block of keys [n0, n0 + 64) visits the query tiles holding a query that
+// sees one of its keys (BlockInfo::query_tiles); a block at or past len_k (or seen
+// by no query) visits none and writes zeros. The dQ kernel visits the key tiles
+// of its rows (BlockInfo::key_tiles). Inside a visited tile the element mask runs
+// where the tile straddles len_k or a band edge, and in the dK/dV kernel also on
+// a partial last query tile. K/V rows at or past len_k and Q/dO rows at or past
+// Sq are zero-filled; query rows past Sq get lse2 = +inf so P = 0 there while K is
 // finite (against Inf in K their S is 0 * Inf = NaN: hence the mask, which keeps
 // them out of dK and dV; their dQ rows are never stored). A
 // row with lse = -inf (it saw no key) also gets lse2 = +inf: P = exp2(x - inf) = 0,
 // so its gradients are exactly 0, never NaN. A row with lse = NaN (it saw a
 // non-finite score) gets P = NaN on the keys it sees, as the reference.
-// A causal-hidden pair inside a diagonal tile has P = dS = 0 but still meets the
+// Variants (variants.h): P and dS use ScoreMap (softcap: dS times the slope
+// 1 - tanh^2), dropout regenerates the forward's keep decisions (dV takes P Z,
+// dS = P (dP Z - delta)); the sink is in lse, its gradient in the preprocess.
+// A band-hidden pair inside a tile the band cuts has P = dS = 0 but still meets the
 // tile's mma, where Inf/NaN in that key's k (dQ) or in that query's q or dO (dK,
 // dV) would give 0 * Inf = NaN: diagonal tiles check those operands (one barrier
 // that replaces an existing one, plus one for K per dK/dV block) and, when they
@@ -152,8 +156,21 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
     }
   }
 
+  score_map.apply(acc_s);  // scores in base-2 units (softcap applied)
   const int g = lane / 4;
   const int tq = lane % 4;
+  // Dropout keep decisions, bit 4 nt + 2 r + c, drawn in a rolled loop (unrolled,
+  // the 16 Philox calls cost registers the accumulators need).
+  uint32_t kept_bits = ~0u;
+  if (dropout.on) {
+    kept_bits = 0;
+#pragma unroll 1
+    for (int i = 0; i < 16; ++i) {
+      const int query = m0 + q_w + (i / 4) * 8 + 2 * tq + (i % 2);
+      const int key = n0 + key_w + g + 8 * ((i / 2) % 2);
+      kept_bits |= static_cast<uint32_t>(dropout.keep(batch_head, query, key)) << i;
+    }
+  }
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
@@ -164,13 +181,13 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
       for (int c = 0; c < 2; ++c) {
         const int ql = q_w + nt * 8 + 2 * tq + c;  // local query (column of S^T)
         const float lse2 = s_lse2[ql];
-        float slope;  // softcap: d score / d (scale q.k)
-        float pv = cuda::exp2_approx(score_map(acc_s[nt][2 * r + c], &slope) - lse2);
+        const float slope = score_map.slope_of(acc_s[nt][2 * r + c]);  // softcap: d score / d (scale q.k)
+        float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] - lse2);
         // dV takes P Z, dP is (dO . v) Z, dS = P (dP - delta): Z = keep / (1 - p).
         float pz = pv;
         float dpz = acc_dp[nt][2 * r + c];
         if (dropout.on) {
-          const bool kept = dropout.keep(batch_head, m0 + ql, n0 + kl);
+          const bool kept = (kept_bits >> (4 * nt + 2 * r + c)) & 1u;
           pz = kept ? pv * dropout.scale : 0.0f;
           dpz = kept ? dpz * dropout.scale : 0.0f;
         }

@@ -129,6 +129,14 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
     }
 
     const int key = n0 + lane;
+    uint32_t kept = ~0u;  // bit r: dropout keeps (row r0 + r, key); Philox in a rolled loop
+    if (dropout.on) {
+      kept = 0;
+#pragma unroll 1
+      for (int r = 0; r < kF32RowsPerWarp; ++r) {
+        kept |= static_cast<uint32_t>(dropout.keep(batch_head, r0 + r, key)) << r;
+      }
+    }
     float p[kF32RowsPerWarp];
     uint32_t seen[kF32RowsPerWarp];  // bit j: row r sees key n0 + j
 #pragma unroll
@@ -143,7 +151,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
       p[r] = cuda::exp2_approx(x - m_use);
       row_sum[r] = row_sum[r] * alpha + cuda::group_sum<32>(p[r]);  // pre-dropout, as lse
       row_max[r] = mx;
-      if (dropout.on && !dropout.keep(batch_head, row, key)) p[r] = 0.0f;
+      if (!((kept >> r) & 1u)) p[r] = 0.0f;
 #pragma unroll
       for (int i = 0; i < kF32ColsPerLane; ++i) acc_o[r][i] *= alpha;
     }
@@ -169,7 +177,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   }
 
   if (!warp_active) return;
-  const float sink2 = sink_base2(params, head);
+  const float sink = sink_logit(params, head);
   float* o_ptr = static_cast<float*>(params.out) + batch * params.o_batch_stride + head * params.o_head_stride;
   float* lse_ptr = params.lse + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
 #pragma unroll
@@ -178,7 +186,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
     if (row >= seqlen_q) break;
     // Exact division: the fp32 path is checked tightly against float64. l is NaN
     // or 0 after non-finite scores: O = acc * (1 / l) and lse are NaN then.
-    const RowFinish<true> fin(row_max[r], row_sum[r], mask.row_sees_a_key(row), sink2);
+    const RowFinish<true> fin(row_max[r], row_sum[r], mask.row_sees_a_key(row), sink);
     const float inv_l = fin.inv_l * dropout.scale;
 #pragma unroll
     for (int i = 0; i < kF32ColsPerLane; ++i) {

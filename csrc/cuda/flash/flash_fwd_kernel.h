@@ -13,19 +13,24 @@
 //   3. O /= l, staged through the warp's own Q rows in shared memory and written
 //      with 16-byte stores; lse = (m + log2 l) * ln 2.
 //
-// Masking: query i sees key j iff j < len_k and (not causal or j <= i + off),
-// off = 0 (top_left) or len_k - Sq (bottom_right), len_k = clamp(seqlens_k[b], 0, Sk)
-// or Sk. Tiles past the last visible key of the block are never loaded (loop
-// bound n_tiles); a warp skips the compute of a tile its rows cannot see; the mask
-// is evaluated only on tiles that straddle len_k or the causal diagonal. K/V rows
-// at or past len_k are zero-filled on load, so padding (even NaN) never reaches P V.
+// Masking (block_info.h, mask.h): query i sees key j iff j < len_k and
+// lo <= j - i <= hi, the band that folds causal (hi = off), the window
+// (lo = off - left, hi = off + right) and the alignment offset off = 0 (top_left)
+// or len_k - Sq (bottom_right), len_k = clamp(seqlens_k[b], 0, Sk) or Sk. A block
+// loads only the key tiles between its rows' first and last visible keys; a warp
+// skips the compute of a tile its rows cannot see; the mask is evaluated only on
+// tiles that straddle len_k or a band edge. K/V rows at or past len_k are
+// zero-filled on load, so padding (even NaN) never reaches P V.
+// Variants (variants.h): scores go through ScoreMap (scale, or softcap), dropout
+// zeroes P after the row sums (lse is pre-dropout) and scales O by 1/(1-p) in the
+// epilogue, and RowFinish puts the head's sink into the denominator and lse.
 // Rows that see no key end with m = -inf and l = 0: every exponent is guarded so
 // they produce O = 0 and lse = -inf, never NaN. Whether a row sees a key comes
 // from the mask, never from m or l: a NaN score (from NaN in q or k) leaves m
 // finite (fmaxf drops it) but makes l NaN through exp2(NaN) in the sum; a +inf
 // score makes exp2(inf - inf) = NaN; visible scores that are all -inf end with
 // l = 0. Such rows get O = acc * (1 / l) = NaN and lse = NaN, as the reference.
-// A key hidden by the causal mask inside a diagonal tile would still meet the
+// A key hidden by the band inside a tile the band cuts would still meet the
 // tile's P V mma with P = 0, and 0 * Inf = NaN would reach rows that cannot see
 // it: such tiles check their V for Inf/NaN (one extra barrier) and, when found,
 // take the row-exact product of mma_pair_visible_only (flash_tile.h).
@@ -198,11 +203,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
       // ---- scale to base 2 (softcap: c log2e tanh(scale s / c)) and mask. The
       // scale is applied before the max so a negative scale stays correct.
       const bool need_mask = !mask.all_visible(m0w, m0w + 16, n0, n0 + kBlockN);
-#pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc_s[nt][j] = score_map(acc_s[nt][j]);
-      }
+      score_map.apply(acc_s);
       if (need_mask) {
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
@@ -244,14 +245,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
 
       // ---- dropout: the row sums above are pre-dropout (lse is); dropped P are 0
       // in P V, and 1 / (1 - p) is folded into the final normalisation.
+      // The Philox calls run in a rolled loop into a bit mask (bit 4 nt + j drops
+      // acc_s[nt][j]); unrolled, they cost ~90 registers.
       if (dropout.on) {
+        static_assert(kNTilesS <= 8, "4 bits per n8 tile in one 32-bit mask");
+        uint32_t dropped = 0;
+#pragma unroll 1
+        for (int i = 0; i < 2 * kNTilesS; ++i) {  // i = 2 nt + r: rows g + 8 r, keys 2 tq, 2 tq + 1
+          const uint32_t kept = dropout.keep_pair(batch_head, m0w + g + 8 * (i % 2), n0 + (i / 2) * 8 + 2 * tq);
+          dropped |= (~kept & 3u) << (2 * i);
+        }
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const uint32_t kept = dropout.keep_pair(batch_head, m0w + g + 8 * r, n0 + nt * 8 + 2 * tq);
-            if (!(kept & 1u)) acc_s[nt][2 * r] = 0.0f;
-            if (!(kept & 2u)) acc_s[nt][2 * r + 1] = 0.0f;
+          for (int j = 0; j < 4; ++j) {
+            if ((dropped >> (4 * nt + j)) & 1u) acc_s[nt][j] = 0.0f;
           }
         }
       }
@@ -286,7 +294,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
   // ---- epilogue: normalise once (sink, dropout scale), lse, stage through this
   // warp's Q rows, store. Every warp reads and writes only its own 16 rows of sQ
   // (the Q ldmatrix reads above included), so a __syncwarp() orders the staging.
-  const float sink2 = sink_base2(params, head);
+  const float sink = sink_logit(params, head);
   float inv_l[2];
   float lse[2];
 #pragma unroll
@@ -294,7 +302,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
     // l >= 1 when the row's scores are finite (its max contributes exp2(0) = 1); l
     // is NaN or 0 after non-finite scores, and then O and lse are NaN.
     const RowFinish<false> fin(row_max[r], cuda::group_sum<4>(row_sum[r]), mask.row_sees_a_key(m0w + g + 8 * r),
-                               sink2);
+                               sink);
     inv_l[r] = fin.inv_l * dropout.scale;
     lse[r] = fin.lse;
   }

@@ -36,6 +36,30 @@ struct ScoreMap {
     return p.softcap > 0.0f ? ScoreMap{p.scale / p.softcap, p.softcap, true} : ScoreMap{p.scale, 1.0f, false};
   }
 
+  // The map over a whole fragment, the softcap branch taken once (per element,
+  // the compiler evaluates both sides and holds them in registers).
+  template <int kN>
+  __device__ __forceinline__ void apply(float (&acc)[kN][4]) const {
+    if (capped) {
+#pragma unroll
+      for (int i = 0; i < kN; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = post * tanhf(acc[i][j] * pre);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kN; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] *= pre;
+      }
+    }
+  }
+  // The slope of a mapped value y (1 - tanh^2 = 1 - (y / post)^2).
+  __device__ __forceinline__ float slope_of(float y) const {
+    const float t = y * (1.0f / post);
+    return capped ? 1.0f - t * t : 1.0f;
+  }
+
   __device__ __forceinline__ float operator()(float x) const {
     x *= pre;
     return capped ? post * tanhf(x) : x;
@@ -85,30 +109,36 @@ struct Dropout {
   }
 };
 
-// The per-head sink logit in base-2 units, or -inf (none).
-__device__ __forceinline__ float sink_base2(const FwdParams& p, int head) {
-  return p.sinks != nullptr ? p.sinks[head] * kLog2eF : -__builtin_huge_valf();
+// The per-head sink logit (natural units), or -inf (none).
+__device__ __forceinline__ float sink_logit(const FwdParams& p, int head) {
+  return p.sinks != nullptr ? p.sinks[head] : -__builtin_huge_valf();
 }
 
 // One row's normalisation after the key loop: m = running max (base 2), l = sum
 // of exp2(s - m) over the visible keys (pre-dropout). Returns the factor for the
 // accumulated output and the lse (natural log). Without a sink: a row that sees
 // no key gets 0 and -inf; l NaN or 0 (non-finite scores) gives NaN (see
-// flash_fwd_kernel.h). With a finite sink s2: the denominator gains exp2(s2),
-// taken against m' = max(m, s2), so a row that sees no key gets 0 and lse = sink,
-// and a large sink never overflows. kExact (the fp32 kernels): correctly rounded
-// reciprocal and logf.
+// flash_fwd_kernel.h). With a finite sink: the denominator gains exp2(s2), s2 =
+// sink log2 e, taken against m' = max(m, s2), so a large sink never overflows; a
+// row that sees no key gets 0 and lse = sink exactly. kExact (the fp32 kernels):
+// correctly rounded reciprocal and logf.
 template <bool kExact>
 struct RowFinish {
   float inv_l, lse;
 
-  __device__ __forceinline__ RowFinish(float m, float l, bool sees_a_key, float sink2) {
+  __device__ __forceinline__ RowFinish(float m, float l, bool sees_a_key, float sink) {
     constexpr float kNegInf = -__builtin_huge_valf();
     const float nan = __int_as_float(0x7fffffff);
-    if (sink2 > kNegInf) {
-      const float m_all = sees_a_key && m > sink2 ? m : sink2;  // NaN m (never: fmaxf drops NaN) aside
-      const float a = sees_a_key ? exp2f(m - m_all) : 0.0f;
-      const float l_all = (sees_a_key ? l * a : 0.0f) + exp2f(sink2 - m_all);
+    if (sink > kNegInf && !sees_a_key) {
+      inv_l = 0.0f;
+      lse = sink;
+      return;
+    }
+    if (sink > kNegInf) {
+      const float sink2 = sink * kLog2eF;
+      const float m_all = m > sink2 ? m : sink2;
+      const float a = exp2f(m - m_all);
+      const float l_all = l * a + exp2f(sink2 - m_all);
       inv_l = a * (kExact ? __frcp_rn(l_all) : 1.0f / l_all);
       lse = kExact ? m_all * kLn2F + logf(l_all) : (m_all + __log2f(l_all)) * kLn2F;
       return;
