@@ -135,8 +135,13 @@ def check_parity(q, k, v, sinks=None, *, seed=0, through_lse=True, **kwargs):
         low_out, low_lse, low_grads = _run(reference.flash_attention, *low[:4], low[4], on_cpu(grad_lse), **ref_kwargs)
         assert_flash_rule(out, ref_out, low_out, "output", eps_ulps=2)
         assert_flash_rule(lse, ref_lse.float(), low_lse, "lse", eps_ulps=2)
+        # fp32 (the CUDA kernels): a row with one visible key has dS = P (dP - delta) = 0
+        # exactly in the reference (autograd's softmax backward cancels), while a flash
+        # kernel takes dP and delta = rowsum(dO * O) from two different fp32 sums; their
+        # difference (~sqrt(D) ulps of |dO| |v|) is what the wider epsilon admits.
+        grad_ulps = 32 if dtype == torch.float32 else 4
         for g, r, lo, name in zip(grads[:3], ref_grads[:3], low_grads[:3], names):
-            assert_flash_rule(g, r, lo, name, factor=4.0, eps_ulps=4)
+            assert_flash_rule(g, r, lo, name, factor=4.0, eps_ulps=grad_ulps)
     if sinks is not None:
         # float32 by the kernel (a sum over B * Sq rows), then cast to the sinks' dtype.
         torch.testing.assert_close(grads[3].double(), ref_grads[3], rtol=2e-5 if dtype == torch.float64 else 2e-2,

@@ -450,3 +450,32 @@ def test_opcheck(cuda_device, dtype):
                           (dout, torch.randn_like(lse), q, k, v, out, lse, True, "bottom_right", None, lens, True,
                            *NO_VARIANTS),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# --------------------------------------------------------------------------- attention variants x dQ modes
+
+@quick
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32], ids=str)
+def test_variants_both_dq_modes(cuda_device, dtype, deterministic):
+    """Window + causal + seqlens_k, softcap, sinks and dropout at once through both dQ
+    paths (16-bit: fp32 atomics or the dQ kernel; fp32: its own kernels), against the
+    reference with the same dropout mask (tests/test_attention_variants.check_parity);
+    deterministic=True is bitwise reproducible, the sink gradient included."""
+    from .test_attention_variants import _sinks, check_parity
+
+    q = torch.randn(2, 4, 77, 64, device=cuda_device, dtype=dtype)
+    k, v = (torch.randn(2, 2, 129, 64, device=cuda_device, dtype=dtype) for _ in range(2))
+    sinks = _sinks(4, cuda_device)
+    kwargs = dict(window_size=(40, 7), is_causal=True, causal_alignment="bottom_right", softcap=2.5, dropout_p=0.2,
+                  seqlens_k=torch.tensor([129, 50], device=cuda_device), deterministic=deterministic)
+    check_parity(q, k, v, sinks, seed=4, **kwargs)
+    if deterministic:
+        runs = []
+        for _ in range(2):
+            leaves = [t.detach().requires_grad_() for t in (q, k, v, sinks)]
+            gen = torch.Generator(cuda_device).manual_seed(4)
+            out = tfkernels.flash_attention(*leaves[:3], sinks=leaves[3], generator=gen, **kwargs)
+            runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)

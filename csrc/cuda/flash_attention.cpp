@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -48,12 +49,26 @@ cudaError_t head_dim_not_built(int64_t head_dim, int padded) {
   return cudaErrorInvalidValue;
 }
 
+// The tensors of the attention variants, as the op takes them.
+struct VariantTensors {
+  const c10::optional<at::Tensor>& sinks;      // float32 [H] contiguous (checked)
+  const c10::optional<at::Tensor>& rng_state;  // int64 [2] on q's device when dropout_p > 0 (checked)
+};
+
+// A window bound as the kernels take it: -1 (unbounded) or a value clamped to
+// Sq + Sk, past which every bound is as good as none (mask.h).
+int window_bound(int64_t w, const AttentionShape& shape) {
+  return static_cast<int>(w < 0 ? -1 : std::min<int64_t>(w, shape.seqlen_q + shape.seqlen_k));
+}
+
 // The fields the forward and backward kernels share: pointers and strides of q, k,
-// v, out and lse, seqlens_k and the problem sizes. Returns the seqlens_k tensor
-// the params point into, which the caller keeps alive until the launch.
+// v, out and lse, seqlens_k, the problem sizes and the variants. Returns the
+// seqlens_k tensor the params point into, which the caller keeps alive until the
+// launch.
 at::Tensor set_attention_params(flash::FwdParams& p, const AttentionShape& shape, const at::Tensor& q,
                                 const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                const at::Tensor& lse, const c10::optional<at::Tensor>& seqlens_k, bool fast) {
+                                const at::Tensor& lse, const c10::optional<at::Tensor>& seqlens_k,
+                                const VariantTensors& variants, bool fast) {
   p.q = const_cast<void*>(q.data_ptr());
   p.k = const_cast<void*>(k.data_ptr());
   p.v = const_cast<void*>(v.data_ptr());
@@ -90,29 +105,29 @@ at::Tensor set_attention_params(flash::FwdParams& p, const AttentionShape& shape
   p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
   p.causal = shape.causal;
   p.bottom_right = shape.bottom_right;
+  p.window_left = window_bound(shape.window_left, shape);
+  p.window_right = window_bound(shape.window_right, shape);
+  p.softcap = shape.softcap;
+  p.sinks = shape.has_sinks ? variants.sinks->data_ptr<float>() : nullptr;
+  p.dropout_p = shape.dropout_p;
+  p.rng_state = shape.dropout_p > 0.0f ? variants.rng_state->data_ptr<int64_t>() : nullptr;
   p.aligned16 = fast;
   return lens;
 }
 
-// Placeholder until the CUDA kernels gain the attention variants (issue 15).
-void check_no_variants(const AttentionShape& shape) {
-  TORCH_CHECK(shape.window_left == -1 && shape.window_right == -1 && shape.softcap == 0.0f && !shape.has_sinks &&
-                  shape.dropout_p == 0.0f,
-              "tfkernels: window_size, softcap, sinks and dropout_p are not yet supported on CUDA (got window (",
-              shape.window_left, ", ", shape.window_right, "), softcap ", shape.softcap, ", sinks ",
-              shape.has_sinks ? "given" : "None", ", dropout_p ", shape.dropout_p, ")");
-}
-
-std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, bool is_causal,
-    c10::string_view causal_alignment, c10::optional<double> scale, const c10::optional<at::Tensor>& seqlens_k,
-    bool deterministic, int64_t window_left, int64_t window_right, double softcap,
-    const c10::optional<at::Tensor>& sinks, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                           const at::Tensor& v_in, bool is_causal,
+                                                           c10::string_view causal_alignment,
+                                                           c10::optional<double> scale,
+                                                           const c10::optional<at::Tensor>& seqlens_k,
+                                                           bool deterministic, int64_t window_left,
+                                                           int64_t window_right, double softcap,
+                                                           const c10::optional<at::Tensor>& sinks, double dropout_p,
+                                                           const c10::optional<at::Tensor>& rng_state) {
   TFKERNELS_WARN_UNVERIFIED_CUDA("flash_attention");
   (void)deterministic;  // only the backward is affected
   const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k,
                                                     window_left, window_right, softcap, sinks, dropout_p, rng_state);
-  check_no_variants(shape);
   check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
   device::check_on_device(q_in, "q");
   check_cuda_limits(shape);
@@ -137,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(
   }
 
   flash::FwdParams p{};
-  const at::Tensor lens = set_attention_params(p, shape, q, k, v, out, lse, seqlens_k, fast);
+  const at::Tensor lens = set_attention_params(p, shape, q, k, v, out, lse, seqlens_k, {sinks, rng_state}, fast);
 
   const cudaStream_t stream = device::current_stream();
   cudaError_t err = cudaSuccess;
@@ -174,8 +189,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_c
     const c10::optional<at::Tensor>& rng_state) {
   const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k,
                                                     window_left, window_right, softcap, sinks, dropout_p, rng_state);
-  check_no_variants(shape);
-  const at::Tensor grad_sinks = at::empty({0}, q_in.options().dtype(at::kFloat));
   // Autograd hands over expanded gradients (out.sum() gives stride 0 everywhere):
   // legal input, so copy a grad_out whose last dim is not contiguous.
   const at::Tensor grad_out_c =
@@ -190,6 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_c
   at::Tensor grad_q = empty_output(q_in.sizes(), q_in.options());
   at::Tensor grad_k = empty_output(k_in.sizes(), k_in.options());
   at::Tensor grad_v = empty_output(v_in.sizes(), v_in.options());
+  // Zeros: written by the sink pass unless there are no rows to sum.
+  at::Tensor grad_sinks = at::zeros({shape.has_sinks ? shape.heads : 0}, q_in.options().dtype(at::kFloat));
   if (shape.batch == 0 || shape.heads == 0) return {grad_q, grad_k, grad_v, grad_sinks};
 
   const bool is_fp32 = q_in.scalar_type() == at::kFloat;
@@ -214,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_c
   }
 
   flash::BwdParams p{};
-  const at::Tensor lens = set_attention_params(p, shape, q, k, v, out_in, lse, seqlens_k, fast);
+  const at::Tensor lens = set_attention_params(p, shape, q, k, v, out_in, lse, seqlens_k, {sinks, rng_state}, fast);
   p.dout = dout.data_ptr();
   p.do_batch_stride = stride_of(dout, 0);
   p.do_head_stride = stride_of(dout, 1);
@@ -226,6 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_c
   p.dk = grad_k.data_ptr();
   p.dv = grad_v.data_ptr();
   p.deterministic = deterministic;
+  p.grad_sinks = shape.has_sinks ? grad_sinks.data_ptr<float>() : nullptr;
 
   const cudaStream_t stream = device::current_stream();
   const cuda::DType dtype = cuda::dtype_of(q_in);
@@ -253,11 +269,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_c
   return {grad_q, grad_k, grad_v, grad_sinks};
 }
 
+// The test-only op: the dropout keep mask the kernels draw for rng_state.
+at::Tensor dropout_mask_cuda(const at::Tensor& rng_state, int64_t batch, int64_t heads, int64_t seqlen_q,
+                             int64_t seqlen_k, double dropout_p) {
+  check_rng_state(rng_state, rng_state, "rng_state");
+  TORCH_CHECK(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0,
+              "tfkernels: _dropout_mask: sizes must be >= 0, got ", batch, ", ", heads, ", ", seqlen_q, ", ", seqlen_k);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "tfkernels: _dropout_mask: dropout_p must be in [0, 1), got ",
+              dropout_p);
+  TORCH_CHECK(batch * heads < (int64_t(1) << 31) && seqlen_q < (int64_t(1) << 30) && seqlen_k < (int64_t(1) << 30),
+              "tfkernels: _dropout_mask: sizes out of range (B * H < 2^31, Sq and Sk < 2^30), got ", batch, ", ",
+              heads, ", ", seqlen_q, ", ", seqlen_k);
+  device::check_on_device(rng_state, "rng_state");
+  const device::Guard guard(rng_state.device());
+  const at::Tensor state = rng_state.contiguous();
+  at::Tensor mask = at::empty({batch, heads, seqlen_q, seqlen_k}, rng_state.options().dtype(at::kBool));
+  TFKERNELS_CHECK_LAUNCH(flash::run_dropout_mask(state.data_ptr<int64_t>(), mask.data_ptr<bool>(),
+                                                 static_cast<int>(batch), static_cast<int>(heads),
+                                                 static_cast<int>(seqlen_q), static_cast<int>(seqlen_k),
+                                                 static_cast<float>(dropout_p), device::current_stream()));
+  return mask;
+}
+
 }  // namespace
 
 TFKERNELS_CUDA_LIBRARY_IMPL(m) {
   m.impl("flash_attention_fwd", &flash_attention_fwd_cuda);
   m.impl("flash_attention_bwd", &flash_attention_bwd_cuda);
+  m.impl("_dropout_mask", &dropout_mask_cuda);
 }
 
 }  // namespace tfkernels

@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 #include "cuda/common/dtype.h"
 #include "cuda/flash/flash_params.h"
 
@@ -42,6 +44,12 @@ cudaError_t run_flash_bwd(const BwdParams& params, cudaStream_t stream);
 // fp32, any head dim <= 256: SIMT kernels, always deterministic (no atomics);
 // writes dq, dk, dv directly (dq_accum unused).
 cudaError_t run_flash_bwd_fp32(const BwdParams& params, cudaStream_t stream);
+
+// ---------------------------------------------------------------- dropout (tests)
+// The keep mask [B,H,Sq,Sk] (bool, contiguous) the kernels draw for rng_state
+// (int64 [2] on the device) and dropout_p: the test-only op _dropout_mask.
+cudaError_t run_dropout_mask(const int64_t* rng_state, bool* out, int batch, int heads, int seqlen_q, int seqlen_k,
+                             float dropout_p, cudaStream_t stream);
 
 }  // namespace flash
 }  // namespace tfkernels

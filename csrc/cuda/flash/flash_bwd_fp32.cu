@@ -23,7 +23,8 @@
 #include "cuda/common/ptx.h"
 #include "cuda/common/smem_opt_in.h"
 #include "cuda/flash/flash_api.h"
-#include "cuda/flash/flash_fwd_kernel.h"           // read_len_k, num_key_tiles
+#include "cuda/flash/block_info.h"
+#include "cuda/flash/variants.h"
 
 namespace tfkernels {
 namespace flash {
@@ -36,7 +37,6 @@ constexpr int kB32RowsPerWarp = 4;
 constexpr int kB32BlockR = kB32Warps * kB32RowsPerWarp;  // 16
 constexpr int kB32BlockC = 32;                           // one column per lane
 constexpr int kB32ColsPerLane = kMaxHeadDim / 32;        // 8
-constexpr float kLog2eF = 1.4426950408889634074f;
 
 __host__ __device__ inline int b32_col_stride(int d) { return d | 1; }
 __host__ __device__ inline int b32_smem_floats(int d) {
@@ -62,12 +62,14 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
   const int batch = blockIdx.z;
   const int seqlen_q = p.seqlen_q;
   const int group = p.head_group;
-  const bool causal = p.causal;
-  const int len_k = read_len_k(p, batch);
-  const int off = p.bottom_right ? len_k - seqlen_q : 0;
+  const BlockInfo info(p, batch);
+  const Mask& mask = info.mask;
+  const int len_k = info.len_k();
   const float scale = p.scale;
+  const ScoreMap score_map = ScoreMap::natural(p);
+  const Dropout dropout = Dropout::make(p);
 
-  const int block_r = (!kKeyRows && causal) ? static_cast<int>(gridDim.x - 1 - blockIdx.x)
+  const int block_r = (!kKeyRows && p.causal) ? static_cast<int>(gridDim.x - 1 - blockIdx.x)
                                             : static_cast<int>(blockIdx.x);
   const int r0 = block_r * kB32BlockR;
   const int rw = r0 + warp * kB32RowsPerWarp;  // this warp's first row
@@ -80,21 +82,17 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
   const float* k_ptr = static_cast<const float*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
   const float* v_ptr = static_cast<const float*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
 
-  // Column tiles: keys [0, n_tiles * 32) (dQ), or per group head the query tiles
-  // from c_begin (dK/dV).
-  int n_ct = 0, c_begin = 0, n_iter = 0;
+  // Column tiles: the key tiles the block's queries see (dQ), or per group head
+  // the query tiles that see the block's keys (dK/dV).
+  TileRange c_tiles;
   if (kKeyRows) {
-    const int c_tiles = (seqlen_q + kB32BlockC - 1) / kB32BlockC;
-    if (causal) {
-      const int first_q = r0 - off;
-      c_begin = first_q <= 0 ? 0 : (first_q >= seqlen_q ? c_tiles : first_q / kB32BlockC);
-    }
-    n_ct = (r0 < len_k && c_begin < c_tiles) ? c_tiles - c_begin : 0;
-    n_iter = n_ct * group;
+    c_tiles = info.query_tiles(r0, r0 + kB32BlockR, kB32BlockC);
   } else {
     const int row_end = (r0 + kB32BlockR < seqlen_q) ? r0 + kB32BlockR : seqlen_q;
-    n_iter = num_key_tiles(p, len_k, off, row_end, kB32BlockC);
+    c_tiles = info.key_tiles(r0, row_end, kB32BlockC);
   }
+  const int n_ct = c_tiles.count();
+  const int n_iter = kKeyRows ? n_ct * group : n_ct;
 
   float acc0[kB32RowsPerWarp][kB32ColsPerLane];
   float acc1[kB32RowsPerWarp][kB32ColsPerLane];
@@ -139,9 +137,9 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
     int c0;
     if (kKeyRows) {
       head = kv_head * group + it / n_ct;
-      c0 = (c_begin + it % n_ct) * kB32BlockC;
+      c0 = (c_tiles.begin + it % n_ct) * kB32BlockC;
     } else {
-      c0 = it * kB32BlockC;
+      c0 = (c_tiles.begin + it) * kB32BlockC;
     }
     const float* xc = kKeyRows ? q_base + head * p.q_head_stride : k_ptr;
     const float* yc = kKeyRows ? do_base + head * p.do_head_stride : v_ptr;
@@ -181,6 +179,18 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
         dp[r] = fmaf(yrow[r * d + c], yv, dp[r]);
       }
     }
+    // Dropout keep decisions (bit r), Philox in a rolled loop.
+    uint32_t kept_bits = ~0u;
+    if (dropout.on) {
+      kept_bits = 0;
+      const uint32_t batch_head = static_cast<uint32_t>(batch) * p.heads + head;
+#pragma unroll 1
+      for (int r = 0; r < kB32RowsPerWarp; ++r) {
+        const bool kept = kKeyRows ? dropout.keep(batch_head, c0 + lane, rw + r)   // (query, key)
+                                   : dropout.keep(batch_head, rw + r, c0 + lane);
+        kept_bits |= static_cast<uint32_t>(kept) << r;
+      }
+    }
     float pr[kB32RowsPerWarp], dsr[kB32RowsPerWarp];
     uint32_t seen[kB32RowsPerWarp];  // bit j: row r and column c0 + j see each other
 #pragma unroll
@@ -189,11 +199,20 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
       const int q = kKeyRows ? c0 + lane : rw + r;
       const float lse = kKeyRows ? sL[lane] : lse_r[r];
       const float dl = kKeyRows ? sD[lane] : delta_r[r];
-      const bool visible = key < len_k && q < seqlen_q && (!causal || key <= q + off) && lse != -kInf;
+      const bool visible = q < seqlen_q && mask.visible(q, key) && lse != -kInf;
       seen[r] = __ballot_sync(0xffffffffu, visible);
-      const float pv = visible ? cuda::exp2_approx((s[r] * scale - lse) * kLog2eF) : 0.0f;
-      pr[r] = pv;
-      dsr[r] = pv * (dp[r] - dl);
+      float slope;  // softcap: d score / d (scale q.k)
+      const float sc = score_map(s[r], &slope);
+      const float pv = visible ? cuda::exp2_approx((sc - lse) * kLog2eF) : 0.0f;
+      // dV takes P Z, dP is (dO . v) Z, dS = P (dP - delta): Z = keep / (1 - p).
+      float pz = pv, dpz = dp[r];
+      if (dropout.on) {
+        const bool kept = (kept_bits >> r) & 1u;
+        pz = kept ? pv * dropout.scale : 0.0f;
+        dpz = kept ? dpz * dropout.scale : 0.0f;
+      }
+      pr[r] = pz;
+      dsr[r] = pv * (dpz - dl) * slope;
     }
 
     const int cols_here = (col_limit - c0) < kB32BlockC ? (col_limit - c0) : kB32BlockC;

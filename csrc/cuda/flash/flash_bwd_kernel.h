@@ -19,20 +19,24 @@
 //     No atomics anywhere: every sum has a fixed order, so results are bitwise
 //     reproducible. Costs a second recompute of S and dP.
 //
-// Masking (as the forward): query i sees key j iff j < len_k and (not causal or
-// j <= i + off). The dK/dV block of keys [n0, n0 + 64) visits query tiles from the
-// one holding query n0 - off (causal) to the last; a block at or past len_k (or
-// seen by no query) visits none and writes zeros. The dQ kernel visits key tiles
-// [0, num_key_tiles). Inside a visited tile the element mask runs where the tile
-// straddles len_k or the diagonal, and in the dK/dV kernel also on a partial last
-// query tile. K/V rows at or past len_k and Q/dO rows at or past Sq are
-// zero-filled; query rows past Sq get lse2 = +inf so P = 0 there while K is
+// Masking (as the forward, block_info.h / mask.h): query i sees key j iff
+// j < len_k and lo <= j - i <= hi (causal, window and alignment in one band). The
+// dK/dV block of keys [n0, n0 + 64) visits the query tiles holding a query that
+// sees one of its keys (BlockInfo::query_tiles); a block at or past len_k (or seen
+// by no query) visits none and writes zeros. The dQ kernel visits the key tiles
+// of its rows (BlockInfo::key_tiles). Inside a visited tile the element mask runs
+// where the tile straddles len_k or a band edge, and in the dK/dV kernel also on
+// a partial last query tile. K/V rows at or past len_k and Q/dO rows at or past
+// Sq are zero-filled; query rows past Sq get lse2 = +inf so P = 0 there while K is
 // finite (against Inf in K their S is 0 * Inf = NaN: hence the mask, which keeps
 // them out of dK and dV; their dQ rows are never stored). A
 // row with lse = -inf (it saw no key) also gets lse2 = +inf: P = exp2(x - inf) = 0,
 // so its gradients are exactly 0, never NaN. A row with lse = NaN (it saw a
 // non-finite score) gets P = NaN on the keys it sees, as the reference.
-// A causal-hidden pair inside a diagonal tile has P = dS = 0 but still meets the
+// Variants (variants.h): P and dS use ScoreMap (softcap: dS times the slope
+// 1 - tanh^2), dropout regenerates the forward's keep decisions (dV takes P Z,
+// dS = P (dP Z - delta)); the sink is in lse, its gradient in the preprocess.
+// A band-hidden pair inside a tile the band cuts has P = dS = 0 but still meets the
 // tile's mma, where Inf/NaN in that key's k (dQ) or in that query's q or dO (dK,
 // dV) would give 0 * Inf = NaN: diagonal tiles check those operands (one barrier
 // that replaces an existing one, plus one for K per dK/dV block) and, when they
@@ -45,10 +49,11 @@
 #include <cstdint>
 
 #include "cuda/common/ptx.h"
-#include "cuda/flash/flash_fwd_kernel.h"  // read_len_k, num_key_tiles
+#include "cuda/flash/block_info.h"
 #include "cuda/flash/flash_params.h"
 #include "cuda/flash/flash_tile.h"
 #include "cuda/flash/kernel_traits.h"
+#include "cuda/flash/variants.h"
 
 namespace tfkernels {
 namespace flash {
@@ -105,8 +110,9 @@ __device__ __forceinline__ void load_row_stats(float* s_lse2, float* s_delta, co
 template <typename Traits, typename Element, bool kWriteP>
 __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, const Element* sK, const Element* sV,
                                        const float* s_lse2, const float* s_delta, Element* sP, Element* sdS, int n0,
-                                       int m0, int len_k, int off, bool causal, bool need_mask, float scale_log2,
-                                       int warp, int lane, const LaneAddr& la) {
+                                       int m0, const Mask& mask, bool need_mask, const ScoreMap& score_map,
+                                       const Dropout& dropout, uint32_t batch_head, int warp, int lane,
+                                       const LaneAddr& la) {
   constexpr float kInf = __builtin_huge_valf();
   constexpr int kStride = Traits::kSmemStride;
   constexpr int kPS = Traits::kPStride;
@@ -150,8 +156,21 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
     }
   }
 
+  score_map.apply(acc_s);  // scores in base-2 units (softcap applied)
   const int g = lane / 4;
   const int tq = lane % 4;
+  // Dropout keep decisions, bit 4 nt + 2 r + c, drawn in a rolled loop (unrolled,
+  // the 16 Philox calls cost registers the accumulators need).
+  uint32_t kept_bits = ~0u;
+  if (dropout.on) {
+    kept_bits = 0;
+#pragma unroll 1
+    for (int i = 0; i < 16; ++i) {
+      const int query = m0 + q_w + (i / 4) * 8 + 2 * tq + (i % 2);
+      const int key = n0 + key_w + g + 8 * ((i / 2) % 2);
+      kept_bits |= static_cast<uint32_t>(dropout.keep(batch_head, query, key)) << i;
+    }
+  }
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
@@ -162,24 +181,34 @@ __device__ __forceinline__ void phase1(const Element* sQ, const Element* sdO, co
       for (int c = 0; c < 2; ++c) {
         const int ql = q_w + nt * 8 + 2 * tq + c;  // local query (column of S^T)
         const float lse2 = s_lse2[ql];
-        float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] * scale_log2 - lse2);
-        float dp = acc_dp[nt][2 * r + c] - s_delta[ql];
+        const float slope = score_map.slope_of(acc_s[nt][2 * r + c]);  // softcap: d score / d (scale q.k)
+        float pv = cuda::exp2_approx(acc_s[nt][2 * r + c] - lse2);
+        // dV takes P Z, dP is (dO . v) Z, dS = P (dP - delta): Z = keep / (1 - p).
+        float pz = pv;
+        float dpz = acc_dp[nt][2 * r + c];
+        if (dropout.on) {
+          const bool kept = (kept_bits >> (4 * nt + 2 * r + c)) & 1u;
+          pz = kept ? pv * dropout.scale : 0.0f;
+          dpz = kept ? dpz * dropout.scale : 0.0f;
+        }
+        float dp = dpz - s_delta[ql];
         if (need_mask) {
           const int key = n0 + kl;
           const int q = m0 + ql;
           // lse2 = +inf marks a query row past Sq (zero-filled: its S is 0 * Inf =
           // NaN against a key holding Inf, and exp2(NaN - inf) is NaN, not 0) or a
           // row that sees no key.
-          const bool visible = key < len_k && lse2 != kInf && (!causal || key <= q + off);
+          const bool visible = lse2 != kInf && mask.visible(q, key);
           // Both exactly 0: a hidden pair's dp (Inf in v) or delta (a NaN row) may
           // not be finite, and 0 * (dp - delta) would be NaN.
           if (!visible) {
             pv = 0.0f;
+            pz = 0.0f;
             dp = 0.0f;
           }
         }
-        p[c] = pv;
-        ds[c] = pv * dp;
+        p[c] = pz;
+        ds[c] = pv * dp * slope;
       }
       const int idx = kl * kPS + q_w + nt * 8 + 2 * tq;
       if (kWriteP) *reinterpret_cast<uint32_t*>(sP + idx) = cuda::pack2<Element>(p[0], p[1]);
@@ -196,7 +225,7 @@ template <typename Traits, typename Element>
 __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, const Element* sP, const Element* sdS,
                                        float (&acc_dk)[Traits::kNTilesHalfD][4],
                                        float (&acc_dv)[Traits::kNTilesHalfD][4], int warp, const LaneAddr& la,
-                                       bool exact, int n0, int m0, int off, int lane) {
+                                       bool exact, int n0, int m0, const Mask& mask, int lane) {
   constexpr int kStride = Traits::kSmemStride;
   constexpr int kPS = Traits::kPStride;
   constexpr int kNT = Traits::kNTilesHalfD;
@@ -212,9 +241,8 @@ __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, co
 #pragma unroll
     for (int dt = 0; dt < kNT / 2; ++dt) {
       uint32_t b[4];
-      // Rows of the products are keys n0 + key_w + r, k the queries m0 + kk * 16 + ...:
-      // query q sees key n0 + key_w + r iff q >= n0 + key_w + r - off.
-      const Diagonal sees{n0 + key_w - off, false};
+      // Rows of the products are keys n0 + key_w + r, k the queries m0 + kk * 16 + ....
+      const Band sees = mask.key_rows(n0 + key_w);
       cuda::ldmatrix_x4_trans(b, sdO + (kk * 16 + la.r0) * kStride + d_w + dt * 16 + la.c0);
       if (exact) {
         mma_pair_visible_only<Element>(acc_dv[2 * dt], acc_dv[2 * dt + 1], ap, b, m0 + kk * 16, lane, sees);
@@ -243,7 +271,7 @@ __device__ __forceinline__ void phase2(const Element* sQ, const Element* sdO, co
 // query then sums only the keys it sees (mma_pair_visible_only).
 template <typename Traits, typename Element, int kNT>
 __device__ __forceinline__ void phase3(const Element* sdS, const Element* sK, float (&acc)[kNT][4], int d0, int warp,
-                                       const LaneAddr& la, bool exact, int n0, int m0, int off, int lane) {
+                                       const LaneAddr& la, bool exact, int n0, int m0, const Mask& mask, int lane) {
   static_assert(kNT % 2 == 0, "n8 tiles come in pairs");
   constexpr int kStride = Traits::kSmemStride;
   constexpr int kPS = Traits::kPStride;
@@ -257,9 +285,9 @@ __device__ __forceinline__ void phase3(const Element* sdS, const Element* sK, fl
       uint32_t b[4];
       cuda::ldmatrix_x4_trans(b, sK + (kk * 16 + la.r0) * kStride + d0 + dt * 16 + la.c0);
       if (exact) {
-        // Rows are queries m0 + q_w + r, k the keys n0 + kk * 16 + ...: key <= m0 + q_w + r + off.
+        // Rows are queries m0 + q_w + r, k the keys n0 + kk * 16 + ....
         mma_pair_visible_only<Element>(acc[2 * dt], acc[2 * dt + 1], a, b, n0 + kk * 16, lane,
-                                       Diagonal{m0 + q_w + off, true});
+                                       mask.query_rows(m0 + q_w));
       } else {
         const uint32_t b0[2] = {b[0], b[1]};
         const uint32_t b1[2] = {b[2], b[3]};
@@ -316,20 +344,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_q = params.seqlen_q;
   const int head_dim = params.head_dim;
   const bool aligned16 = params.aligned16;
-  const bool causal = params.causal;
   const int group = params.head_group;
 
-  const int len_k = read_len_k(params, batch);
-  const int off = params.bottom_right ? len_k - seqlen_q : 0;
-  // Query tiles that can see a key of [n0, n0 + kBlockN): causal query q sees key
-  // n0 iff q >= n0 - off, and every later key of the block only later queries.
-  const int m_tiles = (seqlen_q + kBlockM - 1) / kBlockM;
-  int m_begin = 0;
-  if (causal) {
-    const int first_q = n0 - off;
-    m_begin = first_q <= 0 ? 0 : (first_q >= seqlen_q ? m_tiles : first_q / kBlockM);
-  }
-  const int n_m = (n0 < len_k && m_begin < m_tiles) ? m_tiles - m_begin : 0;
+  const BlockInfo info(params, batch);
+  const Mask& mask = info.mask;
+  const int len_k = info.len_k();
+  // Query tiles holding a query that sees a key of [n0, n0 + kBlockN).
+  const TileRange m_tiles = info.query_tiles(n0, n0 + kBlockN, kBlockM);
+  const int m_begin = m_tiles.begin;
+  const int n_m = m_tiles.count();
   const int n_iter = n_m * group;
 
   float acc_dk[kNT][4];
@@ -353,7 +376,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                            kv_head * params.k_head_stride;
     const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
                            kv_head * params.v_head_stride;
-    const float scale_log2 = params.scale_log2;
+    const ScoreMap score_map = ScoreMap::base2(params);
+    const Dropout dropout = Dropout::make(params);
 
     // Issues the copies of iteration `it`'s Q / dO tile and statistics into `stage`.
     auto load_q_tile = [&](int it, int stage) {
@@ -377,12 +401,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     load_q_tile(0, 0);
     cuda::cp_async_commit();
 
-    bool k_nonfinite = false;  // the block's K holds Inf/NaN (checked once, causal only)
+    bool k_nonfinite = false;  // the block's K holds Inf/NaN (checked once, banded masks only)
     for (int it = 0; it < n_iter; ++it) {
       // One stage: tile it was issued during tile it-1's phase 3 (below).
       cuda::cp_async_wait<0>();
       __syncthreads();  // tile it has landed for all; all are done with tile it-1
-      if (it == 0 && causal) k_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sK, tid));
+      if (it == 0 && mask.banded()) k_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sK, tid));
       if (kStages == 2 && it + 1 < n_iter) {
         load_q_tile(it + 1, (it + 1) % 2);
         cuda::cp_async_commit();
@@ -395,14 +419,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // A partial last query tile is masked too: its zero-filled rows past Sq meet
       // every key of the block in the dK, dV sums (NaN P or dS there would become
       // NaN * 0 = NaN in them).
-      const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off) ||
-                             m0 + kBlockM > seqlen_q;
+      const bool need_mask = !mask.all_visible(m0, m0 + kBlockM, n0, n0 + kBlockN) || m0 + kBlockM > seqlen_q;
 
       bwd::phase1<Traits, Element, true>(sQs, sdOs, sK, sV, s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, sP,
-                                         sdS, n0, m0, len_k, off, causal, need_mask, scale_log2, warp, lane, la);
-      // Tiles on the causal diagonal carry hidden pairs; with Inf/NaN in Q or dO
-      // (dK, dV) or K (dQ) they take the row-exact products. Block-uniform test.
-      const bool diagonal = causal && n0 + kBlockN - 1 > m0 + off;
+                                         sdS, n0, m0, mask, need_mask, score_map, dropout,
+                                         static_cast<uint32_t>(batch) * params.heads + head, warp, lane, la);
+      // Tiles the band cuts carry hidden pairs; with Inf/NaN in Q or dO (dK, dV)
+      // or K (dQ) they take the row-exact products. Block-uniform test.
+      const bool diagonal = mask.band_cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
       bool qdo_nonfinite = false;
       if (diagonal) {
         qdo_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockM>(sQs, tid) ||
@@ -410,7 +434,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       } else {
         __syncthreads();  // P^T and dS^T complete
       }
-      bwd::phase2<Traits, Element>(sQs, sdOs, sP, sdS, acc_dk, acc_dv, warp, la, qdo_nonfinite, n0, m0, off, lane);
+      bwd::phase2<Traits, Element>(sQs, sdOs, sP, sdS, acc_dk, acc_dv, warp, la, qdo_nonfinite, n0, m0, mask, lane);
       if (kStages == 1 && it + 1 < n_iter) {
         // Q, dO and the statistics of tile it are dead once every warp is past
         // phase 2 (phase 3 reads only dS^T and K): load tile it+1 under phase 3.
@@ -434,7 +458,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
             for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
           }
           const int dc = d_w + c * kChunk * 8;
-          bwd::phase3<Traits, Element, kChunk>(sdS, sK, acc, dc, warp, la, diagonal && k_nonfinite, n0, m0, off,
+          bwd::phase3<Traits, Element, kChunk>(sdS, sK, acc, dc, warp, la, diagonal && k_nonfinite, n0, m0, mask,
                                                lane);
 #pragma unroll
           for (int nt = 0; nt < kChunk; ++nt) {
@@ -511,12 +535,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int seqlen_q = params.seqlen_q;
   const int head_dim = params.head_dim;
   const bool aligned16 = params.aligned16;
-  const bool causal = params.causal;
 
-  const int len_k = read_len_k(params, batch);
-  const int off = params.bottom_right ? len_k - seqlen_q : 0;
+  const BlockInfo info(params, batch);
+  const Mask& mask = info.mask;
+  const int len_k = info.len_k();
   const int row_end = (m0 + kBlockM < seqlen_q) ? m0 + kBlockM : seqlen_q;
-  const int n_tiles = num_key_tiles(params, len_k, off, row_end, kBlockN);
+  const TileRange tiles = info.key_tiles(m0, row_end, kBlockN);
+  const int n_tiles = tiles.count();
 
   float acc[kNT][4];
 #pragma unroll
@@ -536,9 +561,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
                            kv_head * params.k_head_stride;
     const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
                            kv_head * params.v_head_stride;
-    const float scale_log2 = params.scale_log2;
+    const ScoreMap score_map = ScoreMap::base2(params);
+    const Dropout dropout = Dropout::make(params);
+    const uint32_t batch_head = static_cast<uint32_t>(batch) * params.heads + head;
     auto load_kv_tile = [&](int it, int stage) {
-      const int n1 = it * kBlockN;
+      const int n1 = (tiles.begin + it) * kBlockN;
       load_tile<Traits, kBlockN>(sK + stage * Traits::kStreamStageElems, k_ptr, params.k_row_stride, n1, len_k, head_dim,
                                  aligned16, tid);
       load_tile<Traits, kBlockN>(sV + stage * Traits::kStreamStageElems, v_ptr, params.v_row_stride, n1, len_k, head_dim,
@@ -565,23 +592,23 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         cuda::cp_async_commit();
       }
       const int stage = kStages == 2 ? it % 2 : 0;
-      const int n0 = it * kBlockN;
+      const int n0 = (tiles.begin + it) * kBlockN;
       const Element* sKs = sK + stage * Traits::kStreamStageElems;
       const Element* sVs = sV + stage * Traits::kStreamStageElems;
       // Query rows past Sq need no mask here: their dS rows reach only their own
       // dQ rows, which are never stored.
-      const bool need_mask = (n0 + kBlockN > len_k) || (causal && n0 + kBlockN - 1 > m0 + off);
-      bwd::phase1<Traits, Element, false>(sQ, sdO, sKs, sVs, s_lse2, s_delta, nullptr, sdS, n0, m0, len_k, off,
-                                          causal, need_mask, scale_log2, warp, lane, la);
-      // As in the dK/dV kernel: a diagonal tile with Inf/NaN in K takes the row-exact dS K.
-      const bool diagonal = causal && n0 + kBlockN - 1 > m0 + off;
+      const bool need_mask = !mask.all_visible(m0, m0 + kBlockM, n0, n0 + kBlockN);
+      bwd::phase1<Traits, Element, false>(sQ, sdO, sKs, sVs, s_lse2, s_delta, nullptr, sdS, n0, m0, mask, need_mask,
+                                          score_map, dropout, batch_head, warp, lane, la);
+      // As in the dK/dV kernel: a tile the band cuts with Inf/NaN in K takes the row-exact dS K.
+      const bool diagonal = mask.band_cuts(m0, m0 + kBlockM, n0, n0 + kBlockN);
       bool k_nonfinite = false;
       if (diagonal) {
         k_nonfinite = __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sKs, tid));  // and dS^T complete
       } else {
         __syncthreads();  // dS^T complete
       }
-      bwd::phase3<Traits, Element, kNT>(sdS, sKs, acc, d_w, warp, la, k_nonfinite, n0, m0, off, lane);
+      bwd::phase3<Traits, Element, kNT>(sdS, sKs, acc, d_w, warp, la, k_nonfinite, n0, m0, mask, lane);
     }
   }
 

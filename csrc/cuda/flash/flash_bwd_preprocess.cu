@@ -1,11 +1,18 @@
 // The small passes around the backward kernels:
 //   flash_bwd_delta_kernel:      delta[b,h,i] = sum_d dO[i,d] O[i,d] (fp32) - grad_lse[b,h,i]
 //                                (one warp a row; any batch/head/row strides)
+//   flash_bwd_sink_grad_kernel:  grad_sinks[h] = -sum_{b,i} exp(sink_h - lse[b,h,i]) delta[b,h,i]
+//                                (with sinks; one block a head, after the delta pass)
 //   flash_bwd_convert_dq_kernel: dq = dq_accum * scale in the input dtype
 //                                (16-bit default mode, after the atomics)
 // Why grad_lse enters delta: d lse_i / d s_ij = P_ij, so the gradient through lse
 // adds P_ij * grad_lse_i to dS_ij = P_ij (dP_ij - delta_i), which is the same as
 // subtracting grad_lse_i from delta_i.
+// Why the sink gradient is that sum: the sink is one more logit of every row's
+// softmax with probability P_sink = exp(sink - lse) and no value, so its dS is
+// P_sink (0 - delta_i); the sum over the rows of every batch of head h is a
+// fixed-order block reduction (no atomics), deterministic in both modes and small
+// next to the attention kernels (B * Sq reads a head).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -41,6 +48,31 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) flash_bwd_delta_kernel(const
   if (lane == 0) p.delta[row] = sum - (p.grad_lse != nullptr ? p.grad_lse[row] : 0.0f);
 }
 
+constexpr int kSinkThreads = 256;
+
+__global__ void __launch_bounds__(kSinkThreads) flash_bwd_sink_grad_kernel(const __grid_constant__ BwdParams p) {
+  constexpr float kNegInf = -__builtin_huge_valf();
+  __shared__ float warp_sums[kSinkThreads / 32];
+  const int head = blockIdx.x;
+  const float sink = p.sinks[head];
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q;  // (b, i) of this head
+  float sum = 0.0f;
+  for (int64_t t = threadIdx.x; t < rows; t += kSinkThreads) {
+    const int64_t b = t / p.seqlen_q;
+    const int64_t idx = (b * p.heads + head) * p.seqlen_q + t % p.seqlen_q;
+    const float p_sink = sink == kNegInf ? 0.0f : expf(sink - p.lse[idx]);
+    sum = fmaf(p_sink, p.delta[idx], sum);
+  }
+  sum = cuda::group_sum<32>(sum);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < kSinkThreads / 32; ++w) total += warp_sums[w];
+    p.grad_sinks[head] = -total;
+  }
+}
+
 template <typename T>
 __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
                                             float scale) {
@@ -54,7 +86,7 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, T* __
 
 cudaError_t run_flash_bwd_preprocess(const BwdParams& params, cuda::DType dtype, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(params.batch) * params.heads * params.seqlen_q;
-  if (rows == 0) return cudaSuccess;
+  if (rows == 0) return cudaSuccess;  // grad_sinks, if any, stays as allocated (zeros)
   const int64_t blocks = (rows + kDeltaWarps - 1) / kDeltaWarps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
@@ -62,6 +94,11 @@ cudaError_t run_flash_bwd_preprocess(const BwdParams& params, cuda::DType dtype,
     using T = typename decltype(tag)::type;
     flash_bwd_delta_kernel<T><<<grid, kDeltaWarps * 32, 0, stream>>>(params);
   });
+  if (params.sinks != nullptr) {
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    flash_bwd_sink_grad_kernel<<<params.heads, kSinkThreads, 0, stream>>>(params);
+  }
   return cudaGetLastError();
 }
 

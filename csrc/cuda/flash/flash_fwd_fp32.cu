@@ -23,7 +23,8 @@
 #include "cuda/common/ptx.h"
 #include "cuda/common/smem_opt_in.h"
 #include "cuda/flash/flash_api.h"
-#include "cuda/flash/flash_fwd_kernel.h"  // read_len_k, num_key_tiles
+#include "cuda/flash/block_info.h"
+#include "cuda/flash/variants.h"
 
 namespace tfkernels {
 namespace flash {
@@ -61,10 +62,12 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   const int kv_head = head / params.head_group;
   const int m0 = m_block * kF32BlockM;
   const int seqlen_q = params.seqlen_q;
-  const int len_k = read_len_k(params, batch);
-  const int off = params.bottom_right ? len_k - seqlen_q : 0;
+  const BlockInfo info(params, batch);
+  const Mask& mask = info.mask;
+  const int len_k = info.len_k();
   const int row_end = (m0 + kF32BlockM < seqlen_q) ? m0 + kF32BlockM : seqlen_q;
-  const int n_tiles = num_key_tiles(params, len_k, off, row_end, kF32BlockN);
+  const TileRange tiles = info.key_tiles(m0, row_end, kF32BlockN);
+  const int n_tiles = tiles.count();
   const int r0 = m0 + warp * kF32RowsPerWarp;  // this warp's first row
   const bool warp_active = r0 < seqlen_q;
 
@@ -95,9 +98,11 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
     }
   }
 
-  const float scale_log2 = params.scale_log2;
+  const ScoreMap score_map = ScoreMap::base2(params);
+  const Dropout dropout = Dropout::make(params);
+  const uint32_t batch_head = static_cast<uint32_t>(batch) * params.heads + head;
   for (int it = 0; it < n_tiles; ++it) {
-    const int n0 = it * kF32BlockN;
+    const int n0 = (tiles.begin + it) * kF32BlockN;
     __syncthreads();  // every warp is done with the previous tile
     for (int r = warp; r < kF32BlockN; r += kF32Warps) {
       const int key = n0 + r;
@@ -110,7 +115,7 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
       }
     }
     __syncthreads();
-    if (!warp_active || (params.causal && n0 > r0 + kF32RowsPerWarp - 1 + off)) continue;
+    if (!warp_active || !mask.any_visible(r0, r0 + kF32RowsPerWarp, n0, n0 + kF32BlockN)) continue;
 
     // S for key n0 + lane and the warp's 4 rows.
     float s[kF32RowsPerWarp] = {};
@@ -123,20 +128,29 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
     }
 
     const int key = n0 + lane;
+    uint32_t kept = ~0u;  // bit r: dropout keeps (row r0 + r, key); Philox in a rolled loop
+    if (dropout.on) {
+      kept = 0;
+#pragma unroll 1
+      for (int r = 0; r < kF32RowsPerWarp; ++r) {
+        kept |= static_cast<uint32_t>(dropout.keep(batch_head, r0 + r, key)) << r;
+      }
+    }
     float p[kF32RowsPerWarp];
     uint32_t seen[kF32RowsPerWarp];  // bit j: row r sees key n0 + j
 #pragma unroll
     for (int r = 0; r < kF32RowsPerWarp; ++r) {
       const int row = r0 + r;
-      const bool visible = key < len_k && (!params.causal || key <= row + off);
+      const bool visible = mask.visible(row, key);
       seen[r] = __ballot_sync(0xffffffffu, visible);
-      const float x = visible ? s[r] * scale_log2 : kNegInf;
+      const float x = visible ? score_map(s[r]) : kNegInf;
       const float mx = fmaxf(row_max[r], cuda::group_max<32>(x));
       const float m_use = (mx == kNegInf) ? 0.0f : mx;
       const float alpha = cuda::exp2_approx(row_max[r] - m_use);
       p[r] = cuda::exp2_approx(x - m_use);
-      row_sum[r] = row_sum[r] * alpha + cuda::group_sum<32>(p[r]);
+      row_sum[r] = row_sum[r] * alpha + cuda::group_sum<32>(p[r]);  // pre-dropout, as lse
       row_max[r] = mx;
+      if (!((kept >> r) & 1u)) p[r] = 0.0f;
 #pragma unroll
       for (int i = 0; i < kF32ColsPerLane; ++i) acc_o[r][i] *= alpha;
     }
@@ -162,25 +176,24 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   }
 
   if (!warp_active) return;
-  constexpr float kLn2 = 0.693147180559945309f;
+  const float sink = sink_logit(params, head);
   float* o_ptr = static_cast<float*>(params.out) + batch * params.o_batch_stride + head * params.o_head_stride;
   float* lse_ptr = params.lse + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
 #pragma unroll
   for (int r = 0; r < kF32RowsPerWarp; ++r) {
     const int row = r0 + r;
     if (row >= seqlen_q) break;
-    const float l = row_sum[r];
-    const bool sees_a_key = row_sees_a_key(params, len_k, off, row);
     // Exact division: the fp32 path is checked tightly against float64. l is NaN
     // or 0 after non-finite scores: O = acc * (1 / l) and lse are NaN then.
-    const float inv_l = sees_a_key ? __frcp_rn(l) : 0.0f;
+    const RowFinish<true> fin(row_max[r], row_sum[r], mask.row_sees_a_key(row), sink);
+    const float inv_l = fin.inv_l * dropout.scale;
 #pragma unroll
     for (int i = 0; i < kF32ColsPerLane; ++i) {
       const int c = lane + 32 * i;
       if (c < d) o_ptr[static_cast<int64_t>(row) * params.o_row_stride + c] = acc_o[r][i] * inv_l;
     }
     if (lane == 0) {
-      lse_ptr[row] = !sees_a_key ? kNegInf : l > 0.0f ? row_max[r] * kLn2 + logf(l) : __int_as_float(0x7fffffff);
+      lse_ptr[row] = fin.lse;
     }
   }
 }

@@ -13,19 +13,24 @@
 //   3. O /= l, staged through the warp's own Q rows in shared memory and written
 //      with 16-byte stores; lse = (m + log2 l) * ln 2.
 //
-// Masking: query i sees key j iff j < len_k and (not causal or j <= i + off),
-// off = 0 (top_left) or len_k - Sq (bottom_right), len_k = clamp(seqlens_k[b], 0, Sk)
-// or Sk. Tiles past the last visible key of the block are never loaded (loop
-// bound n_tiles); a warp skips the compute of a tile its rows cannot see; the mask
-// is evaluated only on tiles that straddle len_k or the causal diagonal. K/V rows
-// at or past len_k are zero-filled on load, so padding (even NaN) never reaches P V.
+// Masking (block_info.h, mask.h): query i sees key j iff j < len_k and
+// lo <= j - i <= hi, the band that folds causal (hi = off), the window
+// (lo = off - left, hi = off + right) and the alignment offset off = 0 (top_left)
+// or len_k - Sq (bottom_right), len_k = clamp(seqlens_k[b], 0, Sk) or Sk. A block
+// loads only the key tiles between its rows' first and last visible keys; a warp
+// skips the compute of a tile its rows cannot see; the mask is evaluated only on
+// tiles that straddle len_k or a band edge. K/V rows at or past len_k are
+// zero-filled on load, so padding (even NaN) never reaches P V.
+// Variants (variants.h): scores go through ScoreMap (scale, or softcap), dropout
+// zeroes P after the row sums (lse is pre-dropout) and scales O by 1/(1-p) in the
+// epilogue, and RowFinish puts the head's sink into the denominator and lse.
 // Rows that see no key end with m = -inf and l = 0: every exponent is guarded so
 // they produce O = 0 and lse = -inf, never NaN. Whether a row sees a key comes
 // from the mask, never from m or l: a NaN score (from NaN in q or k) leaves m
 // finite (fmaxf drops it) but makes l NaN through exp2(NaN) in the sum; a +inf
 // score makes exp2(inf - inf) = NaN; visible scores that are all -inf end with
 // l = 0. Such rows get O = acc * (1 / l) = NaN and lse = NaN, as the reference.
-// A key hidden by the causal mask inside a diagonal tile would still meet the
+// A key hidden by the band inside a tile the band cuts would still meet the
 // tile's P V mma with P = 0, and 0 * Inf = NaN would reach rows that cannot see
 // it: such tiles check their V for Inf/NaN (one extra barrier) and, when found,
 // take the row-exact product of mma_pair_visible_only (flash_tile.h).
@@ -37,36 +42,14 @@
 #include <cstdint>
 
 #include "cuda/common/ptx.h"
+#include "cuda/flash/block_info.h"
 #include "cuda/flash/flash_params.h"
 #include "cuda/flash/flash_tile.h"
 #include "cuda/flash/kernel_traits.h"
+#include "cuda/flash/variants.h"
 
 namespace tfkernels {
 namespace flash {
-
-__device__ __forceinline__ int read_len_k(const FwdParams& p, int batch) {
-  if (p.seqlens_k == nullptr) return p.seqlen_k;
-  const int64_t len = p.seqlens_k_is_int64 ? static_cast<const int64_t*>(p.seqlens_k)[batch]
-                                           : static_cast<int64_t>(static_cast<const int32_t*>(p.seqlens_k)[batch]);
-  return static_cast<int>(len < 0 ? 0 : (len > p.seqlen_k ? p.seqlen_k : len));
-}
-
-// Number of key tiles of width kBlockN holding a key visible to some query row in
-// [row_begin, row_end) (row_end <= Sq): tiles past it are skipped entirely.
-__device__ __forceinline__ int num_key_tiles(const FwdParams& p, int len_k, int off, int row_end, int block_n) {
-  int key_end = len_k;  // exclusive
-  if (p.causal) {
-    const int causal_end = row_end + off;  // the last row (row_end - 1) sees keys <= row_end - 1 + off
-    key_end = causal_end < key_end ? causal_end : key_end;
-  }
-  return key_end > 0 ? (key_end + block_n - 1) / block_n : 0;
-}
-
-// Whether query row `row` sees at least one key (key 0): the only test for an
-// empty row, which gets O = 0 and lse = -inf.
-__device__ __forceinline__ bool row_sees_a_key(const FwdParams& p, int len_k, int off, int row) {
-  return len_k > 0 && (!p.causal || row + off >= 0);
-}
 
 template <typename Traits, typename Element>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const __grid_constant__ FwdParams params) {
@@ -99,10 +82,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
   const int head_dim = params.head_dim;
   const bool aligned16 = params.aligned16;
 
-  const int len_k = read_len_k(params, batch);
-  const int off = params.bottom_right ? len_k - seqlen_q : 0;
+  const BlockInfo info(params, batch);
+  const Mask& mask = info.mask;
+  const int len_k = info.len_k();
   const int row_end = (m0 + kBlockM < seqlen_q) ? m0 + kBlockM : seqlen_q;
-  const int n_tiles = num_key_tiles(params, len_k, off, row_end, kBlockN);
+  const TileRange tiles = info.key_tiles(m0, row_end, kBlockN);
+  const int n_tiles = tiles.count();
+  const Dropout dropout = Dropout::make(params);
+  const uint32_t batch_head = static_cast<uint32_t>(batch) * params.heads + head;
 
   const Element* q_ptr = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
                          head * params.q_head_stride;
@@ -130,8 +117,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
     // ---- prologue: Q, then K/V tile 0 in stage 0.
     load_tile<Traits, kBlockM>(sQ, q_ptr, params.q_row_stride, m0, seqlen_q, head_dim, aligned16, tid);
     cuda::cp_async_commit();
-    load_tile<Traits, kBlockN>(sK, k_ptr, params.k_row_stride, 0, len_k, head_dim, aligned16, tid);
-    load_tile<Traits, kBlockN>(sV, v_ptr, params.v_row_stride, 0, len_k, head_dim, aligned16, tid);
+    load_tile<Traits, kBlockN>(sK, k_ptr, params.k_row_stride, tiles.begin * kBlockN, len_k, head_dim, aligned16,
+                               tid);
+    load_tile<Traits, kBlockN>(sV, v_ptr, params.v_row_stride, tiles.begin * kBlockN, len_k, head_dim, aligned16,
+                               tid);
     cuda::cp_async_commit();
     cuda::cp_async_wait<1>();
     __syncthreads();
@@ -157,7 +146,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
       }
     }
 
-    const float scale_log2 = params.scale_log2;
+    const ScoreMap score_map = ScoreMap::base2(params);
 
     for (int it = 0; it < n_tiles; ++it) {
       // Tile `it` has landed for every thread, and every warp is done with tile it-1.
@@ -165,7 +154,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
       __syncthreads();
       if (it + 1 < n_tiles) {
         const int stage = (it + 1) % Traits::kStages;
-        const int n1 = (it + 1) * kBlockN;
+        const int n1 = (tiles.begin + it + 1) * kBlockN;
         load_tile<Traits, kBlockN>(sK + stage * Traits::kKVTileElems, k_ptr, params.k_row_stride, n1, len_k,
                                    head_dim, aligned16, tid);
         load_tile<Traits, kBlockN>(sV + stage * Traits::kKVTileElems, v_ptr, params.v_row_stride, n1, len_k,
@@ -173,16 +162,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
         cuda::cp_async_commit();
       }
 
-      const int n0 = it * kBlockN;
+      const int n0 = (tiles.begin + it) * kBlockN;
       const Element* sKs = sK + (it % Traits::kStages) * Traits::kKVTileElems;
       const Element* sVs = sV + (it % Traits::kStages) * Traits::kKVTileElems;
-      // Rare path: a tile on the block's causal diagonal whose V holds Inf or NaN
-      // computes P V row by row over the visible keys (mma_pair_visible_only). The
-      // test is block-uniform, so every thread meets the barrier of __syncthreads_or.
-      const bool v_nonfinite = params.causal && n0 + kBlockN - 1 > m0 + off &&
+      // Rare path: a tile cut by the block's band (causal diagonal, window edge)
+      // whose V holds Inf or NaN computes P V row by row over the visible keys
+      // (mma_pair_visible_only). The test is block-uniform, so every thread meets
+      // the barrier of __syncthreads_or.
+      const bool v_nonfinite = mask.band_cuts(m0, m0 + kBlockM, n0, n0 + kBlockN) &&
                                __syncthreads_or(tile_nonfinite_share<Traits, kBlockN>(sVs, tid));
-      // The warp's rows [m0w, m0w + 16) see keys <= m0w + 15 + off at most.
-      if (!warp_active || (params.causal && n0 > m0w + 15 + off)) continue;
+      if (!warp_active || !mask.any_visible(m0w, m0w + 16, n0, n0 + kBlockN)) continue;
 
       // ---- S = Q K^T (16 x kBlockN per warp, fp32)
       float acc_s[kNTilesS][4];
@@ -211,14 +200,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
         }
       }
 
-      // ---- scale to base 2 and mask. The scale is applied before the max so a
-      // negative scale stays correct.
-      const bool need_mask = (n0 + kBlockN > len_k) || (params.causal && n0 + kBlockN - 1 > m0w + off);
-#pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc_s[nt][j] *= scale_log2;
-      }
+      // ---- scale to base 2 (softcap: c log2e tanh(scale s / c)) and mask. The
+      // scale is applied before the max so a negative scale stays correct.
+      const bool need_mask = !mask.all_visible(m0w, m0w + 16, n0, n0 + kBlockN);
+      score_map.apply(acc_s);
       if (need_mask) {
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
@@ -226,8 +211,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
           for (int j = 0; j < 4; ++j) {
             const int col = n0 + nt * 8 + 2 * tq + (j % 2);
             const int row = m0w + g + 8 * (j / 2);
-            const bool visible = col < len_k && (!params.causal || col <= row + off);
-            if (!visible) acc_s[nt][j] = kNegInf;
+            if (!mask.visible(row, col)) acc_s[nt][j] = kNegInf;
           }
         }
       }
@@ -259,6 +243,27 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
         }
       }
 
+      // ---- dropout: the row sums above are pre-dropout (lse is); dropped P are 0
+      // in P V, and 1 / (1 - p) is folded into the final normalisation.
+      // The Philox calls run in a rolled loop into a bit mask (bit 4 nt + j drops
+      // acc_s[nt][j]); unrolled, they cost ~90 registers.
+      if (dropout.on) {
+        static_assert(kNTilesS <= 8, "4 bits per n8 tile in one 32-bit mask");
+        uint32_t dropped = 0;
+#pragma unroll 1
+        for (int i = 0; i < 2 * kNTilesS; ++i) {  // i = 2 nt + r: rows g + 8 r, keys 2 tq, 2 tq + 1
+          const uint32_t kept = dropout.keep_pair(batch_head, m0w + g + 8 * (i % 2), n0 + (i / 2) * 8 + 2 * tq);
+          dropped |= (~kept & 3u) << (2 * i);
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if ((dropped >> (4 * nt + j)) & 1u) acc_s[nt][j] = 0.0f;
+          }
+        }
+      }
+
       // ---- O += P V: the S accumulators of n8 tiles 2k and 2k+1 form the A
       // fragment of k16 step k (rows g/g+8, keys 2*tq.. and 8+2*tq..).
 #pragma unroll
@@ -274,7 +279,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
           cuda::ldmatrix_x4_trans(b, sVs + (kk * 16 + vb_row) * kStride + dt * 16 + vb_col);
           if (v_nonfinite && need_mask) {
             mma_pair_visible_only<Element>(acc_o[2 * dt], acc_o[2 * dt + 1], a, b, n0 + kk * 16, lane,
-                                           Diagonal{m0w + off, true});  // row m0w + r sees keys <= m0w + r + off
+                                           mask.query_rows(m0w));
           } else {
             const uint32_t b0[2] = {b[0], b[1]};
             const uint32_t b1[2] = {b[2], b[3]};
@@ -286,20 +291,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
     }
   }
 
-  // ---- epilogue: normalise once, lse, stage through this warp's Q rows, store.
-  // Every warp reads and writes only its own 16 rows of sQ (the Q ldmatrix reads
-  // above included), so a __syncwarp() orders the staging.
-  constexpr float kLn2 = 0.693147180559945309f;
+  // ---- epilogue: normalise once (sink, dropout scale), lse, stage through this
+  // warp's Q rows, store. Every warp reads and writes only its own 16 rows of sQ
+  // (the Q ldmatrix reads above included), so a __syncwarp() orders the staging.
+  const float sink = sink_logit(params, head);
   float inv_l[2];
   float lse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float l = cuda::group_sum<4>(row_sum[r]);
-    const bool sees_a_key = row_sees_a_key(params, len_k, off, m0w + g + 8 * r);
     // l >= 1 when the row's scores are finite (its max contributes exp2(0) = 1); l
     // is NaN or 0 after non-finite scores, and then O and lse are NaN.
-    inv_l[r] = sees_a_key ? 1.0f / l : 0.0f;
-    lse[r] = !sees_a_key ? kNegInf : l > 0.0f ? (row_max[r] + __log2f(l)) * kLn2 : __int_as_float(0x7fffffff);
+    const RowFinish<false> fin(row_max[r], cuda::group_sum<4>(row_sum[r]), mask.row_sees_a_key(m0w + g + 8 * r),
+                               sink);
+    inv_l[r] = fin.inv_l * dropout.scale;
+    lse[r] = fin.lse;
   }
   if (!warp_active) return;
   __syncwarp();

@@ -39,7 +39,20 @@ struct FwdParams {
   float scale_log2;  // scale * log2(e): scores go to base 2 so exp is one ex2
 
   bool causal;
-  bool bottom_right;  // causal offset len_k - Sq instead of 0
+  bool bottom_right;  // causal (and window) offset len_k - Sq instead of 0
+  // Sliding window: query i sees keys i + off - window_left .. i + off + window_right;
+  // -1 = unbounded on that side (mask.h folds these with causal and len_k).
+  int window_left, window_right;
+
+  // Variants (issue 15; variants.h). softcap > 0: scores are
+  // softcap * tanh(scale q.k / softcap). sinks: nullptr or float32 [H], a per-head
+  // logit in every row's softmax denominator (and lse). dropout_p > 0: P is
+  // multiplied by keep / (1 - p), keep from csrc/dropout_rng.h with (seed, offset)
+  // = rng_state[0..1], an int64 [2] read from device memory (CUDA-graph safe).
+  float softcap;
+  const float* sinks;
+  float dropout_p;
+  const int64_t* rng_state;
 
   // 16-bit path only: D % 8 == 0 and every base pointer and batch/head/row stride
   // is a multiple of 16 bytes, so 16-byte cp.async loads and 16-byte stores are
@@ -51,7 +64,7 @@ struct FwdParams {
 
 // Backward parameters: the forward's block (q, k, v, out, lse, strides, sizes,
 // masks; `out` is read) plus dO, the gradients and the fp32 scratch buffers. The
-// kernels take read_len_k / num_key_tiles from the forward through the base.
+// kernels derive their key and query tile ranges from the base (block_info.h).
 struct BwdParams : FwdParams {
   const void* dout;  // [B,H,Sq,D], any batch/head/row strides, last dim contiguous
   int64_t do_batch_stride, do_head_stride, do_row_stride;
@@ -62,6 +75,7 @@ struct BwdParams : FwdParams {
   void* dq;
   void* dk;
   void* dv;
+  float* grad_sinks;      // float32 [H] when sinks is given: -sum_{b,i} exp(sink - lse) delta
   // deterministic: dQ by a second kernel that walks the K/V tiles of each query
   // tile (no atomics); otherwise fp32 atomicAdd into dq_accum, then a convert pass.
   bool deterministic;

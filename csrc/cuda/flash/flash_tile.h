@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "cuda/common/ptx.h"
+#include "cuda/flash/mask.h"  // Band
 
 namespace tfkernels {
 namespace flash {
@@ -118,29 +119,19 @@ __device__ __forceinline__ bool tile_nonfinite_share(const Element* smem, int ti
   return bad;
 }
 
-// Which (row r, k) pairs of a tile product see each other: r + row_bound >= k when
-// k_at_most_row (keys up to a query's diagonal: C rows are queries, k keys), else
-// r + row_bound <= k (queries from a key's diagonal on: C rows are keys, k queries).
-struct Diagonal {
-  int row_bound;
-  bool k_at_most_row;
-  __device__ __forceinline__ bool sees(int r, int k) const {
-    return k_at_most_row ? k <= r + row_bound : k >= r + row_bound;
-  }
-};
-
 // One m16n8k16 product C += A B in which row r (0..15) of A counts only the k of
-// the step that diag.sees(r, k): for a hidden (r, k) the B entry is zeroed in that
+// the step that band.sees(r, k): for a hidden (r, k) the B entry is zeroed in that
 // row's product. The plain mma would add A[r][k] * B[k] = 0 * Inf = NaN there even
 // though A[r][k] = 0, which is why the kernels take this path (16 mma instead of
-// 1, so only for tiles that straddle the causal diagonal and hold an Inf or NaN).
+// 1, so only for tiles that the band (causal diagonal, window edge) cuts and that
+// hold an Inf or NaN).
 // b is one B fragment as ldmatrix(_trans) gives it: thread t holds k = k0 + 2 (t % 4)
 // + {0, 1} in b[0] and the same + 8 in b[1]; its C rows are t / 4 (c[0], c[1]) and
 // t / 4 + 8 (c[2], c[3]). One n8 tile at a time and a rolled row loop keep the
 // extra registers few (the main loops sit near the 255 limit at large head dims).
 template <typename Element>
 __device__ __forceinline__ void mma_visible_only(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], int k0,
-                                                 int lane, Diagonal diag) {
+                                                 int lane, Band band) {
   const int g = lane / 4;
   const int k_lo = k0 + 2 * (lane % 4);
 #pragma unroll 1
@@ -149,7 +140,7 @@ __device__ __forceinline__ void mma_visible_only(float (&c)[4], const uint32_t (
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int k = k_lo + 8 * i;
-      bm[i] = b[i] & ((diag.sees(r, k) ? 0x0000ffffu : 0u) | (diag.sees(r, k + 1) ? 0xffff0000u : 0u));
+      bm[i] = b[i] & ((band.sees(r, k) ? 0x0000ffffu : 0u) | (band.sees(r, k + 1) ? 0xffff0000u : 0u));
     }
     float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     cuda::mma_16816<Element>(t, a, bm);
@@ -168,11 +159,11 @@ __device__ __forceinline__ void mma_visible_only(float (&c)[4], const uint32_t (
 // result (b[0], b[1] and b[2], b[3]), counting visible pairs only.
 template <typename Element>
 __device__ __forceinline__ void mma_pair_visible_only(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
-                                                      const uint32_t (&b)[4], int k0, int lane, Diagonal diag) {
+                                                      const uint32_t (&b)[4], int k0, int lane, Band band) {
   const uint32_t b0[2] = {b[0], b[1]};
   const uint32_t b1[2] = {b[2], b[3]};
-  mma_visible_only<Element>(c0, a, b0, k0, lane, diag);
-  mma_visible_only<Element>(c1, a, b1, k0, lane, diag);
+  mma_visible_only<Element>(c0, a, b0, k0, lane, band);
+  mma_visible_only<Element>(c1, a, b1, k0, lane, band);
 }
 
 }  // namespace flash
