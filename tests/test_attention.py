@@ -1,7 +1,8 @@
 """The attention family: flash_attention forward and backward against tfkernels.reference.
 
-Devices (tests/devices.py): a test that takes `cuda_device` runs on a GPU ("cuda",
-skipped without one) and on the emulated CUDA device ("emu"); a test marked
+Devices (tests/devices.py): a test that takes `device` runs on the CPU, on a GPU
+("cuda", skipped without one) and on the emulated CUDA device ("emu"); one that
+takes `cuda_device` on the last two only; a test marked
 `cuda` needs CUDA itself (graphs, streams, 100-run determinism); a test with no
 device fixture runs on the CPU only. The emulated device runs the cases marked
 `emu_quick` unless TFKERNELS_EMU_GRID=full; `gpu_only` cases (minutes each under
@@ -9,10 +10,11 @@ emulation) run on a GPU only; `sanitize` marks the small ones compute-sanitizer 
 The window, softcap, sinks and dropout variants are in tests/test_attention_variants.py.
 
 Sections:
-- The CPU grid (CPU only: float64, gradcheck, the memory bound, the argument
-  checks): parity by the FlashAttention rule against the float64 reference
+- The CPU grid (CPU only: float64, gradcheck, opcheck with autograd, the memory
+  bound): parity by the FlashAttention rule against the float64 reference
   (assert_close_float64 in float64), outputs, lse and all three gradients, gradient
   flowing through both the output and lse.
+- Every device (`device`): the argument checks, shared by both backends.
 - The CUDA grid (`cuda_device`): forward and backward on the same shapes (the
   `direction` parameter; the backward also over its two dQ modes), checks in
   tests/attention_cases.py. It covers each feature along its own axis instead of
@@ -37,11 +39,10 @@ from tfkernels import reference
 
 from .attention_cases import (ALL_HEAD_DIMS, BACKWARD, DIRECTIONS, FORWARD, FORWARD_AND_DQ_MODES, HALF_DTYPES,
                               MASK_IDS, MASKS, NO_VARIANTS, check, check_backward, check_forward, gpu_only,
-                              kernel_grads, make_qkv, misaligned_qkv, no_tf32, quick, reference_grads, sanitize,
+                              kernel_grads, make_qkv, misaligned_qkv, quick, reference_grads, sanitize,
                               with_directions)
+from .attention_cases import no_tf32  # noqa: F401 (an autouse fixture: TF32 off in this file's tests)
 from .utils import assert_close_float64, assert_flash_rule, high_precision, max_abs_err
-
-assert no_tf32  # an autouse fixture: imported to apply to this file's tests
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 _ops = torch.ops.tfkernels
@@ -49,10 +50,10 @@ _ops = torch.ops.tfkernels
 
 # ============================================================================= the CPU grid (CPU only)
 
-def _inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype):
-    q = torch.randn(batch, heads, seqlen_q, head_dim, dtype=dtype)
-    k = torch.randn(batch, kv_heads, seqlen_k, head_dim, dtype=dtype)
-    v = torch.randn(batch, kv_heads, seqlen_k, head_dim, dtype=dtype)
+def _inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, dtype, device="cpu"):
+    q = torch.randn(batch, heads, seqlen_q, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, kv_heads, seqlen_k, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, kv_heads, seqlen_k, head_dim, dtype=dtype, device=device)
     return q, k, v
 
 
@@ -317,100 +318,6 @@ def test_backward_is_deterministic(deterministic):
             assert torch.equal(g, g0)
 
 
-# ------------------------------------------------------------------------------ bad input
-
-def _good():
-    return _inputs(2, 4, 2, 5, 6, 8, torch.float32)
-
-
-def _call(q, k, v, is_causal=False, alignment="top_left", scale=None, seqlens_k=None):
-    return _ops.flash_attention_fwd(q, k, v, is_causal, alignment, scale, seqlens_k, False, *NO_VARIANTS)
-
-
-@pytest.mark.parametrize(
-    "mutate,match",
-    [
-        (lambda q, k, v: (q.to(torch.int32), k, v), r"q must have dtype in"),
-        (lambda q, k, v: (q[0], k, v), r"q must be a 4-D tensor"),
-        (lambda q, k, v: (q, k[0], v), r"k must be a 4-D tensor"),
-        (lambda q, k, v: (q, k, v[0]), r"v must be a 4-D tensor"),
-        (lambda q, k, v: (q, k.double(), v), r"k must have the dtype of q"),
-        (lambda q, k, v: (q, k, v.bfloat16()), r"v must have the dtype of q"),
-        (lambda q, k, v: (q, k[:1], v), r"k\.shape\[0\] \(batch, as q\)"),
-        (lambda q, k, v: (q, k[..., :4], v), r"k\.shape\[3\] \(head dim, as q\)"),
-        (lambda q, k, v: (q, k, v[:1]), r"v\.shape\[0\] \(batch, as q\)"),
-        (lambda q, k, v: (q, k, v[:, :1]), r"v\.shape\[1\] \(kv heads, as k\)"),
-        (lambda q, k, v: (q, k, v[:, :, :3]), r"v\.shape\[2\] \(Sk, as k\)"),
-        (lambda q, k, v: (q, k, v[..., :4]), r"v\.shape\[3\] \(head dim, as q\)"),
-        (lambda q, k, v: (q[:, :3], k, v), r"query heads \(q\.shape\[1\] = 3\) must be a multiple of the number "
-                                           r"of kv heads \(k\.shape\[1\] = 2\)"),
-        (lambda q, k, v: tuple(torch.randn(*t.shape[:3], 257) for t in (q, k, v)),
-         r"head dim q\.shape\[3\] must be in \[1, 256\], got 257"),
-        (lambda q, k, v: (torch.randn(*q.shape[:3], 16)[..., ::2], k, v), r"q must be contiguous in its last dim"),
-        (lambda q, k, v: (q, torch.randn(*k.shape[:3], 16)[..., ::2], v), r"k must be contiguous in its last dim"),
-        (lambda q, k, v: (q, k, torch.randn(*v.shape[:3], 16)[..., ::2]), r"v must be contiguous in its last dim"),
-    ],
-    ids=["q_dtype", "q_rank", "k_rank", "v_rank", "k_mixed_dtype", "v_mixed_dtype", "k_batch", "k_head_dim",
-         "v_batch", "v_kv_heads", "v_seqlen", "v_head_dim", "heads_not_multiple", "head_dim_257",
-         "q_last_dim_strided", "k_last_dim_strided", "v_last_dim_strided"],
-)
-def test_bad_tensors(mutate, match):
-    with pytest.raises(RuntimeError, match=match):
-        _call(*mutate(*_good()))
-
-
-@pytest.mark.parametrize(
-    "lens,match",
-    [
-        (torch.tensor([1.0, 2.0]), r"seqlens_k must have dtype int32 or int64"),
-        (torch.tensor([1, 2, 3]), r"seqlens_k must be a 1-D tensor \[B\] with B = 2"),
-        (torch.tensor([[1, 2]]), r"seqlens_k must be a 1-D tensor \[B\] with B = 2"),
-        (torch.tensor([1, 7]), r"seqlens_k values must lie in \[0, Sk = 6\], got min 1 and max 7"),
-        (torch.tensor([-1, 2]), r"seqlens_k values must lie in \[0, Sk = 6\], got min -1"),
-    ],
-    ids=["float", "long", "2d", "too_long", "negative"],
-)
-def test_bad_seqlens_k(lens, match):
-    with pytest.raises(RuntimeError, match=match):
-        _call(*_good(), seqlens_k=lens)
-
-
-def test_bad_alignment_and_scale():
-    q, k, v = _good()
-    with pytest.raises(ValueError, match=r"causal_alignment must be one of"):
-        tfkernels.flash_attention(q, k, v, is_causal=True, causal_alignment="center")
-    with pytest.raises(RuntimeError, match=r"causal_alignment must be \"top_left\" or \"bottom_right\""):
-        _call(q, k, v, True, "center")
-    with pytest.raises(RuntimeError, match=r"scale must be finite"):
-        _call(q, k, v, scale=float("inf"))
-
-
-def test_bad_backward_args():
-    q, k, v = _good()
-    out, lse = _call(q, k, v)
-    go = torch.randn_like(out)
-    attrs = (False, "top_left", None, None, False, *NO_VARIANTS)
-
-    def bwd(grad_out=go, grad_lse=None, out=out, lse=lse):
-        return _ops.flash_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, *attrs)
-
-    bwd()  # the good call works
-    with pytest.raises(RuntimeError, match=r"grad_out must have the shape of q"):
-        bwd(grad_out=go[:, :, :3])
-    with pytest.raises(RuntimeError, match=r"grad_out must have the dtype of q"):
-        bwd(grad_out=go.double())
-    with pytest.raises(RuntimeError, match=r"out must have the shape of q"):
-        bwd(out=out[:1])
-    with pytest.raises(RuntimeError, match=r"lse must be float32 \[B, H, Sq\]"):
-        bwd(lse=lse.double())
-    with pytest.raises(RuntimeError, match=r"lse must be float32 \[B, H, Sq\]"):
-        bwd(lse=lse[:, :1])
-    with pytest.raises(RuntimeError, match=r"grad_lse must be float32 of the shape of lse"):
-        bwd(grad_lse=torch.randn(2, 4))
-    with pytest.raises(RuntimeError, match=r"grad_out must be contiguous in its last dim"):
-        bwd(grad_out=torch.randn(*go.shape[:3], 16)[..., ::2])
-
-
 # --------------------------------------------------------------------------------- memory
 
 _MEMORY_SCRIPT = textwrap.dedent(
@@ -449,6 +356,114 @@ def test_memory_is_linear_in_sequence_length():
     limit = 256 * 2**20
     assert fwd < limit, f"forward peak RSS grew by {fwd / 2**20:.0f} MiB"
     assert bwd < limit, f"backward peak RSS grew by {bwd / 2**20:.0f} MiB"
+
+
+# ============================================================================= every device (cpu, cuda, emu)
+
+# ------------------------------------------------------------------------------ bad input
+# The launchers of both backends check their arguments with the same code (csrc/args.cpp):
+# the same messages on every device. Cheap (nothing is launched but the good calls), so
+# in the emulated quick grid.
+
+def _good(device):
+    return _inputs(2, 4, 2, 5, 6, 8, torch.float32, device=device)
+
+
+def _last_dim_strided(t):
+    """A tensor of t's shape whose last dim has stride 2."""
+    return torch.randn(*t.shape[:3], 2 * t.shape[3], device=t.device)[..., ::2]
+
+
+def _call(q, k, v, is_causal=False, alignment="top_left", scale=None, seqlens_k=None):
+    return _ops.flash_attention_fwd(q, k, v, is_causal, alignment, scale, seqlens_k, False, *NO_VARIANTS)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda q, k, v: (q.to(torch.int32), k, v), r"q must have dtype in"),
+        (lambda q, k, v: (q[0], k, v), r"q must be a 4-D tensor"),
+        (lambda q, k, v: (q, k[0], v), r"k must be a 4-D tensor"),
+        (lambda q, k, v: (q, k, v[0]), r"v must be a 4-D tensor"),
+        (lambda q, k, v: (q, k.double(), v), r"k must have the dtype of q"),
+        (lambda q, k, v: (q, k, v.bfloat16()), r"v must have the dtype of q"),
+        (lambda q, k, v: (q, k[:1], v), r"k\.shape\[0\] \(batch, as q\)"),
+        (lambda q, k, v: (q, k[..., :4], v), r"k\.shape\[3\] \(head dim, as q\)"),
+        (lambda q, k, v: (q, k, v[:1]), r"v\.shape\[0\] \(batch, as q\)"),
+        (lambda q, k, v: (q, k, v[:, :1]), r"v\.shape\[1\] \(kv heads, as k\)"),
+        (lambda q, k, v: (q, k, v[:, :, :3]), r"v\.shape\[2\] \(Sk, as k\)"),
+        (lambda q, k, v: (q, k, v[..., :4]), r"v\.shape\[3\] \(head dim, as q\)"),
+        (lambda q, k, v: (q[:, :3], k, v), r"query heads \(q\.shape\[1\] = 3\) must be a multiple of the number "
+                                           r"of kv heads \(k\.shape\[1\] = 2\)"),
+        (lambda q, k, v: tuple(torch.randn(*t.shape[:3], 257, device=t.device) for t in (q, k, v)),
+         r"head dim q\.shape\[3\] must be in \[1, 256\], got 257"),
+        (lambda q, k, v: (_last_dim_strided(q), k, v), r"q must be contiguous in its last dim"),
+        (lambda q, k, v: (q, _last_dim_strided(k), v), r"k must be contiguous in its last dim"),
+        (lambda q, k, v: (q, k, _last_dim_strided(v)), r"v must be contiguous in its last dim"),
+    ],
+    ids=["q_dtype", "q_rank", "k_rank", "v_rank", "k_mixed_dtype", "v_mixed_dtype", "k_batch", "k_head_dim",
+         "v_batch", "v_kv_heads", "v_seqlen", "v_head_dim", "heads_not_multiple", "head_dim_257",
+         "q_last_dim_strided", "k_last_dim_strided", "v_last_dim_strided"],
+)
+@quick
+def test_bad_tensors(device, mutate, match):
+    with pytest.raises(RuntimeError, match=match):
+        _call(*mutate(*_good(device)))
+
+
+@pytest.mark.parametrize(
+    "lens,match",
+    [
+        (torch.tensor([1.0, 2.0]), r"seqlens_k must have dtype int32 or int64"),
+        (torch.tensor([1, 2, 3]), r"seqlens_k must be a 1-D tensor \[B\] with B = 2"),
+        (torch.tensor([[1, 2]]), r"seqlens_k must be a 1-D tensor \[B\] with B = 2"),
+        (torch.tensor([1, 7]), r"seqlens_k values must lie in \[0, Sk = 6\], got min 1 and max 7"),
+        (torch.tensor([-1, 2]), r"seqlens_k values must lie in \[0, Sk = 6\], got min -1"),
+    ],
+    ids=["float", "long", "2d", "too_long", "negative"],
+)
+@quick
+def test_bad_seqlens_k(device, lens, match):
+    with pytest.raises(RuntimeError, match=match):
+        _call(*_good(device), seqlens_k=lens.to(device))
+
+
+@quick
+def test_bad_alignment_and_scale(device):
+    q, k, v = _good(device)
+    with pytest.raises(ValueError, match=r"causal_alignment must be one of"):
+        tfkernels.flash_attention(q, k, v, is_causal=True, causal_alignment="center")
+    with pytest.raises(RuntimeError, match=r"causal_alignment must be \"top_left\" or \"bottom_right\""):
+        _call(q, k, v, True, "center")
+    with pytest.raises(RuntimeError, match=r"scale must be finite"):
+        _call(q, k, v, scale=float("inf"))
+
+
+@quick
+def test_bad_backward_args(device):
+    q, k, v = _good(device)
+    out, lse = _call(q, k, v)
+    go = torch.randn_like(out)
+    attrs = (False, "top_left", None, None, False, *NO_VARIANTS)
+
+    def bwd(grad_out=go, grad_lse=None, out=out, lse=lse):
+        return _ops.flash_attention_bwd(grad_out, grad_lse, q, k, v, out, lse, *attrs)
+
+    bwd()  # the good call works
+    with pytest.raises(RuntimeError, match=r"grad_out must have the shape of q"):
+        bwd(grad_out=go[:, :, :3])
+    with pytest.raises(RuntimeError, match=r"grad_out must have the dtype of q"):
+        bwd(grad_out=go.double())
+    with pytest.raises(RuntimeError, match=r"out must have the shape of q"):
+        bwd(out=out[:1])
+    with pytest.raises(RuntimeError, match=r"lse must be float32 \[B, H, Sq\]"):
+        bwd(lse=lse.double())
+    with pytest.raises(RuntimeError, match=r"lse must be float32 \[B, H, Sq\]"):
+        bwd(lse=lse[:, :1])
+    with pytest.raises(RuntimeError, match=r"grad_lse must be float32 of the shape of lse"):
+        bwd(grad_lse=torch.randn(2, 4, device=device))
+    with pytest.raises(RuntimeError, match=r"grad_out must be contiguous in its last dim"):
+        bwd(grad_out=_last_dim_strided(go))
 
 
 # ============================================================================= the CUDA grid (cuda, emu)
