@@ -20,13 +20,13 @@ import tfkernels
 from tfkernels import reference
 
 from . import devices
+from .attention_cases import HALF_DTYPES
 from .utils import assert_close_float64, assert_flash_rule
 
 _ops = torch.ops.tfkernels
 DEVICES = [pytest.param("cpu", id="cpu"), *devices.CUDA_DEVICES]
 LOW_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 quick = pytest.mark.emu_quick
-NOT_YET = "not yet supported on CUDA"
 
 
 @pytest.fixture(params=DEVICES)
@@ -34,16 +34,6 @@ def device(request):
     """(name, torch device): "cpu", "emu" (CPU tensors, CUDA kernels emulated) or "cuda"."""
     with devices.on(request.param) as torch_device:
         yield request.param, torch_device
-
-
-def _kernel(fn, *args, **kwargs):
-    """Runs fn; skips the case while the CUDA kernels lack the variants."""
-    try:
-        return fn(*args, **kwargs)
-    except RuntimeError as err:
-        if NOT_YET in str(err):
-            pytest.skip(f"the CUDA kernels raise '{NOT_YET}' (variants-cuda replaces them)")
-        raise
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -105,7 +95,7 @@ def check_parity(q, k, v, sinks=None, *, seed=0, through_lse=True, **kwargs):
         kwargs["generator"] = torch.Generator(device=device).manual_seed(seed)
         ref_kwargs["dropout_mask"] = _ops._dropout_mask(_rng_state(seed, device), q.shape[0], q.shape[1], q.shape[2],
                                                         k.shape[2], kwargs["dropout_p"]).cpu()
-    out, lse, grads = _kernel(_run, tfkernels.flash_attention, q, k, v, sinks, grad_out, grad_lse, **kwargs)
+    out, lse, grads = _run(tfkernels.flash_attention, q, k, v, sinks, grad_out, grad_lse, **kwargs)
 
     def on_cpu(t, to=None):
         return None if t is None else t.detach().to("cpu", to or t.dtype)
@@ -314,7 +304,7 @@ def test_dropout_keep_rate_within_binomial_bounds(p):
 def test_dropout_mask_op_devices(device):
     name, torch_device = device
     state = _rng_state(3, torch_device)
-    mask = _kernel(_ops._dropout_mask, state, 2, 3, 17, 41, 0.4)
+    mask = _ops._dropout_mask(state, 2, 3, 17, 41, 0.4)
     assert mask.dtype == torch.bool and mask.shape == (2, 3, 17, 41) and mask.device.type == state.device.type
     if name != "cpu":  # the CUDA kernel draws the same decisions as the CPU one
         assert torch.equal(mask.cpu(), _ops._dropout_mask(state.cpu(), 2, 3, 17, 41, 0.4))
@@ -328,7 +318,7 @@ def test_dropout_preserves_the_mean(device):
     shape = (2, 4, 4, 256, 384, 32)
     q, k, _ = _inputs(shape, torch.float32, torch_device)
     v = torch.ones_like(k)
-    out = _kernel(tfkernels.flash_attention, q, k, v, dropout_p=p, generator=torch.Generator(torch_device).manual_seed(1))
+    out = tfkernels.flash_attention(q, k, v, dropout_p=p, generator=torch.Generator(torch_device).manual_seed(1))
     probs = torch.softmax(q.double().cpu() @ k.double().cpu().transpose(-1, -2) / math.sqrt(shape[-1]), -1)
     var = (probs ** 2).sum(-1) * p / (1 - p)
     sigma = math.sqrt(float(var.mean()) / var.numel())
@@ -341,14 +331,14 @@ def test_dropout_reproducible_and_fresh(device):
     q, k, v = _inputs((1, 2, 2, 33, 45, 16), torch.float32, torch_device)
 
     def run(seed):
-        return _kernel(tfkernels.flash_attention, q, k, v, dropout_p=0.5,
+        return tfkernels.flash_attention(q, k, v, dropout_p=0.5,
                        generator=torch.Generator(torch_device).manual_seed(seed))
 
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
     torch.manual_seed(0)
-    a = _kernel(tfkernels.flash_attention, q, k, v, dropout_p=0.5)  # the default generator advances
-    b = _kernel(tfkernels.flash_attention, q, k, v, dropout_p=0.5)
+    a = tfkernels.flash_attention(q, k, v, dropout_p=0.5)  # the default generator advances
+    b = tfkernels.flash_attention(q, k, v, dropout_p=0.5)
     assert not torch.equal(a, b)
 
 
@@ -378,12 +368,12 @@ def test_rows_without_keys(device):
     kwargs = dict(window_size=(2, 0), causal_alignment="bottom_right", seqlens_k=lens)
     sees = _sees_a_key(q, k, kwargs)
     assert (~sees).any() and sees.any()
-    out, lse = _kernel(tfkernels.flash_attention, q, k, v, return_lse=True, **kwargs)
+    out, lse = tfkernels.flash_attention(q, k, v, return_lse=True, **kwargs)
     assert (out[~sees] == 0).all() and torch.isneginf(lse[~sees]).all() and torch.isfinite(lse[sees]).all()
     check_parity(q, k, v, **kwargs)
 
     sinks = _sinks(2, torch_device).requires_grad_()
-    out, lse = _kernel(tfkernels.flash_attention, q, k, v, sinks=sinks, return_lse=True, **kwargs)
+    out, lse = tfkernels.flash_attention(q, k, v, sinks=sinks, return_lse=True, **kwargs)
     assert (out[~sees] == 0).all()
     assert torch.equal(lse[1], sinks.detach().view(2, 1).expand(2, 30))  # batch 1 sees no key at all
     grad_lse = torch.zeros_like(lse)
@@ -404,7 +394,7 @@ def test_non_finite_reaches_only_the_rows_that_see_it(device, where, value):
     window = (3, 2)
     # The softcap would turn an infinite score finite (c * tanh(inf) = c): only with NaN.
     softcap = 10.0 if math.isnan(value) else 0.0
-    out = _kernel(tfkernels.flash_attention, q, k, v, window_size=window, softcap=softcap)
+    out = tfkernels.flash_attention(q, k, v, window_size=window, softcap=softcap)
     i = torch.arange(40)
     sees_bad = (bad >= i - window[0]) & (bad <= i + window[1])
     for h in range(2):
@@ -553,3 +543,30 @@ def test_empty_sizes_with_sinks(seqlen_q, seqlen_k):
     for g, t in zip(grads[:3], (q, k, v)):
         assert g.shape == t.shape and (g == 0).all()
     torch.testing.assert_close(grads[3], torch.full((2,), 2.0 * seqlen_q, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- every variant x both dQ modes
+
+@quick
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32], ids=str)
+def test_variants_both_dq_modes(cuda_device, dtype, deterministic):
+    """Window + causal + seqlens_k, softcap, sinks and dropout at once through both dQ
+    paths (16-bit: fp32 atomics or the dQ kernel; fp32: its own kernels), against the
+    reference with the same dropout mask; deterministic=True is bitwise reproducible,
+    the sink gradient included."""
+    q = torch.randn(2, 4, 77, 64, device=cuda_device, dtype=dtype)
+    k, v = (torch.randn(2, 2, 129, 64, device=cuda_device, dtype=dtype) for _ in range(2))
+    sinks = _sinks(4, cuda_device)
+    kwargs = dict(window_size=(40, 7), is_causal=True, causal_alignment="bottom_right", softcap=2.5, dropout_p=0.2,
+                  seqlens_k=torch.tensor([129, 50], device=cuda_device), deterministic=deterministic)
+    check_parity(q, k, v, sinks, seed=4, **kwargs)
+    if deterministic:
+        runs = []
+        for _ in range(2):
+            leaves = [t.detach().requires_grad_() for t in (q, k, v, sinks)]
+            gen = torch.Generator(cuda_device).manual_seed(4)
+            out = tfkernels.flash_attention(*leaves[:3], sinks=leaves[3], generator=gen, **kwargs)
+            runs.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)

@@ -162,7 +162,7 @@ def _check_attention(q, k, v, **kwargs):
         if name == "lse":
             hi, lo = hi.float(), lo.float()  # the schema's lse is float32
         # fp32: the CPU suite allows 4x for gradients (the kernel takes Delta from O, the
-        # autograd reference sums P dP; see test_flash_attention._dense_flash_backward),
+        # autograd reference sums P dP; see test_attention._dense_flash_backward),
         # the CUDA fp32 suite 8x (hardware exp2, other summation orders).
         factor = 2.0
         if dtype == torch.float32:

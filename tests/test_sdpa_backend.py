@@ -73,7 +73,7 @@ def _compare_active_with_restored(q, k, v, grad, **kwargs):
         if a.dtype == torch.float64:
             assert_close_float64(a, hi, name)
         else:
-            # float32 gradients: 4x, as in test_flash_attention.py (the kernel recomputes P from a
+            # float32 gradients: 4x, as in test_attention.py (the kernel recomputes P from a
             # rounded lse, with other summation orders, in the yardstick's own precision).
             # fp32 gradients: the CPU attention rule (4x), and 4 ulps of slack for rows
             # that see one key, where torch's dense backward is exact (P = 1) and a

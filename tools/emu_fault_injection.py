@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FWD = "csrc/cuda/flash/flash_fwd_kernel.h"
 TILE = "csrc/cuda/flash/flash_tile.h"
 GEMM = "csrc/cuda/gemm/mainloop_tc.cuh"
-FWD_TESTS = "tests/test_flash_attention_cuda.py::test_head_dims[emu-64-torch.bfloat16]"
+FWD_TESTS = "tests/test_attention.py::test_head_dims[emu-forward-64-torch.bfloat16]"
 
 # name, file, original text, faulty text, variant, tests (pytest node ids), what should catch it
 FAULTS = [
