@@ -1,4 +1,5 @@
 """The repository's own files: the documents they cite exist, and nothing names one machine's paths."""
+import importlib.util
 import pathlib
 import re
 import subprocess
@@ -63,3 +64,13 @@ def test_bench_holds_only_benchmarks_and_their_report():
     assert not strays, f"bench/ holds only the benchmarks, their runner and report: move {strays}"
     shim = (ROOT / "bench" / "device_check.sh").read_text().splitlines()
     assert len(shim) <= 3 and shim[-1].startswith("exec ") and "tools/device_check.sh" in shim[-1], shim
+
+
+def test_injected_faults_still_apply():
+    """tools/emu_fault_injection.py replaces exact kernel text; a kernel edit that removes
+    that text would turn a fault into 'does not apply' long after the edit."""
+    spec = importlib.util.spec_from_file_location("emu_fault_injection", ROOT / "tools" / "emu_fault_injection.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, path, original, *_ in module.FAULTS:
+        assert original in (ROOT / path).read_text(), f"fault {name!r}: its text is no longer in {path}"
