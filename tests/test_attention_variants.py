@@ -301,13 +301,40 @@ def test_dropout_keep_rate_within_binomial_bounds(p):
     assert torch.equal(a, _ops._dropout_mask(_rng_state(0, "cpu"), batch, heads, seqlen_q, seqlen_k, p))
 
 
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 in plain Python (Salmon et al., SC'11), independent of csrc/dropout_rng.h."""
+    x, y, z, w = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * x, 0xCD9E8D57 * z
+        x, y, z, w = ((p1 >> 32) ^ y ^ k0) & 0xFFFFFFFF, p1 & 0xFFFFFFFF, ((p0 >> 32) ^ w ^ k1) & 0xFFFFFFFF, p0 & 0xFFFFFFFF
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return x, y, z, w
+
+
+def _python_dropout_mask(rng_state, batch, heads, seqlen_q, seqlen_k, p):
+    """The keep mask of README "Semantics" (Dropout), element by element."""
+    seed, offset = (int(x) & 0xFFFFFFFFFFFFFFFF for x in rng_state.cpu())
+    key = (seed & 0xFFFFFFFF, ((seed >> 32) ^ (offset >> 32)) & 0xFFFFFFFF)
+    threshold = int(p * 2**32)
+    mask = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool)
+    for bh in range(batch * heads):
+        for i in range(seqlen_q):
+            for j in range(seqlen_k):
+                words = _philox4x32_10((j // 4, i, bh, offset & 0xFFFFFFFF), key)
+                mask[bh // heads, bh % heads, i, j] = words[j % 4] >= threshold
+    return mask
+
+
+@quick
 def test_dropout_mask_op_devices(device):
+    """Every device's _dropout_mask (the CPU kernel, the CUDA kernel, emulated or real)
+    draws the decisions of an independent Python Philox."""
     name, torch_device = device
     state = _rng_state(3, torch_device)
     mask = _ops._dropout_mask(state, 2, 3, 17, 41, 0.4)
     assert mask.dtype == torch.bool and mask.shape == (2, 3, 17, 41) and mask.device.type == state.device.type
-    if name != "cpu":  # the CUDA kernel draws the same decisions as the CPU one
-        assert torch.equal(mask.cpu(), _ops._dropout_mask(state.cpu(), 2, 3, 17, 41, 0.4))
+    assert torch.equal(mask.cpu(), _python_dropout_mask(state, 2, 3, 17, 41, 0.4))
 
 
 def test_dropout_preserves_the_mean(device):
