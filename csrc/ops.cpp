@@ -33,6 +33,42 @@ TFKERNELS_LIBRARY(TFKERNELS_OP_NAMESPACE, m) {
       "Tensor? seqlens_k, bool deterministic, int window_left, int window_right, float softcap, "
       "Tensor? sinks, float dropout_p, Tensor? rng_state) "
       "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
+  // Packed variable-length attention (FlashAttention's varlen layout). q [total_q,H,D],
+  // k, v [total_k,Hkv,D] (last dim contiguous, any row/head strides); sequence b owns
+  // rows cu_seqlens_q[b] .. cu_seqlens_q[b+1] of q (and likewise of k, v). cu_seqlens
+  // are int32 [B+1] on q's device, start at 0, never decrease, and end at total; every
+  // length is <= max_seqlen (which sizes the CUDA grid). out [total_q,H,D]; lse float32
+  // [H,total_q]. Every other argument means what it means for flash_attention_fwd, per
+  // sequence: the causal offset uses that sequence's lengths, and dropout draws for
+  // (sequence b, head, row, key) as the padded op does for batch entry b.
+  m.def(
+      "flash_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, bool is_causal, str causal_alignment, float? scale, "
+      "bool deterministic, int window_left, int window_right, float softcap, Tensor? sinks, float dropout_p, "
+      "Tensor? rng_state) -> (Tensor out, Tensor lse)");
+  m.def(
+      "flash_attention_varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "bool is_causal, str causal_alignment, float? scale, bool deterministic, int window_left, "
+      "int window_right, float softcap, Tensor? sinks, float dropout_p, Tensor? rng_state) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_sinks)");
+  // Attention over a KV cache, inference only (FlashAttention's flash_attn_with_kvcache).
+  // q [B,Sq,H,D]. The cache is dense, k_cache/v_cache [B,S_cache,Hkv,D], or paged,
+  // [num_blocks,block_size,Hkv,D] with block_table int32 [B,max_blocks] (row p of
+  // sequence b lives in block block_table[b][p / block_size], slot p % block_size).
+  // The new k, v [B,Snew,Hkv,D] (both or neither) are written into the cache in place
+  // at rows cache_seqlens[b] .. + Snew (int32 [B]), rotated first when rotary_cos/sin
+  // [seqlen_ro, rotary_dim/2] are given (interleaved: pairs 2i, 2i+1; else i, i +
+  // rotary_dim/2); q is rotated at positions cache_seqlens[b] + i when causal or
+  // windowed, else at cache_seqlens[b]. Sequence b then attends over its
+  // cache_seqlens[b] + Snew keys, causal and window bottom-right aligned. num_splits:
+  // key ranges computed apart and merged by lse (0 = chosen from the shape). out
+  // [B,Sq,H,D]; lse float32 [B,H,Sq].
+  m.def(
+      "flash_attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor? block_table, Tensor? rotary_cos, Tensor? rotary_sin, "
+      "bool rotary_interleaved, bool is_causal, float? scale, int window_left, int window_right, "
+      "float softcap, Tensor? sinks, int num_splits) -> (Tensor out, Tensor lse)");
   // Test-only: the attention dropout keep mask, bool [B,H,Sq,Sk], that the kernels
   // draw for rng_state and dropout_p (True = kept), so tests can compare exactly.
   m.def(
