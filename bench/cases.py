@@ -10,12 +10,13 @@ DIRECTIONS = ("fwd", "fwd+bwd")
 # The op family of each benchmarked op: its section and charts in the report
 # (bench/report.py keeps a torch-free copy, OP_FAMILY).
 FAMILY = {"attention": "attention", "attention_window": "attention", "attention_softcap": "attention",
-          "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp"}
+          "attention_varlen": "attention", "attention_decode": "attention", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp"}
 # The suite of each op: its test file (test_bench_<suite>.py), its provider module
 # (providers_<suite>.py) and its name in bench/run.py's SUITES. The attention variants
 # are a suite of their own (a --suites choice, a budget share) charted with attention.
 SUITE = {"attention": "attention", "attention_window": "attention_variants",
-         "attention_softcap": "attention_variants", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp",
+         "attention_softcap": "attention_variants", "attention_varlen": "attention_varlen",
+         "attention_decode": "attention_varlen", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp",
          "bias_gelu": "mlp"}
 
 # Provider order (tables, chart colours). "bound" providers do less work than the op
@@ -31,8 +32,16 @@ PROVIDERS = {
     # flex: flex_attention with the window as a block mask (compiled, skips empty blocks).
     "attention_window": ["tfkernels", "sdpa-mask", "eager", "flex"],
     "attention_softcap": ["tfkernels", "eager", "compile"],
+    # Packed sequences at 50% padding: the varlen kernel against the padded kernel
+    # (seqlens_k), SDPA with a padding mask, and torch's own varlen_attn (CUDA).
+    "attention_varlen": ["tfkernels", "tfkernels-padded", "sdpa-padded", "torch-varlen"],
+    # One new query over a KV cache: split-KV (num_splits=0) against one block per
+    # (batch, head) and SDPA; kv-read is a read of the cache's bytes alone (a ceiling).
+    "attention_decode": ["tfkernels", "tfkernels-nosplit", "sdpa", "kv-read"],
 }
-BOUND_PROVIDERS = {"gemm-only"}
+BOUND_PROVIDERS = {"gemm-only", "kv-read"}
+# Ops timed in one direction only (inference ops).
+OP_DIRECTIONS = {"attention_decode": ("fwd",)}
 # Providers that torch.compile their code: they follow the compile policy and run last.
 COMPILED_PROVIDERS = {"compile", "flex"}
 SOFTCAP = 50.0  # Gemma 2's attention logit softcap
@@ -118,6 +127,36 @@ def _variant_shapes(op, device, grid):
     return [(dtype, shape, dtype == dtypes[0]) for dtype in dtypes]
 
 
+def varlen_lengths(seqlen, count):
+    """Sequence lengths of a packed batch of `count` sequences padded to `seqlen`: evenly
+    spread from seqlen / (2 count) up, so that half of the padded batch is padding."""
+    return [seqlen * (2 * i + 1) // (2 * count) for i in range(count)]
+
+
+def _kv_shapes(op, device, grid):
+    """(dtype, shape, headline) for attention_varlen and attention_decode (Llama-style GQA:
+    32 query heads over 8 KV heads, D 128, for decoding)."""
+    dtypes = ["bf16"] if device == "cuda" else ["fp32", "bf16"]
+    if grid == "quick":
+        dtypes = dtypes[:1]
+    out = []
+    for dtype in dtypes:
+        if op == "attention_varlen":
+            shape = ((("B", 8), ("H", 16), ("S", 4096), ("D", 128)) if device == "cuda"
+                     else (("B", 4), ("H", 8), ("S", 2048), ("D", 64)))
+            out += [(dtype, shape + (("causal", causal),), causal and dtype == dtypes[0]) for causal in (True, False)]
+            continue
+        if device == "cuda":
+            grid_bs = [(1, 8192), (64, 8192)] if grid == "quick" else \
+                [(b, s) for b in (1, 8, 64) for s in (1024, 8192, 32768)]
+        else:
+            grid_bs = [(1, 4096), (8, 4096)]
+        for b, s in grid_bs:
+            shape = (("B", b), ("H", 32), ("Hkv", 8), ("S", s), ("D", 128))
+            out.append((dtype, shape, dtype == dtypes[0] and b == 1 and s == (8192 if device == "cuda" else 4096)))
+    return out
+
+
 def _gemm_shapes(op, device, grid):
     """(dtype, shape, headline) for fused_qkv, linear_gelu, fused_mlp, bias_gelu."""
     if device == "cuda":
@@ -154,10 +193,12 @@ def cases(op, device=None, grid=None):
         shapes = _attention_shapes(device, grid)
     elif op in ("attention_window", "attention_softcap"):
         shapes = _variant_shapes(op, device, grid)
+    elif op in ("attention_varlen", "attention_decode"):
+        shapes = _kv_shapes(op, device, grid)
     else:
         shapes = _gemm_shapes(op, device, grid)
     result = []
-    for direction in DIRECTIONS:
+    for direction in OP_DIRECTIONS.get(op, DIRECTIONS):
         for dtype, shape, headline in shapes:
             for provider in provider_list(op, device):
                 result.append(Case(op, direction, provider, dtype, shape, headline))
@@ -198,9 +239,17 @@ def work(case):
     """(amount, unit): FLOPs for TFLOP/s, bytes for GB/s, per call.
 
     attention_window counts the work its band needs, for every provider, so the
-    providers that compute all S^2 scores (SDPA with a mask, eager) show a lower rate."""
+    providers that compute all S^2 scores (SDPA with a mask, eager) show a lower rate;
+    attention_varlen likewise counts only the unpadded tokens' work, and
+    attention_decode the bytes of K and V that one decoding step must read."""
     d = case.dims
     bwd = case.direction == "fwd+bwd"
+    if case.op == "attention_decode":  # the K and V bytes read
+        return 2 * d["B"] * d["S"] * d["Hkv"] * d["D"] * element_size(case.dtype), "GB/s"
+    if case.op == "attention_varlen":  # the work of the real (unpadded) tokens only
+        pairs = sum(n * n for n in varlen_lengths(d["S"], d["B"]))
+        flops = 4 * d["H"] * pairs * d["D"] // (2 if d["causal"] else 1)
+        return (flops * 7 // 2 if bwd else flops), "TFLOP/s"
     if FAMILY[case.op] == "attention":
         pairs = window_pairs(d["S"], d["W"]) if case.op == "attention_window" else d["S"] * d["S"]
         flops = 4 * d["B"] * d["H"] * pairs * d["D"]

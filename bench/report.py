@@ -14,18 +14,22 @@ import os
 import sys
 from collections import OrderedDict, defaultdict
 
-PROVIDER_ORDER = ["tfkernels", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sdpa-mask",
-                  "cublaslt", "eager", "compile", "flex", "gemm-only"]
+PROVIDER_ORDER = ["tfkernels", "tfkernels-padded", "tfkernels-nosplit", "sdpa", "sdpa-flash", "sdpa-cudnn",
+                  "sdpa-efficient", "sdpa-math", "sdpa-mask", "sdpa-padded", "torch-varlen", "cublaslt", "eager",
+                  "compile", "flex", "gemm-only", "kv-read"]
+CEILINGS = {"gemm-only", "kv-read"}  # cases.BOUND_PROVIDERS: drawn hatched, never peers
 COLORS = {
     "tfkernels": "#d62728", "sdpa": "#1f77b4", "sdpa-flash": "#1f77b4", "sdpa-cudnn": "#17becf",
     "sdpa-efficient": "#9467bd", "sdpa-math": "#8c564b", "cublaslt": "#2ca02c", "eager": "#7f7f7f",
     "compile": "#ff7f0e", "gemm-only": "#c7c7c7", "sdpa-mask": "#aec7e8", "flex": "#e377c2",
+    "tfkernels-padded": "#ff9896", "tfkernels-nosplit": "#ff9896", "sdpa-padded": "#aec7e8", "torch-varlen": "#9467bd",
+    "kv-read": "#c7c7c7",
 }
 FAMILY_ORDER = ["attention", "qkv", "mlp"]
 # Each op's family (section and charts), in report order: a copy of bench/cases.py's
 # FAMILY, which needs torch (tests/test_report.py checks that they agree).
 OP_FAMILY = {"attention": "attention", "attention_window": "attention", "attention_softcap": "attention",
-             "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp"}
+             "attention_varlen": "attention", "attention_decode": "attention", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp"}
 OP_ORDER = list(OP_FAMILY)
 FAMILY_TITLES = {"attention": "Attention (flash_attention)", "qkv": "QKV projection (fused_qkv)",
                  "mlp": "MLP family (linear_gelu, fused_mlp, bias_gelu)"}
@@ -109,7 +113,7 @@ def table(run, op, direction):
         status[(s["dtype"], s["shape_label"], s["provider"])] = "–"
     for s in failed:
         status[(s["dtype"], s["shape_label"], s["provider"])] = "FAIL"
-    unit = rows[0]["unit"] if rows else ("GB/s" if op == "bias_gelu" else "TFLOP/s")
+    unit = rows[0]["unit"] if rows else ("GB/s" if op in ("bias_gelu", "attention_decode") else "TFLOP/s")
     shown_unit, scale = _unit_scale(unit, [r["value"] for r in rows])
     header = ["shape", "dtype"] + [f"`{p}`" for p in providers] + ["tfkernels / best peer"]
     lines = [f"**{op}, {DIRECTION_TITLES[direction]}** ({shown_unit}, higher is better)", "",
@@ -203,9 +207,11 @@ or GB/s from the median time; higher is better) and tfkernels' ratio to the
 fastest peer (above 1.00x: tfkernels is faster). Attention FLOPs are
 4·B·H·S²·D forward, halved when causal, and 3.5x that forward+backward; a GEMM
 op counts 2·M·N·K per GEMM forward and 3x that forward+backward; bias_gelu counts
-the bytes it must move. `gemm-only` runs the GEMM(s) without the fused work: a
-ceiling to read the fusion against, never a peer. "–": skipped, with the
-reason below the table."""
+the bytes it must move. attention_varlen counts the unpadded tokens' FLOPs only;
+attention_decode counts the K/V bytes one decoding step reads. `gemm-only` runs the
+GEMM(s) without the fused work and `kv-read` reads the KV cache once without
+attending: ceilings to read the kernels against, never peers. "–": skipped, with
+the reason below the table."""
 
 
 def markdown(run, chart_files=None, with_images=True):
@@ -310,7 +316,7 @@ def _draw_panel(ax, title, groups, direction_title):
         vals = [(groups[g][p].get("value") or 0.0) * scale if p in groups[g] else 0.0 for g in groups]
         marks = [groups[g][p].get("status", "n/a") if p in groups[g] else "n/a" for g in groups]
         bars = ax.bar(offs, vals, width * 0.92, label=p, color=COLORS.get(p, "#bcbd22"),
-                      hatch="//" if p == "gemm-only" else None, edgecolor="white" if p != "gemm-only" else "#7f7f7f",
+                      hatch="//" if p in CEILINGS else None, edgecolor="white" if p not in CEILINGS else "#7f7f7f",
                       linewidth=0.5)
         for bar, v, mark in zip(bars, vals, marks):
             if v <= 0:
@@ -356,7 +362,7 @@ def _figure(run, family, directions, path):
     for ax in list(axes.flat)[len(all_panels):]:
         ax.axis("off")
     env = run["env"]
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS.get(p, "#bcbd22"), hatch="//" if p == "gemm-only" else None)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS.get(p, "#bcbd22"), hatch="//" if p in CEILINGS else None)
                for p in _providers(seen)]
     height = 3.6 * nrows + 0.9
     fig.suptitle(f"{FAMILY_TITLES[family]} on {env.get('device_name', '?')} — torch {env.get('torch', '?')}"

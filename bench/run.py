@@ -30,9 +30,10 @@ import settings
 BENCH_DIR = Path(__file__).resolve().parent
 # The suites (cases.SUITE names each op's), in the order they run.
 SUITES = {"attention": "test_bench_attention.py", "attention_variants": "test_bench_attention_variants.py",
+          "attention_varlen": "test_bench_attention_varlen.py",
           "qkv": "test_bench_qkv.py", "mlp": "test_bench_mlp.py"}
 # Shares of a --time-budget: each suite may use its share of what is left when it starts.
-BUDGET_WEIGHTS = {"attention": 0.4, "attention_variants": 0.1, "qkv": 0.2, "mlp": 0.3}
+BUDGET_WEIGHTS = {"attention": 0.35, "attention_variants": 0.1, "attention_varlen": 0.1, "qkv": 0.2, "mlp": 0.25}
 
 
 def parse_args(argv):

@@ -83,20 +83,111 @@ def test_outputs_and_gradients_match_eager_and_sdpa(kind, padding):
             assert_close_float64(g, ref_grads[name], f"grad {name} vs {impl}")
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_left_padding_falls_back_with_one_warning(kind):
+class _Calls:
+    """Counts the calls of some tfkernels.ops functions (the integration looks them up there)."""
+
+    def __init__(self, monkeypatch, *names):
+        from tfkernels import ops
+
+        self.counts = dict.fromkeys(names, 0)
+        for name in names:
+            original = getattr(ops, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                self.counts[_name] += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(ops, name, counted)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_left_padding_runs_the_varlen_kernel(kind, monkeypatch):
     models = _models(kind, impls=("eager", "tfkernels"))
     ids, mask, valid = _batch("left")
     weights = torch.randn(*ids.shape, models["eager"].config.hidden_size, dtype=torch.float64)
+    calls = _Calls(monkeypatch, "flash_attention_varlen")
     _masks._warned.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
         out, grads = hf_forward_backward(models["tfkernels"], ids, mask, valid, weights)
     ref, ref_grads = hf_forward_backward(models["eager"], ids, mask, valid, weights)
-    assert sum("plain PyTorch" in str(w.message) for w in caught) == 1  # one per process, not per layer
+    assert calls.counts["flash_attention_varlen"] == models["eager"].config.num_hidden_layers
     assert_close_float64(out[valid], ref[valid], "last_hidden_state")
+    assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         assert_close_float64(g, ref_grads[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_batch_matches_separate_sequences(how, monkeypatch):
+    # A padding-free batch (DataCollatorWithFlattening): three sequences in one row. Each
+    # sequence's hidden states must equal those of the sequence run alone.
+    model = _models("llama", impls=("tfkernels",))["tfkernels"]
+    lengths = [5, 1, 7]
+    seqs = [torch.randint(0, VOCAB, (1, n)) for n in lengths]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    kwargs = dict(position_ids=position_ids)
+    if how == "cu_seq_lens":
+        cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
+    calls = _Calls(monkeypatch, "flash_attention_varlen", "flash_attention")
+    _masks._warned.clear()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        packed = model(input_ids=torch.cat(seqs, dim=1), **kwargs).last_hidden_state[0]
+        assert calls.counts["flash_attention_varlen"] == model.config.num_hidden_layers
+        alone = torch.cat([model(input_ids=s).last_hidden_state[0] for s in seqs])
+    assert_close_float64(packed, alone, "packed vs separate")
+    # The packing changes the answer: the causal mask over the whole row would not match.
+    with torch.no_grad():
+        whole = model(input_ids=torch.cat(seqs, dim=1)).last_hidden_state[0]
+    assert not torch.allclose(whole[5:], alone[5:], atol=1e-3)
+
+
+def test_varlen_plans_of_masks():
+    batch, seqlen = 3, 6
+    starts = torch.tensor([0, 2, 5])
+    valid = torch.arange(seqlen)[None, :] >= starts[:, None]  # left padding
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool).tril()
+    both = (causal[None] & valid[:, None, :])[:, None]
+    plan = _masks.varlen_plan(both, batch, seqlen, seqlen, True)
+    assert plan.is_causal and plan.cu_seqlens_q.tolist() == [0, 6, 10, 11] == plan.cu_seqlens_k.tolist()
+    assert plan.q_index.tolist() == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 17] == plan.k_index.tolist()
+    assert (plan.max_seqlen_q, plan.max_seqlen_k) == (6, 6)
+    # Full attention over the valid keys: every query row (padded ones too) is a sequence's query.
+    full = valid[:, None, None, :].expand(batch, 1, seqlen, seqlen)
+    plan = _masks.varlen_plan(full, batch, seqlen, seqlen, False)
+    assert not plan.is_causal and plan.cu_seqlens_q.tolist() == [0, 6, 12, 18]
+    assert plan.cu_seqlens_k.tolist() == [0, 6, 10, 11]
+    # Decoding one token after left padding: bottom-right over the valid keys.
+    decode = valid[:, None, -1:, :]
+    plan = _masks.varlen_plan(decode, batch, 1, seqlen, True)
+    assert (plan.is_causal, plan.causal_alignment) == (True, "bottom_right")
+    holes = valid.clone()
+    holes[0, 3] = False  # a hole inside a sequence is not a packing
+    assert _masks.varlen_plan((causal[None] & holes[:, None, :])[:, None], batch, seqlen, seqlen, True) is None
+    # Position ids that restart mark packed sequences; a mask must agree with them.
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    plan = _masks.varlen_plan(None, 1, seqlen, seqlen, True, position_ids=position_ids)
+    assert plan.cu_seqlens_q.tolist() == [0, 3, 5, 6] and plan.is_causal
+    assert _masks.varlen_plan(causal[None, None], 1, seqlen, seqlen, True, position_ids=position_ids) is None
+
+
+def test_cached_generation_with_left_padding_matches_eager(monkeypatch):
+    models = _models("llama", impls=("eager", "tfkernels"), auto=transformers.AutoModelForCausalLM)
+    ids = torch.randint(1, VOCAB, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    calls = _Calls(monkeypatch, "flash_attention_varlen", "flash_attention_with_kvcache")
+    _masks._warned.clear()
+    with float64_softmax(), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        tokens = {impl: model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+                  for impl, model in models.items()}
+    assert torch.equal(tokens["tfkernels"], tokens["eager"])
+    assert calls.counts["flash_attention_varlen"] > 0
 
 
 def test_masks_become_seqlens_and_causal_flags():
@@ -117,13 +208,16 @@ def test_masks_become_seqlens_and_causal_flags():
     assert _masks.kernel_plan(additive * 0.5 + 1.0, batch, seqlen, seqlen, True) is None  # a float bias
 
 
-def test_cached_greedy_generation_matches_eager():
+def test_cached_greedy_generation_matches_eager(monkeypatch):
     models = _models("llama", impls=("eager", "tfkernels"), auto=transformers.AutoModelForCausalLM)
     ids = torch.randint(1, VOCAB, (2, 5))
+    calls = _Calls(monkeypatch, "flash_attention_with_kvcache")
     with float64_softmax():
         tokens = {impl: model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
                   for impl, model in models.items()}
     assert torch.equal(tokens["tfkernels"], tokens["eager"])
+    # Each of the 5 decoding steps runs the KV-cache kernel in every layer.
+    assert calls.counts["flash_attention_with_kvcache"] == 5 * models["eager"].config.num_hidden_layers
 
 
 def test_bfloat16_llama_follows_the_flash_rule():

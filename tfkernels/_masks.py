@@ -24,8 +24,8 @@ import torch
 
 from . import reference
 
-__all__ = ["keep_mask", "keep_mask_torch_nn", "additive_bias", "KernelPlan", "kernel_plan", "PlanCache", "attention_with_bias",
-           "warn_once"]
+__all__ = ["keep_mask", "keep_mask_torch_nn", "additive_bias", "KernelPlan", "kernel_plan", "VarlenPlan", "varlen_plan",
+           "attention_varlen_plan", "PlanCache", "attention_with_bias", "warn_once"]
 
 
 # --------------------------------------------------------------------------- conventions
@@ -125,6 +125,148 @@ def kernel_plan(mask, batch, seqlen_q, seqlen_k, prefer_causal, sliding_window=N
             if torch.equal(keep, expected[:, 0].expand(batch, seqlen_q, seqlen_k)):
                 return KernelPlan(causal, alignment, seqlens_k, window)
     return None
+
+
+class VarlenPlan(NamedTuple):
+    """Packed sequences that reproduce a mask (flash_attention_varlen's arguments).
+
+    Row i of batch entry b is flat row b * Sq + i of the [B*Sq, H, D] queries (keys
+    likewise); q_index / k_index list the rows that join a sequence, in packed order.
+    Rows outside q_index see no key and get 0, as the kernel gives such rows.
+    """
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    cu_seqlens_q: torch.Tensor  # int32 [N + 1]
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    is_causal: bool
+    causal_alignment: str
+    window_size: tuple = (-1, -1)
+
+
+def _segments_of_rows(sees):
+    """One segment per batch entry: the rows that see something, when they are contiguous.
+
+    sees: bool [B, S]. Returns (segment id [B, S], -1 = none; position within it), or None.
+    """
+    batch, length = sees.shape
+    count = sees.sum(dim=1)
+    start = torch.where(count > 0, sees.int().argmax(dim=1), 0)
+    pos = torch.arange(length, device=sees.device) - start[:, None]
+    inside = (pos >= 0) & (pos < count[:, None])
+    if not torch.equal(inside, sees):
+        return None
+    ids = torch.arange(batch, device=sees.device)[:, None].expand(batch, length)
+    return torch.where(sees, ids, -1), pos
+
+
+def _segments_from_positions(position_ids, batch, length):
+    """Packed sequences of each batch entry from position ids restarting at 0 (transformers' padding-free
+    batches): (segment id [B, S], position within it), or None when the ids are not such a packing."""
+    if position_ids is None or tuple(position_ids.shape) != (batch, length) or length == 0:
+        return None
+    starts = position_ids == 0
+    if not bool(starts[:, 0].all()):
+        return None
+    local = torch.cumsum(starts.long(), dim=1) - 1
+    ids = local + torch.arange(batch, device=position_ids.device)[:, None] * length  # unique across the batch
+    first = torch.cummax(torch.where(starts, torch.arange(length, device=starts.device), 0), dim=1).values
+    pos = torch.arange(length, device=starts.device) - first
+    if not torch.equal(pos, position_ids.long()):
+        return None
+    return ids, pos
+
+
+def _band(pos_q, pos_k, len_q, len_k, causal, alignment, window):
+    """Whether packed query position pos_q sees packed key position pos_k (flash_attention's band)."""
+    diagonal = pos_q + (len_k - len_q if alignment == "bottom_right" else 0)
+    left, right = window
+    ok = torch.ones_like(pos_q + pos_k, dtype=torch.bool)
+    if causal:
+        ok = ok & (pos_k <= diagonal)
+    if left >= 0:
+        ok = ok & (pos_k >= diagonal - left)
+    if right >= 0:
+        ok = ok & (pos_k <= diagonal + right)
+    return ok
+
+
+def varlen_plan(mask, batch, seqlen_q, seqlen_k, prefer_causal, sliding_window=None, position_ids=None):
+    """The VarlenPlan that reproduces `mask` exactly, or None.
+
+    The sequences are the contiguous rows of each batch entry that see a key (left,
+    right or both-sided padding), or, with `position_ids` restarting at 0 and Sq ==
+    Sk, the packed sequences they mark. Either way the plan is used only when the
+    band of some reading (as kernel_plan's) inside every sequence gives back the
+    mask, element for element; `mask=None` means every key is visible, causality
+    aside (a padding-free packed batch then relies on position_ids alone).
+    """
+    if mask is None:
+        keep = None
+    else:
+        mask = _as_4d(mask, batch, seqlen_q, seqlen_k)
+        keep = None if mask is None else keep_mask(mask)
+        if keep is None or (keep.shape[1] != 1 and not bool((keep == keep[:, :1]).all())):
+            return None
+        keep = keep[:, 0].expand(batch, seqlen_q, seqlen_k)
+    packed = _segments_from_positions(position_ids, batch, seqlen_q) if seqlen_q == seqlen_k else None
+    if packed is not None:
+        (seg_q, pos_q), (seg_k, pos_k) = packed, packed
+    elif keep is not None:
+        rows, cols = _segments_of_rows(keep.any(dim=2)), _segments_of_rows(keep.any(dim=1))
+        if rows is None or cols is None:
+            return None
+        (seg_q, pos_q), (seg_k, pos_k) = rows, cols
+    else:
+        return None
+    # Sequence lengths, indexed by segment id (ids are < B * S).
+    size = batch * max(seqlen_q, seqlen_k, 1)
+    len_q = torch.bincount(seg_q[seg_q >= 0], minlength=size)
+    len_k = torch.bincount(seg_k[seg_k >= 0], minlength=size)
+    same = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] >= 0)
+    lq = len_q[seg_q.clamp(min=0)][:, :, None]
+    lk = len_k[seg_k.clamp(min=0)][:, None, :]
+    readings = [(True, "top_left"), (True, "bottom_right"), (False, "top_left")]
+    if not prefer_causal:
+        readings = readings[::-1]
+    windows = [(-1, -1)] + ([(sliding_window - 1, sliding_window - 1)] if sliding_window else [])
+    if keep is None:  # no mask: the model's causality, no window beyond the one it passes
+        readings, windows = readings[:1] if prefer_causal else readings[-1:], windows[-1:]
+    for window in windows:
+        for causal, alignment in readings:
+            expected = same & _band(pos_q[:, :, None], pos_k[:, None, :], lq, lk, causal, alignment, window)
+            if keep is None or torch.equal(keep, expected):
+                return _packing(seg_q, seg_k, len_q, len_k, causal, alignment, window)
+    return None
+
+
+def _packing(seg_q, seg_k, len_q, len_k, causal, alignment, window):
+    """The VarlenPlan of segment ids (ascending along the flattened rows, which they are)."""
+    used = torch.unique(torch.cat([seg_q[seg_q >= 0], seg_k[seg_k >= 0]]))
+    lq, lk = len_q[used], len_k[used]
+    zero = torch.zeros(1, dtype=torch.int32, device=used.device)
+    cu_q = torch.cat([zero, torch.cumsum(lq, 0).to(torch.int32)])
+    cu_k = torch.cat([zero, torch.cumsum(lk, 0).to(torch.int32)])
+    return VarlenPlan(torch.nonzero(seg_q.flatten() >= 0).flatten(), torch.nonzero(seg_k.flatten() >= 0).flatten(),
+                      cu_q, cu_k, int(lq.max()) if len(lq) else 0, int(lk.max()) if len(lk) else 0, causal,
+                      alignment, window)
+
+
+def attention_varlen_plan(query, key, value, plan, **kwargs):
+    """Attention of [B,H,S,D] tensors run as the packed sequences of `plan`; returns [B,Sq,H,D]
+    (rows outside every sequence are 0). kwargs go to flash_attention_varlen."""
+    from . import ops
+
+    batch, heads, seqlen_q, dim = query.shape
+    q = query.transpose(1, 2).reshape(-1, heads, dim).index_select(0, plan.q_index)
+    k = key.transpose(1, 2).reshape(-1, key.shape[1], dim).index_select(0, plan.k_index)
+    v = value.transpose(1, 2).reshape(-1, value.shape[1], value.shape[3]).index_select(0, plan.k_index)
+    out = ops.flash_attention_varlen(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q,
+                                     plan.max_seqlen_k, is_causal=plan.is_causal,
+                                     causal_alignment=plan.causal_alignment, window_size=plan.window_size, **kwargs)
+    full = out.new_zeros((batch * seqlen_q, heads, out.shape[-1]))
+    return full.index_copy(0, plan.q_index, out).view(batch, seqlen_q, heads, out.shape[-1])
 
 
 class PlanCache:
