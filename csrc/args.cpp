@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -106,6 +107,20 @@ static void check_attention_variants(AttentionShape& s, const at::Tensor& q, int
   }
 }
 
+// The causal flag and alignment, and the scale (default 1/sqrt(head_dim)); s.head_dim must be set.
+static void check_mask_and_scale(AttentionShape& s, bool is_causal, c10::string_view causal_alignment,
+                                 c10::optional<double> scale) {
+  TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
+              "tfkernels: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
+              std::string(causal_alignment), "\"");
+  s.causal = is_causal;
+  s.bottom_right = causal_alignment == "bottom_right";
+
+  double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
+  TORCH_CHECK(std::isfinite(sc), "tfkernels: scale must be finite, got ", sc);
+  s.scale = static_cast<float>(sc);
+}
+
 AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     bool is_causal, c10::string_view causal_alignment,
                                     c10::optional<double> scale,
@@ -140,15 +155,7 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
 
-  TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
-              "tfkernels: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
-              std::string(causal_alignment), "\"");
-  s.causal = is_causal;
-  s.bottom_right = causal_alignment == "bottom_right";
-
-  double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
-  TORCH_CHECK(std::isfinite(sc), "tfkernels: scale must be finite, got ", sc);
-  s.scale = static_cast<float>(sc);
+  check_mask_and_scale(s, is_causal, causal_alignment, scale);
 
   s.has_seqlens_k = seqlens_k.has_value() && seqlens_k->defined();
   if (s.has_seqlens_k) {
@@ -171,26 +178,132 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
   return s;
 }
 
-void check_attention_grad_args(const AttentionShape& s, const at::Tensor& q, const at::Tensor& grad_out,
-                               const c10::optional<at::Tensor>& grad_lse, const at::Tensor& out,
-                               const at::Tensor& lse) {
+// grad_out and out of an attention backward: q's dtype, device and shape, last dim contiguous.
+static void check_grad_out_and_out(const at::Tensor& q, const at::Tensor& grad_out, const at::Tensor& out) {
   for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
     check_floating_like(t, name, q, "q");
     TORCH_CHECK(t.sizes() == q.sizes(), "tfkernels: ", name, " must have the shape of q ", q.sizes(), ", got ",
                 t.sizes());
     check_last_dim_contiguous(t, name);
   }
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.batch &&
-                  lse.size(1) == s.heads && lse.size(2) == s.seqlen_q,
-              "tfkernels: lse must be float32 [B, H, Sq] = [", s.batch, ", ", s.heads, ", ", s.seqlen_q, "], got ",
-              lse.scalar_type(), " ", lse.sizes());
-  check_same_device(lse, "lse", q, "q");
+}
+
+// grad_lse (optional) of an attention backward: float32 of lse's shape, on q's device.
+static void check_grad_lse(const c10::optional<at::Tensor>& grad_lse, const at::Tensor& lse, const at::Tensor& q) {
   if (grad_lse.has_value() && grad_lse->defined()) {
     TORCH_CHECK(grad_lse->sizes() == lse.sizes() && grad_lse->scalar_type() == at::kFloat,
                 "tfkernels: grad_lse must be float32 of the shape of lse ", lse.sizes(), ", got ",
                 grad_lse->scalar_type(), " ", grad_lse->sizes());
     check_same_device(*grad_lse, "grad_lse", q, "q");
   }
+}
+
+void check_attention_grad_args(const AttentionShape& s, const at::Tensor& q, const at::Tensor& grad_out,
+                               const c10::optional<at::Tensor>& grad_lse, const at::Tensor& out,
+                               const at::Tensor& lse) {
+  check_grad_out_and_out(q, grad_out, out);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.batch &&
+                  lse.size(1) == s.heads && lse.size(2) == s.seqlen_q,
+              "tfkernels: lse must be float32 [B, H, Sq] = [", s.batch, ", ", s.heads, ", ", s.seqlen_q, "], got ",
+              lse.scalar_type(), " ", lse.sizes());
+  check_same_device(lse, "lse", q, "q");
+  check_grad_lse(grad_lse, lse, q);
+}
+
+// ------------------------------------------------------------------ packed variable-length attention
+
+// cu_seqlens_q or _k: int32 [B + 1] on q's device.
+static void check_cu_seqlens_tensor(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "tfkernels: ", name, " must have dtype int32, got ", cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "tfkernels: ", name,
+              " must be a 1-D tensor [B + 1] (B >= 0 sequences), got ", shape_str(cu));
+  check_same_device(cu, name, q, "q");
+}
+
+VarlenShape check_varlen_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                        int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal,
+                                        c10::string_view causal_alignment, c10::optional<double> scale,
+                                        int64_t window_left, int64_t window_right, double softcap,
+                                        const c10::optional<at::Tensor>& sinks, double dropout_p,
+                                        const c10::optional<at::Tensor>& rng_state) {
+  check_dtype_in(q, "q", {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf});
+  check_rank(q, "q", 3, "[total_q, H, D]");
+  check_rank(k, "k", 3, "[total_k, Hkv, D]");
+  check_rank(v, "v", 3, "[total_k, Hkv, D]");
+  check_floating_like(k, "k", q, "q");
+  check_floating_like(v, "v", q, "q");
+
+  VarlenShape vs{};
+  AttentionShape& s = vs.attn;
+  vs.total_q = q.size(0);
+  vs.total_k = k.size(0);
+  s.heads = q.size(1);
+  s.head_dim = q.size(2);
+  s.kv_heads = k.size(1);
+  TORCH_CHECK(s.head_dim >= 1 && s.head_dim <= kMaxHeadDim, "tfkernels: head dim q.shape[2] must be in [1, ",
+              kMaxHeadDim, "], got ", s.head_dim);
+  check_dim_size(k, "k", 2, s.head_dim, "head dim, as q");
+  check_dim_size(v, "v", 0, vs.total_k, "total_k, as k");
+  check_dim_size(v, "v", 1, s.kv_heads, "kv heads, as k");
+  check_dim_size(v, "v", 2, s.head_dim, "head dim, as q");
+  TORCH_CHECK(s.kv_heads >= 1 && s.heads % s.kv_heads == 0, "tfkernels: the number of query heads (q.shape[1] = ",
+              s.heads, ") must be a multiple of the number of kv heads (k.shape[1] = ", s.kv_heads, ")");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+  // cu_seqlens are int32: every row index must fit.
+  constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(vs.total_q <= kMaxRows && vs.total_k <= kMaxRows, "tfkernels: q.shape[0] (total_q = ", vs.total_q,
+              ") and k.shape[0] (total_k = ", vs.total_k, ") must be <= ", kMaxRows, " (cu_seqlens are int32)");
+
+  check_cu_seqlens_tensor(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens_tensor(cu_seqlens_k, "cu_seqlens_k", q);
+  TORCH_CHECK(cu_seqlens_k.size(0) == cu_seqlens_q.size(0), "tfkernels: cu_seqlens_k must have the length of "
+              "cu_seqlens_q (B + 1 = ", cu_seqlens_q.size(0), "), got ", cu_seqlens_k.size(0));
+  s.batch = cu_seqlens_q.size(0) - 1;
+  TORCH_CHECK(max_seqlen_q >= 0, "tfkernels: max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK(max_seqlen_k >= 0, "tfkernels: max_seqlen_k must be >= 0, got ", max_seqlen_k);
+  s.seqlen_q = max_seqlen_q;
+  s.seqlen_k = max_seqlen_k;
+  s.has_seqlens_k = false;
+
+  check_mask_and_scale(s, is_causal, causal_alignment, scale);
+  check_attention_variants(s, q, window_left, window_right, softcap, sinks, dropout_p, rng_state);
+  return vs;
+}
+
+// One of cu_seqlens_q / _k: starts at 0, never decreases, ends at `rows` (the
+// tensor's), no sequence longer than max_seqlen.
+static void check_cu_seqlens_values(const int32_t* cu, int64_t batch, const char* name, int64_t rows,
+                                    const char* rows_what, int64_t max_seqlen, const char* max_name) {
+  TORCH_CHECK(cu[0] == 0, "tfkernels: ", name, "[0] must be 0, got ", cu[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(cu[b + 1] >= cu[b], "tfkernels: ", name, " must be non-decreasing, got ", name, "[", b + 1, "] = ",
+                cu[b + 1], " < ", name, "[", b, "] = ", cu[b]);
+    TORCH_CHECK(cu[b + 1] - cu[b] <= max_seqlen, "tfkernels: sequence ", b, " is longer than ", max_name, " = ",
+                max_seqlen, ": ", name, "[", b + 1, "] - ", name, "[", b, "] = ", cu[b + 1] - cu[b]);
+  }
+  TORCH_CHECK(cu[batch] == rows, "tfkernels: ", name, "[-1] must be the number of rows of ", rows_what, " = ", rows,
+              ", got ", name, "[", batch, "] = ", cu[batch]);
+}
+
+void check_cu_seqlens_values(const VarlenShape& s, const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k) {
+  check_cu_seqlens_values(cu_seqlens_q, s.attn.batch, "cu_seqlens_q", s.total_q, "q (q.shape[0])", s.attn.seqlen_q,
+                          "max_seqlen_q");
+  check_cu_seqlens_values(cu_seqlens_k, s.attn.batch, "cu_seqlens_k", s.total_k, "k (k.shape[0])", s.attn.seqlen_k,
+                          "max_seqlen_k");
+}
+
+void check_varlen_grad_args(const VarlenShape& s, const at::Tensor& q, const at::Tensor& grad_out,
+                            const c10::optional<at::Tensor>& grad_lse, const at::Tensor& out, const at::Tensor& lse) {
+  check_grad_out_and_out(q, grad_out, out);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == s.attn.heads &&
+                  lse.size(1) == s.total_q,
+              "tfkernels: lse must be float32 [H, total_q] = [", s.attn.heads, ", ", s.total_q, "], got ",
+              lse.scalar_type(), " ", lse.sizes());
+  check_same_device(lse, "lse", q, "q");
+  check_grad_lse(grad_lse, lse, q);
 }
 
 QkvShape check_qkv_args(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -57,6 +57,35 @@ void check_attention_grad_args(const AttentionShape& shape, const at::Tensor& q,
                                const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse,
                                const at::Tensor& out, const at::Tensor& lse);
 
+// Packed variable-length attention (flash_attention_varlen_fwd/_bwd): q [total_q,H,D],
+// k, v [total_k,Hkv,D], sequence b = rows cu_seqlens[b] .. cu_seqlens[b+1]. In `attn`,
+// batch is B (the number of sequences), seqlen_q/k are max_seqlen_q/k and
+// has_seqlens_k is false; everything else means what it means for the padded op.
+struct VarlenShape {
+  AttentionShape attn;
+  int64_t total_q, total_k;
+};
+
+// Validates the tensors' shapes, dtypes and devices, cu_seqlens_q/k (int32 [B + 1] on
+// q's device, the same length), max_seqlen_q/k >= 0 and the attributes (as
+// check_attention_args). Reads no values from cu_seqlens: check_cu_seqlens_values
+// does, on host copies (a CUDA caller skips it while a graph is being captured).
+VarlenShape check_varlen_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                        int64_t max_seqlen_q, int64_t max_seqlen_k, bool is_causal,
+                                        c10::string_view causal_alignment, c10::optional<double> scale,
+                                        int64_t window_left, int64_t window_right, double softcap,
+                                        const c10::optional<at::Tensor>& sinks, double dropout_p,
+                                        const c10::optional<at::Tensor>& rng_state);
+
+// The values of cu_seqlens_q/k ([B + 1] each, on the host): cu[0] = 0, never
+// decreasing, cu[B] = the rows of q (k), every length <= max_seqlen_q (_k).
+void check_cu_seqlens_values(const VarlenShape& shape, const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k);
+
+// For the varlen backward: grad_out and out like q, lse float32 [H, total_q], grad_lse like lse.
+void check_varlen_grad_args(const VarlenShape& shape, const at::Tensor& q, const at::Tensor& grad_out,
+                            const c10::optional<at::Tensor>& grad_lse, const at::Tensor& out, const at::Tensor& lse);
+
 struct QkvShape {
   int64_t batch, seqlen, embed, heads, kv_heads, head_dim;
   int64_t out_features() const { return (heads + 2 * kv_heads) * head_dim; }

@@ -114,3 +114,46 @@ def check_mlp(x, w1, b1, w2, b2):
     check_dim(w2, "w2", 1, hidden, "F, as w1.shape[0]")
     check_bias(b2, "b2", x, "x", w2.shape[0])
     return hidden, w2.shape[0]
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """The flash_attention_varlen_fwd/_bwd tensors (shapes only: cu_seqlens' values are the kernels')."""
+    check_floating(q, "q")
+    check_rank(q, "q", 3, "[total_q, H, D]")
+    check_rank(k, "k", 3, "[total_k, Hkv, D]")
+    check_rank(v, "v", 3, "[total_k, Hkv, D]")
+    check_like(k, "k", q, "q")
+    check_like(v, "v", q, "q")
+    heads, head_dim = q.shape[1], q.shape[2]
+    _check(1 <= head_dim <= 256, f"head dim q.shape[2] must be in [1, 256], got {head_dim}")
+    check_dim(k, "k", 2, head_dim, "head dim, as q")
+    check_dim(v, "v", 0, k.shape[0], "total_k, as k")
+    check_dim(v, "v", 1, k.shape[1], "kv heads, as k")
+    check_dim(v, "v", 2, head_dim, "head dim, as q")
+    _check(k.shape[1] >= 1 and heads % k.shape[1] == 0,
+           f"the number of query heads (q.shape[1] = {heads}) must be a multiple of the number of kv heads "
+           f"(k.shape[1] = {k.shape[1]})")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check(cu.dtype == torch.int32, f"{name} must have dtype int32, got {cu.dtype}")
+        _check(cu.dim() == 1 and cu.shape[0] >= 1,
+               f"{name} must be a 1-D tensor [B + 1] (B >= 0 sequences), got {_shape(cu)}")
+        _check(cu.device == q.device, f"{name} must be on the device of q ({q.device}), got {cu.device}")
+    _check(cu_seqlens_k.shape[0] == cu_seqlens_q.shape[0],
+           f"cu_seqlens_k must have the length of cu_seqlens_q (B + 1 = {cu_seqlens_q.shape[0]}), "
+           f"got {cu_seqlens_k.shape[0]}")
+    _check(max_seqlen_q >= 0, f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    _check(max_seqlen_k >= 0, f"max_seqlen_k must be >= 0, got {max_seqlen_k}")
+
+
+def check_varlen_grads(q, grad_out, grad_lse, out, lse):
+    """The flash_attention_varlen_bwd gradients and saved outputs."""
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        check_like(t, name, q, "q")
+        _check(t.shape == q.shape, f"{name} must have the shape of q {list(q.shape)}, got {list(t.shape)}")
+    heads, total_q = q.shape[1], q.shape[0]
+    _check(lse.dtype == torch.float32 and lse.dim() == 2 and lse.shape[0] == heads and lse.shape[1] == total_q,
+           f"lse must be float32 [H, total_q] = [{heads}, {total_q}], got {lse.dtype} {list(lse.shape)}")
+    if grad_lse is not None:
+        _check(grad_lse.dtype == torch.float32 and grad_lse.shape == lse.shape,
+               f"grad_lse must be float32 of the shape of lse {list(lse.shape)}, got {grad_lse.dtype} "
+               f"{list(grad_lse.shape)}")

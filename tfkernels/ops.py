@@ -11,7 +11,7 @@ import torch
 from . import _C  # noqa: F401  (loading the library registers the ops)
 from . import _fake_checks
 
-__all__ = ["flash_attention", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"]
+__all__ = ["flash_attention", "flash_attention_varlen", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"]
 
 _ops = torch.ops.tfkernels
 _ALIGNMENTS = ("top_left", "bottom_right")
@@ -174,6 +174,97 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("tfkernels::flash_attention_fwd", _attention_backward,
                                 setup_context=_attention_setup)
+
+
+# --------------------------------------------------------------------------- packed variable-length attention
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, is_causal=False,
+                           causal_alignment="top_left", scale=None, window_size=(-1, -1), softcap=0.0, sinks=None,
+                           dropout_p=0.0, generator=None, return_lse=False, deterministic=False):
+    """flash_attention over a packed batch of sequences of different lengths (FlashAttention's varlen layout).
+
+    q [total_q, H, D] and k, v [total_k, Hkv, D] (last dim contiguous) hold the sequences
+    one after the other: sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b+1] of q and
+    cu_seqlens_k[b] .. cu_seqlens_k[b+1] of k and v. cu_seqlens_* are int32 [B + 1] on q's
+    device, start at 0, never decrease and end at total_q (total_k); max_seqlen_* (ints)
+    bound every length. Empty sequences and B = 0 are legal. Each sequence attends only
+    to its own keys, exactly as flash_attention would on it alone: the causal offset and
+    the window use that sequence's lengths; dropout draws for (sequence b, head, row, key)
+    what flash_attention draws for batch entry b. Every keyword means what it means for
+    flash_attention. Returns out [total_q, H, D], and with return_lse also lse float32
+    [H, total_q]; differentiable in q, k, v and sinks.
+    """
+    _check_choice("causal_alignment", causal_alignment, _ALIGNMENTS)
+    window_left, window_right = _check_window(window_size)
+    softcap = _check_softcap(softcap)
+    dropout_p = _check_dropout(dropout_p)
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not _is_int(value):
+            raise ValueError(f"tfkernels: {name} must be an int, got {type(value).__name__}")
+    if sinks is not None:
+        _check_sinks(sinks, q)
+        sinks = sinks.to(torch.float32).contiguous()
+    rng_state = None
+    if dropout_p > 0:
+        rng_state = torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, device=q.device, generator=generator)
+    out, lse = _ops.flash_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               is_causal, causal_alignment, scale, deterministic, window_left,
+                                               window_right, softcap, sinks, dropout_p, rng_state)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("tfkernels::flash_attention_varlen_fwd")
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, causal_alignment, scale,
+      deterministic, window_left, window_right, softcap, sinks, dropout_p, rng_state):
+    _fake_checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_variants_fake(q, window_left, window_right, softcap, sinks, dropout_p, rng_state)
+    total_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((heads, total_q), dtype=torch.float32)
+
+
+@torch.library.register_fake("tfkernels::flash_attention_varlen_bwd")
+def _(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+      causal_alignment, scale, deterministic, window_left, window_right, softcap, sinks, dropout_p, rng_state):
+    _fake_checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _fake_checks.check_varlen_grads(q, grad_out, grad_lse, out, lse)
+    _check_variants_fake(q, window_left, window_right, softcap, sinks, dropout_p, rng_state)
+    grad_sinks = q.new_empty((q.shape[1] if sinks is not None else 0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_sinks
+
+
+_VARLEN_SINKS = 14  # flash_attention_varlen_fwd's `sinks` argument
+
+
+def _varlen_setup(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, causal_alignment, scale,
+     deterministic, window_left, window_right, softcap, sinks, dropout_p, rng_state) = inputs
+    out, lse = output
+    ctx.set_materialize_grads(False)  # see _attention_setup
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, rng_state)
+    ctx.attrs = (max_seqlen_q, max_seqlen_k, is_causal, causal_alignment, scale, deterministic, window_left,
+                 window_right, softcap, dropout_p)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks, rng_state = ctx.saved_tensors
+    (max_seqlen_q, max_seqlen_k, is_causal, causal_alignment, scale, deterministic, window_left, window_right,
+     softcap, dropout_p) = ctx.attrs
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grad_out = grad_out.contiguous()  # see _attention_backward
+    if grad_lse is not None:
+        grad_lse = grad_lse.contiguous()
+    grad_q, grad_k, grad_v, grad_sinks = _ops.flash_attention_varlen_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+        causal_alignment, scale, deterministic, window_left, window_right, softcap, sinks, dropout_p, rng_state)
+    grad_sinks = grad_sinks if sinks is not None and ctx.needs_input_grad[_VARLEN_SINKS] else None
+    grads = [grad_q, grad_k, grad_v] + [None] * 14
+    grads[_VARLEN_SINKS] = grad_sinks
+    return tuple(grads)
+
+
+torch.library.register_autograd("tfkernels::flash_attention_varlen_fwd", _varlen_backward,
+                                setup_context=_varlen_setup)
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
@@ -452,5 +543,6 @@ def _register_autocast(opname, keep_dtype=()):
 
 _autocast_lib = torch.library.Library("tfkernels", "IMPL")
 _register_autocast("flash_attention_fwd", keep_dtype=(11,))  # sinks
+_register_autocast("flash_attention_varlen_fwd", keep_dtype=(_VARLEN_SINKS,))
 for _name in ("fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"):
     _register_autocast(_name)

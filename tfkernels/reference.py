@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["flash_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp", "attention_mask"]
+__all__ = ["flash_attention", "attention_varlen", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp", "attention_mask"]
 
 
 def attention_mask(seqlen_q, seqlen_k, *, batch=1, is_causal=False, causal_alignment="top_left",
@@ -104,6 +104,38 @@ def flash_attention(q, k, v, *, is_causal=False, causal_alignment="top_left", sc
     if return_lse:
         return out, lse.float()
     return out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, is_causal=False, causal_alignment="top_left",
+                     scale=None, window_size=(-1, -1), softcap=0.0, sinks=None, dropout_p=0.0, dropout_mask=None,
+                     return_lse=True):
+    """flash_attention over a packed batch: q [total_q, H, D], k, v [total_k, Hkv, D], sequence b =
+    rows cu_seqlens_q[b] .. cu_seqlens_q[b+1] of q (cu_seqlens_k for k, v). Returns (out
+    [total_q, H, D], lse [H, total_q]) (out alone with return_lse=False).
+
+    Each sequence is computed on its own by flash_attention on [1, H, S, D] views, so
+    the causal offset, the window and empty rows follow that sequence's lengths.
+    dropout_mask, when given, is the padded keep mask bool [B, H, >= max len_q, >= max
+    len_k] (torch.ops.tfkernels._dropout_mask(rng_state, B, H, max_seqlen_q,
+    max_seqlen_k, p) gives the kernels' draw, which counts rows and keys within each
+    sequence); sequence b uses its top-left [len_q, len_k] corner of entry b.
+    """
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if len(starts_q) != len(starts_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k differ in length: {len(starts_q)} and {len(starts_k)}")
+    heads = q.shape[1]
+    outs, lses = [q.new_zeros((0, heads, q.shape[2]))], [q.new_zeros((heads, 0), dtype=torch.float32)]
+    for b in range(len(starts_q) - 1):
+        q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
+        mask = None if dropout_mask is None else dropout_mask[b:b + 1, :, :q1 - q0, :k1 - k0]
+        out, lse = flash_attention(
+            *(t[r0:r1].transpose(0, 1).unsqueeze(0) for t, r0, r1 in ((q, q0, q1), (k, k0, k1), (v, k0, k1))),
+            is_causal=is_causal, causal_alignment=causal_alignment, scale=scale, window_size=window_size,
+            softcap=softcap, sinks=sinks, dropout_p=dropout_p, dropout_mask=mask, return_lse=True)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    out, lse = torch.cat(outs), torch.cat(lses, dim=1)
+    return (out, lse) if return_lse else out
 
 
 def _row_groups(mask):

@@ -1,10 +1,14 @@
-// CPU flash attention, forward and backward (FlashAttention-2 tiling).
+// CPU flash attention, forward and backward (FlashAttention-2 tiling), for the
+// padded op and the packed variable-length op alike: both describe their
+// sequences (flash_attention_layout.h) and the kernels below see only
+// "sequence b has len_q query rows starting at flat row q_start(b), len_k keys
+// starting at k_start(b)". The ops' entry points are in flash_attention_ops.cpp.
 //
-// Forward: one task per (batch, head, query block) under at::parallel_for. A task
-// keeps its query block's output accumulator, running max m and running sum l,
-// and walks the key/value tiles: S = Q K^T (GEMM into a bq x bk tile), online
-// softmax on the tile (vectorised exp2), acc = alpha * acc + P V (GEMM). Each row
-// sees one band of keys (flash_attention_band.h: seqlens_k, causal, window); the
+// Forward: one task per (sequence, head, query block). A task keeps its query
+// block's output accumulator, running max m and running sum l, and walks the
+// key/value tiles: S = Q K^T (GEMM into a bq x bk tile), online softmax on the
+// tile (vectorised exp2), acc = alpha * acc + P V (GEMM). Each row sees one band
+// of keys (flash_attention_band.h: key length, causal, window, per sequence); the
 // tiles of a block start at the first key its first row sees and stop after the
 // last key its last row sees, so a sliding window costs O(S * W), not O(S^2), and
 // within a tile each row only exponentiates its band. Nothing of size Sq x Sk is
@@ -13,47 +17,50 @@
 // Variants (README, Semantics): the softcap maps the tile's scores through
 // c * tanh(s / c) before the softmax; a sink starts a row's running max and sum
 // as if it were one more key with no value; dropout zeroes P after the row sum
-// has taken it (lse is pre-dropout) with decisions from csrc/dropout_rng.h, which
-// the backward regenerates instead of storing.
+// has taken it (lse is pre-dropout) with decisions from csrc/dropout_rng.h
+// (counter slice b * H + h, row and key within the sequence), which the backward
+// regenerates instead of storing.
 //
-// Backward: recomputes P from the saved lse. One task per (batch, query head, key
-// chunk); a task walks its key blocks (outer) and the query blocks that see them
-// (inner) and accumulates dK, dV of its key rows and dQ of its head (FA2 order).
-// Tasks never write the same memory: dK/dV are per query head (summed over the
-// GQA group afterwards) and each key chunk has its own dQ partial (summed over
-// chunks afterwards), both reductions in a fixed order, so the result is bitwise
-// deterministic; so is d sink (a fixed-order sum over rows). Key chunks exist only
-// to keep both cores busy when B * H is small (e.g. B = H = 1); their number
-// depends on the shape, not on the threads.
+// Backward: recomputes P from the saved lse. One task per (sequence, query head,
+// key chunk); a task walks its key blocks (outer) and the query blocks that see
+// them (inner) and accumulates dK, dV of its key rows and dQ of its head (FA2
+// order). Tasks never write the same memory: dK/dV are per query head (summed
+// over the GQA group afterwards) and each key chunk beyond the first has its own
+// dQ partial (summed afterwards), both reductions in a fixed order, so the result
+// is bitwise deterministic; so is d sink (a fixed-order sum over rows). Key
+// chunks exist only to split a sequence whose share of the work is large (e.g.
+// B = H = 1, or one long sequence among short ones); their number depends on the
+// shape, not on the threads.
+//
+// Scheduling: the tasks of a pass are numbered costliest first (an estimate from
+// the band: visible query x key pairs) and handed out by a TaskQueue, so threads
+// finish together whatever the mix of sequence lengths.
 //
 // Compute: float for float/bf16/half inputs, double for double. Inputs are read in
 // place through their strides (only the last dim must be contiguous); 16-bit
 // inputs are widened tile by tile inside the tasks (a separate conversion pass
 // costs an extra parallel region and memory traffic), outputs rounded once. GEMMs
 // go to BLAS (blas.h); the exp runs in flash_attention_softmax.cpp.
+#include "cpu/flash_attention_kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <numeric>
 #include <vector>
 
-#include "alloc.h"
-#include "args.h"
 #include "cpu/blas.h"
-#include "cpu/flash_attention_band.h"
 #include "cpu/flash_attention_softmax.h"
-#include "dropout_rng.h"
 
 namespace tfkernels::cpu {
 namespace {
 
 using fa::SoftmaxDomain;
-
 
 // Block sizes. Forward: the query block is the GEMM's M for both products, the key
 // block their N (S = Q K^T) and K (P V). Larger blocks amortise the per-tile
@@ -62,7 +69,7 @@ using fa::SoftmaxDomain;
 // process): bq in {64, 128, 256, 512} x bk in {256, 512, 1024} all landed within
 // 0.93-1.02x of SDPA, i.e. within the noise of a shared machine; 256 x 512 is also
 // SDPA's own split. Backward: 128 x 256 was ahead of 64/128/256 x 64/128 by ~5-10%
-// (same noise caveat).
+// (same noise caveat). Both are chosen per sequence, from its own lengths.
 struct FwdBlocks {
   int64_t bq, bk;
 };
@@ -75,23 +82,33 @@ FwdBlocks fwd_blocks(int64_t seqlen_q, int64_t seqlen_k) {
 // Backward: five GEMMs per (query block, key block) tile (see above).
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBwdBlockK = 256;
-// Minimum number of backward tasks aimed for when B * H is small (key chunks).
+// The backward aims for this many tasks of at most equal cost: a sequence whose
+// share of the work is larger than 1 / kBwdTargetTasks is split into key chunks.
 constexpr int64_t kBwdTargetTasks = 8;
 
-// at::parallel_for hands each thread a contiguous range of tasks. Under a causal
-// mask the cost of a query block grows with its index (and that of a key chunk
-// shrinks), so blocks are visited in the order 0, n-1, 1, n-2, ...: every
-// contiguous range then mixes cheap and expensive blocks, also when B * H = 1.
-inline int64_t zigzag(int64_t j, int64_t n) { return j % 2 == 0 ? j / 2 : n - 1 - j / 2; }
-
-// The score and probability transforms beyond plain softmax, resolved once per call.
-struct Variants {
-  double softcap = 0;              // 0 = off
-  const float* sinks = nullptr;    // [H] logits, or nullptr
-  bool dropout = false;
-  dropout::DropoutRng rng{};
-  double keep_scale = 1;           // 1 / (1 - p)
+struct BwdBlocks {
+  int64_t bq, bk, nkb;  // nkb = number of key blocks
 };
+BwdBlocks bwd_blocks(int64_t len_q, int64_t k_rows) {
+  const int64_t bq = std::max<int64_t>(1, std::min(kBwdBlockQ, len_q));
+  const int64_t bk = std::max<int64_t>(1, std::min(kBwdBlockK, k_rows));
+  return {bq, bk, (k_rows + bk - 1) / bk};
+}
+
+// The threads a pass of `tasks` tasks runs on (at::parallel_for gives each one index).
+int64_t workers(int64_t tasks) { return std::min<int64_t>(tasks, at::get_num_threads()); }
+
+// `units` reordered by decreasing cost (ties keep their order).
+template <typename Unit>
+std::vector<Unit> costliest_first(const std::vector<Unit>& units, const std::vector<int64_t>& cost) {
+  std::vector<int64_t> order(units.size());
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::vector<Unit> sorted;
+  sorted.reserve(units.size());
+  for (int64_t i : order) sorted.push_back(units[i]);
+  return sorted;
+}
 
 // The softmax domain's multiplier of a raw score (Q K^T): scale, or 1 after softcap_row
 // has already taken the scores into the domain.
@@ -107,8 +124,9 @@ void softcap_scores(const Variants& var, double scale, T* s, int64_t n, T* t) {
                   t);
 }
 
-// Dropout's keep decisions for keys [j, j + n) of row i of slice bh into `keep`
-// (scratch of n + 8 bytes); returns where key j's decision is.
+// Dropout's keep decisions for keys [j, j + n) of row i of slice bh (= b * H + h,
+// rows and keys counted within sequence b) into `keep` (scratch of n + 8 bytes);
+// returns where key j's decision is.
 inline const uint8_t* keep_of(const Variants& var, int64_t bh, int64_t i, int64_t j, int64_t n, uint8_t* keep) {
   const int64_t g0 = j >> 2, g1 = (j + n + 3) >> 2;
   fa::dropout_keep(keep, var.rng, static_cast<uint32_t>(bh), static_cast<uint32_t>(i), g0, g1 - g0);
@@ -121,25 +139,16 @@ T sink_dom(const Variants& var, int64_t h) {
   return var.sinks ? SoftmaxDomain<T>::from_lse(var.sinks[h]) : -std::numeric_limits<T>::infinity();
 }
 
-// A [B, H, S, D] tensor read in place: row (b, h, i) starts at p + b*sb + h*sh + i*ss.
-template <typename In>
-struct View {
-  const In* p;
-  int64_t sb, sh, ss;
-  const In* row(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * ss; }
-};
-
-// Rows of a tile in the compute type T: in place when the input already is T (ld =
-// the tensor's row stride), else widened into `buf` (ld = D).
+// `rows` consecutive rows (first at `first`, leading dim ld_in) in the compute type
+// T: in place when the input already is T (ld = ld_in), else widened into `buf` (ld = D).
 template <typename T, typename In>
-inline const T* tile_rows(const View<In>& t, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t D, T* buf,
-                          int64_t& ld) {
+inline const T* tile_rows(const In* first, int64_t ld_in, int64_t rows, int64_t D, T* buf, int64_t& ld) {
   if constexpr (std::is_same_v<T, In>) {
-    ld = t.ss;
-    return t.row(b, h, i0);
+    ld = ld_in;
+    return first;
   } else {
     for (int64_t r = 0; r < rows; ++r) {
-      const In* src = t.row(b, h, i0 + r);
+      const In* src = first + r * ld_in;
       T* dst = buf + r * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
     }
@@ -181,6 +190,12 @@ inline void fill_zero(T* p, int64_t n) {
   std::fill(p, p + n, T(0));
 }
 
+// Zeroes `rows` rows of D elements, ld apart.
+template <typename T>
+inline void fill_zero_rows(T* p, int64_t rows, int64_t D, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) fill_zero(p + r * ld, D);
+}
+
 // Whether every element of a rows x cols block (row stride ld) is finite.
 template <typename T>
 bool all_finite(const T* p, int64_t rows, int64_t cols, int64_t ld) {
@@ -192,6 +207,11 @@ bool all_finite(const T* p, int64_t rows, int64_t cols, int64_t ld) {
   return true;
 }
 
+template <typename T>
+RowView<T> view(const Rows& rows) {
+  return RowView<T>{rows.t.data_ptr<std::remove_const_t<T>>(), rows.layout};
+}
+
 // Keys a row cannot see must not reach it, not even as 0 x Inf = NaN. A tile GEMM
 // multiplies the zeroed P (or dS) entries of such keys with their values, which
 // is exact while those values are finite. When a tile holds hidden pairs and
@@ -201,50 +221,80 @@ bool all_finite(const T* p, int64_t rows, int64_t cols, int64_t ld) {
 
 // ------------------------------------------------------------------------ forward
 
+// A block of query rows of one sequence: the forward's unit of work, once per head.
+struct QueryBlock {
+  int64_t seq, i0;
+};
+
+// Every sequence's query blocks, costliest first (rows x keys they see, + 1 per
+// row for the output).
+std::vector<QueryBlock> query_blocks(const AttentionCall& call) {
+  const Sequences& seqs = call.seqs;
+  std::vector<QueryBlock> blocks;
+  std::vector<int64_t> cost;
+  for (int64_t b = 0; b < seqs.count(); ++b) {
+    const int64_t len_q = seqs.q_len(b);
+    const int64_t bq = fwd_blocks(len_q, seqs.k_rows(b)).bq;
+    const SeqBand band = call.band.of(len_q, seqs.k_len(b));
+    for (int64_t i0 = 0; i0 < len_q; i0 += bq) {
+      const int64_t m = std::min(bq, len_q - i0);
+      blocks.push_back({b, i0});
+      cost.push_back(m * (band.keys_of_rows(i0, i0 + m).size() + 1));
+    }
+  }
+  return costliest_first(blocks, cost);
+}
+
 template <typename T, typename OutT>
-void attention_fwd(const AttentionShape& s, double scale, const Band& band, const Variants& var, View<OutT> q,
-                   View<OutT> k, View<OutT> v, OutT* out, float* lse) {
+void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<const OutT> k, RowView<const OutT> v,
+                   RowView<OutT> out, RowView<float> lse) {
   using Dom = SoftmaxDomain<T>;
-  const int64_t B = s.batch, H = s.heads, Hkv = s.kv_heads, G = H / Hkv, Sq = s.seqlen_q, Sk = s.seqlen_k,
-                D = s.head_dim;
-  const auto [bq, bk] = fwd_blocks(Sq, Sk);
-  const int64_t nqb = (Sq + bq - 1) / bq;
-  const T c = score_mult<T>(var, scale);
+  const Sequences& seqs = call.seqs;
+  const Variants& var = call.var;
+  const int64_t H = call.heads, G = H / call.kv_heads, D = call.head_dim;
+  const std::vector<QueryBlock> blocks = query_blocks(call);
+  const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows());
+  const T c = score_mult<T>(var, call.scale);
   const T keep_scale = static_cast<T>(var.keep_scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;
+  TaskQueue queue(tasks);
+  at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
     constexpr bool widen = !std::is_same_v<T, OutT>;
-    Scratch<T> sbuf(bq * bk), acc(bq * D), mrow(bq), lrow(bq);
-    Scratch<T> qbuf(widen ? bq * D : 0), kbuf(widen ? bk * D : 0), vbuf(widen ? bk * D : 0);
-    Scratch<uint8_t> keep(var.dropout ? bk + 8 : 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = zigzag(task % nqb, nqb), bh = task / nqb, h = bh % H, b = bh / H, hk = h / G;
-      const int64_t i0 = qb * bq, m = std::min(bq, Sq - i0);
-      const int64_t len = band.len(b), off = band.offset(len);
+    Scratch<T> sbuf(bq_max * bk_max), acc(bq_max * D), mrow(bq_max), lrow(bq_max);
+    Scratch<T> qbuf(widen ? bq_max * D : 0), kbuf(widen ? bk_max * D : 0), vbuf(widen ? bk_max * D : 0);
+    Scratch<uint8_t> keep(var.dropout ? bk_max + 8 : 0);
+    for (int64_t task; queue.next(task);) {
+      const QueryBlock blk = blocks[task / H];
+      const int64_t h = task % H, b = blk.seq, hk = h / G, bh = b * H + h;
+      const int64_t len_q = seqs.q_len(b), q0 = seqs.q_start(b), k0 = seqs.k_start(b);
+      const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b));
+      const int64_t i0 = blk.i0, m = std::min(bq, len_q - i0);
+      const SeqBand band = call.band.of(len_q, seqs.k_len(b));
       int64_t ldq, ldk, ldv;
-      const T* Q = tile_rows<T>(q, b, h, i0, m, D, qbuf.data(), ldq);
-      const Span keys = band.keys_of_rows(i0, i0 + m, len, off);
+      const T* Q = tile_rows<T>(q.at(q0 + i0, h), q.ld(), m, D, qbuf.data(), ldq);
+      const Span keys = band.keys_of_rows(i0, i0 + m);
 
       // A sink is a key of score sink[h] and no value: the running max and sum start from it.
       const T sink = sink_dom<T>(var, h);
       fill_zero(acc.data(), m * D);
-      std::fill(mrow.data(), mrow.data() + bq, sink);
-      std::fill(lrow.data(), lrow.data() + bq, sink == neg_inf ? T(0) : Dom::exp(sink - sink));
+      std::fill(mrow.data(), mrow.data() + m, sink);
+      std::fill(lrow.data(), lrow.data() + m, sink == neg_inf ? T(0) : Dom::exp(sink - sink));
       for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
         const int64_t n = std::min(bk, keys.hi - j0);
         T* S = sbuf.data();
-        const T* K = tile_rows<T>(k, b, hk, j0, n, D, kbuf.data(), ldk);
+        const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
         gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), S, bk);
         bool hidden_pairs = false;
         for (int64_t r = 0; r < m; ++r) {
           T* row = S + r * bk;
-          const Span vis = band.visible(i0 + r, len, off, j0, n);
+          const Span vis = band.visible(i0 + r, j0, n);
           const int64_t nv = vis.size();
           hidden_pairs |= nv < n;
           if (nv > 0) {
             T* x = row + vis.lo;
-            if (var.softcap > 0) softcap_scores<T>(var, scale, x, nv, nullptr);
+            if (var.softcap > 0) softcap_scores<T>(var, call.scale, x, nv, nullptr);
             // The max may drop a NaN score; the sum keeps it (exp(NaN) = NaN), so
             // l and with it the row's output and lse become NaN all the same.
             const T m_new = std::max(mrow[r], Dom::max(x, nv, c));
@@ -264,12 +314,12 @@ void attention_fwd(const AttentionShape& s, double scale, const Band& band, cons
             fill_zero(row, n);
           }
         }
-        const T* V = tile_rows<T>(v, b, hk, j0, n, D, vbuf.data(), ldv);
+        const T* V = tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv);
         if (!hidden_pairs || all_finite(V, n, D, ldv)) {
           gemm_rm<T>(false, false, m, D, n, T(1), S, bk, V, ldv, T(1), acc.data(), D);
         } else {
           for (int64_t r = 0; r < m; ++r) {
-            const Span vis = band.visible(i0 + r, len, off, j0, n);
+            const Span vis = band.visible(i0 + r, j0, n);
             if (vis.size() > 0)
               gemm_rm<T>(false, false, 1, D, vis.size(), T(1), S + r * bk + vis.lo, bk, V + vis.lo * ldv, ldv, T(1),
                          acc.data() + r * D, D);
@@ -277,17 +327,18 @@ void attention_fwd(const AttentionShape& s, double scale, const Band& band, cons
         }
       }
       for (int64_t r = 0; r < m; ++r) {
-        OutT* dst = out + (bh * Sq + i0 + r) * D;
-        if (band.empty_row(i0 + r, len, off)) {  // the row sees no key: only the sink, if any
+        const int64_t g = q0 + i0 + r;
+        OutT* dst = out.at(g, h);
+        float* lse_out = lse.at(g, h);
+        if (band.empty_row(i0 + r)) {  // the row sees no key: only the sink, if any
           std::fill(dst, dst + D, static_cast<OutT>(0));
-          lse[bh * Sq + i0 + r] = var.sinks ? var.sinks[h] : -std::numeric_limits<float>::infinity();
+          *lse_out = var.sinks ? var.sinks[h] : -std::numeric_limits<float>::infinity();
         } else {
           // l >= 1 when the scores are finite (the max contributes exp(0) = 1). l is
           // NaN after a NaN or +inf score, and 0 when all visible scores are -inf
           // (and there is no sink): then 0 * (1 / 0) makes the output NaN, and the lse is NaN too.
           store_scaled(dst, acc.data() + r * D, D, T(1) / lrow[r]);
-          lse[bh * Sq + i0 + r] =
-              lrow[r] > T(0) ? Dom::to_lse(mrow[r], lrow[r]) : std::numeric_limits<float>::quiet_NaN();
+          *lse_out = lrow[r] > T(0) ? Dom::to_lse(mrow[r], lrow[r]) : std::numeric_limits<float>::quiet_NaN();
         }
       }
     }
@@ -296,38 +347,52 @@ void attention_fwd(const AttentionShape& s, double scale, const Band& band, cons
 
 // ----------------------------------------------------------------------- backward
 
+// Per-(row, head) values of the backward, [H][flat query rows].
+template <typename T>
+struct RowValues {
+  T* p;
+  int64_t rows;  // flat query rows of the call
+  T* of(int64_t h, int64_t g) const { return p + h * rows + g; }
+};
+
 // The saved lse is float32 (the schema's), too coarse for a float64 backward: P =
 // exp(s - lse) would carry its ~1e-7 relative error into every gradient. For
 // double, refine it once per row, lse += log(sum_j exp(s_ij - lse) + exp(sink - lse)),
 // which costs one extra Q K^T pass on the correctness path only.
 template <typename T>
-void refine_lse(const AttentionShape& s, double scale, const Band& band, const Variants& var, View<T> q, View<T> k,
-                T* lse_dom) {
+void refine_lse(const AttentionCall& call, RowView<const T> q, RowView<const T> k, RowValues<T> lse_dom) {
   using Dom = SoftmaxDomain<T>;
-  const int64_t B = s.batch, H = s.heads, G = H / s.kv_heads, Sq = s.seqlen_q, Sk = s.seqlen_k, D = s.head_dim;
-  const auto [bq, bk] = fwd_blocks(Sq, Sk);
-  const int64_t nqb = (Sq + bq - 1) / bq;
-  const T c = score_mult<T>(var, scale);
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sbuf(bq * bk), sums(bq);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % nqb, bh = task / nqb, h = bh % H, b = bh / H;
-      const int64_t i0 = qb * bq, m = std::min(bq, Sq - i0);
-      const int64_t len = band.len(b), off = band.offset(len);
-      T* L = lse_dom + bh * Sq + i0;
-      const Span keys = band.keys_of_rows(i0, i0 + m, len, off);
+  const Sequences& seqs = call.seqs;
+  const Variants& var = call.var;
+  const int64_t H = call.heads, G = H / call.kv_heads, D = call.head_dim;
+  const std::vector<QueryBlock> blocks = query_blocks(call);
+  const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows());
+  const T c = score_mult<T>(var, call.scale);
+  const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;
+  TaskQueue queue(tasks);
+  at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
+    Scratch<T> sbuf(bq_max * bk_max), sums(bq_max);
+    for (int64_t task; queue.next(task);) {
+      const QueryBlock blk = blocks[task / H];
+      const int64_t h = task % H, b = blk.seq;
+      const int64_t len_q = seqs.q_len(b), q0 = seqs.q_start(b), k0 = seqs.k_start(b);
+      const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b));
+      const int64_t i0 = blk.i0, m = std::min(bq, len_q - i0);
+      const SeqBand band = call.band.of(len_q, seqs.k_len(b));
+      T* L = lse_dom.of(h, q0 + i0);
+      const Span keys = band.keys_of_rows(i0, i0 + m);
       const T sink = sink_dom<T>(var, h);
       for (int64_t r = 0; r < m; ++r)
         sums[r] = sink == -std::numeric_limits<T>::infinity() || std::isinf(L[r]) ? T(0) : Dom::exp(sink - L[r]);
       for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
         const int64_t n = std::min(bk, keys.hi - j0);
-        gemm_rm<T>(false, true, m, n, D, T(1), q.row(b, h, i0), q.ss, k.row(b, h / G, j0), k.ss, T(0), sbuf.data(),
-                   bk);
+        gemm_rm<T>(false, true, m, n, D, T(1), q.at(q0 + i0, h), q.ld(), k.at(k0 + j0, h / G), k.ld(), T(0),
+                   sbuf.data(), bk);
         for (int64_t r = 0; r < m; ++r) {
-          const Span vis = band.visible(i0 + r, len, off, j0, n);
+          const Span vis = band.visible(i0 + r, j0, n);
           if (vis.size() == 0 || std::isinf(L[r])) continue;
           T* x = sbuf.data() + r * bk + vis.lo;
-          if (var.softcap > 0) softcap_scores<T>(var, scale, x, vis.size(), nullptr);
+          if (var.softcap > 0) softcap_scores<T>(var, call.scale, x, vis.size(), nullptr);
           sums[r] += Dom::exp_sum(x, vis.size(), c, L[r]);
         }
       }
@@ -337,69 +402,132 @@ void refine_lse(const AttentionShape& s, double scale, const Band& band, const V
   });
 }
 
-// d sink[h] = -sum over (b, i) of P_sink(b, h, i) * Delta(b, h, i), P_sink = exp(sink[h] - lse):
-// in double, in a fixed order.
+// d sink[h] = -sum over all rows of P_sink(h, row) * Delta(h, row), P_sink = exp(sink[h] - lse):
+// in double, in a fixed order (flat rows: sequence by sequence).
 template <typename T>
-void sink_grad(const AttentionShape& s, const Variants& var, const T* lse_dom, const T* delta, float* grad_sinks) {
+void sink_grad(const AttentionCall& call, RowValues<T> lse_dom, RowValues<T> delta, float* grad_sinks) {
   using Dom = SoftmaxDomain<T>;
-  const int64_t B = s.batch, H = s.heads, Sq = s.seqlen_q;
-  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t rows = lse_dom.rows;
+  at::parallel_for(0, call.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h) {
-      const T sink = sink_dom<T>(var, h);
+      const T sink = sink_dom<T>(call.var, h);
+      const T* L = lse_dom.of(h, 0);
+      const T* Dl = delta.of(h, 0);
       double acc = 0;
       if (sink != -std::numeric_limits<T>::infinity()) {
-        for (int64_t b = 0; b < B; ++b) {
-          const int64_t row0 = (b * H + h) * Sq;
-          for (int64_t i = 0; i < Sq; ++i)
-            acc -= static_cast<double>(Dom::exp(sink - lse_dom[row0 + i])) * static_cast<double>(delta[row0 + i]);
-        }
+        for (int64_t g = 0; g < rows; ++g)
+          acc -= static_cast<double>(Dom::exp(sink - L[g])) * static_cast<double>(Dl[g]);
       }
       grad_sinks[h] = static_cast<float>(acc);
     }
   });
 }
 
+// A key chunk of one sequence: the backward's unit of work, once per query head.
+struct KeyChunk {
+  int64_t seq, chunk;
+};
+
+// How the backward splits its work: key chunks per sequence, where the dQ partials
+// of chunks >= 1 live, and the units costliest first.
+struct BwdPlan {
+  std::vector<int64_t> chunks;      // per sequence, >= 1
+  std::vector<int64_t> extra_off;   // per sequence: its chunks' dQ partials [chunk - 1][H][len_q][D]
+  int64_t extra_size = 0;
+  std::vector<KeyChunk> units;
+};
+
+// Key rows [lo, hi) of chunk ch of a sequence: whole key blocks, split evenly.
+Span key_chunk(int64_t k_rows, const BwdBlocks& blk, int64_t ch, int64_t chunks) {
+  return Span{std::min(k_rows, ch * blk.nkb / chunks * blk.bk), std::min(k_rows, (ch + 1) * blk.nkb / chunks * blk.bk)};
+}
+
+BwdPlan backward_plan(const AttentionCall& call) {
+  const Sequences& seqs = call.seqs;
+  const int64_t B = seqs.count(), H = call.heads, D = call.head_dim;
+  BwdPlan plan;
+  plan.chunks.assign(B, 1);
+  plan.extra_off.assign(B, 0);
+  // A sequence's share of the work, len_q * k_rows, against the whole call's: chunks =
+  // ceil(kBwdTargetTasks * share / H) (exact in 128-bit integers), at most one per key block.
+  __int128 total = 0;
+  for (int64_t b = 0; b < B; ++b) total += static_cast<__int128>(seqs.q_len(b)) * seqs.k_rows(b);
+  std::vector<KeyChunk> units;
+  std::vector<int64_t> cost;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len_q = seqs.q_len(b), k_rows = seqs.k_rows(b);
+    const BwdBlocks blk = bwd_blocks(len_q, k_rows);
+    if (total > 0 && blk.nkb > 0) {
+      const __int128 num = static_cast<__int128>(kBwdTargetTasks) * len_q * k_rows, den = total * H;
+      plan.chunks[b] = std::clamp<int64_t>(static_cast<int64_t>((num + den - 1) / den), 1, blk.nkb);
+    }
+    plan.extra_off[b] = plan.extra_size;
+    plan.extra_size += (plan.chunks[b] - 1) * H * len_q * D;
+    const SeqBand band = call.band.of(len_q, seqs.k_len(b));
+    const int64_t kend_max = len_q > 0 ? band.kend(len_q - 1) : 0;
+    for (int64_t ch = 0; ch < plan.chunks[b]; ++ch) {
+      const Span kv = key_chunk(k_rows, blk, ch, plan.chunks[b]);
+      int64_t c = len_q + kv.size();  // zeroing its dQ, dK, dV rows
+      for (int64_t j0 = kv.lo; j0 < std::min(kv.hi, kend_max); j0 += blk.bk) {
+        const int64_t n = std::min({blk.bk, kv.hi - j0, kend_max - j0});
+        c += band.rows_of_keys(j0, j0 + n).size() * n;
+      }
+      units.push_back({b, ch});
+      cost.push_back(c);
+    }
+  }
+  plan.units = costliest_first(units, cost);
+  return plan;
+}
+
 template <typename T, typename OutT>
-void attention_bwd(const AttentionShape& s, double scale_d, const Band& band, const Variants& var, View<OutT> q,
-                   View<OutT> k, View<OutT> v, View<OutT> o, View<OutT> go, const float* lse, const float* glse,
-                   OutT* gq, OutT* gk, OutT* gv, float* grad_sinks) {
+void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<const OutT> k, RowView<const OutT> v,
+                   RowView<const OutT> o, RowView<const OutT> go, RowView<const float> lse,
+                   const RowView<const float>* glse, RowView<OutT> gq, RowView<OutT> gk, RowView<OutT> gv,
+                   float* grad_sinks) {
   using Dom = SoftmaxDomain<T>;
   constexpr bool widen = !std::is_same_v<T, OutT>;
-  const int64_t B = s.batch, H = s.heads, Hkv = s.kv_heads, G = H / Hkv, Sq = s.seqlen_q, Sk = s.seqlen_k,
-                D = s.head_dim;
-  const T c = score_mult<T>(var, scale_d);
-  const T scale = static_cast<T>(scale_d);
+  const Sequences& seqs = call.seqs;
+  const Variants& var = call.var;
+  const int64_t H = call.heads, Hkv = call.kv_heads, G = H / Hkv, D = call.head_dim;
+  const int64_t Rq = seqs.q_rows_total(), Rk = seqs.k_rows_total();
+  const T c = score_mult<T>(var, call.scale);
+  const T scale = static_cast<T>(call.scale);
   const T keep_scale = static_cast<T>(var.keep_scale);
-  const int64_t bq = std::max<int64_t>(1, std::min(kBwdBlockQ, Sq));
-  const int64_t bk = std::max<int64_t>(1, std::min(kBwdBlockK, Sk));
-  const int64_t nkb = (Sk + bk - 1) / bk;
-  const int64_t chunks = std::max<int64_t>(1, std::min(nkb, (kBwdTargetTasks + B * H - 1) / std::max<int64_t>(1, B * H)));
+  const BwdPlan plan = backward_plan(call);
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  // Our own [H][rows][D] buffers, addressed by flat row like the tensors.
+  auto own_rows = [&](at::Tensor& buf, int64_t rows) {
+    buf = at::empty({H * rows * D}, opts);
+    return RowView<T>{buf.data_ptr<T>(), RowLayout::packed(rows * D, D)};
+  };
 
   // Q and dO in the compute type, read by every key block: widened once (16-bit
   // inputs) in the same pass that computes Delta, else read in place.
   at::Tensor q_wide, go_wide;
+  RowView<T> qw{}, gow{};
   if constexpr (widen) {
-    q_wide = at::empty({B * H * Sq * D}, opts);
-    go_wide = at::empty({B * H * Sq * D}, opts);
+    qw = own_rows(q_wide, Rq);
+    gow = own_rows(go_wide, Rq);
   }
-  // Delta_i = rowsum(dO_i * O_i) - grad_lse_i, and lse in the softmax domain.
-  std::vector<T> delta(B * H * Sq), lse_dom(B * H * Sq);
-  at::parallel_for(0, B * H * Sq, 256, [&](int64_t begin, int64_t end) {
+  // Delta = rowsum(dO * O) - grad_lse, and lse in the softmax domain, per (head, row).
+  std::vector<T> delta_buf(H * Rq), lse_dom_buf(H * Rq);
+  const RowValues<T> delta{delta_buf.data(), Rq}, lse_dom{lse_dom_buf.data(), Rq};
+  at::parallel_for(0, H * Rq, 256, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row % Sq, bh = row / Sq, h = bh % H, b = bh / H;
-      const OutT* a = go.row(b, h, i);
-      const OutT* x = o.row(b, h, i);
+      const int64_t h = row / Rq, g = row % Rq;
+      const OutT* a = go.at(g, h);
+      const OutT* x = o.at(g, h);
       // In double even for float: Delta is subtracted from dP ~ |dO||V| to leave a
       // small dS, so its rounding error would be amplified into dQ and dK.
       double acc = 0;
       for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(a[d]) * static_cast<double>(x[d]);
-      delta[row] = static_cast<T>(acc - (glse ? static_cast<double>(glse[row]) : 0.0));
-      lse_dom[row] = Dom::from_lse(lse[row]);
+      *delta.of(h, g) = static_cast<T>(acc - (glse ? static_cast<double>(*glse->at(g, h)) : 0.0));
+      *lse_dom.of(h, g) = Dom::from_lse(*lse.at(g, h));
       if constexpr (widen) {
-        const OutT* qr = q.row(b, h, i);
-        T* qd = q_wide.data_ptr<T>() + row * D;
-        T* gd = go_wide.data_ptr<T>() + row * D;
+        const OutT* qr = q.at(g, h);
+        T* qd = qw.at(g, h);
+        T* gd = gow.at(g, h);
         for (int64_t d = 0; d < D; ++d) {
           qd[d] = static_cast<T>(qr[d]);
           gd[d] = static_cast<T>(a[d]);
@@ -407,76 +535,80 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Band& band, co
       }
     }
   });
-  View<T> qv, gov;
+  RowView<const T> qv, gov;
   if constexpr (widen) {
-    qv = View<T>{q_wide.data_ptr<T>(), H * Sq * D, Sq * D, D};
-    gov = View<T>{go_wide.data_ptr<T>(), H * Sq * D, Sq * D, D};
+    qv = RowView<const T>{qw.p, qw.layout};
+    gov = RowView<const T>{gow.p, gow.layout};
   } else {
     qv = q;
     gov = go;
   }
-  if constexpr (std::is_same_v<T, double>) refine_lse<T>(s, scale_d, band, var, qv, k, lse_dom.data());
-  if (var.sinks) sink_grad<T>(s, var, lse_dom.data(), delta.data(), grad_sinks);
+  if constexpr (std::is_same_v<T, double>) refine_lse<T>(call, qv, k, lse_dom);
+  if (var.sinks) sink_grad<T>(call, lse_dom, delta, grad_sinks);
 
   // Accumulators: straight into the outputs when no reduction or cast is needed.
-  at::Tensor dq_buf, dk_buf, dv_buf;
-  T* dq_acc = nullptr;
-  T* dk_acc = nullptr;
-  T* dv_acc = nullptr;
-  if (!widen && chunks == 1) {
-    dq_acc = reinterpret_cast<T*>(gq);
-  } else {
-    dq_buf = at::empty({chunks, B * H * Sq * D}, opts);
-    dq_acc = dq_buf.data_ptr<T>();
+  // dQ of chunk 0 goes to dq_main (the output itself unless widening), the other
+  // chunks' to their partials; dK, dV per query head unless G == 1 and no widening.
+  at::Tensor dq_buf, dq_extra_buf, dk_buf, dv_buf;
+  RowView<T> dq_main = widen ? own_rows(dq_buf, Rq) : RowView<T>{reinterpret_cast<T*>(gq.p), gq.layout};
+  T* dq_extra = nullptr;
+  if (plan.extra_size > 0) {
+    dq_extra_buf = at::empty({plan.extra_size}, opts);
+    dq_extra = dq_extra_buf.data_ptr<T>();
   }
-  if (!widen && G == 1) {
-    dk_acc = reinterpret_cast<T*>(gk);
-    dv_acc = reinterpret_cast<T*>(gv);
-  } else {
-    dk_buf = at::empty({B * H * Sk * D}, opts);
-    dv_buf = at::empty({B * H * Sk * D}, opts);
-    dk_acc = dk_buf.data_ptr<T>();
-    dv_acc = dv_buf.data_ptr<T>();
-  }
+  const bool kv_direct = !widen && G == 1;
+  RowView<T> dk_acc = kv_direct ? RowView<T>{reinterpret_cast<T*>(gk.p), gk.layout} : own_rows(dk_buf, Rk);
+  RowView<T> dv_acc = kv_direct ? RowView<T>{reinterpret_cast<T*>(gv.p), gv.layout} : own_rows(dv_buf, Rk);
 
-  at::parallel_for(0, B * H * chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> pbuf(bq * bk), dsbuf(bq * bk), tbuf(var.softcap > 0 ? bq * bk : 0);
-    Scratch<T> kbuf(widen ? bk * D : 0), vbuf(widen ? bk * D : 0);
-    Scratch<uint8_t> keep(var.dropout ? bk + 8 : 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t ch = zigzag(task % chunks, chunks), bh = task / chunks, h = bh % H, b = bh / H, hk = h / G;
-      const int64_t kv0 = std::min(Sk, ch * nkb / chunks * bk), kv1 = std::min(Sk, (ch + 1) * nkb / chunks * bk);
-      const int64_t len = band.len(b), off = band.offset(len);
-      const T* Lrow = lse_dom.data() + bh * Sq;
-      const T* Drow = delta.data() + bh * Sq;
-      const float* lse_row = lse + bh * Sq;
-      T* dQ = dq_acc + (ch * B * H + bh) * Sq * D;
-      T* dK = dk_acc + bh * Sk * D;
-      T* dV = dv_acc + bh * Sk * D;
-      fill_zero(dQ, Sq * D);
-      fill_zero(dK + kv0 * D, (kv1 - kv0) * D);
-      fill_zero(dV + kv0 * D, (kv1 - kv0) * D);
-      if (Sq == 0) continue;
-      const int64_t kend_max = band.kend(Sq - 1, len, off);
-      for (int64_t j0 = kv0; j0 < std::min(kv1, kend_max); j0 += bk) {
-        const int64_t n = std::min({bk, kv1 - j0, kend_max - j0});
-        const Span rows = band.rows_of_keys(j0, j0 + n, off);  // skip the key block when no row sees it
+  const int64_t tasks = static_cast<int64_t>(plan.units.size()) * H;
+  const auto [bq_max, bk_max, nkb_unused] = bwd_blocks(seqs.max_q_len(), seqs.max_k_rows());
+  TaskQueue queue(tasks);
+  at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
+    Scratch<T> pbuf(bq_max * bk_max), dsbuf(bq_max * bk_max), tbuf(var.softcap > 0 ? bq_max * bk_max : 0);
+    Scratch<T> kbuf(widen ? bk_max * D : 0), vbuf(widen ? bk_max * D : 0);
+    Scratch<uint8_t> keep(var.dropout ? bk_max + 8 : 0);
+    for (int64_t task; queue.next(task);) {
+      const KeyChunk unit = plan.units[task / H];
+      const int64_t h = task % H, b = unit.seq, ch = unit.chunk, hk = h / G, bh = b * H + h;
+      const int64_t len_q = seqs.q_len(b), k_rows = seqs.k_rows(b), q0 = seqs.q_start(b), k0 = seqs.k_start(b);
+      const BwdBlocks blk = bwd_blocks(len_q, k_rows);
+      const int64_t bq = blk.bq, bk = blk.bk;
+      const Span kv = key_chunk(k_rows, blk, ch, plan.chunks[b]);
+      const SeqBand band = call.band.of(len_q, seqs.k_len(b));
+      const T* Lrow = lse_dom.of(h, q0);
+      const T* Drow = delta.of(h, q0);
+      const float* lse_row = lse.at(q0, h);
+      const int64_t lse_ld = lse.ld();
+      T* dQ = ch == 0 ? dq_main.at(q0, h) : dq_extra + plan.extra_off[b] + ((ch - 1) * H + h) * len_q * D;
+      const int64_t ldq_acc = ch == 0 ? dq_main.ld() : D;
+      T* dK = dk_acc.at(k0, h);
+      T* dV = dv_acc.at(k0, h);
+      const int64_t ldk_acc = dk_acc.ld(), ldv_acc = dv_acc.ld();
+      fill_zero_rows(dQ, len_q, D, ldq_acc);
+      fill_zero_rows(dK + kv.lo * ldk_acc, kv.size(), D, ldk_acc);
+      fill_zero_rows(dV + kv.lo * ldv_acc, kv.size(), D, ldv_acc);
+      if (len_q == 0) continue;
+      const int64_t kend_max = band.kend(len_q - 1);
+      for (int64_t j0 = kv.lo; j0 < std::min(kv.hi, kend_max); j0 += bk) {
+        const int64_t n = std::min({bk, kv.hi - j0, kend_max - j0});
+        const Span rows = band.rows_of_keys(j0, j0 + n);  // skip the key block when no row sees it
         if (rows.size() == 0) continue;
         int64_t ldk, ldv;
-        const T* K = tile_rows<T>(k, b, hk, j0, n, D, kbuf.data(), ldk);
-        const T* V = tile_rows<T>(v, b, hk, j0, n, D, vbuf.data(), ldv);
+        const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
+        const T* V = tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv);
         for (int64_t i0 = rows.lo; i0 < rows.hi; i0 += bq) {
           const int64_t m = std::min(bq, rows.hi - i0);
-          const T* Q = qv.row(b, h, i0);
-          const T* dO = gov.row(b, h, i0);
+          const T* Q = qv.at(q0 + i0, h);
+          const T* dO = gov.at(q0 + i0, h);
+          const int64_t ldq = qv.ld(), ldo = gov.ld();
           T* P = pbuf.data();
           T* dS = dsbuf.data();
-          gemm_rm<T>(false, true, m, n, D, T(1), Q, qv.ss, K, ldk, T(0), P, bk);
-          gemm_rm<T>(false, true, m, n, D, T(1), dO, gov.ss, V, ldv, T(0), dS, bk);
+          gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), P, bk);
+          gemm_rm<T>(false, true, m, n, D, T(1), dO, ldo, V, ldv, T(0), dS, bk);
           // Keys [j0 + lo, j0 + hi) of the tile are the ones row i0 + r sees.
           auto visible = [&](int64_t r) {
             // lse = -inf: a row that sees no key (or a float64 lse below float32's range).
-            return std::isinf(lse_row[i0 + r]) ? Span{0, 0} : band.visible(i0 + r, len, off, j0, n);
+            return std::isinf(lse_row[(i0 + r) * lse_ld]) ? Span{0, 0} : band.visible(i0 + r, j0, n);
           };
           bool hidden_pairs = false;
           for (int64_t r = 0; r < m; ++r) {
@@ -490,7 +622,7 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Band& band, co
               T* p = prow + vis.lo;
               T* ds = dsrow + vis.lo;
               T* t = var.softcap > 0 ? tbuf.data() + r * bk + vis.lo : nullptr;
-              if (t) softcap_scores<T>(var, scale_d, p, nv, t);
+              if (t) softcap_scores<T>(var, call.scale, p, nv, t);
               Dom::exp_rows(p, nv, c, Lrow[i]);
               // With dropout Z = keep / (1 - p): dP <- dP * Z, dS = P (dP - Delta), then P <- P * Z for dV.
               const uint8_t* kp = var.dropout ? keep_of(var, bh, i, j0 + vis.lo, nv, keep.data()) : nullptr;
@@ -509,22 +641,22 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Band& band, co
           }
           // dV += P^T dO;  dK += scale dS^T Q;  dQ += scale dS K. Hidden pairs have
           // P = dS = 0 and multiply dO and Q rows and K rows (see all_finite).
-          if (!hidden_pairs || (all_finite(Q, m, D, qv.ss) && all_finite(dO, m, D, gov.ss) && all_finite(K, n, D, ldk))) {
-            gemm_rm<T>(true, false, n, D, m, T(1), P, bk, dO, gov.ss, T(1), dV + j0 * D, D);
-            gemm_rm<T>(true, false, n, D, m, scale, dS, bk, Q, qv.ss, T(1), dK + j0 * D, D);
-            gemm_rm<T>(false, false, m, D, n, scale, dS, bk, K, ldk, T(1), dQ + i0 * D, D);
+          if (!hidden_pairs || (all_finite(Q, m, D, ldq) && all_finite(dO, m, D, ldo) && all_finite(K, n, D, ldk))) {
+            gemm_rm<T>(true, false, n, D, m, T(1), P, bk, dO, ldo, T(1), dV + j0 * ldv_acc, ldv_acc);
+            gemm_rm<T>(true, false, n, D, m, scale, dS, bk, Q, ldq, T(1), dK + j0 * ldk_acc, ldk_acc);
+            gemm_rm<T>(false, false, m, D, n, scale, dS, bk, K, ldk, T(1), dQ + i0 * ldq_acc, ldq_acc);
           } else {
             for (int64_t r = 0; r < m; ++r) {
               const Span vis = visible(r);
               const int64_t nv = vis.size();
               if (nv == 0) continue;
               const int64_t lo = vis.lo;
-              gemm_rm<T>(true, false, nv, D, 1, T(1), P + r * bk + lo, bk, dO + r * gov.ss, gov.ss, T(1),
-                         dV + (j0 + lo) * D, D);
-              gemm_rm<T>(true, false, nv, D, 1, scale, dS + r * bk + lo, bk, Q + r * qv.ss, qv.ss, T(1),
-                         dK + (j0 + lo) * D, D);
+              gemm_rm<T>(true, false, nv, D, 1, T(1), P + r * bk + lo, bk, dO + r * ldo, ldo, T(1),
+                         dV + (j0 + lo) * ldv_acc, ldv_acc);
+              gemm_rm<T>(true, false, nv, D, 1, scale, dS + r * bk + lo, bk, Q + r * ldq, ldq, T(1),
+                         dK + (j0 + lo) * ldk_acc, ldk_acc);
               gemm_rm<T>(false, false, 1, D, nv, scale, dS + r * bk + lo, bk, K + lo * ldk, ldk, T(1),
-                         dQ + (i0 + r) * D, D);
+                         dQ + (i0 + r) * ldq_acc, ldq_acc);
             }
           }
         }
@@ -532,160 +664,92 @@ void attention_bwd(const AttentionShape& s, double scale_d, const Band& band, co
     }
   });
 
-
-  // Fixed-order reductions (and the cast to the output dtype).
-  if (dq_buf.defined()) {
-    const int64_t total = B * H * Sq * D;
-    at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        T acc = dq_acc[i];
-        for (int64_t ch = 1; ch < chunks; ++ch) acc += dq_acc[ch * total + i];
-        gq[i] = static_cast<OutT>(acc);
-      }
-    });
-  }
-  if (dk_buf.defined()) {
-    const int64_t row = Sk * D;  // one head's [Sk, D]
-    at::parallel_for(0, B * Hkv * row, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t bhk = i / row, e = i % row;
-        const int64_t first = (bhk * G) * row + e;  // query head bhk*G in [B*H] order (b*H + hk*G)
-        T ak = 0, av = 0;
-        for (int64_t g = 0; g < G; ++g) {
-          ak += dk_acc[first + g * row];
-          av += dv_acc[first + g * row];
+  // Fixed-order reductions (and the cast to the output dtype): dQ = chunk 0 + chunk 1 + ...
+  if (widen || plan.extra_size > 0) {
+    at::parallel_for(0, H * Rq, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t h = row / Rq, g = row % Rq, b = seqs.seq_of_q_row(g);
+        const int64_t len_q = seqs.q_len(b), i = g - seqs.q_start(b);
+        const int64_t chunks = plan.chunks[b];
+        const T* main = dq_main.at(g, h);
+        const T* extra = chunks > 1 ? dq_extra + plan.extra_off[b] + h * len_q * D + i * D : nullptr;
+        const int64_t extra_step = H * len_q * D;  // from one chunk's partial to the next
+        OutT* dst = gq.at(g, h);
+        for (int64_t d = 0; d < D; ++d) {
+          T acc = main[d];
+          for (int64_t ch = 1; ch < chunks; ++ch) acc += extra[(ch - 1) * extra_step + d];
+          dst[d] = static_cast<OutT>(acc);
         }
-        gk[i] = static_cast<OutT>(ak);
-        gv[i] = static_cast<OutT>(av);
+      }
+    });
+  }
+  if (!kv_direct) {  // dK, dV of kv head hk = the sum over its query heads hk * G .. hk * G + G - 1
+    at::parallel_for(0, Hkv * Rk, 64, [&](int64_t begin, int64_t end) {
+      std::vector<T> ak(D), av(D);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t hk = row / Rk, g = row % Rk;
+        std::fill(ak.begin(), ak.end(), T(0));
+        std::fill(av.begin(), av.end(), T(0));
+        for (int64_t j = 0; j < G; ++j) {  // 0 + head 0 + head 1 + ..., per element
+          const T* a = dk_acc.at(g, hk * G + j);
+          const T* x = dv_acc.at(g, hk * G + j);
+          for (int64_t d = 0; d < D; ++d) {
+            ak[d] += a[d];
+            av[d] += x[d];
+          }
+        }
+        OutT* dk = gk.at(g, hk);
+        OutT* dv = gv.at(g, hk);
+        for (int64_t d = 0; d < D; ++d) {
+          dk[d] = static_cast<OutT>(ak[d]);
+          dv[d] = static_cast<OutT>(av[d]);
+        }
       }
     });
   }
 }
 
-// ------------------------------------------------------------------------ dispatch
-
-// Row stride >= D lets BLAS read rows in place; anything else (a broadcast or
-// overlapping sequence dim) is copied once.
-at::Tensor readable(const at::Tensor& t) {
-  const int64_t D = t.size(3);
-  const bool ok = t.size(2) <= 1 || t.stride(2) >= std::max<int64_t>(D, 1);
-  return ok && (D <= 1 || t.stride(3) == 1) ? t : t.contiguous();
-}
-
-template <typename In>
-View<In> view_of(const at::Tensor& t) {
-  const int64_t D = t.size(3);
-  // Size-1 dims may carry any stride; give them the contiguous one (BLAS checks ld >= D).
-  const int64_t ss = t.size(2) > 1 ? t.stride(2) : D;
-  return View<In>{t.data_ptr<In>(), t.stride(0), t.stride(1), std::max<int64_t>(ss, std::max<int64_t>(D, 1))};
-}
-
-// The softmax scale in double. AttentionShape.scale holds it as float, which is
-// enough for float/bf16/half but would cost float64 results their precision;
-// resolved exactly as check_attention_args does.
-double resolve_scale(const AttentionShape& s, c10::optional<double> scale) {
-  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
-}
-
-Band make_band(const AttentionShape& s, const c10::optional<at::Tensor>& seqlens_k, at::Tensor& lens_holder) {
-  const int64_t* lens = nullptr;
-  if (s.has_seqlens_k) {
-    lens_holder = seqlens_k->to(at::kLong).contiguous();
-    lens = lens_holder.data_ptr<int64_t>();
-  }
-  return Band::make(s.seqlen_q, s.seqlen_k, s.causal, s.bottom_right, s.window_left, s.window_right, lens);
-}
-
-Variants make_variants(double softcap, const c10::optional<at::Tensor>& sinks, double dropout_p,
-                       const c10::optional<at::Tensor>& rng_state) {
-  Variants var;
-  var.softcap = softcap;
-  if (sinks.has_value() && sinks->defined()) var.sinks = sinks->data_ptr<float>();
-  if (dropout_p > 0) {
-    const int64_t* state = rng_state->data_ptr<int64_t>();
-    var.dropout = true;
-    var.rng = dropout::DropoutRng::make(static_cast<uint64_t>(state[0]), static_cast<uint64_t>(state[1]),
-                                        static_cast<float>(dropout_p));
-    var.keep_scale = 1.0 / (1.0 - dropout_p);
-  }
-  return var;
-}
-
-std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool is_causal, c10::string_view causal_alignment,
-    c10::optional<double> scale, const c10::optional<at::Tensor>& seqlens_k, bool /*deterministic*/,
-    int64_t window_left, int64_t window_right, double softcap, const c10::optional<at::Tensor>& sinks,
-    double dropout_p, const c10::optional<at::Tensor>& rng_state) {
-  const AttentionShape s = check_attention_args(q, k, v, is_causal, causal_alignment, scale, seqlens_k, window_left,
-                                                window_right, softcap, sinks, dropout_p, rng_state);
-  at::Tensor out = empty_output({s.batch, s.heads, s.seqlen_q, s.head_dim}, q.options());
-  at::Tensor lse = empty_output({s.batch, s.heads, s.seqlen_q}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
-  at::Tensor lens_holder;
-  const Band band = make_band(s, seqlens_k, lens_holder);
-  const Variants var = make_variants(softcap, sinks, dropout_p, rng_state);
-  const at::Tensor qr = readable(q), kr = readable(k), vr = readable(v);
-  float* lse_p = lse.data_ptr<float>();
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attention_fwd_cpu", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attention_fwd<T, scalar_t>(s, resolve_scale(s, scale), band, var, view_of<scalar_t>(qr), view_of<scalar_t>(kr),
-                               view_of<scalar_t>(vr), out.data_ptr<scalar_t>(), lse_p);
-  });
-  return {out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cpu(
-    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, bool is_causal,
-    c10::string_view causal_alignment, c10::optional<double> scale, const c10::optional<at::Tensor>& seqlens_k,
-    bool /*deterministic: the CPU backward always is*/, int64_t window_left, int64_t window_right, double softcap,
-    const c10::optional<at::Tensor>& sinks, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
-  const AttentionShape s = check_attention_args(q, k, v, is_causal, causal_alignment, scale, seqlens_k, window_left,
-                                                window_right, softcap, sinks, dropout_p, rng_state);
-  check_attention_grad_args(s, q, grad_out, grad_lse, out, lse);
-  at::Tensor gq = empty_output_like(q);
-  at::Tensor gk = empty_output_like(k);
-  at::Tensor gv = empty_output_like(v);
-  at::Tensor gsinks = s.has_sinks ? empty_output({s.heads}, q.options().dtype(at::kFloat))
-                                  : at::empty({0}, q.options().dtype(at::kFloat));
-  if (gq.numel() == 0 || s.seqlen_k == 0) {  // no query or no key: nothing flows through q, k, v
-    gq.zero_();
-    gk.zero_();
-    gv.zero_();
-    // Without keys every row's lse is its sink: d sink = sum of grad_lse over the rows.
-    if (s.has_sinks) {
-      const bool flows = s.seqlen_k == 0 && grad_lse.has_value() && grad_lse->defined() && gq.numel() > 0;
-      if (flows) gsinks.copy_(grad_lse->sum({0, 2}));
-      else gsinks.zero_();
-    }
-    return {gq, gk, gv, gsinks};
-  }
-  at::Tensor lens_holder;
-  const Band band = make_band(s, seqlens_k, lens_holder);
-  const Variants var = make_variants(softcap, sinks, dropout_p, rng_state);
-  const at::Tensor qr = readable(q), kr = readable(k), vr = readable(v), outr = readable(out),
-                   gor = readable(grad_out);
-  const at::Tensor lse_c = lse.contiguous();
-  at::Tensor glse_c;
-  if (grad_lse.has_value() && grad_lse->defined()) glse_c = grad_lse->contiguous();
-  const float* glse_p = glse_c.defined() ? glse_c.data_ptr<float>() : nullptr;
-  float* gsinks_p = s.has_sinks ? gsinks.data_ptr<float>() : nullptr;
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attention_bwd_cpu", [&] {
-    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    attention_bwd<T, scalar_t>(s, resolve_scale(s, scale), band, var, view_of<scalar_t>(qr), view_of<scalar_t>(kr),
-                               view_of<scalar_t>(vr), view_of<scalar_t>(outr), view_of<scalar_t>(gor),
-                               lse_c.data_ptr<float>(), glse_p, gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
-                               gv.data_ptr<scalar_t>(), gsinks_p);
-  });
-  return {gq, gk, gv, gsinks};
-}
+// The compute type: double for double, float for float, bf16 and half.
+template <typename scalar_t>
+using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 }  // namespace
-}  // namespace tfkernels::cpu
 
-TORCH_LIBRARY_IMPL(tfkernels, CPU, m) {
-  m.impl("flash_attention_fwd", &tfkernels::cpu::flash_attention_fwd_cpu);
-  m.impl("flash_attention_bwd", &tfkernels::cpu::flash_attention_bwd_cpu);
+void flash_forward(const AttentionCall& call, const Rows& q, const Rows& k, const Rows& v, const Rows& out,
+                   const Rows& lse) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.t.scalar_type(), "flash_attention_fwd_cpu", [&] {
+    attention_fwd<compute_t<scalar_t>, scalar_t>(call, view<const scalar_t>(q), view<const scalar_t>(k),
+                                                 view<const scalar_t>(v), view<scalar_t>(out), view<float>(lse));
+  });
 }
+
+void flash_backward(const AttentionCall& call, const Rows& q, const Rows& k, const Rows& v, const Rows& out,
+                    const Rows& grad_out, const Rows& lse, const Rows* grad_lse, const Rows& grad_q,
+                    const Rows& grad_k, const Rows& grad_v, float* grad_sinks) {
+  const Sequences& seqs = call.seqs;
+  if (seqs.q_rows_total() == 0 || seqs.k_rows_total() == 0 || call.heads == 0) {
+    // No query or no key: nothing flows through q, k, v. Without keys every row's
+    // lse is its sink: d sink = the sum of grad_lse over the rows.
+    for (const Rows* g : {&grad_q, &grad_k, &grad_v}) g->t.zero_();
+    if (grad_sinks) {
+      for (int64_t h = 0; h < call.heads; ++h) {
+        double acc = 0;
+        if (grad_lse) {
+          const RowView<const float> gl = view<const float>(*grad_lse);
+          for (int64_t g = 0; g < seqs.q_rows_total(); ++g) acc += *gl.at(g, h);
+        }
+        grad_sinks[h] = static_cast<float>(acc);
+      }
+    }
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.t.scalar_type(), "flash_attention_bwd_cpu", [&] {
+    const RowView<const float> glse = grad_lse ? view<const float>(*grad_lse) : RowView<const float>{};
+    attention_bwd<compute_t<scalar_t>, scalar_t>(
+        call, view<const scalar_t>(q), view<const scalar_t>(k), view<const scalar_t>(v), view<const scalar_t>(out),
+        view<const scalar_t>(grad_out), view<const float>(lse), grad_lse ? &glse : nullptr, view<scalar_t>(grad_q),
+        view<scalar_t>(grad_k), view<scalar_t>(grad_v), grad_sinks);
+  });
+}
+
+}  // namespace tfkernels::cpu
