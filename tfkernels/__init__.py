@@ -1,7 +1,7 @@
 """tfkernels: fused transformer kernels for PyTorch.
 
-Functional ops (tfkernels.flash_attention, merge_attention, fused_qkv, bias_gelu,
-linear_gelu, fused_mlp), modules in tfkernels.nn, pure-PyTorch references of every op
+Functional ops (tfkernels.flash_attention, flash_attention_with_kvcache, merge_attention,
+fused_qkv, bias_gelu, linear_gelu, fused_mlp), modules in tfkernels.nn, pure-PyTorch references of every op
 in tfkernels.reference, and the SDPA backend (tfkernels.sdpa_backend): importing
 registers "tfkernels" with torch.nn.attention's flash-attention registry, activating
 nothing; use_as_sdpa_backend() or activate_flash_attention_impl("tfkernels") turns it on.
@@ -18,12 +18,13 @@ except ImportError as err:  # pragma: no cover - depends on the install
     ) from err
 
 from . import nn, reference, sdpa_backend  # noqa: E402
-from .ops import bias_gelu, flash_attention, fused_mlp, fused_qkv, linear_gelu, merge_attention  # noqa: E402
+from .ops import (bias_gelu, flash_attention, flash_attention_with_kvcache, fused_mlp, fused_qkv,  # noqa: E402
+                  linear_gelu, merge_attention)
 from .sdpa_backend import use_as_sdpa_backend  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp", "build_info",
-           "use_as_sdpa_backend", "nn", "reference"]
+__all__ = ["flash_attention", "flash_attention_with_kvcache", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu",
+           "fused_mlp", "build_info", "use_as_sdpa_backend", "nn", "reference"]
 
 
 def build_info():
