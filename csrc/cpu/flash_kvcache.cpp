@@ -10,7 +10,9 @@
 //    A task loads the query rows of all G query heads of its kv head (rotated, in the
 //    compute type), walks its key range in tiles (S = Q K^T, online softmax, acc +=
 //    P V, as csrc/cpu/flash_attention.cpp's forward), and writes either the final
-//    rows or an unnormalised partial (acc, running max, running sum).
+//    rows or an unnormalised partial (acc, running max, running sum). Up to
+//    kRowLoopMaxRows rows (decode) the products are the row loops of kvcache_rows.h,
+//    which read each cache row once for all rows; more rows go through BLAS GEMMs.
 // 3. Merge: the partials of a split item are combined in split order (the sink, if
 //    any, joins split 0), which makes the result independent of the threads.
 //
@@ -35,6 +37,7 @@
 #include "cpu/flash_attention_softmax.h"
 #include "cpu/kvcache_layout.h"
 #include "cpu/kvcache_plan.h"
+#include "cpu/kvcache_rows.h"
 #include "cpu/tile_utils.h"
 
 namespace tfkernels::cpu {
@@ -148,8 +151,10 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
     constexpr bool widen = !std::is_same_v<T, In>;
     Scratch<T> qbuf(max_rows * D), sbuf(max_rows * kKeyTile), own_acc(max_rows * D), own_m(max_rows),
         own_l(max_rows);
-    const bool gather = widen || s.paged;
+    const bool gather = (widen || s.paged) && max_rows > kvcache::kRowLoopMaxRows;
     Scratch<T> kbuf(gather ? kKeyTile * D : 0), vbuf(gather ? kKeyTile * D : 0);
+    Scratch<const In*> kptr(kKeyTile), vptr(kKeyTile);
+    Scratch<int64_t> vis_lo(max_rows), vis_hi(max_rows);
     for (int64_t ti = begin; ti < end; ++ti) {
       const kvcache::Task& task = plan.tasks[ti];
       const kvcache::Item& item = plan.items[task.item];
@@ -182,18 +187,30 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
       }
       std::fill(st.acc, st.acc + M * D, T(0));
 
+      // Few rows (decode): the row loops stream each cache row once for all of them; else GEMMs.
+      const bool row_loops = M <= kvcache::kRowLoopMaxRows;
       for (int64_t j0 = task.kv0; j0 < task.kv1;) {
         // Tiles end on multiples of kKeyTile, so a block of a multiple of that size holds whole tiles.
         const int64_t n = std::min(kKeyTile - j0 % kKeyTile, task.kv1 - j0);
-        int64_t ldk, ldv;
+        int64_t ldk = 0, ldv = 0;
         T* S = sbuf.data();
-        const T* K = cache_tile<T>(in.k_cache, b, hk, j0, n, D, kbuf.data(), ldk);
-        gemm_rm<T>(false, true, M, n, D, T(1), Q, D, K, ldk, T(0), S, kKeyTile);
+        if (row_loops) {
+          for (int64_t j = 0; j < n; ++j) {
+            kptr[j] = in.k_cache.row(b, j0 + j, hk);
+            vptr[j] = in.v_cache.row(b, j0 + j, hk);
+          }
+          kvcache::qk_rows(Q, M, D, kptr.data(), n, S, kKeyTile);
+        } else {
+          const T* K = cache_tile<T>(in.k_cache, b, hk, j0, n, D, kbuf.data(), ldk);
+          gemm_rm<T>(false, true, M, n, D, T(1), Q, D, K, ldk, T(0), S, kKeyTile);
+        }
         bool hidden_pairs = false;
         for (int64_t r = 0; r < M; ++r) {
           T* row = S + r * kKeyTile;
           const Span vis = band.visible(pos_of(r), len, off, j0, n);
           const int64_t nv = vis.size();
+          vis_lo[r] = vis.lo;
+          vis_hi[r] = std::max(vis.lo, vis.hi);
           hidden_pairs |= nv < n;
           if (nv > 0) {
             T* x = row + vis.lo;
@@ -213,6 +230,11 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
           } else {
             std::fill(row, row + n, T(0));
           }
+        }
+        if (row_loops) {
+          kvcache::pv_rows(S, kKeyTile, M, n, vptr.data(), D, vis_lo.data(), vis_hi.data(), st.acc);
+          j0 += n;
+          continue;
         }
         const T* V = cache_tile<T>(in.v_cache, b, hk, j0, n, D, vbuf.data(), ldv);
         if (!hidden_pairs || tile::all_finite(V, n, D, ldv)) {
