@@ -1,7 +1,8 @@
 """tfkernels: fused transformer kernels for PyTorch.
 
-Functional ops (tfkernels.flash_attention, flash_attention_varlen, merge_attention,
-fused_qkv, bias_gelu, linear_gelu, fused_mlp), modules in tfkernels.nn, pure-PyTorch references of every op
+Functional ops (tfkernels.flash_attention, flash_attention_varlen, flash_attention_with_kvcache,
+merge_attention, fused_qkv, bias_gelu, linear_gelu, fused_mlp), FlashAttention's entry points
+(tfkernels.flash_attn_interface), modules in tfkernels.nn, pure-PyTorch references of every op
 in tfkernels.reference, and the SDPA backend (tfkernels.sdpa_backend): importing
 registers "tfkernels" with torch.nn.attention's flash-attention registry, activating
 nothing; use_as_sdpa_backend() or activate_flash_attention_impl("tfkernels") turns it on.
@@ -18,13 +19,13 @@ except ImportError as err:  # pragma: no cover - depends on the install
     ) from err
 
 from . import nn, reference, sdpa_backend  # noqa: E402
-from .ops import (bias_gelu, flash_attention, flash_attention_varlen, fused_mlp, fused_qkv, linear_gelu,  # noqa: E402
-                  merge_attention)
+from .ops import (bias_gelu, flash_attention, flash_attention_varlen, flash_attention_with_kvcache,  # noqa: E402
+                  fused_mlp, fused_qkv, linear_gelu, merge_attention)
 from .sdpa_backend import use_as_sdpa_backend  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "flash_attention_varlen", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu",
-           "fused_mlp", "build_info", "use_as_sdpa_backend", "nn", "reference"]
+__all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_with_kvcache", "merge_attention", "fused_qkv",
+           "bias_gelu", "linear_gelu", "fused_mlp", "build_info", "use_as_sdpa_backend", "nn", "reference"]
 
 
 def build_info():

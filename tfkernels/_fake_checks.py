@@ -157,3 +157,53 @@ def check_varlen_grads(q, grad_out, grad_lse, out, lse):
         _check(grad_lse.dtype == torch.float32 and grad_lse.shape == lse.shape,
                f"grad_lse must be float32 of the shape of lse {list(lse.shape)}, got {grad_lse.dtype} "
                f"{list(grad_lse.shape)}")
+
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary_cos, rotary_sin, num_splits):
+    """The flash_attention_kvcache shapes (csrc/kvcache_args.cpp); values are the kernels' to check."""
+    check_floating(q, "q")
+    check_rank(q, "q", 4, "[B, Sq, H, D]")
+    batch, _, heads, head_dim = q.shape
+    _check(1 <= head_dim <= 256, f"head dim q.shape[3] must be in [1, 256], got {head_dim}")
+    paged = block_table is not None
+    layout = ("[num_blocks, block_size, Hkv, D] (paged: block_table is given)" if paged
+              else "[B, S_cache, Hkv, D] (dense: no block_table)")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_rank(t, name, 4, layout)
+        check_like(t, name, q, "q")
+    _check(tuple(v_cache.shape) == tuple(k_cache.shape),
+           f"v_cache must have the shape of k_cache {list(k_cache.shape)}, got {list(v_cache.shape)}")
+    check_dim(k_cache, "k_cache", 3, head_dim, "head dim, as q")
+    kv_heads = k_cache.shape[2]
+    _check(kv_heads >= 1 and heads % kv_heads == 0,
+           f"the number of query heads (q.shape[2] = {heads}) must be a multiple of the number of kv heads "
+           f"(k_cache.shape[2] = {kv_heads})")
+    if paged:
+        _check(block_table.dtype == torch.int32, f"block_table must have dtype int32, got {block_table.dtype}")
+        _check(block_table.dim() == 2 and block_table.shape[0] == batch,
+               f"block_table must be a 2-D tensor [B, max_blocks] with B = {batch} (q.shape[0]), got "
+               f"{_shape(block_table)}")
+    else:
+        check_dim(k_cache, "k_cache", 0, batch, "batch, as q")
+    _check((k is None) == (v is None), "the new k and v must be given together (both or neither)")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            check_rank(t, name, 4, "[B, Snew, Hkv, D]")
+            check_like(t, name, q, "q")
+            check_dim(t, name, 0, batch, "batch, as q")
+            check_dim(t, name, 2, kv_heads, "kv heads, as k_cache")
+            check_dim(t, name, 3, head_dim, "head dim, as q")
+        check_dim(v, "v", 1, k.shape[1], "Snew, as k")
+    _check(cache_seqlens.dtype == torch.int32, f"cache_seqlens must have dtype int32, got {cache_seqlens.dtype}")
+    _check(cache_seqlens.dim() == 1 and cache_seqlens.shape[0] == batch,
+           f"cache_seqlens must be a 1-D tensor [B] with B = {batch} (q.shape[0]), got {_shape(cache_seqlens)}")
+    _check((rotary_cos is None) == (rotary_sin is None), "rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        check_rank(rotary_cos, "rotary_cos", 2, "[seqlen_ro, rotary_dim / 2]")
+        check_like(rotary_cos, "rotary_cos", q, "q")
+        check_like(rotary_sin, "rotary_sin", q, "q")
+        _check(tuple(rotary_sin.shape) == tuple(rotary_cos.shape),
+               f"rotary_sin must have the shape of rotary_cos {list(rotary_cos.shape)}, got {list(rotary_sin.shape)}")
+        _check(2 * rotary_cos.shape[1] <= head_dim,
+               f"rotary_dim (2 * rotary_cos.shape[1]) must be even and <= the head dim {head_dim}, got "
+               f"{2 * rotary_cos.shape[1]}")
+    _check(num_splits >= 0, f"num_splits must be >= 0 (0 = chosen from the shape), got {num_splits}")

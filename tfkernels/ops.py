@@ -11,7 +11,8 @@ import torch
 from . import _C  # noqa: F401  (loading the library registers the ops)
 from . import _fake_checks
 
-__all__ = ["flash_attention", "flash_attention_varlen", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"]
+__all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_with_kvcache", "merge_attention",
+           "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"]
 
 _ops = torch.ops.tfkernels
 _ALIGNMENTS = ("top_left", "bottom_right")
@@ -94,12 +95,13 @@ def _check_dropout(dropout_p):
     return float(dropout_p)
 
 
-def _check_sinks(sinks, q):
+def _check_sinks(sinks, q, heads_dim=1):
     if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point():
         what = sinks.dtype if isinstance(sinks, torch.Tensor) else type(sinks).__name__
         raise ValueError(f"tfkernels: sinks must be a floating-point tensor [H], got {what}")
-    if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
-        raise ValueError(f"tfkernels: sinks must have shape [H] = [{q.shape[1]}] (q.shape[1]), got "
+    heads = q.shape[heads_dim]
+    if sinks.dim() != 1 or sinks.shape[0] != heads:
+        raise ValueError(f"tfkernels: sinks must have shape [H] = [{heads}] (q.shape[{heads_dim}]), got "
                          f"{list(sinks.shape)}")
     if sinks.device != q.device:
         raise ValueError(f"tfkernels: sinks must be on q's device ({q.device}), got {sinks.device}")
@@ -265,6 +267,62 @@ def _varlen_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("tfkernels::flash_attention_varlen_fwd", _varlen_backward,
                                 setup_context=_varlen_setup)
+
+# --------------------------------------------------------------------------- attention over a KV cache
+
+def flash_attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens, block_table=None,
+                                 rotary_cos=None, rotary_sin=None, rotary_interleaved=False, is_causal=False,
+                                 scale=None, window_size=(-1, -1), softcap=0.0, sinks=None, num_splits=0,
+                                 return_lse=False):
+    """Attention of q over a KV cache, appending the new keys first (FlashAttention's
+    flash_attn_with_kvcache). Inference only: no autograd.
+
+    q [B,Sq,H,D]. The cache is dense, k_cache/v_cache [B,S_cache,Hkv,D], or paged,
+    [num_blocks,block_size,Hkv,D] with block_table int32 [B,max_blocks] (row p of sequence b
+    lives in block block_table[b][p // block_size], slot p % block_size). cache_seqlens (an
+    int for every sequence, or an int32/int64 tensor [B]) counts the rows already cached.
+
+    k, v [B,Snew,Hkv,D] (both or neither) are written into k_cache/v_cache IN PLACE at rows
+    cache_seqlens[b] .. + Snew; with rotary_cos/rotary_sin [seqlen_ro, rotary_dim/2] the new k
+    is rotated first (interleaved: pairs 2i, 2i+1; else i, i + rotary_dim/2) and so is q, at
+    positions cache_seqlens[b] + i when is_causal or a window is set, else at cache_seqlens[b].
+    Sequence b then attends over its cache_seqlens[b] + Snew keys with the causal mask and the
+    window bottom-right aligned; scale, window_size, softcap and sinks ([H]) as in
+    flash_attention. num_splits > 0 computes that many key ranges apart and merges them by lse
+    (0 = chosen from the shape). Returns out [B,Sq,H,D] (and lse float32 [B,H,Sq]).
+    """
+    window_left, window_right = _check_window(window_size)
+    softcap = _check_softcap(softcap)
+    if isinstance(num_splits, bool) or not _is_int(num_splits) or num_splits < 0:
+        raise ValueError(f"tfkernels: num_splits must be an int >= 0 (0 = chosen from the shape), got {num_splits!r}")
+    if sinks is not None:
+        _check_sinks(sinks, q, heads_dim=2)
+        sinks = sinks.to(torch.float32).contiguous()
+    cache_seqlens = _as_cache_seqlens(cache_seqlens, q)
+    out, lse = _ops.flash_attention_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary_cos,
+                                            rotary_sin, bool(rotary_interleaved), bool(is_causal), scale, window_left,
+                                            window_right, softcap, sinks, int(num_splits))
+    return (out, lse) if return_lse else out
+
+
+def _as_cache_seqlens(cache_seqlens, q):
+    """An int (the same for every sequence) or an int32/int64 tensor [B], as int32 on q's device."""
+    if _is_int(cache_seqlens):
+        return torch.full((q.shape[0],), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype not in (torch.int32, torch.int64):
+        what = cache_seqlens.dtype if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens).__name__
+        raise ValueError(f"tfkernels: cache_seqlens must be an int or an int32/int64 tensor [B], got {what}")
+    return cache_seqlens.to(torch.int32)
+
+
+@torch.library.register_fake("tfkernels::flash_attention_kvcache")
+def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary_cos, rotary_sin, rotary_interleaved, is_causal,
+      scale, window_left, window_right, softcap, sinks, num_splits):
+    _fake_checks.check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, rotary_cos, rotary_sin,
+                               num_splits)
+    _check_variants_fake(q.transpose(1, 2), window_left, window_right, softcap, sinks, 0.0, None)
+    batch, seqlen_q, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):

@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["flash_attention", "attention_varlen", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp", "attention_mask"]
+__all__ = ["flash_attention", "attention_varlen", "attention_with_kvcache", "apply_rotary", "fused_qkv", "bias_gelu",
+           "linear_gelu", "fused_mlp", "attention_mask"]
 
 
 def attention_mask(seqlen_q, seqlen_k, *, batch=1, is_causal=False, causal_alignment="top_left",
@@ -180,6 +181,82 @@ def _attend(q, k, v, scale, visible=None, *, softcap=0.0, sink=None, keep=None):
     if keep is not None:
         probs = probs * keep.to(probs.dtype)
     return torch.matmul(probs.to(q.dtype), v), lse.squeeze(-1)
+
+
+def apply_rotary(x, cos, sin, positions, interleaved=False):
+    """Rotary embedding of x [..., S, H, D] at `positions` (integers of shape x.shape[:-2]).
+
+    cos, sin [seqlen_ro, rotary_dim / 2]; the first rotary_dim features of each head are
+    rotated, the rest pass unchanged. Interleaved (GPT-J) rotates the pairs (2i, 2i+1),
+    otherwise (GPT-NeoX) the pairs (i, i + rotary_dim / 2), both by angle i of the
+    position: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos). Computes in x's dtype.
+    """
+    half = cos.shape[-1]
+    if half == 0:
+        return x.clone()
+    c = cos.to(x.dtype)[positions].unsqueeze(-2)  # [..., S, 1, half]
+    s = sin.to(x.dtype)[positions].unsqueeze(-2)
+    rot, rest = x[..., :2 * half], x[..., 2 * half:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rotated = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return torch.cat([rotated, rest], dim=-1)
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, k=None, v=None, cache_seqlens, block_table=None, rotary_cos=None,
+                           rotary_sin=None, rotary_interleaved=False, is_causal=False, scale=None,
+                           window_size=(-1, -1), softcap=0.0, sinks=None):
+    """flash_attention_with_kvcache, written out: (out [B,Sq,H,D], lse [B,H,Sq], k_cache', v_cache').
+
+    Works on clones of the caches (returned updated; the inputs are left alone). For each
+    sequence b with c = cache_seqlens[b]: the new k (rotated at positions c .. c + Snew - 1)
+    and v go into rows c .. c + Snew - 1 (through block_table when paged), q is rotated at
+    positions c + i when is_causal or a window is set, else at c, and the rows 0 .. c + Snew - 1
+    are gathered and attended by flash_attention with bottom-right alignment.
+    """
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_new = 0 if k is None else k.shape[1]
+    lens = [int(c) for c in (torch.full((batch,), cache_seqlens) if isinstance(cache_seqlens, int)
+                             else cache_seqlens.tolist())]
+    per_row = is_causal or window_size[0] >= 0 or window_size[1] >= 0
+    block_size = k_cache.shape[1]
+
+    def cache_rows(b, rows):
+        """Where rows `rows` of sequence b live: (index of dim 0, index of dim 1)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if block_table is None:
+            return torch.full_like(rows, b), rows
+        return block_table[b].long()[rows // block_size], rows % block_size
+
+    outs, lses = [], []
+    for b in range(batch):
+        c = lens[b]
+        qb = q[b:b + 1]
+        if seqlen_new:
+            kb = k[b:b + 1]
+            if rotary_cos is not None:
+                kb = apply_rotary(kb, rotary_cos, rotary_sin, torch.arange(c, c + seqlen_new).view(1, -1),
+                                  rotary_interleaved)
+            at = cache_rows(b, range(c, c + seqlen_new))
+            k_cache[at] = kb[0].to(k_cache.dtype)
+            v_cache[at] = v[b].to(v_cache.dtype)
+        if rotary_cos is not None:
+            positions = torch.arange(c, c + seqlen_q) if per_row else torch.full((seqlen_q,), c)
+            qb = apply_rotary(qb, rotary_cos, rotary_sin, positions.view(1, -1), rotary_interleaved)
+        at = cache_rows(b, range(c + seqlen_new))
+        keys, values = k_cache[at].unsqueeze(0), v_cache[at].unsqueeze(0)  # [1, Sk, Hkv, D]
+        out, lse = flash_attention(qb.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                   is_causal=is_causal, causal_alignment="bottom_right", scale=scale,
+                                   window_size=window_size, softcap=softcap, sinks=sinks, return_lse=True)
+        outs.append(out.transpose(1, 2))
+        lses.append(lse)
+    out = torch.cat(outs) if outs else q.new_empty(q.shape)
+    lse = torch.cat(lses) if lses else q.new_empty((0, heads, seqlen_q), dtype=torch.float32)
+    return out, lse, k_cache, v_cache
 
 
 def fused_qkv(x, weight, bias=None, *, num_heads, num_kv_heads=None):

@@ -1,0 +1,153 @@
+// The decode loops of kvcache_rows.h. The bodies are inline templates; each public
+// overload is a TFK_MULTIVERSION function, so the compiler clones (and vectorises)
+// the inlined body once per ISA.
+#include "cpu/kvcache_rows.h"
+
+#include <cstring>
+
+#include "cpu/multiversion.h"
+
+namespace tfkernels::cpu::kvcache {
+namespace {
+
+constexpr int64_t kMaxD = 256;
+
+// One cache row in the compute type: in place when it already is, else widened into buf.
+inline const float* as_compute(const float* row, int64_t, float*) { return row; }
+inline const double* as_compute(const double* row, int64_t, double*) { return row; }
+__attribute__((always_inline)) inline const float* as_compute(const c10::BFloat16* row, int64_t D, float* buf) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    const uint32_t w = static_cast<uint32_t>(bits[d]) << 16;  // bf16 is the top half of a float
+    float f;
+    std::memcpy(&f, &w, sizeof f);
+    buf[d] = f;
+  }
+  return buf;
+}
+__attribute__((always_inline)) inline const float* as_compute(const c10::Half* row, int64_t D, float* buf) {
+  for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<float>(row[d]);
+  return buf;
+}
+
+// Rows of one kv head are Hkv * D elements apart in a [B, S, Hkv, D] cache (4 KiB for
+// Hkv = 8, D = 128 in fp32): every row is on its own page, where the hardware
+// prefetchers stop, so the loops ask for row j + kAhead themselves.
+// (Measured, one thread, B=1 Hkv=8 D=128 S=4096 fp32: 2.6 GB/s without, 6.0 GB/s with
+// kAhead = 16; the same bytes as one contiguous head ran at 8.4 GB/s.)
+constexpr int64_t kAhead = 16;
+
+template <typename In>
+__attribute__((always_inline)) inline void prefetch_row(const In* const* rows, int64_t j, int64_t n, int64_t D) {
+  if (j >= n) return;
+  const char* p = reinterpret_cast<const char*>(rows[j]);
+  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(In)); off += 64) __builtin_prefetch(p + off);
+}
+
+// A dot product's FMAs form one dependency chain: four query rows at a time make four
+// independent chains over the same key row (the loop is latency-bound otherwise).
+template <typename T, typename In>
+__attribute__((always_inline)) inline void qk_body(const T* Q, int64_t M, int64_t D, const In* const* K, int64_t n,
+                                                   T* S, int64_t lds) {
+  alignas(64) T buf[kMaxD];
+  for (int64_t j = 0; j < n; ++j) {
+    prefetch_row(K, j + kAhead, n, D);
+    const T* k = as_compute(K[j], D, buf);
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) {
+      const T *q0 = Q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+      T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t d = 0; d < D; ++d) {
+        s0 += q0[d] * k[d];
+        s1 += q1[d] * k[d];
+        s2 += q2[d] * k[d];
+        s3 += q3[d] * k[d];
+      }
+      S[r * lds + j] = s0;
+      S[(r + 1) * lds + j] = s1;
+      S[(r + 2) * lds + j] = s2;
+      S[(r + 3) * lds + j] = s3;
+    }
+    for (; r < M; ++r) {
+      const T* q = Q + r * D;
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+      S[r * lds + j] = dot;
+    }
+  }
+}
+
+// Four keys per pass over a row's accumulator: one load and store of acc per four FMAs
+// (the loop is bound by those loads and stores otherwise).
+template <typename T, typename In>
+__attribute__((always_inline)) inline void pv_body(const T* P, int64_t lds, int64_t M, int64_t n, const In* const* V,
+                                                   int64_t D, const int64_t* lo, const int64_t* hi, T* acc) {
+  alignas(64) T buf[4][kMaxD];
+  for (int64_t j = 0; j < n; j += 4) {
+    const int64_t nb = n - j < 4 ? n - j : 4;
+    const T* v[4];
+    for (int64_t t = 0; t < nb; ++t) {
+      prefetch_row(V, j + t + kAhead, n, D);
+      v[t] = as_compute(V[j + t], D, buf[t]);
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      const T* p = P + r * lds + j;
+      T* a = acc + r * D;
+      if (nb == 4 && lo[r] <= j && j + 4 <= hi[r]) {
+        const T p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+        const T *v0 = v[0], *v1 = v[1], *v2 = v[2], *v3 = v[3];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) a[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d];
+      } else {  // the edge of the row's band, or the tile's last keys
+        for (int64_t t = 0; t < nb; ++t) {
+          if (j + t < lo[r] || j + t >= hi[r]) continue;
+          const T pt = p[t];
+          const T* vt = v[t];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) a[d] += pt * vt[d];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const float* const* K, int64_t n, float* S,
+                              int64_t lds) {
+  qk_body(Q, M, D, K, n, S, lds);
+}
+TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const c10::BFloat16* const* K, int64_t n,
+                              float* S, int64_t lds) {
+  qk_body(Q, M, D, K, n, S, lds);
+}
+TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const c10::Half* const* K, int64_t n, float* S,
+                              int64_t lds) {
+  qk_body(Q, M, D, K, n, S, lds);
+}
+TFK_MULTIVERSION void qk_rows(const double* Q, int64_t M, int64_t D, const double* const* K, int64_t n, double* S,
+                              int64_t lds) {
+  qk_body(Q, M, D, K, n, S, lds);
+}
+
+TFK_MULTIVERSION void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, const float* const* V, int64_t D,
+                              const int64_t* lo, const int64_t* hi, float* acc) {
+  pv_body(P, lds, M, n, V, D, lo, hi, acc);
+}
+TFK_MULTIVERSION void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, const c10::BFloat16* const* V,
+                              int64_t D, const int64_t* lo, const int64_t* hi, float* acc) {
+  pv_body(P, lds, M, n, V, D, lo, hi, acc);
+}
+TFK_MULTIVERSION void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, const c10::Half* const* V,
+                              int64_t D, const int64_t* lo, const int64_t* hi, float* acc) {
+  pv_body(P, lds, M, n, V, D, lo, hi, acc);
+}
+TFK_MULTIVERSION void pv_rows(const double* P, int64_t lds, int64_t M, int64_t n, const double* const* V, int64_t D,
+                              const int64_t* lo, const int64_t* hi, double* acc) {
+  pv_body(P, lds, M, n, V, D, lo, hi, acc);
+}
+
+}  // namespace tfkernels::cpu::kvcache
