@@ -159,7 +159,8 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
       const kvcache::Task& task = plan.tasks[ti];
       const kvcache::Item& item = plan.items[task.item];
       const int64_t b = item.b, hk = item.hk, i0 = item.i0, nq = item.nq, M = G * item.nq;
-      const int64_t len = lens[b], off = band.offset(len), cached = in.cache_seqlens[b];
+      const SeqBand seq = band.of(Sq, lens[b]);
+      const int64_t cached = in.cache_seqlens[b];
       // Row r of the item is query head hk * G + r / nq at position i0 + r % nq.
       auto head_of = [&](int64_t r) { return hk * G + r / nq; };
       auto pos_of = [&](int64_t r) { return i0 + r % nq; };
@@ -207,7 +208,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
         bool hidden_pairs = false;
         for (int64_t r = 0; r < M; ++r) {
           T* row = S + r * kKeyTile;
-          const Span vis = band.visible(pos_of(r), len, off, j0, n);
+          const Span vis = seq.visible(pos_of(r), j0, n);
           const int64_t nv = vis.size();
           vis_lo[r] = vis.lo;
           vis_hi[r] = std::max(vis.lo, vis.hi);
@@ -241,7 +242,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
           gemm_rm<T>(false, false, M, D, n, T(1), S, kKeyTile, V, ldv, T(1), st.acc, D);
         } else {  // hidden keys with non-finite values: one product per row over its visible keys
           for (int64_t r = 0; r < M; ++r) {
-            const Span vis = band.visible(pos_of(r), len, off, j0, n);
+            const Span vis = seq.visible(pos_of(r), j0, n);
             if (vis.size() > 0)
               gemm_rm<T>(false, false, 1, D, vis.size(), T(1), S + r * kKeyTile + vis.lo, kKeyTile,
                          V + vis.lo * ldv, ldv, T(1), st.acc + r * D, D);
@@ -252,7 +253,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
       if (split) continue;  // merged below
       for (int64_t r = 0; r < M; ++r) {
         const int64_t h = head_of(r), i = pos_of(r);
-        finish_row(st.acc + r * D, st.m[r], st.l[r], band.empty_row(i, len, off), attrs.sinks ? attrs.sinks + h : nullptr,
+        finish_row(st.acc + r * D, st.m[r], st.l[r], seq.empty_row(i), attrs.sinks ? attrs.sinks + h : nullptr,
                    D, in.out + ((b * Sq + i) * H + h) * D, in.lse + (b * H + h) * Sq + i);
       }
     }
@@ -266,7 +267,8 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
     for (int64_t it = begin; it < end; ++it) {
       const kvcache::Item& item = plan.items[it];
       if (item.splits <= 1) continue;
-      const int64_t b = item.b, nq = item.nq, M = G * nq, len = lens[b], off = band.offset(len);
+      const int64_t b = item.b, nq = item.nq, M = G * nq;
+      const SeqBand seq = band.of(Sq, lens[b]);
       weight.resize(item.splits);
       for (int64_t r = 0; r < M; ++r) {
         const int64_t h = item.hk * G + r / nq, i = item.i0 + r % nq;
@@ -283,7 +285,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
           const T* a = part_acc.data() + slot(sp) * D;
           for (int64_t d = 0; d < D; ++d) acc[d] += w * a[d];
         }
-        finish_row(acc.data(), m, l, band.empty_row(i, len, off), attrs.sinks ? attrs.sinks + h : nullptr, D,
+        finish_row(acc.data(), m, l, seq.empty_row(i), attrs.sinks ? attrs.sinks + h : nullptr, D,
                    in.out + ((b * Sq + i) * H + h) * D, in.lse + (b * H + h) * Sq + i);
       }
     }
@@ -323,8 +325,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_kvcache_cpu(
     lens[b] = seqlens_p[b] + s.seqlen_new;
     max_len = std::max(max_len, lens[b]);
   }
-  const Band band = Band::make(s.seqlen_q, max_len, s.causal, /*bottom_right=*/true, s.window_left, s.window_right,
-                               lens.data());
+  const Band band = Band::make(s.seqlen_q + max_len, s.causal, /*bottom_right=*/true, s.window_left, s.window_right);
   at::Tensor cos_c, sin_c;
   if (s.rotary_dim > 0) {
     cos_c = *rotary_cos;

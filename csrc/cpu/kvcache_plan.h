@@ -55,11 +55,11 @@ inline Plan make_plan(int64_t batch, int64_t kv_heads, int64_t group, int64_t se
   plan.bq = std::max<int64_t>(1, std::min(seqlen_q, kItemRows / group));
   int64_t total_keys = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t len = lens[b], off = band.offset(len);
+    const SeqBand seq = band.of(seqlen_q, lens[b]);
     for (int64_t hk = 0; hk < kv_heads; ++hk) {
       for (int64_t i0 = 0; i0 < seqlen_q; i0 += plan.bq) {
         const int64_t nq = std::min(plan.bq, seqlen_q - i0);
-        Span keys = band.keys_of_rows(i0, i0 + nq, len, off);
+        Span keys = seq.keys_of_rows(i0, i0 + nq);
         if (keys.size() == 0) keys = Span{0, 0};
         plan.items.push_back(Item{b, hk, i0, nq, keys, 1, -1});
         total_keys += keys.size();
