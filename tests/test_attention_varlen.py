@@ -4,7 +4,7 @@ and lse), on fresh random batches of 1 to 8 sequences whose lengths mix 0, 1, 17
 and 1000, query and key lengths drawn apart.
 
 Precision: the reference runs in float64 (on CPU copies). float64 inputs (CPU) agree to
-round-off; float32 and bfloat16 by the FlashAttention rule (DESIGN.md): the kernel's
+round-off; float32 and bfloat16 by the FlashAttention rule (docs/ARCHITECTURE.md, Conventions): the kernel's
 error is within a small factor of the same reference's error in the input dtype.
 Dropout is compared exactly: the test draws the rng_state the wrapper draws from the
 same generator, gets the padded keep mask from _dropout_mask and hands it to the

@@ -11,7 +11,8 @@ import torch
 from . import _C  # noqa: F401  (loading the library registers the ops)
 from . import _fake_checks
 
-__all__ = ["flash_attention", "flash_attention_varlen", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp"]
+__all__ = ["flash_attention", "flash_attention_varlen", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu",
+           "fused_mlp"]
 
 _ops = torch.ops.tfkernels
 _ALIGNMENTS = ("top_left", "bottom_right")

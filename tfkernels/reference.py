@@ -11,7 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["flash_attention", "attention_varlen", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp", "attention_mask"]
+__all__ = ["flash_attention", "attention_varlen", "fused_qkv", "bias_gelu", "linear_gelu", "fused_mlp",
+           "attention_mask"]
 
 
 def attention_mask(seqlen_q, seqlen_k, *, batch=1, is_causal=False, causal_alignment="top_left",
