@@ -277,6 +277,17 @@ def test_empty_sequences_and_batch(device):
     assert (dq[:5] == 0).all() and (dk[:4] == 0).all() and (dv[:4] == 0).all()
     assert dk[4:].abs().sum() > 0
 
+    # No key in any sequence: every lse is its head's sink, and d sink is the sum of grad_lse.
+    q = torch.randn(6, 2, 16, device=torch_device, requires_grad=True)
+    k = v = torch.randn(0, 1, 16, device=torch_device)
+    sinks = sinks.clone().requires_grad_()
+    out, lse = tfkernels.flash_attention_varlen(q, k, v, _cu([2, 4], torch_device), _cu([0, 0], torch_device), 4, 0,
+                                                sinks=sinks, return_lse=True)
+    grad_lse = torch.randn_like(lse)
+    dq, dsinks = torch.autograd.grad((out, lse), [q, sinks], (torch.randn_like(out), grad_lse))
+    assert (out == 0).all() and (dq == 0).all() and torch.equal(lse, sinks.detach().view(2, 1).expand(2, 6))
+    torch.testing.assert_close(dsinks, grad_lse.sum(1))
+
 
 def test_dropout_matches_the_padded_op():
     """Varlen with dropout draws what the padded op draws for batch entry b on the same data:
