@@ -4,7 +4,7 @@ and lse), on fresh random batches of 1 to 8 sequences whose lengths mix 0, 1, 17
 and 1000, query and key lengths drawn apart.
 
 Precision: the reference runs in float64 (on CPU copies). float64 inputs (CPU) agree to
-round-off; float32 and bfloat16 by the FlashAttention rule (DESIGN.md): the kernel's
+round-off; float32 and bfloat16 by the FlashAttention rule (docs/ARCHITECTURE.md, Conventions): the kernel's
 error is within a small factor of the same reference's error in the input dtype.
 Dropout is compared exactly: the test draws the rng_state the wrapper draws from the
 same generator, gets the padded keep mask from _dropout_mask and hands it to the
@@ -276,6 +276,17 @@ def test_empty_sequences_and_batch(device):
     dq, dk, dv = torch.autograd.grad(out[:5].sum() + out[5:].sum(), [q, k, v])
     assert (dq[:5] == 0).all() and (dk[:4] == 0).all() and (dv[:4] == 0).all()
     assert dk[4:].abs().sum() > 0
+
+    # No key in any sequence: every lse is its head's sink, and d sink is the sum of grad_lse.
+    q = torch.randn(6, 2, 16, device=torch_device, requires_grad=True)
+    k = v = torch.randn(0, 1, 16, device=torch_device)
+    sinks = sinks.clone().requires_grad_()
+    out, lse = tfkernels.flash_attention_varlen(q, k, v, _cu([2, 4], torch_device), _cu([0, 0], torch_device), 4, 0,
+                                                sinks=sinks, return_lse=True)
+    grad_lse = torch.randn_like(lse)
+    dq, dsinks = torch.autograd.grad((out, lse), [q, sinks], (torch.randn_like(out), grad_lse))
+    assert (out == 0).all() and (dq == 0).all() and torch.equal(lse, sinks.detach().view(2, 1).expand(2, 6))
+    torch.testing.assert_close(dsinks, grad_lse.sum(1))
 
 
 def test_dropout_matches_the_padded_op():
