@@ -203,7 +203,7 @@ QUICK_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_parity(kv_device, name, dtype):
     check_case(CASES[name], dtype, kv_device)

@@ -23,8 +23,8 @@ from .ops import (bias_gelu, flash_attention, flash_attention_with_kvcache, fuse
 from .sdpa_backend import use_as_sdpa_backend  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "flash_attention_with_kvcache", "merge_attention", "fused_qkv", "bias_gelu", "linear_gelu",
-           "fused_mlp", "build_info", "use_as_sdpa_backend", "nn", "reference"]
+__all__ = ["flash_attention", "flash_attention_with_kvcache", "merge_attention", "fused_qkv", "bias_gelu",
+           "linear_gelu", "fused_mlp", "build_info", "use_as_sdpa_backend", "nn", "reference"]
 
 
 def build_info():

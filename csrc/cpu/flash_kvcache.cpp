@@ -252,8 +252,9 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
       if (split) continue;  // merged below
       for (int64_t r = 0; r < M; ++r) {
         const int64_t h = head_of(r), i = pos_of(r);
-        finish_row(st.acc + r * D, st.m[r], st.l[r], band.empty_row(i, len, off), attrs.sinks ? attrs.sinks + h : nullptr,
-                   D, in.out + ((b * Sq + i) * H + h) * D, in.lse + (b * H + h) * Sq + i);
+        finish_row(st.acc + r * D, st.m[r], st.l[r], band.empty_row(i, len, off),
+                   attrs.sinks ? attrs.sinks + h : nullptr, D, in.out + ((b * Sq + i) * H + h) * D,
+                   in.lse + (b * H + h) * Sq + i);
       }
     }
   });
