@@ -142,8 +142,8 @@ void check_kvcache_values(const KvcacheShape& s, const int32_t* cache_seqlens, c
     const int64_t len = cache_seqlens[b];
     TORCH_CHECK(len >= 0, "tfkernels: cache_seqlens must be >= 0, got cache_seqlens[", b, "] = ", len);
     const int64_t total = len + s.seqlen_new;
-    TORCH_CHECK(total <= s.capacity, "tfkernels: the cache is too small for the append: cache_seqlens[", b, "] + Snew = ",
-                len, " + ", s.seqlen_new, " = ", total, " rows, but the cache holds ", s.capacity,
+    TORCH_CHECK(total <= s.capacity, "tfkernels: the cache is too small for the append: cache_seqlens[", b,
+                "] + Snew = ", len, " + ", s.seqlen_new, " = ", total, " rows, but the cache holds ", s.capacity,
                 s.paged ? " (max_blocks * block_size = block_table.shape[1] * k_cache.shape[1])"
                         : " (S_cache = k_cache.shape[1])");
     if (s.paged) {

@@ -181,6 +181,7 @@ CASES = {
     "decode_gqa": Case([17, 1000, 0, 300], 1, 1, 8, 2, 64, is_causal=True),
     "decode_paged16_rotary": Case([1, 300, 1000], 1, 1, 4, 1, 80, block_size=16, is_causal=True, rotary=(32, False)),
     "decode_mqa_long": Case([1000], 1, 1, 8, 1, 64, is_causal=True),
+    "decode_odd_head_dim": Case([300, 5], 1, 1, 4, 2, 59, is_causal=True),  # D % 8 != 0: the loops' tails
     # no new keys (k = v = None); a sequence with an empty cache sees nothing
     "no_append": Case([0, 1, 17, 300], 1, 0, 4, 4, 64, softcap=30.0),
     "no_append_paged256_rotary": Case([300, 0, 1000], 3, 0, 4, 2, 64, block_size=256, is_causal=True,
@@ -203,7 +204,7 @@ QUICK_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_parity(kv_device, name, dtype):
     check_case(CASES[name], dtype, kv_device)

@@ -260,9 +260,12 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
   });
 
   if (plan.partials == 0) return;
-  // Merge the splits of each split item, row by row, in split order.
+  // Merge the splits of each split item, row by row, in split order. Decode merges are a
+  // few microseconds of work: below ~64k multiply-adds they run on the calling thread,
+  // which spares the threads a second wake-up and barrier.
   const int64_t n_items = static_cast<int64_t>(plan.items.size());
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+  const int64_t merge_work = std::max<int64_t>(1, plan.partials * max_rows * D / n_items);
+  at::parallel_for(0, n_items, std::max<int64_t>(1, 65536 / merge_work), [&](int64_t begin, int64_t end) {
     std::vector<T> acc(D), weight;
     for (int64_t it = begin; it < end; ++it) {
       const kvcache::Item& item = plan.items[it];

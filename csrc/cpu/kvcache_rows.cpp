@@ -3,6 +3,7 @@
 // the inlined body once per ISA.
 #include "cpu/kvcache_rows.h"
 
+#include <bit>
 #include <cstring>
 
 #include "cpu/multiversion.h"
@@ -16,13 +17,11 @@ constexpr int64_t kMaxD = 256;
 inline const float* as_compute(const float* row, int64_t, float*) { return row; }
 inline const double* as_compute(const double* row, int64_t, double*) { return row; }
 __attribute__((always_inline)) inline const float* as_compute(const c10::BFloat16* row, int64_t D, float* buf) {
+  D = D < kMaxD ? D : kMaxD;  // always true (D <= 256 is checked); tells the vectoriser the bound of buf
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
-    const uint32_t w = static_cast<uint32_t>(bits[d]) << 16;  // bf16 is the top half of a float
-    float f;
-    std::memcpy(&f, &w, sizeof f);
-    buf[d] = f;
+    buf[d] = std::bit_cast<float>(static_cast<uint32_t>(bits[d]) << 16);  // bf16 is the top half of a float
   }
   return buf;
 }
@@ -80,6 +79,65 @@ __attribute__((always_inline)) inline void qk_body(const T* Q, int64_t M, int64_
   }
 }
 
+// float: eight keys per pass. Each query row keeps one 8-lane accumulator per key and
+// reduces the eight together at the end (a shuffle tree whose lane t is key t's dot
+// product), instead of one horizontal sum per (row, key), which cost as much as the FMAs.
+using f32x8 = float __attribute__((vector_size(32)));
+// The vector helpers are inlined into every ISA clone; no vector crosses a call boundary,
+// so GCC's note that the default (SSE2) clone would pass them differently does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+__attribute__((always_inline)) inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Lane t of the result: the sum of the eight lanes of a[t].
+__attribute__((always_inline)) inline f32x8 reduce8(const f32x8* a) {
+  auto pairs = [](f32x8 x, f32x8 y) {
+    return __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+  };
+  auto quads = [](f32x8 x, f32x8 y) {
+    return __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+  };
+  const f32x8 lo = quads(pairs(a[0], a[1]), pairs(a[2], a[3]));  // lanes: a0 a1 a2 a3 (halves 0-3), then 4-7
+  const f32x8 hi = quads(pairs(a[4], a[5]), pairs(a[6], a[7]));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+template <typename In>
+__attribute__((always_inline)) inline void qk_body_f32(const float* Q, int64_t M, int64_t D, const In* const* K,
+                                                       int64_t n, float* S, int64_t lds) {
+  alignas(64) float buf[8][kMaxD];
+  const int64_t D8 = D / 8 * 8;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const float* k[8];
+    for (int t = 0; t < 8; ++t) {
+      prefetch_row(K, j + t + kAhead, n, D);
+      k[t] = as_compute(K[j + t], D, buf[t]);
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      const float* q = Q + r * D;
+      f32x8 acc[8] = {};
+      for (int64_t d = 0; d < D8; d += 8) {
+        const f32x8 qd = load8(q + d);
+        for (int t = 0; t < 8; ++t) acc[t] += qd * load8(k[t] + d);
+      }
+      f32x8 dots = reduce8(acc);
+      for (int64_t d = D8; d < D; ++d) {
+        for (int t = 0; t < 8; ++t) dots[t] += q[d] * k[t][d];
+      }
+      std::memcpy(S + r * lds + j, &dots, sizeof dots);
+    }
+  }
+  if (j < n) qk_body(Q, M, D, K + j, n - j, S + j, lds);
+}
+
 // Four keys per pass over a row's accumulator: one load and store of acc per four FMAs
 // (the loop is bound by those loads and stores otherwise).
 template <typename T, typename In>
@@ -118,15 +176,15 @@ __attribute__((always_inline)) inline void pv_body(const T* P, int64_t lds, int6
 
 TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const float* const* K, int64_t n, float* S,
                               int64_t lds) {
-  qk_body(Q, M, D, K, n, S, lds);
+  qk_body_f32(Q, M, D, K, n, S, lds);
 }
 TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const c10::BFloat16* const* K, int64_t n,
                               float* S, int64_t lds) {
-  qk_body(Q, M, D, K, n, S, lds);
+  qk_body_f32(Q, M, D, K, n, S, lds);
 }
 TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const c10::Half* const* K, int64_t n, float* S,
                               int64_t lds) {
-  qk_body(Q, M, D, K, n, S, lds);
+  qk_body_f32(Q, M, D, K, n, S, lds);
 }
 TFK_MULTIVERSION void qk_rows(const double* Q, int64_t M, int64_t D, const double* const* K, int64_t n, double* S,
                               int64_t lds) {
