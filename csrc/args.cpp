@@ -63,7 +63,7 @@ void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
               " must be contiguous in its last dimension (stride 1), got strides ", t.strides());
 }
 
-static void check_floating_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+void check_floating_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
                                 const char* ref_name) {
   check_same_device(t, name, ref, ref_name);
   check_same_dtype(t, name, ref, ref_name);
@@ -76,7 +76,7 @@ void check_rng_state(const at::Tensor& rng_state, const at::Tensor& ref, const c
   check_same_device(rng_state, "rng_state", ref, ref_name);
 }
 
-static void check_attention_variants(AttentionShape& s, const at::Tensor& q, int64_t window_left,
+void check_attention_variants(AttentionShape& s, const at::Tensor& q, int64_t window_left,
                                      int64_t window_right, double softcap, const c10::optional<at::Tensor>& sinks,
                                      double dropout_p, const c10::optional<at::Tensor>& rng_state) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
@@ -104,6 +104,19 @@ static void check_attention_variants(AttentionShape& s, const at::Tensor& q, int
                 "tfkernels: rng_state (int64 [2]) is required when dropout_p > 0, got None");
     check_rng_state(*rng_state, q, "q");
   }
+}
+
+void check_mask_and_scale(AttentionShape& s, bool is_causal, c10::string_view causal_alignment,
+                          c10::optional<double> scale) {
+  TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
+              "tfkernels: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
+              std::string(causal_alignment), "\"");
+  s.causal = is_causal;
+  s.bottom_right = causal_alignment == "bottom_right";
+
+  double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
+  TORCH_CHECK(std::isfinite(sc), "tfkernels: scale must be finite, got ", sc);
+  s.scale = static_cast<float>(sc);
 }
 
 AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -140,15 +153,7 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
 
-  TORCH_CHECK(causal_alignment == "top_left" || causal_alignment == "bottom_right",
-              "tfkernels: causal_alignment must be \"top_left\" or \"bottom_right\", got \"",
-              std::string(causal_alignment), "\"");
-  s.causal = is_causal;
-  s.bottom_right = causal_alignment == "bottom_right";
-
-  double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
-  TORCH_CHECK(std::isfinite(sc), "tfkernels: scale must be finite, got ", sc);
-  s.scale = static_cast<float>(sc);
+  check_mask_and_scale(s, is_causal, causal_alignment, scale);
 
   s.has_seqlens_k = seqlens_k.has_value() && seqlens_k->defined();
   if (s.has_seqlens_k) {
@@ -174,16 +179,20 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
 void check_attention_grad_args(const AttentionShape& s, const at::Tensor& q, const at::Tensor& grad_out,
                                const c10::optional<at::Tensor>& grad_lse, const at::Tensor& out,
                                const at::Tensor& lse) {
+  check_grad_tensors_like_forward(q, grad_out, grad_lse, out, lse, {s.batch, s.heads, s.seqlen_q}, "[B, H, Sq]");
+}
+
+void check_grad_tensors_like_forward(const at::Tensor& q, const at::Tensor& grad_out,
+                                     const c10::optional<at::Tensor>& grad_lse, const at::Tensor& out,
+                                     const at::Tensor& lse, at::IntArrayRef lse_sizes, const char* lse_layout) {
   for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
     check_floating_like(t, name, q, "q");
     TORCH_CHECK(t.sizes() == q.sizes(), "tfkernels: ", name, " must have the shape of q ", q.sizes(), ", got ",
                 t.sizes());
     check_last_dim_contiguous(t, name);
   }
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == s.batch &&
-                  lse.size(1) == s.heads && lse.size(2) == s.seqlen_q,
-              "tfkernels: lse must be float32 [B, H, Sq] = [", s.batch, ", ", s.heads, ", ", s.seqlen_q, "], got ",
-              lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.sizes() == lse_sizes, "tfkernels: lse must be float32 ",
+              lse_layout, " = ", lse_sizes, ", got ", lse.scalar_type(), " ", lse.sizes());
   check_same_device(lse, "lse", q, "q");
   if (grad_lse.has_value() && grad_lse->defined()) {
     TORCH_CHECK(grad_lse->sizes() == lse.sizes() && grad_lse->scalar_type() == at::kFloat,

@@ -49,6 +49,16 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
                                     int64_t window_right, double softcap, const c10::optional<at::Tensor>& sinks,
                                     double dropout_p, const c10::optional<at::Tensor>& rng_state);
 
+// The pieces of check_attention_args that other layouts (varlen_args.h) share:
+// t has ref's device and dtype; causal_alignment and scale into s (s.head_dim set);
+// the variants into s (s.heads set).
+void check_floating_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name);
+void check_mask_and_scale(AttentionShape& s, bool is_causal, c10::string_view causal_alignment,
+                          c10::optional<double> scale);
+void check_attention_variants(AttentionShape& s, const at::Tensor& q, int64_t window_left, int64_t window_right,
+                              double softcap, const c10::optional<at::Tensor>& sinks, double dropout_p,
+                              const c10::optional<at::Tensor>& rng_state);
+
 // The dropout RNG state: rng_state int64 [2] (seed, offset) on `device`.
 void check_rng_state(const at::Tensor& rng_state, const at::Tensor& ref, const char* ref_name);
 
@@ -56,6 +66,11 @@ void check_rng_state(const at::Tensor& rng_state, const at::Tensor& ref, const c
 void check_attention_grad_args(const AttentionShape& shape, const at::Tensor& q,
                                const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse,
                                const at::Tensor& out, const at::Tensor& lse);
+// The same for any layout: grad_out and out like q, lse float32 of lse_sizes
+// (lse_layout names them, e.g. "[B, H, Sq]"), grad_lse like lse.
+void check_grad_tensors_like_forward(const at::Tensor& q, const at::Tensor& grad_out,
+                                     const c10::optional<at::Tensor>& grad_lse, const at::Tensor& out,
+                                     const at::Tensor& lse, at::IntArrayRef lse_sizes, const char* lse_layout);
 
 struct QkvShape {
   int64_t batch, seqlen, embed, heads, kv_heads, head_dim;

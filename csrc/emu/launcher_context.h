@@ -21,6 +21,7 @@ struct Guard {
 inline cudaStream_t current_stream() { return nullptr; }
 inline int64_t max_smem_per_block() { return 227 * 1024; }
 inline int num_sms() { return 132; }
+inline bool stream_is_capturing() { return false; }  // no graphs on the emulated device
 
 inline void check_on_device(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "tfkernels: ", name,
