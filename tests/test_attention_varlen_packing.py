@@ -38,7 +38,7 @@ def _call(op_name, *args):
     try:
         return getattr(_ops, op_name)(*args)
     except NotImplementedError as e:
-        first = str(e).strip().split("\n")[0]
+        first = str(e).strip().split("\n")[0].split(". ")[0]
         pytest.skip(f"no {op_name} kernel on this device yet: {first}")
 
 
@@ -355,6 +355,45 @@ def test_bad_arguments(dev, mutate, match):
     q, k, v, cq, ck, mq, mk = mutate(*_good(torch_device))
     with pytest.raises(RuntimeError, match=match):
         _ops.flash_attention_varlen_fwd(q, k, v, cq, ck, mq, mk, *attrs)
+
+
+# ------------------------------------------------------------------------------ unvalidated cu_seqlens
+
+@pytest.fixture
+def emulated_capture(monkeypatch):
+    """The emulated device acting as during CUDA graph capture: the launcher cannot read
+    cu_seqlens back, so it does not check their values (csrc/emu/launcher_context.h)."""
+    monkeypatch.setenv("TFKERNELS_EMU_CAPTURING", "1")
+    with devices.on("emu") as torch_device:
+        yield torch_device
+
+
+@pytest.mark.parametrize("dtype,deterministic", [(torch.float16, False), (torch.bfloat16, True),
+                                                 (torch.float32, False)], ids=["fp16", "bf16-det", "fp32"])
+@pytest.mark.emu
+@quick
+def test_unvalidated_cu_seqlens_are_clamped(emulated_capture, dtype, deterministic):
+    """Bad cu_seqlens (negative, decreasing, past the total) that capture lets through:
+    the kernels clamp each sequence to [0, total] (start) and [start, total] (end), so
+    they address only the tensors' rows; here that leaves sequences q [0, 17) with k
+    [0, 30) and q [17, 40) with k [30, 50), which must equal the dense calls on them.
+    Out-of-bounds accesses themselves are what the asan variant
+    (TFKERNELS_EMU_VARIANT=asan) and compute-sanitizer on a GPU would report."""
+    torch_device = emulated_capture
+    heads, kv_heads, d = 4, 2, 64
+    q = torch.randn(40, heads, d, dtype=dtype, device=torch_device)
+    k = torch.randn(50, kv_heads, d, dtype=dtype, device=torch_device)
+    v = torch.randn_like(k)
+    cu_q = torch.tensor([-5, 17, 17, 99, -3], dtype=torch.int32)
+    cu_k = torch.tensor([0, 30, 30, 1000, 7], dtype=torch.int32)
+    grad_out = torch.randn_like(q)
+    kw = dict(is_causal=True, alignment="bottom_right")
+    out, lse, (dq, dk, dv, _) = _run_packed(q, k, v, cu_q, cu_k, 23, 30, grad_out, None, kw, None, deterministic)
+    ref_out, ref_lse, (rq, rk, rv, _) = _run_dense(q, k, v, [17, 23], [30, 20], grad_out, None, kw, None,
+                                                   deterministic)
+    tol = _tolerances("emu", dtype, deterministic)
+    for name, a, b in (("out", out, ref_out), ("lse", lse, ref_lse), ("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        _assert_matches(a, b, name, tol[name])
 
 
 # ------------------------------------------------------------------------------ CUDA only
