@@ -26,16 +26,19 @@ LIBRARY = os.path.join(ROOT, "build", "emu", VARIANT, "libtfkernels_emu.so")
 # Every op with a CUDA kernel, and the outputs that atomics may reorder (compared
 # with a tolerance across schedules instead of bitwise): the non-deterministic
 # flash backward accumulates dq with fp32 atomicAdd.
-OPS = ["flash_attention_fwd", "flash_attention_bwd", "fused_qkv", "fused_qkv_bwd", "bias_gelu", "bias_gelu_bwd",
-       "linear_gelu", "linear_gelu_bwd", "fused_mlp", "fused_mlp_bwd", "_dropout_mask"]
+OPS = ["flash_attention_fwd", "flash_attention_bwd", "flash_attention_varlen_fwd", "flash_attention_varlen_bwd",
+       "fused_qkv", "fused_qkv_bwd", "bias_gelu", "bias_gelu_bwd", "linear_gelu", "linear_gelu_bwd", "fused_mlp",
+       "fused_mlp_bwd", "_dropout_mask"]
 
 
-_BWD_DETERMINISTIC = 11  # flash_attention_bwd's `deterministic` argument
+# The backwards' `deterministic` argument (q is argument 2 of both).
+_BWD_DETERMINISTIC = {"flash_attention_bwd": 11, "flash_attention_varlen_bwd": 14}
 
 
 def _atomic_outputs(name, args):
     # dq (and, should the kernel sum it with atomics, grad_sinks) of the default backward.
-    if name == "flash_attention_bwd" and not args[_BWD_DETERMINISTIC] and args[2].dtype != torch.float32:
+    index = _BWD_DETERMINISTIC.get(name)
+    if index is not None and not args[index] and args[2].dtype != torch.float32:
         return {0, 3}
     return set()
 

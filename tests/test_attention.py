@@ -469,7 +469,7 @@ def test_bad_backward_args(device):
 
 def test_bad_backward_grad_out_strides():
     # CPU only: the CUDA launcher copies a grad_out whose last dim is strided instead
-    # (csrc/cuda/flash_attention.cpp), the CPU kernel rejects it.
+    # (csrc/cuda/flash_launch.cpp), the CPU kernel rejects it.
     q, k, v = _good("cpu")
     out, lse = _call(q, k, v)
     with pytest.raises(RuntimeError, match=r"grad_out must be contiguous in its last dim"):

@@ -1,10 +1,8 @@
-// The torch-facing launcher of the CUDA flash-attention forward: argument checks
-// (check_attention_args, the CPU op's semantics), output allocation, the plain
-// FwdParams block, and the dispatch from (dtype, head dim) to a kernel
-// instantiation; the same for the backward (flash_attention_bwd: delta
-// preprocessing, the dK/dV and dQ kernels, fp32 scratch buffers from the caching
-// allocator). The kernels themselves live in csrc/cuda/flash/ and include no
-// torch headers.
+// The torch-facing entry points of the CUDA flash attention on padded [B,H,S,D]
+// tensors: argument checks (check_attention_args, the CPU op's semantics), then
+// the launch shared with the packed varlen ops (flash_launch.h: params, scratch,
+// dispatch to the kernel instantiations). The kernels themselves live in
+// csrc/cuda/flash/ and include no torch headers.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -20,14 +18,11 @@
 #include "cuda/common/dtype.h"
 #include "cuda/common/launcher_utils.h"
 #include "cuda/flash/flash_api.h"
-#include "cuda/flash/kernel_traits.h"
-#include "cuda/flash/static_switch.h"
+#include "cuda/flash_launch.h"
 #include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
-
-using cuda::aligned16;
 
 // Heads and batches index grid dims y and z; rows and keys stay below 2^30 so that
 // the kernels' int32 tile arithmetic (row + tile size) cannot overflow.
@@ -36,87 +31,8 @@ void check_cuda_limits(const AttentionShape& shape) {
   cuda::check_limit("flash_attention", "sequence lengths", {shape.seqlen_q, shape.seqlen_k}, (int64_t(1) << 30) - 1);
 }
 
-// The stride of a dim that is only ever indexed with 0 does not matter; pass 0 so
-// that huge or odd strides of size-1 dims never enter the address arithmetic.
-int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) > 1 ? t.stride(d) : 0; }
-
-// TFK_HEADDIM_SWITCH's answer for a head dim whose instantiation a
-// TFKERNELS_HEAD_DIMS build left out.
-cudaError_t head_dim_not_built(int64_t head_dim, int padded) {
-  TORCH_CHECK(false, "tfkernels: head dim ", head_dim, " needs the flash-attention kernels for head dim ", padded,
-              ", which this build left out (it was built with TFKERNELS_HEAD_DIMS restricting the head dims); "
-              "rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
-  return cudaErrorInvalidValue;
-}
-
-// The tensors of the attention variants, as the op takes them.
-struct VariantTensors {
-  const c10::optional<at::Tensor>& sinks;      // float32 [H] contiguous (checked)
-  const c10::optional<at::Tensor>& rng_state;  // int64 [2] on q's device when dropout_p > 0 (checked)
-};
-
-// A window bound as the kernels take it: -1 (unbounded) or a value clamped to
-// Sq + Sk, past which every bound is as good as none (mask.h).
-int window_bound(int64_t w, const AttentionShape& shape) {
-  return static_cast<int>(w < 0 ? -1 : std::min<int64_t>(w, shape.seqlen_q + shape.seqlen_k));
-}
-
-// The fields the forward and backward kernels share: pointers and strides of q, k,
-// v, out and lse, seqlens_k, the problem sizes and the variants. Returns the
-// seqlens_k tensor the params point into, which the caller keeps alive until the
-// launch.
-at::Tensor set_attention_params(flash::FwdParams& p, const AttentionShape& shape, const at::Tensor& q,
-                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                const at::Tensor& lse, const c10::optional<at::Tensor>& seqlens_k,
-                                const VariantTensors& variants, bool fast) {
-  p.q = const_cast<void*>(q.data_ptr());
-  p.k = const_cast<void*>(k.data_ptr());
-  p.v = const_cast<void*>(v.data_ptr());
-  p.out = const_cast<void*>(out.data_ptr());
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.q_batch_stride = stride_of(q, 0);
-  p.q_head_stride = stride_of(q, 1);
-  p.q_row_stride = stride_of(q, 2);
-  p.k_batch_stride = stride_of(k, 0);
-  p.k_head_stride = stride_of(k, 1);
-  p.k_row_stride = stride_of(k, 2);
-  p.v_batch_stride = stride_of(v, 0);
-  p.v_head_stride = stride_of(v, 1);
-  p.v_row_stride = stride_of(v, 2);
-  p.o_batch_stride = stride_of(out, 0);
-  p.o_head_stride = stride_of(out, 1);
-  p.o_row_stride = stride_of(out, 2);
-
-  at::Tensor lens;
-  if (shape.has_seqlens_k) {
-    lens = seqlens_k->contiguous();  // a device-side copy at most: no host sync
-    p.seqlens_k = lens.data_ptr();
-    p.seqlens_k_is_int64 = lens.scalar_type() == at::kLong;
-  }
-
-  p.batch = static_cast<int>(shape.batch);
-  p.heads = static_cast<int>(shape.heads);
-  p.kv_heads = static_cast<int>(shape.kv_heads);
-  p.head_group = static_cast<int>(shape.heads / shape.kv_heads);
-  p.seqlen_q = static_cast<int>(shape.seqlen_q);
-  p.seqlen_k = static_cast<int>(shape.seqlen_k);
-  p.head_dim = static_cast<int>(shape.head_dim);
-  p.scale = shape.scale;
-  p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
-  p.causal = shape.causal;
-  p.bottom_right = shape.bottom_right;
-  p.window_left = window_bound(shape.window_left, shape);
-  p.window_right = window_bound(shape.window_right, shape);
-  p.softcap = shape.softcap;
-  p.sinks = shape.has_sinks ? variants.sinks->data_ptr<float>() : nullptr;
-  p.dropout_p = shape.dropout_p;
-  p.rng_state = shape.dropout_p > 0.0f ? variants.rng_state->data_ptr<int64_t>() : nullptr;
-  p.aligned16 = fast;
-  return lens;
-}
-
-std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                           const at::Tensor& v_in, bool is_causal,
+std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, bool is_causal,
                                                            c10::string_view causal_alignment,
                                                            c10::optional<double> scale,
                                                            const c10::optional<at::Tensor>& seqlens_k,
@@ -126,147 +42,34 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
                                                            const c10::optional<at::Tensor>& rng_state) {
   TFKERNELS_WARN_UNVERIFIED_CUDA("flash_attention");
   (void)deterministic;  // only the backward is affected
-  const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k,
+  const AttentionShape shape = check_attention_args(q, k, v, is_causal, causal_alignment, scale, seqlens_k,
                                                     window_left, window_right, softcap, sinks, dropout_p, rng_state);
-  check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
-  device::check_on_device(q_in, "q");
+  check_dtype_in(q, "q", {at::kHalf, at::kBFloat16, at::kFloat});
+  device::check_on_device(q, "q");
   check_cuda_limits(shape);
 
-  const device::Guard guard(q_in.device());
-  at::Tensor out = empty_output({shape.batch, shape.heads, shape.seqlen_q, shape.head_dim}, q_in.options());
-  at::Tensor lse = empty_output({shape.batch, shape.heads, shape.seqlen_q}, q_in.options().dtype(at::kFloat));
-  if (shape.batch == 0 || shape.heads == 0 || shape.seqlen_q == 0) return {out, lse};
-
-  const bool is_fp32 = q_in.scalar_type() == at::kFloat;
-  at::Tensor q = q_in, k = k_in, v = v_in;
-  bool fast = false;
-  if (!is_fp32 && shape.head_dim % 8 == 0) {
-    // Misaligned views (an odd storage offset, a row stride that is not a
-    // multiple of 8) are copied to fresh, aligned memory so that they keep the
-    // 16-byte cp.async path; D % 8 != 0 takes the kernel's element-wise path
-    // instead (no host-side padding).
-    for (at::Tensor* t : {&q, &k, &v}) {
-      if (!aligned16(*t)) *t = t->clone(at::MemoryFormat::Contiguous);
-    }
-    fast = true;
-  }
-
-  flash::FwdParams p{};
-  const at::Tensor lens = set_attention_params(p, shape, q, k, v, out, lse, seqlens_k, {sinks, rng_state}, fast);
-
-  const cudaStream_t stream = device::current_stream();
-  cudaError_t err = cudaSuccess;
-  if (is_fp32) {
-    err = flash::run_flash_fwd_fp32(p, stream);
-  } else {
-    auto missing = [&](int padded) { return head_dim_not_built(shape.head_dim, padded); };
-    // sm_80 and sm_90 give a block 163 and 227 KB of shared memory, enough for
-    // every instantiation. sm_86/sm_89 give 99 KB: there the D = 128 tiles (102 KB)
-    // do not fit, so a head dim runs on the next larger instantiation that does
-    // (D <= 128 on the 160 kernel, 86 KB; its D tail is zero-filled like any
-    // padded dim), and a dim with none left gets a clear error.
-    const int64_t smem_limit = device::max_smem_per_block();
-    int kernel_dim = flash::padded_head_dim(p.head_dim);
-    while (kernel_dim <= kMaxHeadDim && flash::fwd_smem_bytes(kernel_dim) > smem_limit) kernel_dim += 32;
-    TORCH_CHECK(kernel_dim <= kMaxHeadDim, "tfkernels: flash attention with head dim ", shape.head_dim,
-                " needs ", flash::fwd_smem_bytes(flash::padded_head_dim(p.head_dim)),
-                " bytes of shared memory a block; this device allows ", smem_limit);
-    err = cuda::dispatch_16bit(cuda::dtype_of(q), [&](auto tag) {
-      using Element = typename decltype(tag)::type;
-      return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_fwd<Element, kHeadDim>(p, stream); });
-    });
-  }
-  TFKERNELS_CHECK_LAUNCH(err);
-  return {out, lse};
+  const device::Guard guard(q.device());
+  return flash_launch::forward(shape, q, k, v, seqlens_k, {sinks, rng_state}, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attention_bwd_cuda(
-    const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse_in, const at::Tensor& q_in,
-    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const at::Tensor& grad_out_in, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool is_causal, c10::string_view causal_alignment, c10::optional<double> scale,
     const c10::optional<at::Tensor>& seqlens_k, bool deterministic, int64_t window_left, int64_t window_right,
     double softcap, const c10::optional<at::Tensor>& sinks, double dropout_p,
     const c10::optional<at::Tensor>& rng_state) {
-  const AttentionShape shape = check_attention_args(q_in, k_in, v_in, is_causal, causal_alignment, scale, seqlens_k,
+  const AttentionShape shape = check_attention_args(q, k, v, is_causal, causal_alignment, scale, seqlens_k,
                                                     window_left, window_right, softcap, sinks, dropout_p, rng_state);
-  // Autograd hands over expanded gradients (out.sum() gives stride 0 everywhere):
-  // legal input, so copy a grad_out whose last dim is not contiguous.
-  const at::Tensor grad_out_c =
-      (grad_out_in.dim() == 4 && grad_out_in.size(-1) > 1 && grad_out_in.stride(-1) != 1) ? grad_out_in.contiguous()
-                                                                                           : grad_out_in;
-  check_attention_grad_args(shape, q_in, grad_out_c, grad_lse_in, out_in, lse_in);
-  check_dtype_in(q_in, "q", {at::kHalf, at::kBFloat16, at::kFloat});
-  device::check_on_device(q_in, "q");
+  const at::Tensor grad_out = flash_launch::contiguous_last_dim(grad_out_in);
+  check_attention_grad_args(shape, q, grad_out, grad_lse, out, lse);
+  check_dtype_in(q, "q", {at::kHalf, at::kBFloat16, at::kFloat});
+  device::check_on_device(q, "q");
   check_cuda_limits(shape);
 
-  const device::Guard guard(q_in.device());
-  at::Tensor grad_q = empty_output(q_in.sizes(), q_in.options());
-  at::Tensor grad_k = empty_output(k_in.sizes(), k_in.options());
-  at::Tensor grad_v = empty_output(v_in.sizes(), v_in.options());
-  // Zeros: written by the sink pass unless there are no rows to sum.
-  at::Tensor grad_sinks = at::zeros({shape.has_sinks ? shape.heads : 0}, q_in.options().dtype(at::kFloat));
-  if (shape.batch == 0 || shape.heads == 0) return {grad_q, grad_k, grad_v, grad_sinks};
-
-  const bool is_fp32 = q_in.scalar_type() == at::kFloat;
-  at::Tensor q = q_in, k = k_in, v = v_in, dout = grad_out_c;
-  bool fast = false;
-  if (!is_fp32 && shape.head_dim % 8 == 0) {
-    // As the forward: misaligned views are copied to keep the 16-byte cp.async path.
-    for (at::Tensor* t : {&q, &k, &v, &dout}) {
-      if (!aligned16(*t)) *t = t->clone(at::MemoryFormat::Contiguous);
-    }
-    fast = true;
-  }
-  // out is read element-wise by the preprocessing pass only: any strides.
-  const at::Tensor lse = lse_in.contiguous();
-  at::Tensor grad_lse;
-  if (grad_lse_in.has_value() && grad_lse_in->defined()) grad_lse = grad_lse_in->contiguous();
-  // fp32 scratch from the caching allocator on the current device.
-  at::Tensor delta = at::empty({shape.batch, shape.heads, shape.seqlen_q}, q_in.options().dtype(at::kFloat));
-  at::Tensor dq_accum;
-  if (!is_fp32 && !deterministic) {
-    dq_accum = at::zeros({shape.batch, shape.heads, shape.seqlen_q, shape.head_dim}, q_in.options().dtype(at::kFloat));
-  }
-
-  flash::BwdParams p{};
-  const at::Tensor lens = set_attention_params(p, shape, q, k, v, out_in, lse, seqlens_k, {sinks, rng_state}, fast);
-  p.dout = dout.data_ptr();
-  p.do_batch_stride = stride_of(dout, 0);
-  p.do_head_stride = stride_of(dout, 1);
-  p.do_row_stride = stride_of(dout, 2);
-  p.grad_lse = grad_lse.defined() ? grad_lse.data_ptr<float>() : nullptr;
-  p.delta = delta.data_ptr<float>();
-  p.dq_accum = dq_accum.defined() ? dq_accum.data_ptr<float>() : nullptr;
-  p.dq = grad_q.data_ptr();
-  p.dk = grad_k.data_ptr();
-  p.dv = grad_v.data_ptr();
-  p.deterministic = deterministic;
-  p.grad_sinks = shape.has_sinks ? grad_sinks.data_ptr<float>() : nullptr;
-
-  const cudaStream_t stream = device::current_stream();
-  const cuda::DType dtype = cuda::dtype_of(q_in);
-  TFKERNELS_CHECK_LAUNCH(flash::run_flash_bwd_preprocess(p, dtype, stream));
-  cudaError_t err = cudaSuccess;
-  if (is_fp32) {
-    err = flash::run_flash_bwd_fp32(p, stream);
-  } else {
-    auto missing = [&](int padded) { return head_dim_not_built(shape.head_dim, padded); };
-    // The backward needs more shared memory than the forward (Q, dO, K, V, P, dS
-    // tiles): every instantiation fits sm_80 (163 KB) and sm_90 (227 KB); on 99 KB
-    // devices (sm_86/89) head dims above 128 get a clear error.
-    const int64_t smem_limit = device::max_smem_per_block();
-    const int kernel_dim = flash::padded_head_dim(p.head_dim);
-    TORCH_CHECK(flash::bwd_smem_bytes(kernel_dim) <= smem_limit, "tfkernels: the flash attention backward with head dim ",
-                shape.head_dim, " needs ", flash::bwd_smem_bytes(kernel_dim),
-                " bytes of shared memory a block; this device allows ", smem_limit);
-    err = cuda::dispatch_16bit(dtype, [&](auto tag) {
-      using Element = typename decltype(tag)::type;
-      return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_bwd<Element, kHeadDim>(p, stream); });
-    });
-    if (err == cudaSuccess && !deterministic) err = flash::run_flash_bwd_convert_dq(p, dtype, stream);
-  }
-  TFKERNELS_CHECK_LAUNCH(err);
-  return {grad_q, grad_k, grad_v, grad_sinks};
+  const device::Guard guard(q.device());
+  return flash_launch::backward(shape, grad_out, grad_lse, q, k, v, out, lse, seqlens_k, deterministic,
+                                {sinks, rng_state}, nullptr);
 }
 
 // The test-only op: the dropout keep mask the kernels draw for rng_state.

@@ -60,9 +60,9 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
   const int warp = tid / 32;
   const int lane = tid % 32;
   const int batch = blockIdx.z;
-  const int seqlen_q = p.seqlen_q;
   const int group = p.head_group;
   const BlockInfo info(p, batch);
+  const int seqlen_q = info.seqlen_q;
   const Mask& mask = info.mask;
   const int len_k = info.len_k();
   const float scale = p.scale;
@@ -76,11 +76,16 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
   const int head_r = blockIdx.y;                // query head (dQ) or KV head (dK/dV)
   const int kv_head = kKeyRows ? head_r : head_r / group;
   const int row_limit = kKeyRows ? len_k : seqlen_q;  // rows past it are zero
+  // Packed batches: the grid covers the longest sequence; blocks past this one's
+  // rows have none to write (block-uniform, before any barrier).
+  if (r0 >= (kKeyRows ? info.seqlen_k : seqlen_q)) return;
 
-  const float* q_base = static_cast<const float*>(p.q) + batch * p.q_batch_stride;
-  const float* do_base = static_cast<const float*>(p.dout) + batch * p.do_batch_stride;
-  const float* k_ptr = static_cast<const float*>(p.k) + batch * p.k_batch_stride + kv_head * p.k_head_stride;
-  const float* v_ptr = static_cast<const float*>(p.v) + batch * p.v_batch_stride + kv_head * p.v_head_stride;
+  const float* q_base = static_cast<const float*>(p.q) + info.q_offset(p.q_batch_stride, p.q_row_stride);
+  const float* do_base = static_cast<const float*>(p.dout) + info.q_offset(p.do_batch_stride, p.do_row_stride);
+  const float* k_ptr =
+      static_cast<const float*>(p.k) + info.k_offset(p.k_batch_stride, p.k_row_stride) + kv_head * p.k_head_stride;
+  const float* v_ptr =
+      static_cast<const float*>(p.v) + info.k_offset(p.v_batch_stride, p.v_row_stride) + kv_head * p.v_head_stride;
 
   // Column tiles: the key tiles the block's queries see (dQ), or per group head
   // the query tiles that see the block's keys (dK/dV).
@@ -111,7 +116,7 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
     lse_r[r] = -kInf;
     delta_r[r] = 0.0f;
     if (!kKeyRows && rw + r < seqlen_q) {
-      const int64_t idx = (static_cast<int64_t>(batch) * p.heads + head_r) * seqlen_q + rw + r;
+      const int64_t idx = info.stats_offset(p, head_r) + rw + r;
       lse_r[r] = p.lse[idx];
       delta_r[r] = p.delta[idx];
     }
@@ -158,7 +163,7 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
     }
     if (kKeyRows && tid < kB32BlockC) {
       const int q = c0 + tid;
-      const int64_t idx = (static_cast<int64_t>(batch) * p.heads + head) * seqlen_q + q;
+      const int64_t idx = info.stats_offset(p, head) + q;
       sL[tid] = q < seqlen_q ? p.lse[idx] : -kInf;
       sD[tid] = q < seqlen_q ? p.delta[idx] : 0.0f;
     }
@@ -247,11 +252,12 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
   }
 
   // ---- epilogue (outputs contiguous): zeros where nothing was seen.
-  const int out_rows = kKeyRows ? p.seqlen_k : seqlen_q;
-  const int out_heads = kKeyRows ? p.kv_heads : p.heads;
-  const int64_t base = (static_cast<int64_t>(batch) * out_heads + head_r) * out_rows;
-  float* o0 = static_cast<float*>(kKeyRows ? p.dk : p.dq) + base * d;
-  float* o1 = static_cast<float*>(p.dv) + base * d;
+  const int out_rows = kKeyRows ? info.seqlen_k : seqlen_q;
+  const int64_t out_row_stride = kKeyRows ? p.dk_row_stride : p.dq_row_stride;
+  const int64_t base = kKeyRows ? info.k_offset(p.dk_batch_stride, p.dk_row_stride) + head_r * p.dk_head_stride
+                                : info.q_offset(p.dq_batch_stride, p.dq_row_stride) + head_r * p.dq_head_stride;
+  float* o0 = static_cast<float*>(kKeyRows ? p.dk : p.dq) + base;
+  float* o1 = static_cast<float*>(p.dv) + base;
 #pragma unroll
   for (int r = 0; r < kB32RowsPerWarp; ++r) {
     const int row = rw + r;
@@ -260,8 +266,8 @@ __global__ void __launch_bounds__(kB32Threads, 1) flash_bwd_fp32_kernel(const __
     for (int i = 0; i < kB32ColsPerLane; ++i) {
       const int c = lane + 32 * i;
       if (c < d) {
-        o0[static_cast<int64_t>(row) * d + c] = acc0[r][i] * scale;
-        if (kKeyRows) o1[static_cast<int64_t>(row) * d + c] = acc1[r][i];
+        o0[static_cast<int64_t>(row) * out_row_stride + c] = acc0[r][i] * scale;
+        if (kKeyRows) o1[static_cast<int64_t>(row) * out_row_stride + c] = acc1[r][i];
       }
     }
   }

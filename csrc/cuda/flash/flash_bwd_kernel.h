@@ -341,12 +341,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int kv_head = blockIdx.y;
   const int batch = blockIdx.z;
   const int n0 = n_block * kBlockN;
-  const int seqlen_q = params.seqlen_q;
   const int head_dim = params.head_dim;
   const bool aligned16 = params.aligned16;
   const int group = params.head_group;
 
   const BlockInfo info(params, batch);
+  const int seqlen_q = info.seqlen_q;
+  // Packed batches: the grid covers the longest sequence's keys; blocks past this
+  // one's keys own no rows of dK, dV (block-uniform, before any barrier).
+  if (n0 >= info.seqlen_k) return;
   const Mask& mask = info.mask;
   const int len_k = info.len_k();
   // Query tiles holding a query that sees a key of [n0, n0 + kBlockN).
@@ -372,10 +375,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int d_w = (warp / 4) * (Traits::kHeadDim / 2);
 
   if (n_iter > 0) {
-    const Element* k_ptr = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
-                           kv_head * params.k_head_stride;
-    const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
-                           kv_head * params.v_head_stride;
+    const Element* k_ptr = static_cast<const Element*>(params.k) +
+                           info.k_offset(params.k_batch_stride, params.k_row_stride) + kv_head * params.k_head_stride;
+    const Element* v_ptr = static_cast<const Element*>(params.v) +
+                           info.k_offset(params.v_batch_stride, params.v_row_stride) + kv_head * params.v_head_stride;
     const ScoreMap score_map = ScoreMap::base2(params);
     const Dropout dropout = Dropout::make(params);
 
@@ -383,15 +386,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     auto load_q_tile = [&](int it, int stage) {
       const int head = kv_head * group + it / n_m;
       const int m0 = (m_begin + it % n_m) * kBlockM;
-      const Element* q_ptr = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
-                             head * params.q_head_stride;
-      const Element* do_ptr = static_cast<const Element*>(params.dout) + batch * params.do_batch_stride +
-                              head * params.do_head_stride;
+      const Element* q_ptr = static_cast<const Element*>(params.q) +
+                             info.q_offset(params.q_batch_stride, params.q_row_stride) + head * params.q_head_stride;
+      const Element* do_ptr = static_cast<const Element*>(params.dout) +
+                              info.q_offset(params.do_batch_stride, params.do_row_stride) + head * params.do_head_stride;
       load_tile<Traits, kBlockM>(sQ + stage * Traits::kStreamStageElems, q_ptr, params.q_row_stride, m0, seqlen_q,
                                  head_dim, aligned16, tid);
       load_tile<Traits, kBlockM>(sdO + stage * Traits::kStreamStageElems, do_ptr, params.do_row_stride, m0, seqlen_q,
                                  head_dim, aligned16, tid);
-      const int64_t row_base = (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
+      const int64_t row_base = info.stats_offset(params, head);
       bwd::load_row_stats<Traits>(s_lse2 + stage * kBlockM, s_delta + stage * kBlockM, params.lse + row_base,
                                   params.delta + row_base, m0, seqlen_q, tid);
     };
@@ -447,7 +450,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         // dQ[m0.., :] += dS K into the fp32 accumulator, in chunks of n8 tiles to
         // bound the registers next to the dK/dV accumulators.
         constexpr int kChunk = (kNT % 4 == 0) ? 4 : 2;
-        float* dqa = params.dq_accum + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q * head_dim;
+        float* dqa = params.dq_accum + info.q_offset(params.dq_batch_stride, params.dq_row_stride) +
+                     head * params.dq_head_stride;
         const int q_w = 16 * (warp % 4);
 #pragma unroll
         for (int c = 0; c < kNT / kChunk; ++c) {
@@ -467,7 +471,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
               const int row = m0 + q_w + g + 8 * (j / 2);
               const int col = dc + nt * 8 + 2 * tq + (j % 2);
               if (row < seqlen_q && col < head_dim) {
-                atomicAdd(dqa + static_cast<int64_t>(row) * head_dim + col, acc[nt][j]);
+                atomicAdd(dqa + static_cast<int64_t>(row) * params.dq_row_stride + col, acc[nt][j]);
               }
             }
           }
@@ -477,18 +481,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   }
 
   // ---- epilogue: dK = scale * acc_dk, dV = acc_dv for keys < Sk (zeros past len_k).
-  const int seqlen_k = params.seqlen_k;
+  const int seqlen_k = info.seqlen_k;
   const float scale = params.scale;
   const bool pair_ok = head_dim % 2 == 0;
-  const int64_t kv_base = (static_cast<int64_t>(batch) * params.kv_heads + kv_head) * seqlen_k;
-  Element* dk_ptr = static_cast<Element*>(params.dk) + kv_base * head_dim;
-  Element* dv_ptr = static_cast<Element*>(params.dv) + kv_base * head_dim;
+  const int64_t kv_base = info.k_offset(params.dk_batch_stride, params.dk_row_stride) + kv_head * params.dk_head_stride;
+  Element* dk_ptr = static_cast<Element*>(params.dk) + kv_base;
+  Element* dv_ptr = static_cast<Element*>(params.dv) + kv_base;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = n0 + 16 * (warp % 4) + g + 8 * r;
     if (key < seqlen_k) {
-      Element* dk_row = dk_ptr + static_cast<int64_t>(key) * head_dim;
-      Element* dv_row = dv_ptr + static_cast<int64_t>(key) * head_dim;
+      Element* dk_row = dk_ptr + static_cast<int64_t>(key) * params.dk_row_stride;
+      Element* dv_row = dv_ptr + static_cast<int64_t>(key) * params.dk_row_stride;
       // A key past len_k is seen by no query: its sums are 0 * (q, dO rows), which
       // is NaN where such a row holds Inf/NaN, so it is written as 0 outright.
       const bool seen = key < len_k;
@@ -532,11 +536,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int batch = blockIdx.z;
   const int kv_head = head / params.head_group;
   const int m0 = m_block * kBlockM;
-  const int seqlen_q = params.seqlen_q;
   const int head_dim = params.head_dim;
   const bool aligned16 = params.aligned16;
 
   const BlockInfo info(params, batch);
+  const int seqlen_q = info.seqlen_q;
+  if (m0 >= seqlen_q) return;  // packed batches: past this sequence's end (block-uniform)
   const Mask& mask = info.mask;
   const int len_k = info.len_k();
   const int row_end = (m0 + kBlockM < seqlen_q) ? m0 + kBlockM : seqlen_q;
@@ -553,14 +558,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int d_w = (warp / 4) * (Traits::kHeadDim / 2);
 
   if (n_tiles > 0) {
-    const Element* q_ptr = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
-                           head * params.q_head_stride;
-    const Element* do_ptr = static_cast<const Element*>(params.dout) + batch * params.do_batch_stride +
-                            head * params.do_head_stride;
-    const Element* k_ptr = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
-                           kv_head * params.k_head_stride;
-    const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
-                           kv_head * params.v_head_stride;
+    const Element* q_ptr = static_cast<const Element*>(params.q) +
+                           info.q_offset(params.q_batch_stride, params.q_row_stride) + head * params.q_head_stride;
+    const Element* do_ptr = static_cast<const Element*>(params.dout) +
+                            info.q_offset(params.do_batch_stride, params.do_row_stride) + head * params.do_head_stride;
+    const Element* k_ptr = static_cast<const Element*>(params.k) +
+                           info.k_offset(params.k_batch_stride, params.k_row_stride) + kv_head * params.k_head_stride;
+    const Element* v_ptr = static_cast<const Element*>(params.v) +
+                           info.k_offset(params.v_batch_stride, params.v_row_stride) + kv_head * params.v_head_stride;
     const ScoreMap score_map = ScoreMap::base2(params);
     const Dropout dropout = Dropout::make(params);
     const uint32_t batch_head = static_cast<uint32_t>(batch) * params.heads + head;
@@ -574,7 +579,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     load_tile<Traits, kBlockM>(sQ, q_ptr, params.q_row_stride, m0, seqlen_q, head_dim, aligned16, tid);
     load_tile<Traits, kBlockM>(sdO, do_ptr, params.do_row_stride, m0, seqlen_q, head_dim, aligned16, tid);
-    const int64_t row_base = (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
+    const int64_t row_base = info.stats_offset(params, head);
     bwd::load_row_stats<Traits>(s_lse2, s_delta, params.lse + row_base, params.delta + row_base, m0, seqlen_q, tid);
     load_kv_tile(0, 0);
     cuda::cp_async_commit();
@@ -617,13 +622,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int tq = lane % 4;
   const float scale = params.scale;
   const bool pair_ok = head_dim % 2 == 0;
-  Element* dq_ptr = static_cast<Element*>(params.dq) +
-                    (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q * head_dim;
+  Element* dq_ptr = static_cast<Element*>(params.dq) + info.q_offset(params.dq_batch_stride, params.dq_row_stride) +
+                    head * params.dq_head_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + 16 * (warp % 4) + g + 8 * r;
     if (row < seqlen_q) {
-      Element* dq_row = dq_ptr + static_cast<int64_t>(row) * head_dim;
+      Element* dq_row = dq_ptr + static_cast<int64_t>(row) * params.dq_row_stride;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         bwd::store_pair(dq_row, d_w + nt * 8 + 2 * tq, acc[nt][2 * r] * scale, acc[nt][2 * r + 1] * scale, head_dim,

@@ -5,6 +5,8 @@
 //                                (with sinks; one block a head, after the delta pass)
 //   flash_bwd_convert_dq_kernel: dq = dq_accum * scale in the input dtype
 //                                (16-bit default mode, after the atomics)
+// Each treats every query row alike, so a packed varlen batch is one entry of
+// total_q rows to them (AllRows, block_info.h): lse [H,total_q] is [1,H,total_q].
 // Why grad_lse enters delta: d lse_i / d s_ij = P_ij, so the gradient through lse
 // adds P_ij * grad_lse_i to dS_ij = P_ij (dP_ij - delta_i), which is the same as
 // subtracting grad_lse_i from delta_i.
@@ -20,6 +22,7 @@
 #include "cuda/common/convert.h"
 #include "cuda/common/dtype.h"
 #include "cuda/common/ptx.h"
+#include "cuda/flash/block_info.h"
 #include "cuda/flash/flash_api.h"
 
 namespace tfkernels {
@@ -33,11 +36,12 @@ template <typename T>
 __global__ void __launch_bounds__(kDeltaWarps * 32) flash_bwd_delta_kernel(const __grid_constant__ BwdParams p) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.seqlen_q;
+  const AllRows all = AllRows::of(p);  // packed: one entry of total_q rows
+  const int64_t rows = static_cast<int64_t>(all.batches) * p.heads * all.rows;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaWarps + warp;
   if (row >= rows) return;
-  const int i = static_cast<int>(row % p.seqlen_q);
-  const int64_t bh = row / p.seqlen_q;
+  const int i = static_cast<int>(row % all.rows);
+  const int64_t bh = row / all.rows;
   const int h = static_cast<int>(bh % p.heads);
   const int b = static_cast<int>(bh / p.heads);
   const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
@@ -55,11 +59,12 @@ __global__ void __launch_bounds__(kSinkThreads) flash_bwd_sink_grad_kernel(const
   __shared__ float warp_sums[kSinkThreads / 32];
   const int head = blockIdx.x;
   const float sink = p.sinks[head];
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q;  // (b, i) of this head
+  const AllRows all = AllRows::of(p);
+  const int64_t rows = static_cast<int64_t>(all.batches) * all.rows;  // (b, i) of this head
   float sum = 0.0f;
   for (int64_t t = threadIdx.x; t < rows; t += kSinkThreads) {
-    const int64_t b = t / p.seqlen_q;
-    const int64_t idx = (b * p.heads + head) * p.seqlen_q + t % p.seqlen_q;
+    const int64_t b = t / all.rows;
+    const int64_t idx = (b * p.heads + head) * all.rows + t % all.rows;
     const float p_sink = sink == kNegInf ? 0.0f : expf(sink - p.lse[idx]);
     sum = fmaf(p_sink, p.delta[idx], sum);
   }
@@ -85,7 +90,8 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, T* __
 }  // namespace
 
 cudaError_t run_flash_bwd_preprocess(const BwdParams& params, cuda::DType dtype, cudaStream_t stream) {
-  const int64_t rows = static_cast<int64_t>(params.batch) * params.heads * params.seqlen_q;
+  const AllRows all = AllRows::of(params);
+  const int64_t rows = static_cast<int64_t>(all.batches) * params.heads * all.rows;
   if (rows == 0) return cudaSuccess;  // grad_sinks, if any, stays as allocated (zeros)
   const int64_t blocks = (rows + kDeltaWarps - 1) / kDeltaWarps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
@@ -105,7 +111,9 @@ cudaError_t run_flash_bwd_preprocess(const BwdParams& params, cuda::DType dtype,
 // 16-bit default mode only: the fp32 path writes dq directly.
 cudaError_t run_flash_bwd_convert_dq(const BwdParams& params, cuda::DType dtype, cudaStream_t stream) {
   if (dtype == cuda::DType::kFloat32) return cudaErrorInvalidValue;
-  const int64_t n = static_cast<int64_t>(params.batch) * params.heads * params.seqlen_q * params.head_dim;
+  // dq and dq_accum have one layout (contiguous [B,H,Sq,D] or [total_q,H,D]).
+  const AllRows all = AllRows::of(params);
+  const int64_t n = static_cast<int64_t>(all.batches) * params.heads * all.rows * params.head_dim;
   if (n == 0) return cudaSuccess;
   constexpr int kThreads = 256;
   int64_t blocks = (n + kThreads - 1) / kThreads;

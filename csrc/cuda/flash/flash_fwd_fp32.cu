@@ -61,8 +61,9 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   const int batch = blockIdx.z;
   const int kv_head = head / params.head_group;
   const int m0 = m_block * kF32BlockM;
-  const int seqlen_q = params.seqlen_q;
   const BlockInfo info(params, batch);
+  const int seqlen_q = info.seqlen_q;
+  if (m0 >= seqlen_q) return;  // packed batches: past this sequence's end (block-uniform)
   const Mask& mask = info.mask;
   const int len_k = info.len_k();
   const int row_end = (m0 + kF32BlockM < seqlen_q) ? m0 + kF32BlockM : seqlen_q;
@@ -71,12 +72,12 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   const int r0 = m0 + warp * kF32RowsPerWarp;  // this warp's first row
   const bool warp_active = r0 < seqlen_q;
 
-  const float* q_ptr =
-      static_cast<const float*>(params.q) + batch * params.q_batch_stride + head * params.q_head_stride;
-  const float* k_ptr =
-      static_cast<const float*>(params.k) + batch * params.k_batch_stride + kv_head * params.k_head_stride;
-  const float* v_ptr =
-      static_cast<const float*>(params.v) + batch * params.v_batch_stride + kv_head * params.v_head_stride;
+  const float* q_ptr = static_cast<const float*>(params.q) + info.q_offset(params.q_batch_stride, params.q_row_stride) +
+                       head * params.q_head_stride;
+  const float* k_ptr = static_cast<const float*>(params.k) + info.k_offset(params.k_batch_stride, params.k_row_stride) +
+                       kv_head * params.k_head_stride;
+  const float* v_ptr = static_cast<const float*>(params.v) + info.k_offset(params.v_batch_stride, params.v_row_stride) +
+                       kv_head * params.v_head_stride;
 
   float acc_o[kF32RowsPerWarp][kF32ColsPerLane];
   float row_max[kF32RowsPerWarp];
@@ -177,8 +178,9 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
 
   if (!warp_active) return;
   const float sink = sink_logit(params, head);
-  float* o_ptr = static_cast<float*>(params.out) + batch * params.o_batch_stride + head * params.o_head_stride;
-  float* lse_ptr = params.lse + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
+  float* o_ptr = static_cast<float*>(params.out) + info.q_offset(params.o_batch_stride, params.o_row_stride) +
+                 head * params.o_head_stride;
+  float* lse_ptr = params.lse + info.stats_offset(params, head);
 #pragma unroll
   for (int r = 0; r < kF32RowsPerWarp; ++r) {
     const int row = r0 + r;

@@ -78,11 +78,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
   const int kv_head = head / params.head_group;
   const int m0 = m_block * kBlockM;
   const int m0w = m0 + warp * 16;  // first query row of this warp
-  const int seqlen_q = params.seqlen_q;
   const int head_dim = params.head_dim;
   const bool aligned16 = params.aligned16;
 
   const BlockInfo info(params, batch);
+  const int seqlen_q = info.seqlen_q;
+  // Packed batches: the grid covers the longest sequence; tiles past this one's end
+  // have nothing to do (block-uniform, before any barrier).
+  if (m0 >= seqlen_q) return;
   const Mask& mask = info.mask;
   const int len_k = info.len_k();
   const int row_end = (m0 + kBlockM < seqlen_q) ? m0 + kBlockM : seqlen_q;
@@ -91,12 +94,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
   const Dropout dropout = Dropout::make(params);
   const uint32_t batch_head = static_cast<uint32_t>(batch) * params.heads + head;
 
-  const Element* q_ptr = static_cast<const Element*>(params.q) + batch * params.q_batch_stride +
-                         head * params.q_head_stride;
-  const Element* k_ptr = static_cast<const Element*>(params.k) + batch * params.k_batch_stride +
-                         kv_head * params.k_head_stride;
-  const Element* v_ptr = static_cast<const Element*>(params.v) + batch * params.v_batch_stride +
-                         kv_head * params.v_head_stride;
+  const Element* q_ptr = static_cast<const Element*>(params.q) +
+                         info.q_offset(params.q_batch_stride, params.q_row_stride) + head * params.q_head_stride;
+  const Element* k_ptr = static_cast<const Element*>(params.k) +
+                         info.k_offset(params.k_batch_stride, params.k_row_stride) + kv_head * params.k_head_stride;
+  const Element* v_ptr = static_cast<const Element*>(params.v) +
+                         info.k_offset(params.v_batch_stride, params.v_row_stride) + kv_head * params.v_head_stride;
 
   // Accumulators: O (16 rows x kHeadDim per warp), running max m (base-2 scaled
   // scores) and this thread's partial row sum l, for rows g = lane/4 and g + 8.
@@ -317,11 +320,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
     }
   }
   __syncwarp();
-  Element* o_ptr = static_cast<Element*>(params.out) + batch * params.o_batch_stride + head * params.o_head_stride;
+  Element* o_ptr = static_cast<Element*>(params.out) + info.q_offset(params.o_batch_stride, params.o_row_stride) +
+                   head * params.o_head_stride;
   store_rows_warp<Traits>(o_ptr, params.o_row_stride, sQ, warp * 16, m0w, seqlen_q, head_dim, aligned16, lane);
 
   if (tq == 0) {
-    float* lse_ptr = params.lse + (static_cast<int64_t>(batch) * params.heads + head) * seqlen_q;
+    float* lse_ptr = params.lse + info.stats_offset(params, head);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = m0w + g + 8 * r;

@@ -54,6 +54,17 @@ struct FwdParams {
   float dropout_p;
   const int64_t* rng_state;
 
+  // Packed variable-length batches (issue 16; block_info.h). nullptr: the padded
+  // layout above. Otherwise q and out are [total_q,H,D], k and v [total_k,Hkv,D]
+  // (batch strides unused), sequence b owns rows cu_seqlens_q[b] .. cu_seqlens_q[b+1]
+  // of q (int32 [B+1] on the device; the kernels clamp the values to [0, total], so
+  // unvalidated ones, as in CUDA graph capture, never reach outside the tensors), likewise
+  // for k/v, seqlen_q/seqlen_k hold max_seqlen_q/k (the grids' extent), and lse (and
+  // the backward's delta, grad_lse) is [H,total_q].
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  int total_q, total_k;
+
   // 16-bit path only: D % 8 == 0 and every base pointer and batch/head/row stride
   // is a multiple of 16 bytes, so 16-byte cp.async loads and 16-byte stores are
   // legal. When false the kernels load and store element by element (odd head
@@ -68,14 +79,19 @@ struct FwdParams {
 struct BwdParams : FwdParams {
   const void* dout;  // [B,H,Sq,D], any batch/head/row strides, last dim contiguous
   int64_t do_batch_stride, do_head_stride, do_row_stride;
-  const float* grad_lse;  // optional contiguous fp32 [B,H,Sq] (nullptr: none)
-  float* delta;           // scratch fp32 [B,H,Sq]: rowsum(dO * O) - grad_lse
-  float* dq_accum;        // scratch fp32 [B,H,Sq,head_dim] contiguous, zeroed (default mode only)
-  // Outputs, contiguous: dq [B,H,Sq,D], dk and dv [B,Hkv,Sk,D].
+  const float* grad_lse;  // optional contiguous fp32 laid out as lse (nullptr: none)
+  float* delta;           // scratch fp32 laid out as lse: rowsum(dO * O) - grad_lse
+  float* dq_accum;        // scratch fp32 laid out as dq (below), zeroed (default mode only)
+  // Outputs, contiguous: dq [B,H,Sq,D], dk and dv [B,Hkv,Sk,D] (packed: [total,H,D]).
   void* dq;
   void* dk;
   void* dv;
   float* grad_sinks;      // float32 [H] when sinks is given: -sum_{b,i} exp(sink - lse) delta
+  // The gradients' layouts (strides in elements): dq and dq_accum share one
+  // ([B,H,Sq,D] padded, [total_q,H,D] packed), dk and dv another ([B,Hkv,Sk,D] or
+  // [total_k,Hkv,D]); D = head_dim, contiguous rows.
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
   // deterministic: dQ by a second kernel that walks the K/V tiles of each query
   // tile (no atomics); otherwise fp32 atomicAdd into dq_accum, then a convert pass.
   bool deterministic;
