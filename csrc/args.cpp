@@ -76,7 +76,7 @@ void check_rng_state(const at::Tensor& rng_state, const at::Tensor& ref, const c
   check_same_device(rng_state, "rng_state", ref, ref_name);
 }
 
-static void check_attention_variants(AttentionShape& s, const at::Tensor& q, int64_t window_left,
+void check_attention_variants(AttentionShape& s, const at::Tensor& q, int64_t window_left,
                                      int64_t window_right, double softcap, const c10::optional<at::Tensor>& sinks,
                                      double dropout_p, const c10::optional<at::Tensor>& rng_state) {
   TORCH_CHECK(window_left >= -1 && window_right >= -1,

@@ -49,6 +49,12 @@ AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, co
                                     int64_t window_right, double softcap, const c10::optional<at::Tensor>& sinks,
                                     double dropout_p, const c10::optional<at::Tensor>& rng_state);
 
+// The variants alone (window, softcap, sinks against s.heads, dropout and rng_state), into s;
+// check_attention_args calls it, and so do the ops with their own q/k/v layouts.
+void check_attention_variants(AttentionShape& s, const at::Tensor& q, int64_t window_left, int64_t window_right,
+                              double softcap, const c10::optional<at::Tensor>& sinks, double dropout_p,
+                              const c10::optional<at::Tensor>& rng_state);
+
 // The dropout RNG state: rng_state int64 [2] (seed, offset) on `device`.
 void check_rng_state(const at::Tensor& rng_state, const at::Tensor& ref, const char* ref_name);
 

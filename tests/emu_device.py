@@ -27,7 +27,8 @@ LIBRARY = os.path.join(ROOT, "build", "emu", VARIANT, "libtfkernels_emu.so")
 # with a tolerance across schedules instead of bitwise): the non-deterministic
 # flash backward accumulates dq with fp32 atomicAdd.
 OPS = ["flash_attention_fwd", "flash_attention_bwd", "fused_qkv", "fused_qkv_bwd", "bias_gelu", "bias_gelu_bwd",
-       "linear_gelu", "linear_gelu_bwd", "fused_mlp", "fused_mlp_bwd", "_dropout_mask"]
+       "linear_gelu", "linear_gelu_bwd", "fused_mlp", "fused_mlp_bwd", "_dropout_mask",
+       "flash_attention_kvcache"]
 
 
 _BWD_DETERMINISTIC = 11  # flash_attention_bwd's `deterministic` argument

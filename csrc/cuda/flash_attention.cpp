@@ -22,12 +22,15 @@
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/kernel_traits.h"
 #include "cuda/flash/static_switch.h"
+#include "cuda/flash_launch.h"
 #include "cuda/unverified.h"
 
 namespace tfkernels {
 namespace {
 
 using cuda::aligned16;
+using flash_launch::head_dim_not_built;
+using flash_launch::stride_of;
 
 // Heads and batches index grid dims y and z; rows and keys stay below 2^30 so that
 // the kernels' int32 tile arithmetic (row + tile size) cannot overflow.
@@ -36,30 +39,11 @@ void check_cuda_limits(const AttentionShape& shape) {
   cuda::check_limit("flash_attention", "sequence lengths", {shape.seqlen_q, shape.seqlen_k}, (int64_t(1) << 30) - 1);
 }
 
-// The stride of a dim that is only ever indexed with 0 does not matter; pass 0 so
-// that huge or odd strides of size-1 dims never enter the address arithmetic.
-int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) > 1 ? t.stride(d) : 0; }
-
-// TFK_HEADDIM_SWITCH's answer for a head dim whose instantiation a
-// TFKERNELS_HEAD_DIMS build left out.
-cudaError_t head_dim_not_built(int64_t head_dim, int padded) {
-  TORCH_CHECK(false, "tfkernels: head dim ", head_dim, " needs the flash-attention kernels for head dim ", padded,
-              ", which this build left out (it was built with TFKERNELS_HEAD_DIMS restricting the head dims); "
-              "rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
-  return cudaErrorInvalidValue;
-}
-
 // The tensors of the attention variants, as the op takes them.
 struct VariantTensors {
   const c10::optional<at::Tensor>& sinks;      // float32 [H] contiguous (checked)
   const c10::optional<at::Tensor>& rng_state;  // int64 [2] on q's device when dropout_p > 0 (checked)
 };
-
-// A window bound as the kernels take it: -1 (unbounded) or a value clamped to
-// Sq + Sk, past which every bound is as good as none (mask.h).
-int window_bound(int64_t w, const AttentionShape& shape) {
-  return static_cast<int>(w < 0 ? -1 : std::min<int64_t>(w, shape.seqlen_q + shape.seqlen_k));
-}
 
 // The fields the forward and backward kernels share: pointers and strides of q, k,
 // v, out and lse, seqlens_k, the problem sizes and the variants. Returns the
@@ -105,8 +89,8 @@ at::Tensor set_attention_params(flash::FwdParams& p, const AttentionShape& shape
   p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
   p.causal = shape.causal;
   p.bottom_right = shape.bottom_right;
-  p.window_left = window_bound(shape.window_left, shape);
-  p.window_right = window_bound(shape.window_right, shape);
+  p.window_left = flash_launch::window_bound(shape.window_left, shape.seqlen_q, shape.seqlen_k);
+  p.window_right = flash_launch::window_bound(shape.window_right, shape.seqlen_q, shape.seqlen_k);
   p.softcap = shape.softcap;
   p.sinks = shape.has_sinks ? variants.sinks->data_ptr<float>() : nullptr;
   p.dropout_p = shape.dropout_p;
@@ -154,29 +138,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_fwd_cuda(const at::Tensor& q_
   flash::FwdParams p{};
   const at::Tensor lens = set_attention_params(p, shape, q, k, v, out, lse, seqlens_k, {sinks, rng_state}, fast);
 
-  const cudaStream_t stream = device::current_stream();
-  cudaError_t err = cudaSuccess;
-  if (is_fp32) {
-    err = flash::run_flash_fwd_fp32(p, stream);
-  } else {
-    auto missing = [&](int padded) { return head_dim_not_built(shape.head_dim, padded); };
-    // sm_80 and sm_90 give a block 163 and 227 KB of shared memory, enough for
-    // every instantiation. sm_86/sm_89 give 99 KB: there the D = 128 tiles (102 KB)
-    // do not fit, so a head dim runs on the next larger instantiation that does
-    // (D <= 128 on the 160 kernel, 86 KB; its D tail is zero-filled like any
-    // padded dim), and a dim with none left gets a clear error.
-    const int64_t smem_limit = device::max_smem_per_block();
-    int kernel_dim = flash::padded_head_dim(p.head_dim);
-    while (kernel_dim <= kMaxHeadDim && flash::fwd_smem_bytes(kernel_dim) > smem_limit) kernel_dim += 32;
-    TORCH_CHECK(kernel_dim <= kMaxHeadDim, "tfkernels: flash attention with head dim ", shape.head_dim,
-                " needs ", flash::fwd_smem_bytes(flash::padded_head_dim(p.head_dim)),
-                " bytes of shared memory a block; this device allows ", smem_limit);
-    err = cuda::dispatch_16bit(cuda::dtype_of(q), [&](auto tag) {
-      using Element = typename decltype(tag)::type;
-      return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_fwd<Element, kHeadDim>(p, stream); });
-    });
-  }
-  TFKERNELS_CHECK_LAUNCH(err);
+  flash_launch::launch_flash_fwd(p, q.scalar_type());
   return {out, lse};
 }
 

@@ -16,6 +16,7 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
 namespace tfkernels {
@@ -27,6 +28,13 @@ inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream(); 
 // Shared memory a block may opt into, and the SM count, of the current device.
 inline int64_t max_smem_per_block() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
 inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Whether the current stream is being captured into a CUDA graph: launchers then
+// skip the checks that read tensor values on the host (a device-to-host copy
+// would break the capture) and rely on the kernels' clamping.
+inline bool stream_capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
 
 inline void check_on_device(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "tfkernels: ", name, " must be a CUDA tensor, got ", t.device());
