@@ -76,9 +76,9 @@ template <typename Traits, int kRows, typename Element>
 __device__ __forceinline__ void load_kv_tile(Element* smem, const KvRows<Element>& rows, int row0, int row_limit,
                                              int head_dim, bool aligned16, int tid) {
   if (rows.is_paged()) {
-    load_tile_rows<Traits, kRows>(smem, rows.paged, row0, row_limit, head_dim, aligned16, tid);
+    load_tile_rows<Traits, kRows>(smem, rows.paged(), row0, row_limit, head_dim, aligned16, tid);
   } else {
-    load_tile_rows<Traits, kRows>(smem, rows.dense, row0, row_limit, head_dim, aligned16, tid);
+    load_tile_rows<Traits, kRows>(smem, rows.dense(), row0, row_limit, head_dim, aligned16, tid);
   }
 }
 

@@ -49,6 +49,7 @@ __device__ __forceinline__ float rotate(const T* x, int c, const T* cos, const T
 template <typename T>
 __device__ __forceinline__ void copy_row(T* dst, const T* src, const T* cos, const T* sin, const KvcacheAppendParams& p,
                                          int lane) {
+#pragma unroll 1
   for (int c = lane; c < p.head_dim; c += 32) {
     dst[c] = (cos != nullptr && c < p.rotary_dim) ? cuda::from_float<T>(rotate(src, c, cos, sin, p.rotary_dim,
                                                                                 p.interleaved))

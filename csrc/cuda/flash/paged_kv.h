@@ -45,30 +45,28 @@ struct PagedRows {
   }
 };
 
-// K or V of one (batch, kv head), dense or paged.
+// K or V of one (batch, kv head), dense or paged: one base pointer either way
+// (the dense row 0, or block 0 at the kv head), so the dense kernels carry no
+// second address.
 template <typename Element>
 struct KvRows {
-  DenseRows<Element> dense;  // paged: only `base`, a valid address for predicated-off copies
-  PagedRows<Element> paged;  // table == nullptr: dense
+  PagedRows<Element> map;  // table == nullptr: dense rows at map.base + r * map.row_stride
 
   __device__ __forceinline__ static KvRows make(const FwdParams& p, const void* data, int64_t batch_stride,
                                                 int64_t head_stride, int64_t row_stride, int batch, int kv_head) {
     const Element* head_base = static_cast<const Element*>(data) + kv_head * head_stride;
-    KvRows rows;
     if (p.block_table == nullptr) {
-      rows.dense = DenseRows<Element>{head_base + batch * batch_stride, row_stride};
-      rows.paged = PagedRows<Element>{nullptr, 0, 0, nullptr, 1, 1};
-    } else {
-      rows.dense = DenseRows<Element>{head_base, row_stride};
-      rows.paged = PagedRows<Element>{head_base, row_stride, batch_stride,
-                                      p.block_table + batch * p.block_table_batch_stride, p.page_block_size,
-                                      p.num_pages};
+      return KvRows{PagedRows<Element>{head_base + batch * batch_stride, row_stride, 0, nullptr, 1, 1}};
     }
-    return rows;
+    return KvRows{PagedRows<Element>{head_base, row_stride, batch_stride,
+                                     p.block_table + batch * p.block_table_batch_stride, p.page_block_size,
+                                     p.num_pages}};
   }
 
-  __device__ __forceinline__ bool is_paged() const { return paged.table != nullptr; }
-  __device__ __forceinline__ const Element* row(int r) const { return is_paged() ? paged(r) : dense(r); }
+  __device__ __forceinline__ bool is_paged() const { return map.table != nullptr; }
+  __device__ __forceinline__ DenseRows<Element> dense() const { return DenseRows<Element>{map.base, map.row_stride}; }
+  __device__ __forceinline__ const PagedRows<Element>& paged() const { return map; }
+  __device__ __forceinline__ const Element* row(int r) const { return is_paged() ? map(r) : dense()(r); }
 };
 
 }  // namespace flash
