@@ -27,8 +27,8 @@ LIBRARY = os.path.join(ROOT, "build", "emu", VARIANT, "libtfkernels_emu.so")
 # with a tolerance across schedules instead of bitwise): the non-deterministic
 # flash backward accumulates dq with fp32 atomicAdd.
 OPS = ["flash_attention_fwd", "flash_attention_bwd", "flash_attention_varlen_fwd", "flash_attention_varlen_bwd",
-       "fused_qkv", "fused_qkv_bwd", "bias_gelu", "bias_gelu_bwd", "linear_gelu", "linear_gelu_bwd", "fused_mlp",
-       "fused_mlp_bwd", "_dropout_mask"]
+       "flash_attention_kvcache", "fused_qkv", "fused_qkv_bwd", "bias_gelu", "bias_gelu_bwd", "linear_gelu",
+       "linear_gelu_bwd", "fused_mlp", "fused_mlp_bwd", "_dropout_mask"]
 
 
 # The backwards' `deterministic` argument (q is argument 2 of both).

@@ -1,5 +1,6 @@
 // The shared half of the CUDA flash-attention launchers (flash_launch.h): params,
-// alignment copies, scratch and kernel dispatch for the padded and packed layouts.
+// alignment copies, scratch and kernel dispatch for the padded and packed layouts,
+// and the forward pieces the KV-cache launcher (flash_kvcache.cpp) builds on.
 #include "cuda/flash_launch.h"
 
 #include <ATen/ATen.h>
@@ -22,10 +23,6 @@ namespace {
 
 using cuda::aligned16;
 
-// The stride of a dim that is only ever indexed with 0 does not matter; pass 0 so
-// that huge or odd strides of size-1 dims never enter the address arithmetic.
-int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) > 1 ? t.stride(d) : 0; }
-
 // Batch, head and row strides of a padded [B,H,S,D] or packed [total,H,D] tensor
 // (packed: no batch dim, the kernels offset rows by cu_seqlens instead).
 struct Strides {
@@ -34,21 +31,6 @@ struct Strides {
 Strides strides_of(const at::Tensor& t) {
   if (t.dim() == 4) return {stride_of(t, 0), stride_of(t, 1), stride_of(t, 2)};
   return {0, stride_of(t, 1), stride_of(t, 0)};
-}
-
-// TFK_HEADDIM_SWITCH's answer for a head dim whose instantiation a
-// TFKERNELS_HEAD_DIMS build left out.
-cudaError_t head_dim_not_built(int64_t head_dim, int padded) {
-  TORCH_CHECK(false, "tfkernels: head dim ", head_dim, " needs the flash-attention kernels for head dim ", padded,
-              ", which this build left out (it was built with TFKERNELS_HEAD_DIMS restricting the head dims); "
-              "rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
-  return cudaErrorInvalidValue;
-}
-
-// A window bound as the kernels take it: -1 (unbounded) or a value clamped to
-// Sq + Sk, past which every bound is as good as none (mask.h).
-int window_bound(int64_t w, const AttentionShape& shape) {
-  return static_cast<int>(w < 0 ? -1 : std::min<int64_t>(w, shape.seqlen_q + shape.seqlen_k));
 }
 
 // 16-bit inputs with D % 8 == 0 take the 16-byte cp.async path: misaligned views (an
@@ -114,8 +96,8 @@ at::Tensor set_attention_params(flash::FwdParams& p, const AttentionShape& shape
   p.scale_log2 = static_cast<float>(static_cast<double>(shape.scale) * 1.4426950408889634074);
   p.causal = shape.causal;
   p.bottom_right = shape.bottom_right;
-  p.window_left = window_bound(shape.window_left, shape);
-  p.window_right = window_bound(shape.window_right, shape);
+  p.window_left = window_bound(shape.window_left, shape.seqlen_q, shape.seqlen_k);
+  p.window_right = window_bound(shape.window_right, shape.seqlen_q, shape.seqlen_k);
   p.softcap = shape.softcap;
   p.sinks = shape.has_sinks ? variants.sinks->data_ptr<float>() : nullptr;
   p.dropout_p = shape.dropout_p;
@@ -132,6 +114,56 @@ std::vector<int64_t> lse_sizes(const AttentionShape& shape, const PackedRows* pa
 
 }  // namespace
 
+int64_t stride_of(const at::Tensor& t, int64_t d) { return t.size(d) > 1 ? t.stride(d) : 0; }
+
+int window_bound(int64_t w, int64_t seqlen_q, int64_t seqlen_k) {
+  return static_cast<int>(w < 0 ? -1 : std::min<int64_t>(w, seqlen_q + seqlen_k));
+}
+
+cudaError_t head_dim_not_built(int64_t head_dim, int padded) {
+  TORCH_CHECK(false, "tfkernels: head dim ", head_dim, " needs the flash-attention kernels for head dim ", padded,
+              ", which this build left out (it was built with TFKERNELS_HEAD_DIMS restricting the head dims); "
+              "rebuild with TFKERNELS_HEAD_DIMS unset or including ", padded);
+  return cudaErrorInvalidValue;
+}
+
+int fwd_kernel_dim(int64_t head_dim) {
+  // sm_80 and sm_90 give a block 163 and 227 KB of shared memory, enough for
+  // every instantiation. sm_86/sm_89 give 99 KB: there the D = 128 tiles (102 KB)
+  // do not fit, so a head dim runs on the next larger instantiation that does
+  // (D <= 128 on the 160 kernel, 86 KB; its D tail is zero-filled like any
+  // padded dim), and a dim with none left gets a clear error.
+  const int64_t smem_limit = device::max_smem_per_block();
+  const int padded = flash::padded_head_dim(static_cast<int>(head_dim));
+  int kernel_dim = padded;
+  while (kernel_dim <= kMaxHeadDim && flash::fwd_smem_bytes(kernel_dim) > smem_limit) kernel_dim += 32;
+  TORCH_CHECK(kernel_dim <= kMaxHeadDim, "tfkernels: flash attention with head dim ", head_dim, " needs ",
+              flash::fwd_smem_bytes(padded), " bytes of shared memory a block; this device allows ", smem_limit);
+  return kernel_dim;
+}
+
+FwdTile fwd_tile(at::ScalarType dtype, int64_t head_dim) {
+  if (dtype == at::kFloat) return FwdTile{flash::kFwdFp32BlockM, flash::kFwdFp32BlockN};
+  const int kernel_dim = fwd_kernel_dim(head_dim);
+  return FwdTile{flash::fwd_block_m(kernel_dim), flash::fwd_block_n(kernel_dim)};
+}
+
+void launch_flash_fwd(const flash::FwdParams& p, at::ScalarType dtype) {
+  const cudaStream_t stream = device::current_stream();
+  cudaError_t err = cudaSuccess;
+  if (dtype == at::kFloat) {
+    err = flash::run_flash_fwd_fp32(p, stream);
+  } else {
+    auto missing = [&](int padded) { return head_dim_not_built(p.head_dim, padded); };
+    const int kernel_dim = fwd_kernel_dim(p.head_dim);
+    err = cuda::dispatch_16bit(cuda::dtype_of(dtype), [&](auto tag) {
+      using Element = typename decltype(tag)::type;
+      return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_fwd<Element, kHeadDim>(p, stream); });
+    });
+  }
+  TFKERNELS_CHECK_LAUNCH(err);
+}
+
 std::tuple<at::Tensor, at::Tensor> forward(const AttentionShape& shape, const at::Tensor& q_in,
                                            const at::Tensor& k_in, const at::Tensor& v_in,
                                            const c10::optional<at::Tensor>& seqlens_k,
@@ -147,29 +179,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const AttentionShape& shape, const at
   flash::FwdParams p{};
   const at::Tensor lens = set_attention_params(p, shape, q, k, v, out, lse, seqlens_k, variants, packed, fast);
 
-  const cudaStream_t stream = device::current_stream();
-  cudaError_t err = cudaSuccess;
-  if (is_fp32) {
-    err = flash::run_flash_fwd_fp32(p, stream);
-  } else {
-    auto missing = [&](int padded) { return head_dim_not_built(shape.head_dim, padded); };
-    // sm_80 and sm_90 give a block 163 and 227 KB of shared memory, enough for
-    // every instantiation. sm_86/sm_89 give 99 KB: there the D = 128 tiles (102 KB)
-    // do not fit, so a head dim runs on the next larger instantiation that does
-    // (D <= 128 on the 160 kernel, 86 KB; its D tail is zero-filled like any
-    // padded dim), and a dim with none left gets a clear error.
-    const int64_t smem_limit = device::max_smem_per_block();
-    int kernel_dim = flash::padded_head_dim(p.head_dim);
-    while (kernel_dim <= kMaxHeadDim && flash::fwd_smem_bytes(kernel_dim) > smem_limit) kernel_dim += 32;
-    TORCH_CHECK(kernel_dim <= kMaxHeadDim, "tfkernels: flash attention with head dim ", shape.head_dim,
-                " needs ", flash::fwd_smem_bytes(flash::padded_head_dim(p.head_dim)),
-                " bytes of shared memory a block; this device allows ", smem_limit);
-    err = cuda::dispatch_16bit(cuda::dtype_of(q), [&](auto tag) {
-      using Element = typename decltype(tag)::type;
-      return TFK_HEADDIM_SWITCH(kernel_dim, missing, [&] { return flash::run_flash_fwd<Element, kHeadDim>(p, stream); });
-    });
-  }
-  TFKERNELS_CHECK_LAUNCH(err);
+  launch_flash_fwd(p, q.scalar_type());
   return {out, lse};
 }
 

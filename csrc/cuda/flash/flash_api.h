@@ -23,6 +23,9 @@ cudaError_t run_flash_fwd(const FwdParams& params, cudaStream_t stream);
 
 // fp32 inputs, any head dim <= 256: a SIMT kernel that never rounds to 16 bits.
 cudaError_t run_flash_fwd_fp32(const FwdParams& params, cudaStream_t stream);
+// Its tile: query rows and keys (split-KV sizes its grid by them).
+constexpr int kFwdFp32BlockM = 16;
+constexpr int kFwdFp32BlockN = 32;
 
 // ---------------------------------------------------------------- backward
 // The launcher (csrc/cuda/flash_attention.cpp) runs, on one stream:
@@ -44,6 +47,12 @@ cudaError_t run_flash_bwd(const BwdParams& params, cudaStream_t stream);
 // fp32, any head dim <= 256: SIMT kernels, always deterministic (no atomics);
 // writes dq, dk, dv directly (dq_accum unused).
 cudaError_t run_flash_bwd_fp32(const BwdParams& params, cudaStream_t stream);
+
+// ---------------------------------------------------------------- split-KV (kvcache)
+// After run_flash_fwd(_fp32) with params.num_splits > 1 (split_kv.h): out (any
+// dtype, params' strides) and lse from the splits' o_accum / lse_accum, the sink
+// added once. (The kvcache append kernel is declared in kvcache_append.h.)
+cudaError_t run_flash_fwd_split_combine(const FwdParams& params, cuda::DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------- dropout (tests)
 // The keep mask [B,H,Sq,Sk] (bool, contiguous) the kernels draw for rng_state

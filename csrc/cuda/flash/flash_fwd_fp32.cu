@@ -13,6 +13,9 @@
 //   O: lane owns columns lane + 32 i (i < 8); p_j is broadcast by shuffle and
 //      O[r][i] += p_j V[j][lane + 32 i] for the keys j row r sees (a ballot of
 //      the visibility skips the others: 0 * Inf in a hidden v would be NaN).
+// KV cache: K/V rows may come through a block table (paged_kv.h), and with
+// num_splits > 1 a block walks a share of the key tiles and writes partial O and
+// lse for the combine kernel (split_kv.h), as in the 16-bit kernel.
 // Loads are plain element-wise loads (any strides, no alignment needed), with the
 // same tile skipping as the 16-bit kernel: tiles past the last visible key of the
 // block are never loaded, warps skip tiles their rows cannot see.
@@ -24,6 +27,8 @@
 #include "cuda/common/smem_opt_in.h"
 #include "cuda/flash/flash_api.h"
 #include "cuda/flash/block_info.h"
+#include "cuda/flash/paged_kv.h"
+#include "cuda/flash/split_kv.h"
 #include "cuda/flash/variants.h"
 
 namespace tfkernels {
@@ -37,6 +42,7 @@ constexpr int kF32RowsPerWarp = 4;
 constexpr int kF32BlockM = kF32Warps * kF32RowsPerWarp;  // 16
 constexpr int kF32BlockN = 32;                           // one key per lane
 constexpr int kF32ColsPerLane = kMaxHeadDim / 32;        // 8
+static_assert(kF32BlockM == kFwdFp32BlockM && kF32BlockN == kFwdFp32BlockN, "flash_api.h states the tile");
 
 __host__ __device__ inline int f32_k_stride(int d) { return d | 1; }  // odd: conflict-free column reads
 
@@ -56,7 +62,8 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
-  const int m_block = params.causal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const GridTile grid_tile = GridTile::of_block(params);  // query tile (causal: bottom first) and KV split
+  const int m_block = grid_tile.m_block;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int kv_head = head / params.head_group;
@@ -67,17 +74,19 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   const Mask& mask = info.mask;
   const int len_k = info.len_k();
   const int row_end = (m0 + kF32BlockM < seqlen_q) ? m0 + kF32BlockM : seqlen_q;
-  const TileRange tiles = info.key_tiles(m0, row_end, kF32BlockN);
+  const TileRange tiles = split_share(info.key_tiles(m0, row_end, kF32BlockN), grid_tile.split, split_count(params));
   const int n_tiles = tiles.count();
   const int r0 = m0 + warp * kF32RowsPerWarp;  // this warp's first row
   const bool warp_active = r0 < seqlen_q;
 
   const float* q_ptr = static_cast<const float*>(params.q) + info.q_offset(params.q_batch_stride, params.q_row_stride) +
                        head * params.q_head_stride;
-  const float* k_ptr = static_cast<const float*>(params.k) + info.k_offset(params.k_batch_stride, params.k_row_stride) +
-                       kv_head * params.k_head_stride;
-  const float* v_ptr = static_cast<const float*>(params.v) + info.k_offset(params.v_batch_stride, params.v_row_stride) +
-                       kv_head * params.v_head_stride;
+  const KvRows<float> k_rows =
+      KvRows<float>::make(params, params.k, info.k_offset(params.k_batch_stride, params.k_row_stride),
+                          params.k_batch_stride, params.k_head_stride, params.k_row_stride, batch, kv_head);
+  const KvRows<float> v_rows =
+      KvRows<float>::make(params, params.v, info.k_offset(params.v_batch_stride, params.v_row_stride),
+                          params.v_batch_stride, params.v_head_stride, params.v_row_stride, batch, kv_head);
 
   float acc_o[kF32RowsPerWarp][kF32ColsPerLane];
   float row_max[kF32RowsPerWarp];
@@ -108,8 +117,8 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
     for (int r = warp; r < kF32BlockN; r += kF32Warps) {
       const int key = n0 + r;
       const bool ok = key < len_k;
-      const float* krow = k_ptr + static_cast<int64_t>(key) * params.k_row_stride;
-      const float* vrow = v_ptr + static_cast<int64_t>(key) * params.v_row_stride;
+      const float* krow = ok ? k_rows.row(key) : nullptr;
+      const float* vrow = ok ? v_rows.row(key) : nullptr;
       for (int c = lane; c < d; c += 32) {
         sK[r * ks + c] = ok ? krow[c] : 0.0f;
         sV[r * d + c] = ok ? vrow[c] : 0.0f;
@@ -177,6 +186,22 @@ __global__ void __launch_bounds__(kF32Threads) flash_fwd_fp32_kernel(const __gri
   }
 
   if (!warp_active) return;
+  if (split_count(params) > 1) {  // split-KV (split_kv.h): partial O and base-2 lse to the fp32 scratch
+#pragma unroll
+    for (int r = 0; r < kF32RowsPerWarp; ++r) {
+      const int row = r0 + r;
+      if (row >= seqlen_q) break;
+      const PartialFinish<true> fin(row_max[r], row_sum[r]);
+      const int64_t index = partial_index(params, grid_tile.split, batch, head, row);
+#pragma unroll
+      for (int i = 0; i < kF32ColsPerLane; ++i) {
+        const int c = lane + 32 * i;
+        if (c < d) params.o_accum[index * d + c] = acc_o[r][i] * fin.inv_l;
+      }
+      if (lane == 0) params.lse_accum[index] = fin.lse2;
+    }
+    return;
+  }
   const float sink = sink_logit(params, head);
   float* o_ptr = static_cast<float*>(params.out) + info.q_offset(params.o_batch_stride, params.o_row_stride) +
                  head * params.o_head_stride;
@@ -209,7 +234,8 @@ cudaError_t run_flash_fwd_fp32(const FwdParams& params, cudaStream_t stream) {
     const cudaError_t err = opt_in.apply(flash_fwd_fp32_kernel, f32_smem_floats(kMaxHeadDim) * sizeof(float));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid((params.seqlen_q + kF32BlockM - 1) / kF32BlockM, params.heads, params.batch);
+  const dim3 grid((params.seqlen_q + kF32BlockM - 1) / kF32BlockM * (params.num_splits > 1 ? params.num_splits : 1),
+                  params.heads, params.batch);
   flash_fwd_fp32_kernel<<<grid, kF32Threads, smem, stream>>>(params);
   return cudaGetLastError();
 }

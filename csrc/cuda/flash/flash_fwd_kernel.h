@@ -13,6 +13,11 @@
 //   3. O /= l, staged through the warp's own Q rows in shared memory and written
 //      with 16-byte stores; lse = (m + log2 l) * ln 2.
 //
+// KV cache (flash_attention_kvcache): K/V rows may come from a paged cache
+// (paged_kv.h: the tile loads map each row through the block table), and with
+// num_splits > 1 the grid's x index also picks a share of the key tiles whose
+// partial O and lse go to fp32 scratch for the combine kernel (split_kv.h).
+//
 // Masking (block_info.h, mask.h): query i sees key j iff j < len_k and
 // lo <= j - i <= hi, the band that folds causal (hi = off), the window
 // (lo = off - left, hi = off + right) and the alignment offset off = 0 (top_left)
@@ -46,10 +51,39 @@
 #include "cuda/flash/flash_params.h"
 #include "cuda/flash/flash_tile.h"
 #include "cuda/flash/kernel_traits.h"
+#include "cuda/flash/paged_kv.h"
+#include "cuda/flash/split_kv.h"
 #include "cuda/flash/variants.h"
 
 namespace tfkernels {
 namespace flash {
+
+// Split-KV epilogue (split_kv.h): rows `row` and row + 8 of this thread's C
+// fragments, normalised by their own l, to o_accum in fp32, lse in base 2 to
+// lse_accum. (Split-KV never runs with dropout: the kvcache op has none.)
+template <int kNTilesO>
+__device__ __forceinline__ void write_partial_rows(const FwdParams& params, int split, int batch, int head, int row,
+                                                   const float (&acc_o)[kNTilesO][4], const float (&row_max)[2],
+                                                   const float (&row_sum)[2], int lane) {
+  const int tq = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const PartialFinish<false> fin(row_max[r], cuda::group_sum<4>(row_sum[r]));
+    const int i = row + 8 * r;
+    if (i >= params.seqlen_q) continue;
+    const int64_t index = partial_index(params, split, batch, head, i);
+    float* o = params.o_accum + index * params.head_dim;
+#pragma unroll
+    for (int dt = 0; dt < kNTilesO; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = dt * 8 + 2 * tq + e;
+        if (col < params.head_dim) o[col] = acc_o[dt][2 * r + e] * fin.inv_l;
+      }
+    }
+    if (tq == 0) params.lse_accum[index] = fin.lse2;
+  }
+}
 
 template <typename Traits, typename Element>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const __grid_constant__ FwdParams params) {
@@ -71,8 +105,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
-  // Causal blocks further down have more work: launch them first.
-  const int m_block = params.causal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const GridTile grid_tile = GridTile::of_block(params);  // query tile (causal: bottom first) and KV split
+  const int m_block = grid_tile.m_block;
   const int head = blockIdx.y;
   const int batch = blockIdx.z;
   const int kv_head = head / params.head_group;
@@ -89,17 +123,19 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
   const Mask& mask = info.mask;
   const int len_k = info.len_k();
   const int row_end = (m0 + kBlockM < seqlen_q) ? m0 + kBlockM : seqlen_q;
-  const TileRange tiles = info.key_tiles(m0, row_end, kBlockN);
+  const TileRange tiles = split_share(info.key_tiles(m0, row_end, kBlockN), grid_tile.split, split_count(params));
   const int n_tiles = tiles.count();
   const Dropout dropout = Dropout::make(params);
   const uint32_t batch_head = static_cast<uint32_t>(batch) * params.heads + head;
 
   const Element* q_ptr = static_cast<const Element*>(params.q) +
                          info.q_offset(params.q_batch_stride, params.q_row_stride) + head * params.q_head_stride;
-  const Element* k_ptr = static_cast<const Element*>(params.k) +
-                         info.k_offset(params.k_batch_stride, params.k_row_stride) + kv_head * params.k_head_stride;
-  const Element* v_ptr = static_cast<const Element*>(params.v) +
-                         info.k_offset(params.v_batch_stride, params.v_row_stride) + kv_head * params.v_head_stride;
+  const KvRows<Element> k_rows =
+      KvRows<Element>::make(params, params.k, info.k_offset(params.k_batch_stride, params.k_row_stride),
+                            params.k_batch_stride, params.k_head_stride, params.k_row_stride, batch, kv_head);
+  const KvRows<Element> v_rows =
+      KvRows<Element>::make(params, params.v, info.k_offset(params.v_batch_stride, params.v_row_stride),
+                            params.v_batch_stride, params.v_head_stride, params.v_row_stride, batch, kv_head);
 
   // Accumulators: O (16 rows x kHeadDim per warp), running max m (base-2 scaled
   // scores) and this thread's partial row sum l, for rows g = lane/4 and g + 8.
@@ -120,10 +156,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
     // ---- prologue: Q, then K/V tile 0 in stage 0.
     load_tile<Traits, kBlockM>(sQ, q_ptr, params.q_row_stride, m0, seqlen_q, head_dim, aligned16, tid);
     cuda::cp_async_commit();
-    load_tile<Traits, kBlockN>(sK, k_ptr, params.k_row_stride, tiles.begin * kBlockN, len_k, head_dim, aligned16,
-                               tid);
-    load_tile<Traits, kBlockN>(sV, v_ptr, params.v_row_stride, tiles.begin * kBlockN, len_k, head_dim, aligned16,
-                               tid);
+    load_kv_tile<Traits, kBlockN>(sK, k_rows, tiles.begin * kBlockN, len_k, head_dim, aligned16, tid);
+    load_kv_tile<Traits, kBlockN>(sV, v_rows, tiles.begin * kBlockN, len_k, head_dim, aligned16, tid);
     cuda::cp_async_commit();
     cuda::cp_async_wait<1>();
     __syncthreads();
@@ -158,10 +192,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
       if (it + 1 < n_tiles) {
         const int stage = (it + 1) % Traits::kStages;
         const int n1 = (tiles.begin + it + 1) * kBlockN;
-        load_tile<Traits, kBlockN>(sK + stage * Traits::kKVTileElems, k_ptr, params.k_row_stride, n1, len_k,
-                                   head_dim, aligned16, tid);
-        load_tile<Traits, kBlockN>(sV + stage * Traits::kKVTileElems, v_ptr, params.v_row_stride, n1, len_k,
-                                   head_dim, aligned16, tid);
+        load_kv_tile<Traits, kBlockN>(sK + stage * Traits::kKVTileElems, k_rows, n1, len_k, head_dim, aligned16,
+                                      tid);
+        load_kv_tile<Traits, kBlockN>(sV + stage * Traits::kKVTileElems, v_rows, n1, len_k, head_dim, aligned16,
+                                      tid);
         cuda::cp_async_commit();
       }
 
@@ -292,6 +326,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) flash_fwd_kernel(const _
         }
       }
     }
+  }
+
+  if (split_count(params) > 1) {
+    write_partial_rows(params, grid_tile.split, batch, head, m0w + g, acc_o, row_max, row_sum, lane);
+    return;
   }
 
   // ---- epilogue: normalise once (sink, dropout scale), lse, stage through this

@@ -26,7 +26,9 @@ cudaError_t run_flash_fwd(const FwdParams& params, cudaStream_t stream) {
   static cuda::DynamicSmemOptIn opt_in;  // one per instantiation
   const cudaError_t err = opt_in.apply(kernel, kSmem);
   if (err != cudaSuccess) return err;
-  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, params.heads, params.batch);
+  // Split-KV (split_kv.h): num_splits blocks per query tile, side by side in x.
+  const int splits = params.num_splits > 1 ? params.num_splits : 1;
+  const dim3 grid((params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM * splits, params.heads, params.batch);
   kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
   return cudaGetLastError();
 }

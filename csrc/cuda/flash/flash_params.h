@@ -71,6 +71,26 @@ struct FwdParams {
   // dims such as 59 take this path; the launcher copies misaligned views of
   // D % 8 == 0 tensors instead so that they keep the fast path).
   bool aligned16;
+
+  // ---- KV cache (flash_attention_kvcache, csrc/cuda/flash_kvcache.cpp; forward only).
+  // Every field is zero for the other ops (the launchers value-initialise FwdParams).
+  // Paged K/V (paged_kv.h): block_table int32 [B, *] with row stride
+  // block_table_batch_stride, nullptr = dense. Key row p of batch b then lives in
+  // block block_table[b][p / page_block_size] (clamped to [0, num_pages)), slot
+  // p % page_block_size: k + block * k_batch_stride + slot * k_row_stride + the
+  // head offset (the batch stride is the block stride); likewise v.
+  const int* block_table;
+  int64_t block_table_batch_stride;
+  int page_block_size;
+  int num_pages;
+  // Split-KV (split_kv.h): num_splits > 1 divides a block's key tiles among that
+  // many blocks (grid x = query tile * num_splits + split); each writes its rows'
+  // normalised partial O to o_accum (fp32 [splits, B, H, Sq, head_dim]) and base-2
+  // lse to lse_accum (fp32 [splits, B, H, Sq]) instead of out/lse, and the combine
+  // kernel merges them (with the sink) into out and lse. 0 or 1 = unsplit.
+  int num_splits;
+  float* o_accum;
+  float* lse_accum;
 };
 
 // Backward parameters: the forward's block (q, k, v, out, lse, strides, sizes,

@@ -10,18 +10,20 @@
 
 #include "cuda/common/ptx.h"
 #include "cuda/flash/mask.h"  // Band
+#include "cuda/flash/paged_kv.h"
 
 namespace tfkernels {
 namespace flash {
 
-// Issues the copy of rows [row0, row0 + kRows) of `gmem` (row stride `row_stride`
-// elements) into `smem`. aligned16: 16-byte cp.async per chunk (asynchronous; the
+// Issues the copy of rows [row0, row0 + kRows) into `smem`; row r of the source
+// starts at rows(r) (DenseRows or PagedRows of paged_kv.h; rows(r) is asked only
+// for r < row_limit). aligned16: 16-byte cp.async per chunk (asynchronous; the
 // caller commits and waits). Otherwise element-wise loads and 16-byte shared
 // stores (synchronous; for D % 8 != 0 or misaligned rows). Either way a
 // __syncthreads() must separate this from reads by other threads.
-template <typename Traits, int kRows, typename Element>
-__device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, int64_t row_stride, int row0,
-                                          int row_limit, int head_dim, bool aligned16, int tid) {
+template <typename Traits, int kRows, typename Element, typename RowMap>
+__device__ __forceinline__ void load_tile_rows(Element* smem, const RowMap& rows, int row0, int row_limit,
+                                               int head_dim, bool aligned16, int tid) {
   constexpr int kChunks = Traits::kChunksPerRow;
   constexpr int kTotal = kRows * kChunks;
   if (aligned16) {
@@ -33,7 +35,7 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, in
         const int c = i % kChunks;
         const int grow = row0 + r;
         const bool ok = grow < row_limit && c * 8 < head_dim;
-        const Element* src = ok ? gmem + static_cast<int64_t>(grow) * row_stride + c * 8 : gmem;
+        const Element* src = ok ? rows(grow) + c * 8 : rows.base;
         cuda::cp_async_16(smem + r * Traits::kSmemStride + c * 8, src, ok);
       }
     }
@@ -42,12 +44,13 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, in
       const int r = i / kChunks;
       const int c = i % kChunks;
       const int grow = row0 + r;
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(gmem + static_cast<int64_t>(grow) * row_stride);
+      const bool row_ok = grow < row_limit;
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(row_ok ? rows(grow) : rows.base);
       uint16_t e[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const int col = c * 8 + j;
-        e[j] = (grow < row_limit && col < head_dim) ? src[col] : uint16_t(0);
+        e[j] = (row_ok && col < head_dim) ? src[col] : uint16_t(0);
       }
       uint4 packed;
       packed.x = uint32_t(e[0]) | (uint32_t(e[1]) << 16);
@@ -56,6 +59,26 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, in
       packed.w = uint32_t(e[6]) | (uint32_t(e[7]) << 16);
       *reinterpret_cast<uint4*>(smem + r * Traits::kSmemStride + c * 8) = packed;
     }
+  }
+}
+
+// Rows at a fixed stride: rows [row0, row0 + kRows) of `gmem` (row stride
+// `row_stride` elements), rows at or past row_limit zero-filled.
+template <typename Traits, int kRows, typename Element>
+__device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, int64_t row_stride, int row0,
+                                          int row_limit, int head_dim, bool aligned16, int tid) {
+  load_tile_rows<Traits, kRows>(smem, DenseRows<Element>{gmem, row_stride}, row0, row_limit, head_dim, aligned16,
+                                tid);
+}
+
+// A K or V tile of a dense or paged source: the branch is taken once per tile.
+template <typename Traits, int kRows, typename Element>
+__device__ __forceinline__ void load_kv_tile(Element* smem, const KvRows<Element>& rows, int row0, int row_limit,
+                                             int head_dim, bool aligned16, int tid) {
+  if (rows.is_paged()) {
+    load_tile_rows<Traits, kRows>(smem, rows.paged(), row0, row_limit, head_dim, aligned16, tid);
+  } else {
+    load_tile_rows<Traits, kRows>(smem, rows.dense(), row0, row_limit, head_dim, aligned16, tid);
   }
 }
 

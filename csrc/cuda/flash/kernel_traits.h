@@ -64,25 +64,39 @@ struct FwdConfig {
   using Traits = FwdTraits<kHeadDim, 128, (kHeadDim <= 128 ? 64 : 32), 8, (kHeadDim <= 192)>;
 };
 
-// Dynamic shared memory of the 16-bit instantiation of Config (FwdConfig or
-// BwdConfig) for a padded head dim (0 for a dim that has none): lets the launcher
-// pick a kernel that fits the device.
-template <template <int> class Config>
-inline constexpr int smem_bytes_for(int padded_dim) {
+// A compile-time value of the 16-bit instantiation of Config (FwdConfig or
+// BwdConfig) for a padded head dim, read by `get` from a Traits value (0 for a dim
+// that has none): lets the launcher pick a kernel that fits the device and size
+// grids for it.
+template <template <int> class Config, typename Get>
+inline constexpr int traits_value_for(int padded_dim, Get get) {
   switch (padded_dim) {
-    case 32: return Config<32>::Traits::kSmemBytes;
-    case 64: return Config<64>::Traits::kSmemBytes;
-    case 96: return Config<96>::Traits::kSmemBytes;
-    case 128: return Config<128>::Traits::kSmemBytes;
-    case 160: return Config<160>::Traits::kSmemBytes;
-    case 192: return Config<192>::Traits::kSmemBytes;
-    case 224: return Config<224>::Traits::kSmemBytes;
-    case 256: return Config<256>::Traits::kSmemBytes;
+    case 32: return get(typename Config<32>::Traits{});
+    case 64: return get(typename Config<64>::Traits{});
+    case 96: return get(typename Config<96>::Traits{});
+    case 128: return get(typename Config<128>::Traits{});
+    case 160: return get(typename Config<160>::Traits{});
+    case 192: return get(typename Config<192>::Traits{});
+    case 224: return get(typename Config<224>::Traits{});
+    case 256: return get(typename Config<256>::Traits{});
     default: return 0;
   }
 }
 
+// Dynamic shared memory of the instantiation.
+template <template <int> class Config>
+inline constexpr int smem_bytes_for(int padded_dim) {
+  return traits_value_for<Config>(padded_dim, [](auto traits) { return decltype(traits)::kSmemBytes; });
+}
+
 inline constexpr int fwd_smem_bytes(int padded_dim) { return smem_bytes_for<FwdConfig>(padded_dim); }
+// Query rows and keys a tile of the 16-bit forward (split-KV sizes its grid by them).
+inline constexpr int fwd_block_m(int padded_dim) {
+  return traits_value_for<FwdConfig>(padded_dim, [](auto traits) { return decltype(traits)::kBlockM; });
+}
+inline constexpr int fwd_block_n(int padded_dim) {
+  return traits_value_for<FwdConfig>(padded_dim, [](auto traits) { return decltype(traits)::kBlockN; });
+}
 
 // ---------------------------------------------------------------- backward
 //
