@@ -1,8 +1,10 @@
-"""Kernel properties of flash_attention_kvcache on every device (tests/devices.py).
+"""Properties of the CUDA kernels of flash_attention_kvcache (on "cuda" and "emu",
+tests/devices.py).
 
-Parity with tfkernels.reference is tests/test_attention_kvcache.py's job; this file
-checks what the kernels add, against the already verified padded op
-(flash_attention_fwd) on the same device:
+Parity with tfkernels.reference, on every device, is tests/test_attention_kvcache.py's
+job; this file checks what the CUDA path adds (the same forward kernel with paged
+rows, split-KV and a combine pass), against the already verified padded op
+(flash_attention_fwd) on the same device, bitwise where it runs the same kernel:
   (a) a dense cache gives exactly the padded op over the appended cache with
       seqlens_k = cache_seqlens + Snew, bottom-right alignment;
   (b) a paged cache (any block size, blocks in random order) gives exactly the dense result;
@@ -26,18 +28,8 @@ from tests import devices, emu_device
 pytestmark = pytest.mark.emu_quick  # small shapes: the whole file runs under emulation
 
 OP = "flash_attention_kvcache"
-CPU_MISSING = ("flash_attention_kvcache has no CPU kernel in this build (the kvcache-cpu helper's kernel, "
-               "csrc/cpu, has not landed)")
-
-
-def _has_cpu_kernel():
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"tfkernels::{OP}", "CPU")
-
-
-@pytest.fixture(params=devices.ALL_DEVICES)
+@pytest.fixture(params=devices.CUDA_DEVICES)
 def device(request):
-    if request.param == "cpu" and not _has_cpu_kernel():
-        pytest.skip(CPU_MISSING)
     with devices.on(request.param) as torch_device:
         yield torch_device
 
