@@ -153,7 +153,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
         own_l(max_rows);
     const bool gather = (widen || s.paged) && max_rows > kvcache::kRowLoopMaxRows;
     Scratch<T> kbuf(gather ? kKeyTile * D : 0), vbuf(gather ? kKeyTile * D : 0);
-    Scratch<const In*> kptr(kKeyTile), vptr(kKeyTile);
+    Scratch<const In*> kptr(kKeyTile + kvcache::kAhead), vptr(kKeyTile + kvcache::kAhead);
     Scratch<int64_t> vis_lo(max_rows), vis_hi(max_rows);
     for (int64_t ti = begin; ti < end; ++ti) {
       const kvcache::Task& task = plan.tasks[ti];
@@ -195,12 +195,15 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
         const int64_t n = std::min(kKeyTile - j0 % kKeyTile, task.kv1 - j0);
         int64_t ldk = 0, ldv = 0;
         T* S = sbuf.data();
+        // Row loops: the tile's row pointers, and the next tile's first kAhead for prefetching.
+        const int64_t known = row_loops ? std::min(n + kvcache::kAhead, task.kv1 - j0) : 0;
         if (row_loops) {
-          for (int64_t j = 0; j < n; ++j) {
+          for (int64_t j = 0; j < known; ++j) {
             kptr[j] = in.k_cache.row(b, j0 + j, hk);
             vptr[j] = in.v_cache.row(b, j0 + j, hk);
           }
-          kvcache::qk_rows(Q, M, D, kptr.data(), n, S, kKeyTile);
+          for (int64_t j = 0; j < std::min(n, kvcache::kAhead); ++j) kvcache::prefetch_row(vptr.data(), j, n, D);
+          kvcache::qk_rows(Q, M, D, kptr.data(), n, known, S, kKeyTile);
         } else {
           const T* K = cache_tile<T>(in.k_cache, b, hk, j0, n, D, kbuf.data(), ldk);
           gemm_rm<T>(false, true, M, n, D, T(1), Q, D, K, ldk, T(0), S, kKeyTile);
@@ -233,7 +236,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
           }
         }
         if (row_loops) {
-          kvcache::pv_rows(S, kKeyTile, M, n, vptr.data(), D, vis_lo.data(), vis_hi.data(), st.acc);
+          kvcache::pv_rows(S, kKeyTile, M, n, known, vptr.data(), D, vis_lo.data(), vis_hi.data(), st.acc);
           j0 += n;
           continue;
         }

@@ -30,28 +30,15 @@ __attribute__((always_inline)) inline const float* as_compute(const c10::Half* r
   return buf;
 }
 
-// Rows of one kv head are Hkv * D elements apart in a [B, S, Hkv, D] cache (4 KiB for
-// Hkv = 8, D = 128 in fp32): every row is on its own page, where the hardware
-// prefetchers stop, so the loops ask for row j + kAhead themselves.
-// (Measured, one thread, B=1 Hkv=8 D=128 S=4096 fp32: 2.6 GB/s without, 6.0 GB/s with
-// kAhead = 16; the same bytes as one contiguous head ran at 8.4 GB/s.)
-constexpr int64_t kAhead = 16;
-
-template <typename In>
-__attribute__((always_inline)) inline void prefetch_row(const In* const* rows, int64_t j, int64_t n, int64_t D) {
-  if (j >= n) return;
-  const char* p = reinterpret_cast<const char*>(rows[j]);
-  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(In)); off += 64) __builtin_prefetch(p + off);
-}
-
-// A dot product's FMAs form one dependency chain: four query rows at a time make four
-// independent chains over the same key row (the loop is latency-bound otherwise).
+// Generic (double, and the last keys of a float tile): a dot product's FMAs form one
+// dependency chain, so four query rows at a time make four independent chains over the
+// same key row.
 template <typename T, typename In>
 __attribute__((always_inline)) inline void qk_body(const T* Q, int64_t M, int64_t D, const In* const* K, int64_t n,
-                                                   T* S, int64_t lds) {
+                                                   int64_t known, T* S, int64_t lds) {
   alignas(64) T buf[kMaxD];
   for (int64_t j = 0; j < n; ++j) {
-    prefetch_row(K, j + kAhead, n, D);
+    prefetch_row(K, j + kAhead, known, D);
     const T* k = as_compute(K[j], D, buf);
     int64_t r = 0;
     for (; r + 4 <= M; r += 4) {
@@ -111,14 +98,14 @@ __attribute__((always_inline)) inline f32x8 reduce8(const f32x8* a) {
 
 template <typename In>
 __attribute__((always_inline)) inline void qk_body_f32(const float* Q, int64_t M, int64_t D, const In* const* K,
-                                                       int64_t n, float* S, int64_t lds) {
+                                                       int64_t n, int64_t known, float* S, int64_t lds) {
   alignas(64) float buf[8][kMaxD];
   const int64_t D8 = D / 8 * 8;
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const float* k[8];
     for (int t = 0; t < 8; ++t) {
-      prefetch_row(K, j + t + kAhead, n, D);
+      prefetch_row(K, j + t + kAhead, known, D);
       k[t] = as_compute(K[j + t], D, buf[t]);
     }
     for (int64_t r = 0; r < M; ++r) {
@@ -135,20 +122,21 @@ __attribute__((always_inline)) inline void qk_body_f32(const float* Q, int64_t M
       std::memcpy(S + r * lds + j, &dots, sizeof dots);
     }
   }
-  if (j < n) qk_body(Q, M, D, K + j, n - j, S + j, lds);
+  if (j < n) qk_body(Q, M, D, K + j, n - j, known - j, S + j, lds);
 }
 
 // Four keys per pass over a row's accumulator: one load and store of acc per four FMAs
 // (the loop is bound by those loads and stores otherwise).
 template <typename T, typename In>
-__attribute__((always_inline)) inline void pv_body(const T* P, int64_t lds, int64_t M, int64_t n, const In* const* V,
-                                                   int64_t D, const int64_t* lo, const int64_t* hi, T* acc) {
+__attribute__((always_inline)) inline void pv_body(const T* P, int64_t lds, int64_t M, int64_t n, int64_t known,
+                                                   const In* const* V, int64_t D, const int64_t* lo,
+                                                   const int64_t* hi, T* acc) {
   alignas(64) T buf[4][kMaxD];
   for (int64_t j = 0; j < n; j += 4) {
     const int64_t nb = n - j < 4 ? n - j : 4;
     const T* v[4];
     for (int64_t t = 0; t < nb; ++t) {
-      prefetch_row(V, j + t + kAhead, n, D);
+      prefetch_row(V, j + t + kAhead, known, D);
       v[t] = as_compute(V[j + t], D, buf[t]);
     }
     for (int64_t r = 0; r < M; ++r) {
@@ -174,38 +162,39 @@ __attribute__((always_inline)) inline void pv_body(const T* P, int64_t lds, int6
 
 }  // namespace
 
-TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const float* const* K, int64_t n, float* S,
-                              int64_t lds) {
-  qk_body_f32(Q, M, D, K, n, S, lds);
+TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const float* const* K, int64_t n,
+                              int64_t known, float* S, int64_t lds) {
+  qk_body_f32(Q, M, D, K, n, known, S, lds);
 }
 TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const c10::BFloat16* const* K, int64_t n,
-                              float* S, int64_t lds) {
-  qk_body_f32(Q, M, D, K, n, S, lds);
+                              int64_t known, float* S, int64_t lds) {
+  qk_body_f32(Q, M, D, K, n, known, S, lds);
 }
-TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const c10::Half* const* K, int64_t n, float* S,
-                              int64_t lds) {
-  qk_body_f32(Q, M, D, K, n, S, lds);
+TFK_MULTIVERSION void qk_rows(const float* Q, int64_t M, int64_t D, const c10::Half* const* K, int64_t n,
+                              int64_t known, float* S, int64_t lds) {
+  qk_body_f32(Q, M, D, K, n, known, S, lds);
 }
-TFK_MULTIVERSION void qk_rows(const double* Q, int64_t M, int64_t D, const double* const* K, int64_t n, double* S,
-                              int64_t lds) {
-  qk_body(Q, M, D, K, n, S, lds);
+TFK_MULTIVERSION void qk_rows(const double* Q, int64_t M, int64_t D, const double* const* K, int64_t n,
+                              int64_t known, double* S, int64_t lds) {
+  qk_body(Q, M, D, K, n, known, S, lds);
 }
 
-TFK_MULTIVERSION void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, const float* const* V, int64_t D,
-                              const int64_t* lo, const int64_t* hi, float* acc) {
-  pv_body(P, lds, M, n, V, D, lo, hi, acc);
+TFK_MULTIVERSION void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, int64_t known,
+                              const float* const* V, int64_t D, const int64_t* lo, const int64_t* hi, float* acc) {
+  pv_body(P, lds, M, n, known, V, D, lo, hi, acc);
 }
-TFK_MULTIVERSION void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, const c10::BFloat16* const* V,
-                              int64_t D, const int64_t* lo, const int64_t* hi, float* acc) {
-  pv_body(P, lds, M, n, V, D, lo, hi, acc);
+TFK_MULTIVERSION void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, int64_t known,
+                              const c10::BFloat16* const* V, int64_t D, const int64_t* lo, const int64_t* hi,
+                              float* acc) {
+  pv_body(P, lds, M, n, known, V, D, lo, hi, acc);
 }
-TFK_MULTIVERSION void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, const c10::Half* const* V,
-                              int64_t D, const int64_t* lo, const int64_t* hi, float* acc) {
-  pv_body(P, lds, M, n, V, D, lo, hi, acc);
+TFK_MULTIVERSION void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, int64_t known,
+                              const c10::Half* const* V, int64_t D, const int64_t* lo, const int64_t* hi, float* acc) {
+  pv_body(P, lds, M, n, known, V, D, lo, hi, acc);
 }
-TFK_MULTIVERSION void pv_rows(const double* P, int64_t lds, int64_t M, int64_t n, const double* const* V, int64_t D,
-                              const int64_t* lo, const int64_t* hi, double* acc) {
-  pv_body(P, lds, M, n, V, D, lo, hi, acc);
+TFK_MULTIVERSION void pv_rows(const double* P, int64_t lds, int64_t M, int64_t n, int64_t known,
+                              const double* const* V, int64_t D, const int64_t* lo, const int64_t* hi, double* acc) {
+  pv_body(P, lds, M, n, known, V, D, lo, hi, acc);
 }
 
 }  // namespace tfkernels::cpu::kvcache

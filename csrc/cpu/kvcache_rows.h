@@ -16,21 +16,41 @@ namespace tfkernels::cpu::kvcache {
 // The most query rows the row loops take; more go through GEMMs (kvcache attention()).
 constexpr int64_t kRowLoopMaxRows = 16;
 
-// S[r * lds + j] = dot(Q[r * D .. + D], K[j]) for r < M, j < n. D <= 256.
-void qk_rows(const float* Q, int64_t M, int64_t D, const float* const* K, int64_t n, float* S, int64_t lds);
-void qk_rows(const float* Q, int64_t M, int64_t D, const c10::BFloat16* const* K, int64_t n, float* S, int64_t lds);
-void qk_rows(const float* Q, int64_t M, int64_t D, const c10::Half* const* K, int64_t n, float* S, int64_t lds);
-void qk_rows(const double* Q, int64_t M, int64_t D, const double* const* K, int64_t n, double* S, int64_t lds);
+// Rows of one kv head are Hkv * D elements apart in a [B, S, Hkv, D] cache (4 KiB for
+// Hkv = 8, D = 128 in fp32): every row is on its own page, where the hardware
+// prefetchers stop, so the loops ask for row j + kAhead themselves, reaching into the
+// next tile: the callers pass `known` >= n row pointers, the rows past n only prefetched.
+// (Measured, one thread, B=1 Hkv=8 D=128 S=4096 fp32: 2.6 GB/s without, 6.0 GB/s with
+// kAhead = 16; the same bytes as one contiguous head ran at 8.4 GB/s.)
+constexpr int64_t kAhead = 16;
+
+template <typename In>
+__attribute__((always_inline)) inline void prefetch_row(const In* const* rows, int64_t j, int64_t known, int64_t D) {
+  if (j >= known) return;
+  const char* p = reinterpret_cast<const char*>(rows[j]);
+  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(In)); off += 64) __builtin_prefetch(p + off);
+}
+
+// S[r * lds + j] = dot(Q[r * D .. + D], K[j]) for r < M, j < n. D <= 256. K has `known` >= n entries.
+void qk_rows(const float* Q, int64_t M, int64_t D, const float* const* K, int64_t n, int64_t known,
+             float* S, int64_t lds);
+void qk_rows(const float* Q, int64_t M, int64_t D, const c10::BFloat16* const* K, int64_t n, int64_t known,
+             float* S, int64_t lds);
+void qk_rows(const float* Q, int64_t M, int64_t D, const c10::Half* const* K, int64_t n, int64_t known,
+             float* S, int64_t lds);
+void qk_rows(const double* Q, int64_t M, int64_t D, const double* const* K, int64_t n, int64_t known,
+             double* S, int64_t lds);
 
 // acc[r * D .. + D] += P[r * lds + j] * V[j] for the keys lo[r] <= j < hi[r] of row r
 // (hidden keys are skipped, so their values never reach the row, not even as 0 x Inf).
-void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, const float* const* V, int64_t D, const int64_t* lo,
-             const int64_t* hi, float* acc);
-void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, const c10::BFloat16* const* V, int64_t D,
-             const int64_t* lo, const int64_t* hi, float* acc);
-void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, const c10::Half* const* V, int64_t D,
-             const int64_t* lo, const int64_t* hi, float* acc);
-void pv_rows(const double* P, int64_t lds, int64_t M, int64_t n, const double* const* V, int64_t D,
-             const int64_t* lo, const int64_t* hi, double* acc);
+// V has `known` >= n entries.
+void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, int64_t known, const float* const* V,
+             int64_t D, const int64_t* lo, const int64_t* hi, float* acc);
+void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, int64_t known, const c10::BFloat16* const* V,
+             int64_t D, const int64_t* lo, const int64_t* hi, float* acc);
+void pv_rows(const float* P, int64_t lds, int64_t M, int64_t n, int64_t known, const c10::Half* const* V,
+             int64_t D, const int64_t* lo, const int64_t* hi, float* acc);
+void pv_rows(const double* P, int64_t lds, int64_t M, int64_t n, int64_t known, const double* const* V,
+             int64_t D, const int64_t* lo, const int64_t* hi, double* acc);
 
 }  // namespace tfkernels::cpu::kvcache
