@@ -4,12 +4,11 @@ Tiny random Mistral (sliding window), Gemma 2 (sliding window every other layer,
 logit softcap) and GPT-OSS (sliding window every other layer, attention sinks
 `s_aux`) against "eager" (and "sdpa" where transformers supports it: Gemma 2 and
 GPT-OSS refuse SDPA), and BERT trained with attention dropout. Every test counts the
-kernel calls and fails if the plain-PyTorch fallback runs (except the left-padding test,
-which checks that the fallback applies the same variants). Nothing is downloaded;
+kernel calls and fails if the plain-PyTorch fallback runs (left padding runs the packed
+kernel, cached decoding the KV-cache kernel). Nothing is downloaded;
 without transformers these tests skip.
 """
 import copy
-import warnings
 
 import pytest
 import torch
@@ -68,22 +67,31 @@ def _impls(kind):
 
 
 class KernelCalls:
-    """Counts tfkernels.flash_attention calls with the variant arguments they got, and
-    makes the integration's plain-PyTorch fallback an error."""
+    """Counts the kernel calls (flash_attention, and flash_attention_varlen for left
+    padding and flash_attention_with_kvcache for cached decoding) with the variant
+    arguments they got, and makes the integration's plain-PyTorch fallback an error."""
+
+    KERNELS = ("flash_attention", "flash_attention_varlen", "flash_attention_with_kvcache")
 
     def __init__(self, monkeypatch):
         self.calls = []
-        kernel = tfkernels.ops.flash_attention
+        for name in self.KERNELS:
+            kernel = getattr(tfkernels.ops, name)
 
-        def counting(*args, **kwargs):
-            self.calls.append({name: kwargs.get(name) for name in ("window_size", "softcap", "sinks", "dropout_p")})
-            return kernel(*args, **kwargs)
+            def counting(*args, _kernel=kernel, _name=name, **kwargs):
+                call = {key: kwargs.get(key) for key in ("window_size", "softcap", "sinks", "dropout_p")}
+                self.calls.append(dict(call, kernel=_name))
+                return _kernel(*args, **kwargs)
+
+            monkeypatch.setattr(tfkernels.ops, name, counting)
 
         def no_fallback(*args, **kwargs):
             raise AssertionError("the plain-PyTorch fallback ran instead of the kernel")
 
-        monkeypatch.setattr(tfkernels.ops, "flash_attention", counting)
         monkeypatch.setattr(tfk_hf, "attention_with_bias", no_fallback)
+
+    def of(self, kernel):
+        return [c for c in self.calls if c["kernel"] == kernel]
 
     def windowed(self):
         return sum(1 for c in self.calls if c["window_size"] not in (None, (-1, -1)))
@@ -130,21 +138,28 @@ def test_outputs_and_gradients_match_eager_and_sdpa(kind, padding, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
-def test_left_padding_falls_back_with_softcap_and_sinks(kind):
-    # Left padding is no kernel mask: the plain-PyTorch fallback runs, and must apply the same variants.
+def test_left_padding_runs_varlen_with_softcap_and_sinks(kind, monkeypatch):
+    # Left padding runs the packed kernel (flash_attention_varlen) on the valid rows, with the variants.
     models = _models(kind, ("eager", "tfkernels"))
     ids, mask, valid = _padded_batch("right")
     mask, valid = mask.flip(1), valid.flip(1)
     weights = torch.randn(*ids.shape, 48, dtype=torch.float64)
-    _masks._warned.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out, grads = hf_forward_backward(models["tfkernels"], ids, mask, valid, weights)
-    assert sum("plain PyTorch" in str(w.message) for w in caught) == 1
+    calls = KernelCalls(monkeypatch)
+    out, grads = hf_forward_backward(models["tfkernels"], ids, mask, valid, weights)
+    varlen = calls.of("flash_attention_varlen")
+    assert len(varlen) == models["tfkernels"].config.num_hidden_layers
+    if kind == "gemma2":
+        assert all(c["softcap"] == 0.5 for c in varlen)
+    else:
+        assert all(c["sinks"] is not None for c in varlen)
+    assert sum(1 for c in varlen if c["window_size"] not in (None, (-1, -1))) >= 1
     ref, ref_grads = hf_forward_backward(models["eager"], ids, mask, valid, weights)
     assert_close_float64(out[valid], ref[valid], "last_hidden_state vs eager")
     for name, g in grads.items():
-        assert_close_float64(g, ref_grads[name], f"grad {name} vs eager")
+        if name.endswith("sinks"):  # the kernel's sink gradient is float32 [H]
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        else:
+            assert_close_float64(g, ref_grads[name], f"grad {name} vs eager")
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gemma2", "gpt_oss"])
@@ -160,7 +175,10 @@ def test_cached_greedy_generation_matches_eager(kind, monkeypatch):
     tokens = models["tfkernels"].generate(ids, max_new_tokens=2 * WINDOW, do_sample=False, min_new_tokens=2 * WINDOW)
     assert tokens.shape[1] == ids.shape[1] + 2 * WINDOW
     assert torch.equal(tokens, expected)
-    assert len(calls.calls) == 2 * WINDOW * models["tfkernels"].config.num_hidden_layers
+    layers = models["tfkernels"].config.num_hidden_layers
+    assert len(calls.calls) == 2 * WINDOW * layers
+    # The prefill on flash_attention, each later token on the KV-cache kernel.
+    assert len(calls.of("flash_attention_with_kvcache")) == (2 * WINDOW - 1) * layers
 
 
 def _bert(dropout):
