@@ -25,7 +25,8 @@ import torch
 import tfkernels  # noqa: F401 (loads the ops)
 from tests import devices, emu_device
 
-pytestmark = pytest.mark.emu_quick  # small shapes: the whole file runs under emulation
+# Emulation runs the quick grid (D 64; block sizes 5 and 16) unless TFKERNELS_EMU_GRID=full.
+QUICK = pytest.mark.emu_quick
 
 OP = "flash_attention_kvcache"
 @pytest.fixture(params=devices.CUDA_DEVICES)
@@ -101,7 +102,7 @@ def bits(t):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("d", [64, 40])
+@pytest.mark.parametrize("d", [pytest.param(64, marks=QUICK), 40])
 @pytest.mark.parametrize("sq", [1, 3])
 @pytest.mark.parametrize("variant", ["plain", "causal", "window", "softcap_sinks"])
 def test_dense_equals_padded_op(device, dtype, d, sq, variant):
@@ -142,6 +143,7 @@ def assert_rounded_from(actual, exact, source, dtype):
     assert (err <= bound).all(), f"max error {err.max().item():.3g} exceeds the rounding bound"
 
 
+@QUICK
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("interleaved", [False, True], ids=["halves", "interleaved"])
 @pytest.mark.parametrize("d,rotary_dim", [(64, 64), (40, 20)])
@@ -196,7 +198,7 @@ def from_paged(paged, table):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("block_size", [16, 64, 5])
+@pytest.mark.parametrize("block_size", [pytest.param(16, marks=QUICK), 64, pytest.param(5, marks=QUICK)])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
 def test_paged_equals_dense(device, dtype, block_size, num_splits, rotary):
@@ -232,7 +234,7 @@ def combine_launches():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("d", [64, 40])
+@pytest.mark.parametrize("d", [pytest.param(64, marks=QUICK), 40])
 @pytest.mark.parametrize("sq", [1, 3])
 @pytest.mark.parametrize("variant", ["plain", "window", "softcap_sinks"])
 def test_splits_agree(device, request, dtype, d, sq, variant):
@@ -256,6 +258,7 @@ def test_splits_agree(device, request, dtype, d, sq, variant):
 # ---------------------------------------------------------------- (d) the append
 
 
+@QUICK
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("snew", [1, 3])
 def test_append_writes_only_the_new_rows(device, dtype, snew):
@@ -273,6 +276,7 @@ def test_append_writes_only_the_new_rows(device, dtype, snew):
             assert torch.equal(bits(cache[b, start + snew:]), bits(before[b, start + snew:]))
 
 
+@QUICK
 def test_no_new_rows_leaves_the_cache_alone(device):
     case = Case(device, torch.bfloat16, sq=3, snew=0, lens=[3, 100], variant="causal")
     k_before = case.k_cache.clone()
@@ -285,6 +289,7 @@ def test_no_new_rows_leaves_the_cache_alone(device):
 # ---------------------------------------------------------------- (e) no keys, NaN
 
 
+@QUICK
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("with_sinks", [False, True], ids=["plain", "sinks"])
 def test_rows_without_keys(device, num_splits, with_sinks):
@@ -302,6 +307,7 @@ def test_rows_without_keys(device, num_splits, with_sinks):
     assert torch.isfinite(out[1, 2]).all() and torch.isfinite(lse[1, :, 2]).all()
 
 
+@QUICK
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("where", ["visible", "past_len_k"])
 def test_nan_key_reaches_the_rows_that_see_it(device, num_splits, where):
@@ -319,6 +325,7 @@ def test_nan_key_reaches_the_rows_that_see_it(device, num_splits, where):
 # ---------------------------------------------------------------- (f) bad values, capture
 
 
+@QUICK
 def test_bad_values_raise(device):
     case = Case(device, torch.float16, sq=1, capacity=20, lens=[19, 0])
     with pytest.raises(RuntimeError, match="too small"):
@@ -339,6 +346,7 @@ def capturing(monkeypatch):
     monkeypatch.setenv("TFKERNELS_EMU_CAPTURING", "1")
 
 
+@QUICK
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 def test_capture_clamps_instead_of_checking(capturing, paged):
     with devices.on("emu") as device:
