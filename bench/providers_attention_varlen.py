@@ -11,7 +11,7 @@
   tfkernels is flash_attention_with_kvcache with num_splits=0 (split-KV chosen from
   the shape), tfkernels-nosplit the same with num_splits=1; SDPA gets
   q [B,H,1,D] against the cache with enable_gqa; kv-read only reads the cache
-  (a sum over K and V): the bandwidth ceiling a decoding step cannot beat.
+  (a float32 sum over their bytes): the bandwidth ceiling a decoding step cannot beat.
 """
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,12 @@ def _prepare_decode(case, device):
                                                                        for _ in range(2))
         return Prepared(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), heads_first)
     if p == "kv-read":
-        return Prepared(lambda q, kc, vc: (kc.sum(dtype=torch.float32), vc.sum(dtype=torch.float32)), cache_layout)
+        # The caches' bytes summed as float32 words: a pure read at the memory's pace
+        # (a bf16 sum would convert every element and measure the CPU instead).
+        def read(q, kc, vc):
+            return kc.view(torch.float32).sum(), vc.view(torch.float32).sum()
+
+        return Prepared(read, cache_layout)
     raise ValueError(f"unknown attention_decode provider {p}")
 
 

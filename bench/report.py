@@ -210,7 +210,9 @@ op counts 2·M·N·K per GEMM forward and 3x that forward+backward; bias_gelu co
 the bytes it must move. attention_varlen counts the unpadded tokens' FLOPs only;
 attention_decode counts the K/V bytes one decoding step reads. `gemm-only` runs the
 GEMM(s) without the fused work and `kv-read` reads the KV cache once without
-attending: ceilings to read the kernels against, never peers. "–": skipped, with
+attending: ceilings to read the kernels against, never peers; `tfkernels-padded`
+and `tfkernels-nosplit` are our own kernel run the other way, shown for
+comparison and not counted as peers either. "–": skipped, with
 the reason below the table."""
 
 
