@@ -56,11 +56,14 @@
 
 #include "cpu/blas.h"
 #include "cpu/flash_attention_softmax.h"
+#include "cpu/tile_utils.h"
 
 namespace tfkernels::cpu {
 namespace {
 
 using fa::SoftmaxDomain;
+using tile::Scratch;
+using tile::all_finite;
 
 // Block sizes. Forward: the query block is the GEMM's M for both products, the key
 // block their N (S = Q K^T) and K (P V). Larger blocks amortise the per-tile
@@ -162,29 +165,6 @@ inline void store_scaled(OutT* dst, const T* src, int64_t n, T a) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<OutT>(src[j] * a);
 }
 
-// Per-thread tile scratch, 64-byte aligned: MKL may pick a different code path
-// (and so a different rounding) for differently aligned buffers, and std::vector
-// gives whatever alignment malloc returns, which can change from run to run.
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    if (n > 0) {
-      const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
-      p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-      TORCH_CHECK(p_ != nullptr, "tfkernels: flash attention could not allocate ", bytes, " bytes of scratch");
-    }
-  }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  T* data() { return p_; }
-  T& operator[](int64_t i) { return p_[i]; }
-
- private:
-  T* p_ = nullptr;
-};
-
 template <typename T>
 inline void fill_zero(T* p, int64_t n) {
   std::fill(p, p + n, T(0));
@@ -196,16 +176,6 @@ inline void fill_zero_rows(T* p, int64_t rows, int64_t D, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) fill_zero(p + r * ld, D);
 }
 
-// Whether every element of a rows x cols block (row stride ld) is finite.
-template <typename T>
-bool all_finite(const T* p, int64_t rows, int64_t cols, int64_t ld) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < cols; ++j) {
-      if (!std::isfinite(p[r * ld + j])) return false;
-    }
-  }
-  return true;
-}
 
 template <typename T>
 RowView<T> view(const Rows& rows) {

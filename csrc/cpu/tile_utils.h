@@ -1,7 +1,6 @@
 // Small helpers of the tiled CPU attention kernels: aligned per-thread scratch and
-// the finiteness test that decides whether a masked tile may go through one GEMM.
-// (csrc/cpu/flash_attention.cpp has its own copies in an anonymous namespace;
-// they can move here when that file is next refactored.)
+// the finiteness test that decides whether a masked tile may go through one GEMM
+// (flash_attention.cpp and the KV-cache kernel).
 #pragma once
 
 #include <c10/util/Exception.h>
