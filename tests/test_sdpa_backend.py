@@ -468,7 +468,9 @@ def test_flash_forward_op_declines_what_it_cannot_serve():
     q, k, v, _ = (t.transpose(1, 2).contiguous() for t in _inputs(1, 2, 2, 8, 8, 32))
     cu_seqlens = torch.tensor([0, 8], dtype=torch.int32)
     cases = [
-        (dict(cum_seq_q=cu_seqlens, cum_seq_k=cu_seqlens), "variable-length"),
+        (dict(cum_seq_q=cu_seqlens, cum_seq_k=cu_seqlens.long()), "cum_seq_k torch.int64"),
+        (dict(cum_seq_q=cu_seqlens, cum_seq_k=cu_seqlens, seqused_k=torch.tensor([8], dtype=torch.int32)),
+         "seqused_k with packed"),
         (dict(alibi_slopes=torch.ones(2)), "alibi"),
     ]
     for change, match in cases:
@@ -480,6 +482,37 @@ def test_flash_forward_op_declines_what_it_cannot_serve():
             # No CPU kernel of torch's to fall back to here; on CUDA, torch's FlashAttention-2 runs.
             torch.ops.aten._flash_attention_forward(qq, kk, vv, args.pop("cum_seq_q"), args.pop("cum_seq_k"), 8, 8,
                                                     args.pop("dropout_p"), False, False, **args)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_forward_op_packed_sequences_on_cpu(causal):
+    """torch's varlen form of the op (cum_seq_q/k, [T,H,D]; what varlen_attn calls) runs
+    flash_attention_varlen: out, lse [H,T] and gradients, with a window and dropout."""
+    lens_q, lens_k = [5, 0, 17, 1], [9, 3, 17, 4]
+    cu_q = torch.tensor([0, *itertools.accumulate(lens_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lens_k)], dtype=torch.int32)
+    q = torch.randn(sum(lens_q), 4, 40, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, 40, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(sum(lens_k), 2, 40, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(q)
+    with _cuda_adapters_on_cpu():
+        out, lse, rng, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.25, causal, False, window_size_left=6,
+            window_size_right=-1 if causal else 2)
+        out.backward(grad)
+    assert out.shape == q.shape and lse.shape == (4, sum(lens_q))
+    window = (6, -1 if causal else 2)
+    # The mask the kernel drew: sequence b's corner of the padded op's mask for batch entry b.
+    mask = torch.ops.tfkernels._dropout_mask(rng.view(torch.int64), 4, 4, max(lens_q), max(lens_k), 0.25)
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference.attention_varlen(q2, k2, v2, cu_q, cu_k, is_causal=causal,
+                                              causal_alignment="bottom_right", window_size=window, dropout_p=0.25,
+                                              dropout_mask=mask)
+    ref.backward(grad)
+    assert_close_float64(out, ref.detach(), "out")
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-6, atol=1e-6)
+    for name, g, r in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), (q2.grad, k2.grad, v2.grad)):
+        assert_close_float64(g, r, name)
 
 
 # --------------------------------------------------------------------------- merge_attention
@@ -631,10 +664,7 @@ def test_flash_attention_forward_cuda_bottom_right_causal():
 
 @pytest.mark.cuda
 def test_varlen_attn_against_flash_attention_varlen():
-    flash_attention_varlen = getattr(tfkernels, "flash_attention_varlen", None)
-    if flash_attention_varlen is None:
-        pytest.skip("tfkernels.flash_attention_varlen does not exist yet (the varlen issue); the backend declines "
-                    "packed inputs until then")
+    flash_attention_varlen = tfkernels.flash_attention_varlen
     from torch.nn.attention.varlen import varlen_attn
 
     lens = [17, 1, 113, 40]

@@ -12,7 +12,8 @@ Conventions of the ops replaced:
   bool mask into 0 / -inf before it gets here); lse [B,H,Sq] in the computation dtype
   (float64 for float64, else float32) laid out [B,Sq,H]; gradients laid out [B,S,H,D].
 - CUDA, FlashAttention's ops: `_scaled_dot_product_flash_attention` takes [B,H,S,D],
-  `_flash_attention_forward` [B,S,H,D] (or packed varlen [T,H,D] with cum_seq_q/k);
+  `_flash_attention_forward` [B,S,H,D], or packed [T,H,D] with int32 cum_seq_q/k
+  (torch's varlen_attn), which runs flash_attention_varlen (lse [H,T]);
   is_causal is FlashAttention's bottom-right alignment (SDPA only sends it with Sq ==
   Sk, where both alignments agree); lse is float32 [B,H,Sq]. Sliding windows
   (window_size_left/right, bottom-right aligned like FlashAttention's) and dropout
@@ -186,9 +187,24 @@ def _no_debug_mask(q):
     return torch.empty(0, dtype=q.dtype, device=q.device)
 
 
-def _check_flash_extras(cum_seq_q, cum_seq_k, return_debug_mask=False, alibi_slopes=None, block_table=None):
-    if cum_seq_q is not None or cum_seq_k is not None:
-        raise Unsupported("packed variable-length inputs (cum_seq_q/cum_seq_k): no varlen kernel yet")
+def _packed(q, k, v, cum_seq_q, cum_seq_k, dropout_p, seqused_k=None):
+    """Whether the call is packed variable-length ([T,H,D] with cum_seq_q/k), checked for
+    flash_attention_varlen: int32 offsets on q's device, no seqused_k alongside."""
+    if cum_seq_q is None and cum_seq_k is None:
+        return False
+    if cum_seq_q is None or cum_seq_k is None:
+        raise Unsupported("only one of cum_seq_q / cum_seq_k")
+    if seqused_k is not None:
+        raise Unsupported("seqused_k with packed sequences")
+    for name, cu in (("cum_seq_q", cum_seq_q), ("cum_seq_k", cum_seq_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
+            raise Unsupported(f"{name} {cu.dtype} {list(cu.shape)} on {cu.device} (int32 [B+1] on q's device)")
+    # The dense checks, on the packed tensors seen as one batch entry.
+    _check_dense(*(t.unsqueeze(0) if t.dim() == 3 else t for t in (q, k, v)), dropout_p, dropout=True)
+    return True
+
+
+def _check_flash_extras(return_debug_mask=False, alibi_slopes=None, block_table=None):
     if return_debug_mask:
         raise Unsupported("return_debug_mask=True")
     if alibi_slopes is not None:
@@ -199,7 +215,7 @@ def _check_flash_extras(cum_seq_q, cum_seq_k, return_debug_mask=False, alibi_slo
 
 def sdpa_flash_forward(q, k, v, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
     _check_dense(q, k, v, dropout_p, dropout=True)
-    _check_flash_extras(None, None, return_debug_mask)
+    _check_flash_extras(return_debug_mask)
     rng_state, seed_slot, offset_slot = _dropout_rng(q, dropout_p)
     out, lse = _ops.flash_attention_fwd(q, k, v, bool(is_causal), "bottom_right", scale, None, False, -1, -1, 0.0,
                                         None, float(dropout_p), rng_state)
@@ -209,24 +225,29 @@ def sdpa_flash_forward(q, k, v, dropout_p=0.0, is_causal=False, return_debug_mas
 def sdpa_flash_backward(grad_out, q, k, v, out, lse, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                         philox_seed, philox_offset, *, scale=None):
     _check_dense(q, k, v, dropout_p, dropout=True)
-    _check_flash_extras(cum_seq_q, cum_seq_k)
+    if cum_seq_q is not None or cum_seq_k is not None:
+        raise Unsupported("packed inputs to the [B,H,S,D] op's backward")
     grads = _ops.flash_attention_bwd(grad_out.contiguous(), None, q, k, v, out, lse.contiguous(), bool(is_causal),
                                      "bottom_right", scale, None, _deterministic(), -1, -1, 0.0, None,
                                      float(dropout_p), _rng_from_slot(philox_seed, dropout_p))
     return tuple(_like(g, t) for g, t in zip(grads[:3], (q, k, v)))
 
 
-def _flash_forward_bshd(q, k, v, cum_seq_q, cum_seq_k, dropout_p, is_causal, return_debug_mask, scale,
+def _flash_forward_bshd(q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, scale,
                         window_size_left, window_size_right, seqused_k, alibi_slopes, block_table, rng_state=None):
-    """Checks, then runs the kernel on [B,S,H,D] inputs: (out [B,Sq,H,D] in the kernel's layout, lse)."""
-    _check_flash_extras(cum_seq_q, cum_seq_k, return_debug_mask, alibi_slopes=alibi_slopes,
-                        block_table=block_table)
+    """Checks, then runs the kernel on [B,S,H,D] inputs, or packed [T,H,D] ones with
+    cum_seq_q/k (torch's varlen_attn): (out in the kernel's layout, lse)."""
+    _check_flash_extras(return_debug_mask, alibi_slopes=alibi_slopes, block_table=block_table)
+    window = _window(window_size_left, window_size_right)
+    # FlashAttention's window is bottom-right aligned, as its causal mask; (-1, 0) is causal.
+    if _packed(q, k, v, cum_seq_q, cum_seq_k, dropout_p, seqused_k):
+        return _ops.flash_attention_varlen_fwd(q, k, v, cum_seq_q, cum_seq_k, int(max_q), int(max_k),
+                                               bool(is_causal), "bottom_right", scale, False, *window, 0.0, None,
+                                               float(dropout_p), rng_state)
     _check_dense(q, k, v, dropout_p, dropout=rng_state is not None)
     q_, k_, v_ = _bhsd(q, k, v)
-    # FlashAttention's window is bottom-right aligned, as its causal mask; (-1, 0) is causal.
     out, lse = _ops.flash_attention_fwd(q_, k_, v_, bool(is_causal), "bottom_right", scale, seqused_k, False,
-                                        *_window(window_size_left, window_size_right), 0.0, None, float(dropout_p),
-                                        rng_state)
+                                        *window, 0.0, None, float(dropout_p), rng_state)
     return out.transpose(1, 2), lse
 
 
@@ -235,29 +256,33 @@ def flash_forward(q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_cau
                   block_table=None, num_splits=None):
     # num_splits only tunes how the work is split (1 = batch invariant); the kernel never splits KV.
     rng_state, seed_slot, offset_slot = _dropout_rng(q, dropout_p)
-    out, lse = _flash_forward_bshd(q, k, v, cum_seq_q, cum_seq_k, dropout_p, is_causal, return_debug_mask, scale,
-                                   window_size_left, window_size_right, seqused_k, alibi_slopes, block_table,
-                                   rng_state)
+    out, lse = _flash_forward_bshd(q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
+                                   return_debug_mask, scale, window_size_left, window_size_right, seqused_k,
+                                   alibi_slopes, block_table, rng_state)
     return _like(out, q), lse, seed_slot, offset_slot, _no_debug_mask(q)
 
 
 def flash_forward_inplace(out, q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                           return_debug_mask, *, scale=None, window_size_left=None, window_size_right=None,
                           seqused_k=None, alibi_slopes=None, block_table=None, num_splits=None):
-    result, lse = _flash_forward_bshd(q, k, v, cum_seq_q, cum_seq_k, dropout_p, is_causal, return_debug_mask,
-                                      scale, window_size_left, window_size_right, seqused_k, alibi_slopes,
-                                      block_table)
+    result, lse = _flash_forward_bshd(q, k, v, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
+                                      return_debug_mask, scale, window_size_left, window_size_right, seqused_k,
+                                      alibi_slopes, block_table)
     out.copy_(result)
     return lse
 
 
 def flash_backward(grad_out, q, k, v, out, lse, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
                    rng_state, unused, *, scale=None, window_size_left=None, window_size_right=None):
-    _check_flash_extras(cum_seq_q, cum_seq_k)
+    window = _window(window_size_left, window_size_right)
+    variants = (0.0, None, float(dropout_p), _rng_from_slot(rng_state, dropout_p))
+    if _packed(q, k, v, cum_seq_q, cum_seq_k, dropout_p):
+        grads = _ops.flash_attention_varlen_bwd(grad_out.contiguous(), None, q, k, v, out, lse.contiguous(),
+                                                cum_seq_q, cum_seq_k, int(max_q), int(max_k), bool(is_causal),
+                                                "bottom_right", scale, _deterministic(), *window, *variants)
+        return tuple(_like(g, t) for g, t in zip(grads[:3], (q, k, v)))
     _check_dense(q, k, v, dropout_p, dropout=True)
     grad_out, q_, k_, v_, out = _bhsd(grad_out.contiguous(), q, k, v, out)
     grads = _ops.flash_attention_bwd(grad_out, None, q_, k_, v_, out, lse.contiguous(), bool(is_causal),
-                                     "bottom_right", scale, None, _deterministic(),
-                                     *_window(window_size_left, window_size_right), 0.0, None, float(dropout_p),
-                                     _rng_from_slot(rng_state, dropout_p))
+                                     "bottom_right", scale, None, _deterministic(), *window, *variants)
     return tuple(_like(g.transpose(1, 2), t) for g, t in zip(grads[:3], (q, k, v)))
