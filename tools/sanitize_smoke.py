@@ -1,4 +1,4 @@
-"""Every tfkernels CUDA op, forward and backward, on small odd shapes: the target of
+"""Every tfkernels CUDA op, forward and backward (the KV-cache op: forward), on small odd shapes: the target of
 compute-sanitizer (memcheck, racecheck) in tools/device_check.sh. With --tests it
 first runs the tests marked `sanitize` (pytest -m "cuda and sanitize") in the same
 process, so one sanitizer run (one torch start-up) covers both. Small so that it
@@ -36,6 +36,26 @@ def cases():
                        lambda q=q, k=k, v=v, c=causal: tfkernels.flash_attention(q, k, v, is_causal=c,
                                                                                   causal_alignment="bottom_right"),
                        (q, k, v))
+        # Packed sequences of mixed lengths (one empty), GQA, forward and backward.
+        cu = torch.tensor([0, 17, 17, 62, 63], dtype=torch.int32, device=dev)
+        q, k, v = r(63, 4, 64, dtype=dtype), r(63, 2, 64, dtype=dtype), r(63, 2, 64, dtype=dtype)
+        yield (f"flash_attention_varlen {dtype}",
+               lambda q=q, k=k, v=v: tfkernels.flash_attention_varlen(q, k, v, cu, cu, 45, 45, is_causal=True),
+               (q, k, v))
+        # Decoding (inference only): append with rotary into a paged cache (blocks of 16, in
+        # shuffled order), then split-KV over the cached rows.
+        kc, vc = r(12, 16, 2, 64, dtype=dtype, grad=False), r(12, 16, 2, 64, dtype=dtype, grad=False)
+        table = torch.randperm(12, device=dev, dtype=torch.int32).view(2, 6)
+        qd, kn, vn = r(2, 1, 4, 64, dtype=dtype, grad=False), r(2, 1, 2, 64, dtype=dtype, grad=False), \
+            r(2, 1, 2, 64, dtype=dtype, grad=False)
+        angles = torch.arange(96, device=dev, dtype=torch.float32)[:, None] * 0.01 * torch.arange(1, 17, device=dev)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        lens = torch.tensor([40, 95], dtype=torch.int32, device=dev)
+        yield (f"flash_attention_with_kvcache {dtype}",
+               lambda qd=qd, kc=kc, vc=vc, kn=kn, vn=vn, table=table, cos=cos, sin=sin:
+               tfkernels.flash_attention_with_kvcache(qd, kc, vc, k=kn, v=vn, cache_seqlens=lens, block_table=table,
+                                                      rotary_cos=cos, rotary_sin=sin, is_causal=True, num_splits=3),
+               ())
         x, w, b = r(3, 37, 136, dtype=dtype), r(3 * 2 * 64, 136, dtype=dtype, scale=0.1), r(3 * 2 * 64, dtype=dtype)
         yield f"fused_qkv {dtype}", lambda x=x, w=w, b=b: tfkernels.fused_qkv(x, w, b, num_heads=2), (x, w, b)
         x, b = r(37, 129, dtype=dtype), r(129, dtype=dtype)
@@ -65,7 +85,8 @@ def main():
         try:
             out = fn()
             outs = list(out) if isinstance(out, (tuple, list)) else [out]
-            grads = torch.autograd.grad(outs, inputs, [torch.randn_like(o) for o in outs])
+            # Inference-only ops take no inputs to differentiate.
+            grads = torch.autograd.grad(outs, inputs, [torch.randn_like(o) for o in outs]) if inputs else ()
             torch.cuda.synchronize()
             bad = [i for i, t in enumerate(outs + list(grads)) if not torch.isfinite(t).all()]
             status = f"non-finite values in outputs/grads {bad}" if bad else "ok"
