@@ -120,7 +120,7 @@ void append(const KvcacheShape& s, const at::Tensor& q, const at::Tensor& q_rot,
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_kvcache_cuda(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const c10::optional<at::Tensor>& k,
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& v, const at::Tensor& cache_seqlens, const c10::optional<at::Tensor>& block_table,
     const c10::optional<at::Tensor>& rotary_cos, const c10::optional<at::Tensor>& rotary_sin,
     bool rotary_interleaved, bool is_causal, c10::optional<double> scale, int64_t window_left, int64_t window_right,
