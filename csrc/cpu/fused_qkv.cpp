@@ -16,12 +16,6 @@
 //     accumulator (fp32 for 16-bit types) stays in cache while the heads add up;
 //   dW_head[:, cols] = sum_b grad_head[b]^T (D x S) @ x[b][:, cols], one task per
 //     (head, block of E columns); db_head = column sums, in the same task.
-// bf16 backward: the per-head products above have K = D (64), too small for MKL's
-// bf16 GEMM, which is also ~2x slower than oneDNN's AVX512-BF16 kernels on CPUs
-// without AMX. So the gradients are gathered once into token order
-// [B*S, (H+2Hkv)*D] (one pass over them, the copy eager's backward makes too) and
-// dx, dW are two oneDNN GEMMs through ATen (fp32 accumulation, one rounding), db
-// one fp32 column sum.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -179,25 +173,6 @@ void fused_qkv_bwd_kernel(const QkvShape& s, const HeadLayout<const scalar_t>& g
   }
 }
 
-// The bf16 backward (see the top of the file): q, k, v gradients in [B, heads, S, D].
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_bf16(const QkvShape& s, const at::Tensor& gq,
-                                                                  const at::Tensor& gk, const at::Tensor& gv,
-                                                                  const at::Tensor& x, const at::Tensor& w) {
-  const int64_t tokens = s.batch * s.seqlen;
-  at::Tensor grad = at::empty({s.batch, s.seqlen, s.heads + 2 * s.kv_heads, s.head_dim}, x.options());
-  grad.narrow(2, 0, s.heads).copy_(gq.permute({0, 2, 1, 3}));
-  grad.narrow(2, s.heads, s.kv_heads).copy_(gk.permute({0, 2, 1, 3}));
-  grad.narrow(2, s.heads + s.kv_heads, s.kv_heads).copy_(gv.permute({0, 2, 1, 3}));
-  const at::Tensor grad2d = grad.view({tokens, s.out_features()});
-  at::Tensor grad_x = empty_output_like(x);
-  at::Tensor grad_w = empty_output_like(w);
-  at::Tensor grad_x2d = grad_x.view({tokens, s.embed});
-  at::mm_out(grad_x2d, grad2d, w);
-  at::mm_out(grad_w, grad2d.t(), x.view({tokens, s.embed}));
-  at::Tensor grad_b = grad2d.sum(0, /*keepdim=*/false, at::kFloat).to(x.scalar_type());
-  return {grad_x, grad_w, grad_b};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cpu(const at::Tensor& grad_q_, const at::Tensor& grad_k_,
                                                                  const at::Tensor& grad_v_, const at::Tensor& x_,
                                                                  const at::Tensor& weight_) {
@@ -210,7 +185,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cpu(const at::Tenso
   check_qkv_grad_args(s, x_, grad_q_, grad_k_, grad_v_);
   const at::Tensor x = x_.contiguous(), w = weight_.contiguous();
   const at::Tensor gq = grad_q_.contiguous(), gk = grad_k_.contiguous(), gv = grad_v_.contiguous();
-  if (x.scalar_type() == at::kBFloat16) return fused_qkv_bwd_bf16(s, gq, gk, gv, x, w);
   at::Tensor grad_x = empty_output_like(x);
   at::Tensor grad_w = empty_output_like(w);
   at::Tensor grad_b = empty_output({w.size(0)}, w.options());
