@@ -259,9 +259,11 @@ def attention_varlen_plan(query, key, value, plan, **kwargs):
     from . import ops
 
     batch, heads, seqlen_q, dim = query.shape
-    q = query.transpose(1, 2).reshape(-1, heads, dim).index_select(0, plan.q_index)
-    k = key.transpose(1, 2).reshape(-1, key.shape[1], dim).index_select(0, plan.k_index)
-    v = value.transpose(1, 2).reshape(-1, value.shape[1], value.shape[3]).index_select(0, plan.k_index)
+    seqlen_k = key.shape[2]
+    # One gather each, straight from the [B,H,S,D] layout: rows (b, :, i) -> [rows, H, D].
+    q = query[plan.q_index // seqlen_q, :, plan.q_index % seqlen_q]
+    k = key[plan.k_index // seqlen_k, :, plan.k_index % seqlen_k]
+    v = value[plan.k_index // seqlen_k, :, plan.k_index % seqlen_k]
     out = ops.flash_attention_varlen(q, k, v, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q,
                                      plan.max_seqlen_k, is_causal=plan.is_causal,
                                      causal_alignment=plan.causal_alignment, window_size=plan.window_size, **kwargs)
