@@ -33,7 +33,9 @@ VarlenShape check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Ten
       q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, causal_alignment, scale,
       window_left, window_right, softcap, sinks, dropout_p, rng_state);
   if (!device::stream_is_capturing()) {
-    const at::Tensor cu_q = cu_seqlens_q.to(at::kCPU).contiguous(), cu_k = cu_seqlens_k.to(at::kCPU).contiguous();
+    // One device-to-host copy when q and k share their offsets (self-attention).
+    const at::Tensor cu_q = cu_seqlens_q.to(at::kCPU).contiguous();
+    const at::Tensor cu_k = cu_seqlens_k.is_same(cu_seqlens_q) ? cu_q : cu_seqlens_k.to(at::kCPU).contiguous();
     check_cu_seqlens_values(shape, cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>());
   }
   check_dtype_in(q, "q", {at::kHalf, at::kBFloat16, at::kFloat});
