@@ -13,7 +13,7 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+#include <bit>
 
 namespace tfkernels::cpu {
 
@@ -22,6 +22,9 @@ namespace tfkernels::cpu {
 #else
 #define TFK_ALWAYS_INLINE inline
 #endif
+
+// A bit pattern as a float.
+TFK_ALWAYS_INLINE float bits_to_float(int32_t bits) { return std::bit_cast<float>(bits); }
 
 // 2^x. Inputs below -126 give exactly 0 (the softmax wants exp(-inf) = 0 and never
 // needs denormals); inputs above 127 saturate at 2^127. NaN stays NaN.
@@ -39,21 +42,13 @@ TFK_ALWAYS_INLINE float fast_exp2f(float x) {
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  const float y = p * two_n;
+  const float y = p * bits_to_float((static_cast<int32_t>(r) + 127) << 23);
   return underflow ? 0.0f : y;
 }
 
 
 TFK_ALWAYS_INLINE float fma_f(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 
-TFK_ALWAYS_INLINE float bits_to_float(int32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
 
 // exp(x) for x clamped to [-87, 88] (no overflow, no subnormal scale).
 TFK_ALWAYS_INLINE float exp_f(float x) {
