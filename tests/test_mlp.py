@@ -26,8 +26,8 @@ import torch
 import tfkernels
 from tfkernels import reference
 
-from .gemm_checks import (ALL_DTYPES, HALF_DTYPES, KERNELS, TF32, check_16bit, check_by_dtype, check_fp32,
-                          compare_16bit, gpu_only, leaf, quick, rejects, run_reference, sanitize)
+from .gemm_checks import (ALL_DTYPES, CPU_DTYPES, HALF_DTYPES, KERNELS, TF32, check_16bit, check_by_dtype, check_fp32,
+                          compare_16bit, force_gemm16, gpu_only, leaf, quick, rejects, run_reference, sanitize)
 from .utils import assert_close_float64, assert_flash_rule, tf32_matmul
 
 ops = torch.ops.tfkernels
@@ -81,9 +81,6 @@ def run_ref(fn, tensors, dtype, grad=None, **kwargs):
 
 # ============================================================================= the CPU grid
 
-CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
 def _run(fn, tensors, grad_out, dtype=None, **kwargs):
     """Forward + backward on copies of `tensors` (None stays None), in `dtype` if given."""
     leaves = [t.detach().to(dtype or t.dtype).requires_grad_() if t is not None else None for t in tensors]
@@ -107,7 +104,7 @@ def _check_cpu(fn, ref_fn, tensors, grad_out, names, dtype, **kwargs):
             assert_flash_rule(a, e, lo, name=name)
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("shape", [(1, 40), (17, 97), (113, 256), (3, 17, 64)], ids=str)
 def test_bias_gelu_matches_reference(shape, approximate, dtype):
@@ -122,11 +119,12 @@ def test_bias_gelu_matches_reference(shape, approximate, dtype):
 CPU_LINEAR_CASES = [((1,), 40, 160), ((17,), 64, 97), ((113,), 256, 1024), ((3, 17), 40, 97), ((2, 9), 64, 256)]
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,gemm16", CPU_DTYPES)
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("case", CPU_LINEAR_CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}")
-def test_linear_gelu_matches_reference(case, bias, approximate, dtype):
+def test_linear_gelu_matches_reference(case, bias, approximate, dtype, gemm16, monkeypatch):
+    force_gemm16(monkeypatch, gemm16)
     lead, d_model, d_ff = case
     x, w, b = linear_inputs("cpu", lead, d_model, d_ff, bias, dtype)
     grad = torch.randn(*lead, d_ff, dtype=dtype)
@@ -134,11 +132,12 @@ def test_linear_gelu_matches_reference(case, bias, approximate, dtype):
                ["out", "grad_x", "grad_weight", "grad_bias"], dtype, approximate=approximate)
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,gemm16", CPU_DTYPES)
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("bias", [(True, True), (False, False), (True, False)], ids=["b1b2", "nobias", "b1"])
 @pytest.mark.parametrize("case", CPU_LINEAR_CASES, ids=lambda c: f"{c[0]}x{c[1]}->{c[2]}")
-def test_fused_mlp_matches_reference(case, bias, approximate, dtype):
+def test_fused_mlp_matches_reference(case, bias, approximate, dtype, gemm16, monkeypatch):
+    force_gemm16(monkeypatch, gemm16)
     lead, d_model, d_ff = case
     x, w1, b1, w2, b2 = mlp_inputs("cpu", lead, d_model, d_ff, True, dtype)
     b1, b2 = (b1 if bias[0] else None), (b2 if bias[1] else None)

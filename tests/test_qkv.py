@@ -26,8 +26,8 @@ import torch
 import tfkernels
 from tfkernels import reference
 
-from .gemm_checks import (ALL_DTYPES, HALF_DTYPES, KERNELS, TF32, check_16bit, check_by_dtype, check_fp32,
-                          compare_16bit, gpu_only, leaf, quick, rejects, run_reference, sanitize)
+from .gemm_checks import (ALL_DTYPES, CPU_DTYPES, HALF_DTYPES, KERNELS, TF32, check_16bit, check_by_dtype, check_fp32,
+                          compare_16bit, force_gemm16, gpu_only, leaf, quick, rejects, run_reference, sanitize)
 from .utils import assert_close_float64, assert_flash_rule, tf32_matmul
 
 ops = torch.ops.tfkernels
@@ -55,8 +55,6 @@ def run_ref(x, w, b, heads, kv_heads, dtype, grads=None):
 
 # ============================================================================= the CPU grid
 
-CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
 # (batch, seqlen, embed, heads, kv_heads, head_dim, bias, outputs in the loss). Every value of
 # S in {1, 17, 113, 1000}, E in {40, 64, 768}, (H, Hkv) in {(12,12), (6,2), (9,3)} and
 # D in {8, 40, 64, 80} appears; with and without bias; some cases leave outputs out of the loss.
@@ -80,10 +78,11 @@ def _run(fn, x, w, b, heads, kv_heads, used, grads, dtype=None):
     return [o.detach() for o in outs], [t.grad if t is not None else None for t in leaves]
 
 
-@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,gemm16", CPU_DTYPES)
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "B{}_S{}_E{}_H{}_{}_D{}_{}_{}".format(
     *c[:6], "bias" if c[6] else "nobias", c[7]))
-def test_fused_qkv_matches_reference(case, dtype):
+def test_fused_qkv_matches_reference(case, dtype, gemm16, monkeypatch):
+    force_gemm16(monkeypatch, gemm16)
     batch, seqlen, embed, heads, kv_heads, head_dim, bias, used = case
     x, w, b = make_inputs("cpu", batch, seqlen, embed, heads, kv_heads, head_dim, bias, dtype)
     shapes = [(batch, heads, seqlen, head_dim)] + [(batch, kv_heads, seqlen, head_dim)] * 2

@@ -6,11 +6,13 @@
 //     pre_tile = x_block W1[f]^T + b1[f]          (into `pre` when it is saved)
 //     h_tile   = gelu(pre_tile)                   (thread-local, L2-sized)
 //     out_block += h_tile W2[:, f]^T
-// so the hidden activation h is never stored in full. 16-bit types instead run
-// two oneDNN GEMMs per block of rows (x W1^T + b1 over all hidden units, then
-// h W2^T + b2) with h in a thread-local rows x F scratch: oneDNN has no fp32
-// output for 16-bit inputs through ATen, and accumulating per hidden block in the
-// dtype would round too often (MKL's fp32-output bf16 GEMM is ~2x slower here).
+// so the hidden activation h is never stored in full. 16-bit types on the oneDNN
+// backend (gemm16.h: CPUs with native 16-bit dot products) instead run two oneDNN
+// GEMMs per block of rows (x W1^T + b1 over all hidden units, then h W2^T + b2)
+// with h in a thread-local rows x F scratch: oneDNN has no fp32 output for 16-bit
+// inputs through ATen, and accumulating per hidden block in the dtype would round
+// too often. On the BLAS backend they take the loop above with MKL's fp32-output
+// GEMM (the pre tile and the output accumulator in fp32).
 //
 // Backward:
 //   dpre = (grad_out W2) * gelu'(pre), tile by tile (GEMM, then the dGELU pass
@@ -31,6 +33,7 @@
 #include "args.h"
 #include "cpu/blas.h"
 #include "cpu/gelu_rows.h"
+#include "cpu/gemm16.h"
 
 namespace tfkernels::cpu {
 namespace {
@@ -149,14 +152,16 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cpu(const at::Tensor& x_, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_mlp", [&] {
     using acc_t = acc_type<scalar_t>;
     if constexpr (is_16bit<scalar_t>) {
-      // Detached: parallel_for workers do not inherit the autograd exclusion above.
-      const at::Tensor b1d = b1_.has_value() && b1_->defined() ? b1_->detach().contiguous() : at::Tensor();
-      const at::Tensor b2d = b2_.has_value() && b2_->defined() ? b2_->detach().contiguous() : at::Tensor();
-      fused_mlp_fwd_kernel_16bit<scalar_t>(s, x.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(), b1d,
-                                           w2.const_data_ptr<scalar_t>(), b2d,
-                                           save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr,
-                                           out.mutable_data_ptr<scalar_t>(), approx);
-      return;
+      if (gemm16_backend(x.scalar_type()) == Gemm16::kOneDnn) {
+        // Detached: parallel_for workers do not inherit the autograd exclusion above.
+        const at::Tensor b1d = b1_.has_value() && b1_->defined() ? b1_->detach().contiguous() : at::Tensor();
+        const at::Tensor b2d = b2_.has_value() && b2_->defined() ? b2_->detach().contiguous() : at::Tensor();
+        fused_mlp_fwd_kernel_16bit<scalar_t>(s, x.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(), b1d,
+                                             w2.const_data_ptr<scalar_t>(), b2d,
+                                             save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr,
+                                             out.mutable_data_ptr<scalar_t>(), approx);
+        return;
+      }
     }
     fused_mlp_fwd_kernel<scalar_t>(s, x.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(),
                                    b1.defined() ? b1.const_data_ptr<acc_t>() : nullptr, w2.const_data_ptr<scalar_t>(),
@@ -279,9 +284,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp
                                    gw2.mutable_data_ptr<scalar_t>(), gb2.mutable_data_ptr<scalar_t>(), approx);
   });
   const at::Tensor x2d = x.view({s.rows, s.in_features});
-  at::mm_out(gw1, dpre.t(), x2d);
+  mm_out_cpu(gw1, dpre.t(), x2d);
   at::Tensor gx2d = gx.view({s.rows, s.in_features});
-  at::mm_out(gx2d, dpre, w1);
+  mm_out_cpu(gx2d, dpre, w1);
   return {gx, gw1, gb1, gw2, gb2};
 }
 

@@ -4,9 +4,9 @@
 // x[b, rows] (Sc x E) @ W_head^T (E x D) writes its Sc x D block straight into
 // the head layout (q [B,H,S,D], k/v [B,Hkv,S,D]; the block is contiguous with
 // leading dim D): no [B,S,(H+2Hkv)D] intermediate, no scatter copy. The bias
-// initialises C (beta = 1); 16-bit types use oneDNN's GEMM through ATen with the
-// bias fused (fp32 accumulation, one rounding; MKL's bf16 GEMM is ~2x slower on
-// CPUs without AMX).
+// initialises C (beta = 1); 16-bit types use the GEMM gemm16.h chooses: oneDNN
+// through ATen with the bias fused, or MKL into an fp32 block started from the
+// bias (both: fp32 accumulation, one rounding).
 // Tasks are ordered (batch, row block, head) so a thread's consecutive GEMMs
 // reuse the same rows of x from cache.
 //
@@ -27,6 +27,7 @@
 #include "args.h"
 #include "cpu/blas.h"
 #include "cpu/gelu_rows.h"
+#include "cpu/gemm16.h"
 
 namespace tfkernels::cpu {
 namespace {
@@ -53,12 +54,14 @@ struct HeadLayout {
 
 template <typename scalar_t>
 void fused_qkv_fwd_kernel(const QkvShape& s, const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* bias,
-                          const HeadLayout<scalar_t>& out, const at::Tensor& bias16) {
+                          const HeadLayout<scalar_t>& out, const at::Tensor& bias16, Gemm16 backend) {
   using acc_t = acc_type<scalar_t>;
   const int64_t groups = s.heads + 2 * s.kv_heads, e = s.embed, d = s.head_dim, seq = s.seqlen;
   const int64_t sb = balanced_block(seq, kFwdRows);
   const int64_t blocks = ceil_div(seq, sb);
+  const bool blas16 = is_16bit<scalar_t> && backend == Gemm16::kBlas;
   at::parallel_for(0, s.batch * blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(blas16 ? static_cast<size_t>(sb * d) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t % groups, blk = (t / groups) % blocks, b = t / (groups * blocks);
       const int64_t s0 = blk * sb, rows = std::min(sb, seq - s0);
@@ -67,6 +70,15 @@ void fused_qkv_fwd_kernel(const QkvShape& s, const scalar_t* x, const scalar_t* 
       const acc_t* bj = bias != nullptr ? bias + j * d : nullptr;
       scalar_t* dst = out.at(b, j) + s0 * d;
       if constexpr (is_16bit<scalar_t>) {
+        if (blas16) {
+          if (bj != nullptr) {
+            for (int64_t i = 0; i < rows; ++i) std::copy(bj, bj + d, acc.data() + i * d);
+          }
+          gemm_rm<scalar_t, float>(false, true, rows, d, e, 1.0f, xb, e, wj, e, bj != nullptr ? 1.0f : 0.0f,
+                                   acc.data(), d);
+          for (int64_t i = 0; i < rows; ++i) store_row(acc.data() + i * d, dst + i * d, d);
+          continue;
+        }
         // oneDNN through ATen: fp32 accumulation, bias in fp32, one rounding.
         linear_tile_aten(xb, rows, e, e, wj, d, e, bias16.defined() ? bias16.narrow(0, j * d, d) : at::Tensor(),
                          dst, d);
@@ -100,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cpu(const at::Tensor& x
     const HeadLayout<scalar_t> out{q.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(),
                                    v.mutable_data_ptr<scalar_t>(), s.heads, s.kv_heads, s.seqlen, s.head_dim};
     fused_qkv_fwd_kernel<scalar_t>(s, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                   bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, out, bias16);
+                                   bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr, out, bias16,
+                                   gemm16_backend(x.scalar_type()));
   });
   return {q, k, v};
 }

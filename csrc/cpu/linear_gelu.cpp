@@ -3,14 +3,17 @@
 // Forward: the output [M, N] is cut into tiles of kRowTile x kColTile; each task
 // runs a single-threaded GEMM for its tile (into `pre`, or into `out` itself when
 // pre is not saved) and then the bias + GELU pass over the tile while it is still
-// in cache (L2-sized tiles). 16-bit types use oneDNN's GEMM through ATen with the
-// bias fused (fp32 accumulation, one rounding).
+// in cache (L2-sized tiles). 16-bit types run the GEMM gemm16.h chooses: oneDNN
+// through ATen with the bias fused (fp32 accumulation, one rounding, then the GELU
+// of the rounded value, as eager), or MKL into an fp32 tile whose GELU epilogue
+// rounds pre and out once each.
 // Tiles are ordered row-block major so consecutive tiles of a thread reuse the
 // same rows of x.
 //
 // Backward: dpre = grad_out * gelu'(pre) in one pass with the bias gradient
 // fused in (deterministic per-row-chunk partial sums), then dx = dpre @ W and
-// dW = dpre^T @ x as two multithreaded GEMMs (fp32 accumulation for 16-bit types).
+// dW = dpre^T @ x as two multithreaded GEMMs (fp32 accumulation for 16-bit types,
+// on gemm16.h's backend).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,6 +25,7 @@
 #include "args.h"
 #include "cpu/blas.h"
 #include "cpu/gelu_rows.h"
+#include "cpu/gemm16.h"
 
 namespace tfkernels::cpu {
 namespace {
@@ -45,19 +49,30 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t features) {
 template <typename scalar_t>
 void linear_gelu_fwd_kernel(const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* bias, scalar_t* pre,
                             scalar_t* out, int64_t m, int64_t n, int64_t k, GeluApprox approx,
-                            const at::Tensor& bias16) {
-  const int64_t mb = balanced_block(m, is_16bit<scalar_t> ? kRowTile16 : kRowTile);
-  const int64_t nb = balanced_block(n, is_16bit<scalar_t> ? kColTile16 : kColTile);
+                            const at::Tensor& bias16, Gemm16 backend) {
+  const bool onednn = is_16bit<scalar_t> && backend == Gemm16::kOneDnn;
+  const int64_t mb = balanced_block(m, onednn ? kRowTile16 : kRowTile);
+  const int64_t nb = balanced_block(n, onednn ? kColTile16 : kColTile);
   const int64_t tiles_m = ceil_div(m, mb), tiles_n = ceil_div(n, nb);
   at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(is_16bit<scalar_t> && !onednn ? static_cast<size_t>(mb * nb) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = (t / tiles_n) * mb, c0 = (t % tiles_n) * nb;
       const int64_t rows = std::min(mb, m - r0), cols = std::min(nb, n - c0);
       const auto* b = bias != nullptr ? bias + c0 : nullptr;
       if constexpr (is_16bit<scalar_t>) {
-        // oneDNN through ATen (MKL's 16-bit GEMM is far slower on CPUs without AMX):
-        // the GEMM adds the bias in fp32 and rounds once, as eager's addmm does; the
-        // GELU then runs on the rounded pre-activation, in place, while it is in cache.
+        if (!onednn) {
+          gemm_rm<scalar_t, float>(false, true, rows, cols, k, 1.0f, x + r0 * k, k, w + c0 * k, k, 0.0f, acc.data(),
+                                   cols);
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t off = (r0 + i) * n + c0;
+            gelu_fwd(acc.data() + i * cols, b, pre != nullptr ? pre + off : nullptr, out + off, cols, approx);
+          }
+          continue;
+        }
+        // oneDNN: the GEMM adds the bias in fp32 and rounds once, as eager's addmm
+        // does; the GELU then runs on the rounded pre-activation, in place, while it
+        // is in cache.
         scalar_t* dst = pre != nullptr ? pre : out;
         linear_tile_aten(x + r0 * k, rows, k, k, w + c0 * k, cols, k,
                          bias16.defined() ? bias16.narrow(0, c0, cols) : at::Tensor(), dst + r0 * n + c0, n);
@@ -103,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_cpu(const at::Tensor& x_, const a
                                      bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
                                      save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr,
                                      out.mutable_data_ptr<scalar_t>(), s.rows, s.out_features, s.in_features, approx,
-                                     bias16);
+                                     bias16, gemm16_backend(x.scalar_type()));
   });
   return {out, pre};
 }
@@ -149,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Ten
     reduce_partials(partials.data(), chunks, n, grad_b.mutable_data_ptr<scalar_t>());
   });
   at::Tensor grad_x2d = grad_x.view({m, k});
-  at::mm_out(grad_x2d, dpre, w);
-  at::mm_out(grad_w, dpre.t(), x.view({m, k}));
+  mm_out_cpu(grad_x2d, dpre, w);
+  mm_out_cpu(grad_w, dpre.t(), x.view({m, k}));
   return {grad_x, grad_w, grad_b};
 }
 
