@@ -227,7 +227,7 @@ def gemm_ceiling_lines(run):
             reached.append(f"{best['value'] / ceiling:.0%} in {dtype} ({best['shape_label']})")
     second = ("attention forward (tfkernels, best non-causal shape) / gemm-ceiling: " + ", ".join(reached)
               + f"; aim {CEILING_AIM:.0%}") if reached else "attention forward: no tfkernels row to compare"
-    return [f"{first} ({how})", second] + notes
+    return [f"{first} ({how})", second] + notes + _single_round_notes(gemm_rows)
 
 
 def goal_lines(run):
