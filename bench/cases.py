@@ -10,14 +10,15 @@ DIRECTIONS = ("fwd", "fwd+bwd")
 # The op family of each benchmarked op: its section and charts in the report
 # (bench/report.py keeps a torch-free copy, OP_FAMILY).
 FAMILY = {"attention": "attention", "attention_window": "attention", "attention_softcap": "attention",
-          "attention_varlen": "attention", "attention_decode": "attention", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp"}
+          "attention_varlen": "attention", "attention_decode": "attention", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp",
+          "gemm": "attention"}
 # The suite of each op: its test file (test_bench_<suite>.py), its provider module
 # (providers_<suite>.py) and its name in bench/run.py's SUITES. The attention variants
 # are a suite of their own (a --suites choice, a budget share) charted with attention.
 SUITE = {"attention": "attention", "attention_window": "attention_variants",
          "attention_softcap": "attention_variants", "attention_varlen": "attention_varlen",
          "attention_decode": "attention_varlen", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp",
-         "bias_gelu": "mlp"}
+         "bias_gelu": "mlp", "gemm": "attention"}
 
 # Provider order (tables, chart colours). "bound" providers do less work than the op
 # (the GEMM alone) and are shown as a ceiling, never counted as a peer.
@@ -38,10 +39,13 @@ PROVIDERS = {
     # One new query over a KV cache: split-KV (num_splits=0) against one block per
     # (batch, head) and SDPA; kv-read is a read of the cache's bytes alone (a ceiling).
     "attention_decode": ["tfkernels", "tfkernels-nosplit", "sdpa", "kv-read"],
+    # The machine's GEMM throughput (torch.mm, 2048^3), measured in the attention suite:
+    # the ceiling that the report reads attention's forward throughput against (issue 14).
+    "gemm": ["gemm-ceiling"],
 }
-BOUND_PROVIDERS = {"gemm-only", "kv-read"}
-# Ops timed in one direction only (inference ops).
-OP_DIRECTIONS = {"attention_decode": ("fwd",)}
+BOUND_PROVIDERS = {"gemm-only", "kv-read", "gemm-ceiling"}
+# Ops timed in one direction only (inference ops, the GEMM ceiling).
+OP_DIRECTIONS = {"attention_decode": ("fwd",), "gemm": ("fwd",)}
 # Providers that torch.compile their code: they follow the compile policy and run last.
 COMPILED_PROVIDERS = {"compile", "flex"}
 SOFTCAP = 50.0  # Gemma 2's attention logit softcap
@@ -105,11 +109,13 @@ def _attention_shapes(device, grid):
     else:
         dtypes = ["fp32", "bf16"]
         seqlens = [512, 2048] if grid == "full" else [2048]
+        head_dims = (64, 128) if grid == "full" else (64,)
         for dtype in dtypes:
-            for causal in ((False, True) if grid == "full" else (False,)):
-                for s in seqlens:
-                    shape = (("B", 1), ("H", 8), ("S", s), ("D", 64), ("causal", causal))
-                    out.append((dtype, shape, s == 2048 and not causal))
+            for head_dim in head_dims:
+                for causal in ((False, True) if grid == "full" else (False,)):
+                    for s in seqlens:
+                        shape = (("B", 1), ("H", 8), ("S", s), ("D", head_dim), ("causal", causal))
+                        out.append((dtype, shape, s == 2048 and head_dim == 64 and not causal))
     return out
 
 
@@ -170,8 +176,9 @@ def _gemm_shapes(op, device, grid):
         headline_width = 1024 if op == "fused_qkv" else 2048
     else:
         tokens, widths, headline_width = 2048, [1024], 1024
-        # fp32 everywhere, plus bf16 for linear_gelu (the CPU aim: linear_gelu vs eager).
-        dtypes = ["fp32", "bf16"] if grid == "full" and op == "linear_gelu" else ["fp32"]
+        # fp32 everywhere, plus bf16 for the GEMM ops in the full grid (issue 14's goals
+        # cover both); bias_gelu is fp32 only.
+        dtypes = ["fp32", "bf16"] if grid == "full" and op != "bias_gelu" else ["fp32"]
     out = []
     for dtype in dtypes:
         for d in widths:
@@ -188,10 +195,20 @@ def _gemm_shapes(op, device, grid):
     return out
 
 
+def _gemm_ceiling_shapes(device, grid):
+    """(dtype, shape, headline) for the GEMM ceiling: torch.mm of two 2048 x 2048 matrices
+    in each dtype of the grid's attention (the report takes the CPU's bf16 ceiling as the
+    faster of its bf16 and fp32 rows: a CPU without native bf16 computes in fp32 at best)."""
+    dtypes = dict.fromkeys(dtype for dtype, _, _ in _attention_shapes(device, grid))
+    return [(dtype, (("M", 2048), ("N", 2048), ("K", 2048)), False) for dtype in dtypes]
+
+
 def cases(op, device=None, grid=None):
     device = device or bench_device()
     grid = grid or bench_grid()
-    if op == "attention":
+    if op == "gemm":
+        shapes = _gemm_ceiling_shapes(device, grid)
+    elif op == "attention":
         shapes = _attention_shapes(device, grid)
     elif op in ("attention_window", "attention_softcap"):
         shapes = _variant_shapes(op, device, grid)
@@ -246,6 +263,8 @@ def work(case):
     attention_decode the bytes of K and V that one decoding step must read."""
     d = case.dims
     bwd = case.direction == "fwd+bwd"
+    if case.op == "gemm":  # the GEMM ceiling, forward only
+        return 2 * d["M"] * d["N"] * d["K"], "TFLOP/s"
     if case.op == "attention_decode":  # the K and V bytes read
         return 2 * d["B"] * d["S"] * d["Hkv"] * d["D"] * element_size(case.dtype), "GB/s"
     if case.op == "attention_varlen":  # the work of the real (unpadded) tokens only

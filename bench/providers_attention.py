@@ -1,5 +1,6 @@
 """Attention providers: tfkernels.flash_attention, F.scaled_dot_product_attention (on
-CUDA each backend forced in turn), a hand-written eager attention and torch.compile of it."""
+CUDA each backend forced in turn), a hand-written eager attention and torch.compile of it;
+and the GEMM ceiling (op "gemm": torch.mm alone) that attention's forward is read against."""
 import contextlib
 import math
 
@@ -41,7 +42,16 @@ def _sdpa_context(provider):
     return lambda: sdpa_kernel(backend)
 
 
+def _gemm_ceiling(case, device):
+    """torch.mm of M x K @ K x N in the case's dtype: the machine's GEMM throughput."""
+    d = case.dims
+    return Prepared(torch.mm, lambda: (randn((d["M"], d["K"]), case.dtype, device),
+                                       randn((d["K"], d["N"]), case.dtype, device)))
+
+
 def prepare(case, device):
+    if case.op == "gemm":
+        return _gemm_ceiling(case, device)
     d = case.dims
     b, h, s, hd, causal = d["B"], d["H"], d["S"], d["D"], d["causal"]
     score_bytes = b * h * s * s * element_size(case.dtype)

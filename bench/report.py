@@ -16,21 +16,30 @@ from collections import OrderedDict, defaultdict
 
 PROVIDER_ORDER = ["tfkernels", "tfkernels-padded", "tfkernels-nosplit", "sdpa", "sdpa-flash", "sdpa-cudnn",
                   "sdpa-efficient", "sdpa-math", "sdpa-mask", "sdpa-padded", "torch-varlen", "cublaslt", "eager",
-                  "compile", "flex", "gemm-only", "kv-read"]
-CEILINGS = {"gemm-only", "kv-read"}  # cases.BOUND_PROVIDERS: drawn hatched, never peers
+                  "compile", "flex", "gemm-only", "kv-read", "gemm-ceiling"]
+CEILINGS = {"gemm-only", "kv-read", "gemm-ceiling"}  # cases.BOUND_PROVIDERS: drawn hatched, never peers
 COLORS = {
     "tfkernels": "#d62728", "sdpa": "#1f77b4", "sdpa-flash": "#1f77b4", "sdpa-cudnn": "#17becf",
     "sdpa-efficient": "#9467bd", "sdpa-math": "#8c564b", "cublaslt": "#2ca02c", "eager": "#7f7f7f",
     "compile": "#ff7f0e", "gemm-only": "#c7c7c7", "sdpa-mask": "#aec7e8", "flex": "#e377c2",
     "tfkernels-padded": "#ff9896", "tfkernels-nosplit": "#ff9896", "sdpa-padded": "#aec7e8", "torch-varlen": "#9467bd",
-    "kv-read": "#c7c7c7",
+    "kv-read": "#c7c7c7", "gemm-ceiling": "#c7c7c7",
 }
 FAMILY_ORDER = ["attention", "qkv", "mlp"]
 # Each op's family (section and charts), in report order: a copy of bench/cases.py's
 # FAMILY, which needs torch (tests/test_report.py checks that they agree).
-OP_FAMILY = {"attention": "attention", "attention_window": "attention", "attention_softcap": "attention",
-             "attention_varlen": "attention", "attention_decode": "attention", "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp"}
+OP_FAMILY = {"attention": "attention", "gemm": "attention", "attention_window": "attention",
+             "attention_softcap": "attention", "attention_varlen": "attention", "attention_decode": "attention",
+             "fused_qkv": "qkv", "linear_gelu": "mlp", "fused_mlp": "mlp", "bias_gelu": "mlp"}
 OP_ORDER = list(OP_FAMILY)
+# The GEMM ceiling's op (torch.mm alone, cases.py): shown as a line under the attention
+# forward table, not as a table or a chart of its own.
+CEILING_OP = "gemm"
+CEILING_AIM = 0.6  # attention forward at 60% of the GEMM ceiling (issue 14)
+# Issue 14's CPU goals: tfkernels' throughput over the best peer's in the same run, at
+# every shape of each (op, direction, dtype) group (attention's stretch goal: 1.25x).
+CPU_GOALS = {"attention": 1.1, "fused_qkv": 1.1, "linear_gelu": 1.1, "fused_mlp": 1.1, "bias_gelu": 1.5}
+SLOW_CALL_S = 10  # bench/timing.py's SLOW_CALL_S: a CPU call slower than this is timed over one round
 FAMILY_TITLES = {"attention": "Attention (flash_attention)", "qkv": "QKV projection (fused_qkv)",
                  "mlp": "MLP family (linear_gelu, fused_mlp, bias_gelu)"}
 DIRECTION_TITLES = {"fwd": "forward", "fwd+bwd": "forward + backward"}
@@ -96,6 +105,8 @@ def _fmt(value):
 
 def table(run, op, direction):
     """Markdown lines for one op and direction, or [] when it has no cases."""
+    if op == CEILING_OP:
+        return gemm_ceiling_lines(run) + [""] if direction == "fwd" and _has_ceiling(run) else []
     rows = [r for r in run["rows"] if r["op"] == op and r["direction"] == direction]
     skipped = [s for s in run["skipped"] if s["op"] == op and s["direction"] == direction]
     failed = [s for s in run["failed"] if s["op"] == op and s["direction"] == direction]
@@ -129,7 +140,7 @@ def table(run, op, direction):
         cells.append(_ratio_cell(values, dtype, label, providers))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    notes = _skip_notes(skipped, failed)
+    notes = _skip_notes(skipped, failed) + _single_round_notes(rows)
     if notes:
         lines += notes + [""]
     return lines
@@ -156,6 +167,100 @@ def _skip_notes(skipped, failed):
     for (provider, kind, reason), n in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
         out.append(f"- `{provider}` {kind} ({n} case{'s' if n > 1 else ''}): {reason}")
     return out
+
+
+def _single_round_notes(rows):
+    """The cases timed over one round (bench/timing.py: a CPU call slower than SLOW_CALL_S)."""
+    slow = defaultdict(list)
+    for r in rows:
+        if r.get("rounds") == 1:
+            slow[r["provider"]].append(f"{r['dtype']} {r['shape_label']}")
+    return [f"- `{p}` timed over one round ({len(shapes)} case{'s' if len(shapes) > 1 else ''}: {', '.join(shapes)}): "
+            f"its call took over {SLOW_CALL_S} s, so the figure is one call's time" for p, shapes in
+            sorted(slow.items(), key=lambda kv: PROVIDER_ORDER.index(kv[0]) if kv[0] in PROVIDER_ORDER else 99)]
+
+
+# --------------------------------------------------------------------------- goals and the GEMM ceiling
+
+def _is_cpu(run):
+    return run["env"].get("device") == "cpu"
+
+
+def gemm_ceilings(run):
+    """{dtype: (throughput, unit)} of the GEMM ceiling rows. On the CPU, bf16's ceiling is the
+    faster of torch.mm in bf16 and in fp32: a CPU without native bf16 computes in fp32 at best."""
+    best = {}
+    for r in run["rows"]:
+        if r["op"] == CEILING_OP and r["value"] > best.get(r["dtype"], (0.0, ""))[0]:
+            best[r["dtype"]] = (r["value"], r["unit"])
+    if _is_cpu(run) and "fp32" in best and best["fp32"][0] > best.get("bf16", (0.0, ""))[0]:
+        best["bf16"] = best["fp32"]
+    return dict(sorted(best.items(), key=lambda kv: DTYPE_ORDER.get(kv[0], 9)))
+
+
+def _has_ceiling(run):
+    return any(r["op"] == CEILING_OP for r in run["rows"] + run["skipped"] + run["failed"])
+
+
+def gemm_ceiling_lines(run):
+    """Two lines: the GEMM ceiling per dtype, and tfkernels' attention forward at its best
+    non-causal shape as a fraction of it; then why a ceiling case was skipped or failed."""
+    notes = _skip_notes([s for s in run["skipped"] if s["op"] == CEILING_OP],
+                        [s for s in run["failed"] if s["op"] == CEILING_OP])
+    ceilings = gemm_ceilings(run)
+    if not ceilings:
+        return ["gemm-ceiling: not measured"] + notes
+    gemm_rows = [r for r in run["rows"] if r["op"] == CEILING_OP]
+    unit, scale = _unit_scale("TFLOP/s", [v for v, _ in ceilings.values()])
+    how = "torch.mm 2048^3"
+    if _is_cpu(run) and "bf16" in ceilings:
+        native = [r["value"] for r in gemm_rows if r["dtype"] == "bf16"]
+        how += ("; bf16: the faster of torch.mm in bf16" + (f" ({_fmt(native[0] * scale)} {unit})" if native else "")
+                + " and in fp32, as a CPU without native bf16 computes in fp32 at best")
+    first = "gemm-ceiling: " + ", ".join(f"{d} {_fmt(v * scale)} {unit}" for d, (v, _) in ceilings.items())
+    reached = []
+    for dtype, (ceiling, _) in ceilings.items():
+        mine = [r for r in run["rows"] if (r["op"], r["direction"], r["provider"], r["dtype"]) ==
+                ("attention", "fwd", "tfkernels", dtype) and not r.get("shape", {}).get("causal")]
+        if mine:
+            best = max(mine, key=lambda r: r["value"])
+            reached.append(f"{best['value'] / ceiling:.0%} in {dtype} ({best['shape_label']})")
+    second = ("attention forward (tfkernels, best non-causal shape) / gemm-ceiling: " + ", ".join(reached)
+              + f"; aim {CEILING_AIM:.0%}") if reached else "attention forward: no tfkernels row to compare"
+    return [f"{first} ({how})", second] + notes + _single_round_notes(gemm_rows)
+
+
+def goal_lines(run):
+    """One line per (op, direction, dtype) group of CPU_GOALS: the smallest tfkernels / best
+    peer ratio over the group's shapes (and that shape), its goal, and whether it is met."""
+    groups = OrderedDict()
+    for r in sorted(run["rows"] + run["skipped"] + run["failed"],
+                    key=lambda r: (OP_ORDER.index(r["op"]) if r["op"] in OP_ORDER else 99, r["direction"],
+                                   DTYPE_ORDER.get(r["dtype"], 9))):
+        if r["op"] in CPU_GOALS:
+            groups.setdefault((r["op"], r["direction"], r["dtype"]), set()).add(r["shape_label"])
+    lines = []
+    for (op, direction, dtype), labels in groups.items():
+        ratios = {}
+        for label in labels:
+            here = [r for r in run["rows"] if (r["op"], r["direction"], r["dtype"], r["shape_label"]) ==
+                    (op, direction, dtype, label)]
+            mine = [r["value"] for r in here if r["provider"] == "tfkernels"]
+            peers = [r["value"] for r in here if r.get("peer")]
+            if mine and peers:
+                ratios[label] = mine[0] / max(peers)
+        goal = CPU_GOALS[op]
+        text = f"{op} {direction} {dtype}: "
+        if ratios:
+            worst = min(ratios, key=ratios.get)
+            text += (f"{ratios[worst]:.2f}x at worst ({worst}), goal {goal}x: "
+                     + ("met" if ratios[worst] >= goal else "not met"))
+        else:
+            text += f"no ratio (tfkernels or every peer unmeasured), goal {goal}x: not measured"
+        if ratios and len(ratios) < len(labels):
+            text += f" ({len(labels) - len(ratios)} of {len(labels)} shapes without a ratio)"
+        lines.append(text)
+    return lines
 
 
 def _present_ops(run):
@@ -189,6 +294,9 @@ def header_lines(run):
     lines.append("")
     if env.get("note"):
         lines += [f"Note: {env['note']}", ""]
+    if _is_cpu(run) and goal_lines(run):
+        lines += ["Goals (issue 14; tfkernels / best peer, the worst shape of each group):", ""]
+        lines += [f"- {line}" for line in goal_lines(run)] + [""]
     n_ok, n_skip, n_fail = len(run["rows"]), len(run["skipped"]), len(run["failed"])
     summary = f"{n_ok} cases measured, {n_skip} skipped (reasons under each table), {n_fail} failed"
     if run.get("crashed"):
@@ -210,7 +318,8 @@ op counts 2·M·N·K per GEMM forward and 3x that forward+backward; bias_gelu co
 the bytes it must move. attention_varlen counts the unpadded tokens' FLOPs only;
 attention_decode counts the K/V bytes one decoding step reads. `gemm-only` runs the
 GEMM(s) without the fused work and `kv-read` reads the KV cache once without
-attending: ceilings to read the kernels against, never peers; `tfkernels-padded`
+attending: ceilings to read the kernels against, never peers (so is `gemm-ceiling`,
+torch.mm alone at 2048^3, the line under the attention forward table); `tfkernels-padded`
 and `tfkernels-nosplit` are our own kernel run the other way, shown for
 comparison and not counted as peers either. "–": skipped, with
 the reason below the table."""
@@ -243,7 +352,7 @@ def headline(run):
     rows = run["rows"]
     marked = [r for r in rows + run["skipped"] + run["failed"] if r.get("headline")]
     keys = OrderedDict()
-    for r in sorted(marked or rows, key=lambda r: (OP_ORDER.index(r["op"]) if r["op"] in OP_ORDER else 99,
+    for r in sorted([r for r in marked or rows if r["op"] != CEILING_OP], key=lambda r: (OP_ORDER.index(r["op"]) if r["op"] in OP_ORDER else 99,
                                                    r["direction"], _shape_sort(r))):
         keys.setdefault((r["op"], r["direction"], r["dtype"], r["shape_label"]), None)
     for op, direction, dtype, label in keys:
@@ -261,6 +370,12 @@ def headline(run):
         if mine and best:
             text += f" ({mine['value'] / best['value']:.2f}x)"
         lines.append(text)
+    if _is_cpu(run):  # issue 14's goals are CPU goals
+        goals = goal_lines(run)
+        if goals:
+            lines += ["== goals (issue 14): tfkernels / best peer, the worst shape of each group"] + goals
+        if _has_ceiling(run):
+            lines += gemm_ceiling_lines(run)
     return "\n".join(lines) + "\n"
 
 
@@ -284,7 +399,8 @@ def _panel_of(r):
 
 
 def _panels(run, family, direction):
-    rows = [r for r in run["rows"] if _family(r["op"]) == family and r["direction"] == direction]
+    rows = [r for r in run["rows"] if _family(r["op"]) == family and r["direction"] == direction
+            and r["op"] != CEILING_OP]
     rows.sort(key=lambda r: (OP_ORDER.index(r["op"]) if r["op"] in OP_ORDER else 99, _shape_sort(r)))
     panels = OrderedDict()
     for r in rows:

@@ -81,6 +81,12 @@ class Step:
             torch.cuda.synchronize()
 
 
+# On the CPU a call slower than this is timed over one round: torch's bf16 GEMMs through
+# oneDNN on a CPU without native bf16 take 20-75 s a call (an eager linear's backward),
+# and three rounds of them would cost minutes a case. The report lists such cases.
+SLOW_CALL_S = 10.0
+
+
 def _timing_plan(device, grid):
     # (seconds per round on CUDA, total seconds per case, min rounds, max rounds)
     if device == "cuda":
@@ -118,6 +124,8 @@ def run_case(benchmark, case, request=None):
             round_s, case_s, min_rounds, max_rounds = _timing_plan(device, bench_grid())
             iterations = max(1, min(1000, round(round_s / per_call))) if round_s else 1
             rounds = int(max(min_rounds, min(max_rounds, case_s // (per_call * iterations))))
+            if device == "cpu" and per_call > SLOW_CALL_S:
+                rounds = 1
             step.every = iterations
             step.calls = 0
             copies = len(step.inputs)

@@ -21,6 +21,7 @@ with pytest.MonkeyPatch.context() as _patch:
     cases = importlib.import_module("cases")
     report = importlib.import_module("report")
     runner = importlib.import_module("run")
+    timing = importlib.import_module("timing")
 
 
 def test_attention_flops_follow_design():
@@ -38,6 +39,8 @@ def test_gemm_and_bytes_counts():
     assert cases.work(qkv)[0] == 3 * 2 * 8 * 8 * 24
     bg = cases.Case("bias_gelu", "fwd", "eager", "bf16", (("M", 8), ("N", 16)))
     assert cases.work(bg) == ((2 * 8 * 16 + 16) * 2, "GB/s")
+    gemm = cases.Case("gemm", "fwd", "gemm-ceiling", "fp32", (("M", 8), ("N", 16), ("K", 4)))
+    assert cases.work(gemm) == (2 * 8 * 16 * 4, "TFLOP/s") and not gemm.peer and gemm.meta()["bound"]
 
 
 def test_window_counts_the_pairs_its_band_sees():
@@ -60,6 +63,8 @@ def test_suites_providers_and_report_families_agree():
         assert test_file == f"test_bench_{suite}.py" and (BENCH / test_file).is_file()
         assert (BENCH / f"providers_{suite}.py").is_file()
     assert report.OP_FAMILY == cases.FAMILY and set(cases.FAMILY.values()) == set(report.FAMILY_ORDER)
+    assert report.CEILINGS == cases.BOUND_PROVIDERS and report.SLOW_CALL_S == timing.SLOW_CALL_S
+    assert set(report.CPU_GOALS) <= set(cases.FAMILY)
     assert {report._family("attention_window"), report._family("attention_softcap")} == {"attention"}
 
 
@@ -68,27 +73,40 @@ def test_grids(device, grid):
     for op in cases.PROVIDERS:
         grid_cases = cases.cases(op, device, grid)
         assert grid_cases and len({c.id for c in grid_cases}) == len(grid_cases)
+        if op == "gemm":  # the ceiling: bound, never a peer, in each dtype attention runs in
+            assert {c.provider for c in grid_cases} <= cases.BOUND_PROVIDERS
+            assert {c.dtype for c in grid_cases} == {c.dtype for c in cases.cases("attention", device, grid)}
+            continue
         assert any(c.headline for c in grid_cases)
         names = {c.provider for c in grid_cases}
         # Every op meets a peer that plain PyTorch offers (eager code, or SDPA where a model calls it).
         assert "tfkernels" in names and names & {"eager", "sdpa", "sdpa-padded"}
         if op == "attention":
             assert ("sdpa-cudnn" in names) == (device == "cuda") and ("sdpa" in names) == (device == "cpu")
+    if device == "cpu" and grid == "full":  # issue 14: the CPU goals' dtypes and head dims
+        for op in ("fused_qkv", "linear_gelu", "fused_mlp"):
+            assert {c.dtype for c in cases.cases(op, device, grid)} == {"fp32", "bf16"}
+        attention = cases.cases("attention", device, grid)
+        assert {(c.dtype, c.dims["D"], c.dims["S"], c.dims["causal"]) for c in attention} == {
+            (t, d, s, causal) for t in ("fp32", "bf16") for d in (64, 128) for s in (512, 2048)
+            for causal in (False, True)}
+        assert {c.shape_label for c in attention if c.headline} == {"B1 H8 S2048 D64 non-causal"}
     full_attention = cases.cases("attention", "cuda", "full")
     assert {c.dims["S"] for c in full_attention} == {512, 1024, 2048, 4096, 8192, 16384}
     assert all(c.dims["B"] * c.dims["S"] == 16384 and c.dims["H"] * c.dims["D"] == 2048 for c in full_attention)
 
 
-def _row(op, provider, value, label="S1", dtype="bf16", direction="fwd", unit="TFLOP/s"):
+def _row(op, provider, value, label="S1", dtype="bf16", direction="fwd", unit="TFLOP/s", shape=None, **extra):
     info = {"op": op, "family": report._family(op), "direction": direction, "provider": provider, "dtype": dtype,
-            "shape": {"S": 1}, "shape_label": label, "peer": provider not in ("tfkernels", "gemm-only"),
-            "headline": True, "value": value, "unit": unit}
+            "shape": shape or {"S": 1}, "shape_label": label, "peer": provider not in report.CEILINGS | {"tfkernels"},
+            "headline": True, "value": value, "unit": unit, **extra}
     return {"name": f"{provider}-{label}", "stats": {"median": 1.0 / value}, "extra_info": info}
 
 
-def _write(path, rows, skipped=()):
+def _write(path, rows, skipped=(), device="cuda"):
     data = {"benchmarks": rows, "datetime": "2026-11-27T00:00:00",
-            "tfkernels": {"env": {"device": "cuda", "device_name": "Test GPU", "torch": "2.x", "cuda": "13.0"},
+            "tfkernels": {"env": {"device": device, "device_name": f"Test {device}", "torch": "2.x",
+                                  "cuda": "13.0" if device == "cuda" else ""},
                           "skipped": list(skipped), "failed": []}}
     path.write_text(json.dumps(data))
     return str(path)
@@ -112,6 +130,70 @@ def test_gemm_only_is_not_a_peer_and_small_values_switch_units(tmp_path):
             _row("linear_gelu", "gemm-only", 0.06)]
     text = report.markdown(report.load(_write(tmp_path / "r.json", rows)))
     assert "GFLOP/s" in text and "1.25x vs eager" in text
+
+
+def _cpu_run(tmp_path):
+    """A CPU run: attention fp32 meets 1.1x at S512 but not at S2048 (the worst shape); its bf16
+    has no peer; fused_mlp bf16 fwd+bwd meets it where eager took one round; bias_gelu misses
+    1.5x; the GEMM ceiling's bf16 mm is slower than its fp32 one."""
+    def attention(provider, value, dtype, s, causal=False):
+        label = f"B1 H8 S{s} D64 {'causal' if causal else 'non-causal'}"
+        return _row("attention", provider, value, label, dtype, shape={"S": s, "D": 64, "causal": causal})
+
+    gemm = {"M": 2048, "N": 2048, "K": 2048}
+    rows = [attention("tfkernels", 0.12, "fp32", 512), attention("sdpa", 0.10, "fp32", 512),
+            attention("tfkernels", 0.10, "fp32", 2048), attention("sdpa", 0.10, "fp32", 2048),
+            attention("eager", 0.05, "fp32", 2048), attention("tfkernels", 0.16, "fp32", 2048, causal=True),
+            attention("sdpa", 0.10, "fp32", 2048, causal=True), attention("tfkernels", 0.09, "bf16", 2048),
+            _row("fused_mlp", "tfkernels", 0.12, "M2048 d1024 ff4096", "bf16", "fwd+bwd"),
+            _row("fused_mlp", "eager", 0.0004, "M2048 d1024 ff4096", "bf16", "fwd+bwd", rounds=1),
+            _row("bias_gelu", "tfkernels", 14.0, "M2048 N4096", "fp32", unit="GB/s"),
+            _row("bias_gelu", "eager", 10.0, "M2048 N4096", "fp32", unit="GB/s"),
+            _row("gemm", "gemm-ceiling", 0.15, "M2048 N2048 K2048", "fp32", shape=gemm),
+            _row("gemm", "gemm-ceiling", 0.0004, "M2048 N2048 K2048", "bf16", shape=gemm)]
+    skipped = [{**attention("sdpa", 1.0, "bf16", 2048)["extra_info"], "reason": "no peer here"}]
+    return report.load(_write(tmp_path / "cpu.json", rows, skipped, device="cpu"))
+
+
+def test_cpu_goals_block(tmp_path):
+    run = _cpu_run(tmp_path)
+    assert report.goal_lines(run) == [
+        "attention fwd fp32: 1.00x at worst (B1 H8 S2048 D64 non-causal), goal 1.1x: not met",
+        "attention fwd bf16: no ratio (tfkernels or every peer unmeasured), goal 1.1x: not measured",
+        "fused_mlp fwd+bwd bf16: 300.00x at worst (M2048 d1024 ff4096), goal 1.1x: met",
+        "bias_gelu fwd fp32: 1.40x at worst (M2048 N4096), goal 1.5x: not met"]
+    head = report.headline(run)
+    assert "== goals (issue 14)" in head and all(line in head for line in report.goal_lines(run))
+    text = report.markdown(run)
+    assert "- bias_gelu fwd fp32: 1.40x at worst (M2048 N4096), goal 1.5x: not met" in text
+    # The eager row timed over one round is named under its table.
+    assert "`eager` timed over one round (1 case: bf16 M2048 d1024 ff4096)" in text
+    # A shape without a ratio is counted, not silently dropped.
+    one_missing = dict(run, rows=[r for r in run["rows"] if r["shape_label"] != "B1 H8 S512 D64 non-causal"
+                                  or r["provider"] != "tfkernels"])
+    assert report.goal_lines(one_missing)[0].endswith("not met (1 of 3 shapes without a ratio)")
+
+
+def test_gemm_ceiling_line(tmp_path):
+    run = _cpu_run(tmp_path)
+    # bf16's ceiling on the CPU is the faster of bf16 and fp32 mm; attention's best non-causal
+    # fp32 shape (0.12 at S512; the causal 0.16 does not count) reaches 80% of 0.15.
+    assert report.gemm_ceilings(run) == {"fp32": (0.15, "TFLOP/s"), "bf16": (0.15, "TFLOP/s")}
+    first, second = report.gemm_ceiling_lines(run)  # no note: no ceiling row was timed over one round
+    slow = dict(run, rows=[dict(r, rounds=1) if r["op"] == "gemm" and r["dtype"] == "bf16" else r
+                           for r in run["rows"]])
+    assert report.gemm_ceiling_lines(slow)[2].startswith("- `gemm-ceiling` timed over one round (1 case: bf16 M2048")
+    assert first.startswith("gemm-ceiling: fp32 150 GFLOP/s, bf16 150 GFLOP/s (torch.mm 2048^3; bf16: the faster "
+                            "of torch.mm in bf16 (0.40 GFLOP/s) and in fp32")
+    assert second == ("attention forward (tfkernels, best non-causal shape) / gemm-ceiling: 80% in fp32 "
+                      "(B1 H8 S512 D64 non-causal), 60% in bf16 (B1 H8 S2048 D64 non-causal); aim 60%")
+    text = report.markdown(run)
+    assert text.index("**attention, forward**") < text.index(first) < text.index("**fused_mlp")
+    assert first in report.headline(run) and "| M2048 N2048 K2048 |" not in text
+    # On CUDA each dtype is its own ceiling, and neither goals nor the ceiling join the headline.
+    cuda = dict(run, env={**run["env"], "device": "cuda"})
+    assert report.gemm_ceilings(cuda) == {"fp32": (0.15, "TFLOP/s"), "bf16": (0.0004, "TFLOP/s")}
+    assert "goals" not in report.headline(cuda) and "gemm-ceiling" not in report.headline(cuda)
 
 
 def test_compare(tmp_path):
