@@ -28,7 +28,7 @@ NativeDot16 detect_native_dot16() {
   return {has("avx512_bf16") || has("amx_bf16"), has("avx512_fp16") || has("amx_fp16")};
 }
 
-// Output rows per task of mm_out_cpu: an fp32 block of kRows x N stays in L2 for
+// Output rows per task of mm_out_cpu's bf16 path: an fp32 block of kRows x N stays in L2 for
 // N up to ~1000, and 2048-row problems still give every thread several tasks.
 constexpr int64_t kRows = 128;
 
@@ -93,7 +93,9 @@ void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (dtype == at::kBFloat16) {
     mm_blas<c10::BFloat16>(out, a, b);
   } else {
-    mm_blas<c10::Half>(out, a, b);
+    // MKL has no fast half GEMM: widen each operand once (gemm_rm would widen B
+    // again for every row block), one multithreaded sgemm, one rounding.
+    out.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
   }
 }
 

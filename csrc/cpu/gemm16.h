@@ -24,8 +24,8 @@ enum class Gemm16 { kOneDnn, kBlas };
 Gemm16 gemm16_backend(at::ScalarType dtype);
 
 // out = a @ b for 2-D tensors (any of them may be a transposed view), multithreaded.
-// 16-bit operands with the kBlas backend run MKL's GEMM into fp32 row blocks and round
-// each once; everything else is at::mm_out.
+// 16-bit operands with the kBlas backend run MKL's bf16 GEMM into fp32 row blocks (half:
+// widened to fp32 once, sgemm) and round once; everything else is at::mm_out.
 void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace tfkernels::cpu
