@@ -21,6 +21,10 @@
 //          recomputed tile by tile from pre;
 //   gw1  = dpre^T x, gx = dpre W1 (multithreaded GEMMs).
 // dpre is the only full-size temporary (eager keeps h and the gradient of h too).
+// 16-bit types on the oneDNN backend run the two tile GEMMs as whole oneDNN GEMMs
+// instead, as eager does: dh = grad_out W2 into dpre (rounded once, then the dGELU
+// pass in place) and gw2 = grad_out^T h with h = gelu(pre) stored in full; MKL's bf16
+// GEMM that the tiles call runs at half oneDNN's rate on a CPU with AVX512-BF16.
 // Bias gradients: per row-block partial sums reduced in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -176,89 +180,110 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cpu(const at::Tensor& x_, const at:
   return {out, pre};
 }
 
+// 1. dpre = (grad_out W2) * gelu'(pre) by (row block, hidden block) tiles; gb1 and
+//    gb2 partial sums per row block. With dh_in_dpre, dpre already holds grad_out W2
+//    (the oneDNN backend) and the tiles only apply gelu'.
 template <typename scalar_t>
-void fused_mlp_bwd_kernel(const MlpShape& s, const scalar_t* go, const scalar_t* x, const scalar_t* w2,
-                          const scalar_t* pre, scalar_t* dpre, scalar_t* gb1, scalar_t* gw2, scalar_t* gb2,
-                          GeluApprox approx) {
+void mlp_dpre_and_bias_grads(const MlpShape& s, const scalar_t* go, const scalar_t* w2, const scalar_t* pre,
+                             scalar_t* dpre, scalar_t* gb1, scalar_t* gb2, GeluApprox approx, bool dh_in_dpre) {
   using acc_t = acc_type<scalar_t>;
   const int64_t m = s.rows, f = s.hidden, n = s.out_features;
   const acc_t* no_bias = nullptr;
-
-  // 1. dpre = (grad_out W2) * gelu'(pre) by (row block, hidden block) tiles; gb1 and
-  //    gb2 partial sums per row block.
-  {
-    const int64_t mb = balanced_block(m, kBwdRows);
-    const int64_t fb = balanced_block(f, kHidden);
-    const int64_t tiles_m = ceil_div(m, mb), tiles_f = ceil_div(f, fb);
-    // At least one task per row block even without hidden units (d_ff = 0): the
-    // first task of each row block also sums gb2, which does not depend on f.
-    const int64_t tasks_f = std::max<int64_t>(tiles_f, 1);
-    std::vector<double> part1(static_cast<size_t>(tiles_m * f), 0.0);
-    std::vector<double> part2(static_cast<size_t>(tiles_m * n), 0.0);
-    at::parallel_for(0, tiles_m * tasks_f, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(is_16bit<scalar_t> ? static_cast<size_t>(mb * fb) : 0);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t tm = t / tasks_f, tf = t % tasks_f;
-        const int64_t r0 = tm * mb, f0 = tf * fb;
-        const int64_t rows = std::min(mb, m - r0), fc = std::min(fb, f - f0);
-        double* p1 = part1.data() + tm * f + f0;
-        if (tf == 0) {
-          sum_rows_blocked<acc_t>(0, rows, n, part2.data() + tm * n,
-                                  [&](int64_t i, acc_t* acc) { add_rows(go + (r0 + i) * n, 1, n, n, acc); });
-        }
-        if (tf >= tiles_f) continue;
+  const int64_t mb = balanced_block(m, kBwdRows);
+  const int64_t fb = balanced_block(f, kHidden);
+  const int64_t tiles_m = ceil_div(m, mb), tiles_f = ceil_div(f, fb);
+  // At least one task per row block even without hidden units (d_ff = 0): the
+  // first task of each row block also sums gb2, which does not depend on f.
+  const int64_t tasks_f = std::max<int64_t>(tiles_f, 1);
+  std::vector<double> part1(static_cast<size_t>(tiles_m * f), 0.0);
+  std::vector<double> part2(static_cast<size_t>(tiles_m * n), 0.0);
+  at::parallel_for(0, tiles_m * tasks_f, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(is_16bit<scalar_t> ? static_cast<size_t>(mb * fb) : 0);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t tm = t / tasks_f, tf = t % tasks_f;
+      const int64_t r0 = tm * mb, f0 = tf * fb;
+      const int64_t rows = std::min(mb, m - r0), fc = std::min(fb, f - f0);
+      double* p1 = part1.data() + tm * f + f0;
+      if (tf == 0) {
+        sum_rows_blocked<acc_t>(0, rows, n, part2.data() + tm * n,
+                                [&](int64_t i, acc_t* acc) { add_rows(go + (r0 + i) * n, 1, n, n, acc); });
+      }
+      if (tf >= tiles_f) continue;
+      if (!dh_in_dpre) {
         if constexpr (is_16bit<scalar_t>) {
+          // dh in an fp32 tile, rounded only once, as dpre.
           gemm_rm(false, false, rows, fc, n, 1.0f, go + r0 * n, n, w2 + f0, f, 0.0f, scratch.data(), fc);
           sum_rows_blocked<acc_t>(0, rows, fc, p1, [&](int64_t i, acc_t* acc) {
             const int64_t off = (r0 + i) * f + f0;
             gelu_bwd(scratch.data() + i * fc, pre + off, no_bias, dpre + off, acc, fc, approx);
           });
+          continue;
         } else {
           gemm_rm(false, false, rows, fc, n, scalar_t(1), go + r0 * n, n, w2 + f0, f, scalar_t(0),
                   dpre + r0 * f + f0, f);
-          sum_rows_blocked<acc_t>(0, rows, fc, p1, [&](int64_t i, acc_t* acc) {
-            const int64_t off = (r0 + i) * f + f0;
-            gelu_bwd(dpre + off, pre + off, no_bias, dpre + off, acc, fc, approx);
-          });
         }
       }
-    });
-    reduce_partials(part1.data(), tiles_m, f, gb1);
-    reduce_partials(part2.data(), tiles_m, n, gb2);
-  }
+      // dh is in dpre: apply gelu' in place.
+      sum_rows_blocked<acc_t>(0, rows, fc, p1, [&](int64_t i, acc_t* acc) {
+        const int64_t off = (r0 + i) * f + f0;
+        gelu_bwd(dpre + off, pre + off, no_bias, dpre + off, acc, fc, approx);
+      });
+    }
+  });
+  reduce_partials(part1.data(), tiles_m, f, gb1);
+  reduce_partials(part2.data(), tiles_m, n, gb2);
+}
 
-  // 2. gw2 = grad_out^T gelu(pre): one task per block of hidden units, h recomputed
-  //    per (row block, hidden block) tile; accumulation over row blocks in order.
-  {
-    const int64_t threads = at::get_num_threads();
-    const int64_t fb = balanced_block(f, std::max<int64_t>(16, std::min(kHidden, ceil_div(f, threads))));
-    const int64_t mb = balanced_block(m, kGw2Rows);
-    at::parallel_for(0, ceil_div(f, fb), 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> h(static_cast<size_t>(mb * fb));
-      std::vector<float> acc16(is_16bit<scalar_t> ? static_cast<size_t>(n * fb) : 0);
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t f0 = blk * fb, fc = std::min(fb, f - f0);
-        auto* acc = [&] {
-          if constexpr (is_16bit<scalar_t>) return acc16.data();
-          else return gw2 + f0;
-        }();
-        const int64_t lda = is_16bit<scalar_t> ? fc : f;
-        if (m == 0) {
-          for (int64_t i = 0; i < n; ++i) std::fill(acc + i * lda, acc + i * lda + fc, 0);
-        }
-        for (int64_t r0 = 0; r0 < m; r0 += mb) {
-          const int64_t rows = std::min(mb, m - r0);
-          for (int64_t i = 0; i < rows; ++i) {
-            gelu_fwd(pre + (r0 + i) * f + f0, no_bias, static_cast<scalar_t*>(nullptr), h.data() + i * fc, fc, approx);
-          }
-          gemm_rm(true, false, n, fc, rows, acc_t(1), go + r0 * n, n, h.data(), fc, acc_t(r0 == 0 ? 0 : 1), acc, lda);
-        }
-        if constexpr (is_16bit<scalar_t>) {
-          for (int64_t i = 0; i < n; ++i) store_row(acc16.data() + i * fc, gw2 + i * f + f0, fc);
-        }
+// 2. gw2 = grad_out^T gelu(pre): one task per block of hidden units, h recomputed
+//    per (row block, hidden block) tile; accumulation over row blocks in order.
+template <typename scalar_t>
+void mlp_grad_w2_tiles(const MlpShape& s, const scalar_t* go, const scalar_t* pre, scalar_t* gw2, GeluApprox approx) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t m = s.rows, f = s.hidden, n = s.out_features;
+  const acc_t* no_bias = nullptr;
+  const int64_t threads = at::get_num_threads();
+  const int64_t fb = balanced_block(f, std::max<int64_t>(16, std::min(kHidden, ceil_div(f, threads))));
+  const int64_t mb = balanced_block(m, kGw2Rows);
+  at::parallel_for(0, ceil_div(f, fb), 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> h(static_cast<size_t>(mb * fb));
+    std::vector<float> acc16(is_16bit<scalar_t> ? static_cast<size_t>(n * fb) : 0);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t f0 = blk * fb, fc = std::min(fb, f - f0);
+      auto* acc = [&] {
+        if constexpr (is_16bit<scalar_t>) return acc16.data();
+        else return gw2 + f0;
+      }();
+      const int64_t lda = is_16bit<scalar_t> ? fc : f;
+      if (m == 0) {
+        for (int64_t i = 0; i < n; ++i) std::fill(acc + i * lda, acc + i * lda + fc, 0);
       }
-    });
-  }
+      for (int64_t r0 = 0; r0 < m; r0 += mb) {
+        const int64_t rows = std::min(mb, m - r0);
+        for (int64_t i = 0; i < rows; ++i) {
+          gelu_fwd(pre + (r0 + i) * f + f0, no_bias, static_cast<scalar_t*>(nullptr), h.data() + i * fc, fc, approx);
+        }
+        gemm_rm(true, false, n, fc, rows, acc_t(1), go + r0 * n, n, h.data(), fc, acc_t(r0 == 0 ? 0 : 1), acc, lda);
+      }
+      if constexpr (is_16bit<scalar_t>) {
+        for (int64_t i = 0; i < n; ++i) store_row(acc16.data() + i * fc, gw2 + i * f + f0, fc);
+      }
+    }
+  });
+}
+
+// h = gelu(pre) in full ([rows, hidden], pre's dtype), rows in parallel.
+template <typename scalar_t>
+at::Tensor gelu_of(const MlpShape& s, const at::Tensor& pre, GeluApprox approx) {
+  using acc_t = acc_type<scalar_t>;
+  at::Tensor h = at::empty({s.rows, s.hidden}, pre.options());
+  const scalar_t* in = pre.const_data_ptr<scalar_t>();
+  scalar_t* out = h.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, s.rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      gelu_fwd(in + r * s.hidden, static_cast<const acc_t*>(nullptr), static_cast<scalar_t*>(nullptr),
+               out + r * s.hidden, s.hidden, approx);
+  });
+  return h;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp_bwd_cpu(
@@ -281,11 +306,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp
   at::Tensor gw2 = empty_output_like(w2);
   at::Tensor gb2 = empty_output({s.out_features}, w2.options());
   at::Tensor dpre = at::empty({s.rows, s.hidden}, x.options());
+  const at::Tensor go2d = grad_out.view({s.rows, s.out_features});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_mlp_bwd", [&] {
-    fused_mlp_bwd_kernel<scalar_t>(s, grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                   w2.const_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(),
-                                   dpre.mutable_data_ptr<scalar_t>(), gb1.mutable_data_ptr<scalar_t>(),
-                                   gw2.mutable_data_ptr<scalar_t>(), gb2.mutable_data_ptr<scalar_t>(), approx);
+    const bool onednn = gemms_on_onednn<scalar_t>();
+    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* pre_p = pre.const_data_ptr<scalar_t>();
+    if (onednn) at::mm_out(dpre, go2d, w2);
+    mlp_dpre_and_bias_grads<scalar_t>(s, go, w2.const_data_ptr<scalar_t>(), pre_p, dpre.mutable_data_ptr<scalar_t>(),
+                                      gb1.mutable_data_ptr<scalar_t>(), gb2.mutable_data_ptr<scalar_t>(), approx,
+                                      onednn);
+    if (onednn) {
+      at::mm_out(gw2, go2d.t(), gelu_of<scalar_t>(s, pre, approx));
+    } else {
+      mlp_grad_w2_tiles<scalar_t>(s, go, pre_p, gw2.mutable_data_ptr<scalar_t>(), approx);
+    }
   });
   const at::Tensor x2d = x.view({s.rows, s.in_features});
   mm_out_cpu(gw1, dpre.t(), x2d);

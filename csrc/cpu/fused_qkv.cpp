@@ -16,6 +16,11 @@
 //     accumulator (fp32 for 16-bit types) stays in cache while the heads add up;
 //   dW_head[:, cols] = sum_b grad_head[b]^T (D x S) @ x[b][:, cols], one task per
 //     (head, block of E columns); db_head = column sums, in the same task.
+// 16-bit types on the oneDNN backend instead gather the head gradients into one
+// [B*S, (H+2Hkv)D] matrix (one copy) and run the two GEMMs of a linear layer's
+// backward through oneDNN, dx = G W and dW = G^T x, each rounded once as eager's
+// are: per-head GEMMs with K or N = D are where oneDNN is slowest, and MKL's bf16
+// GEMM runs at half oneDNN's rate on a CPU with AVX512-BF16.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -125,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cpu(const at::Tensor& x
     using acc_t = acc_type<scalar_t>;
     const HeadLayout<scalar_t> out{q.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(),
                                    v.mutable_data_ptr<scalar_t>(), s.heads, s.kv_heads, s.seqlen, s.head_dim};
-    if (is_16bit<scalar_t> && gemm16_backend(x.scalar_type()) == Gemm16::kOneDnn) {
+    if (gemms_on_onednn<scalar_t>()) {
       fused_qkv_fwd_onednn<scalar_t>(s, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), out, bias16);
     } else {
       fused_qkv_fwd_blas<scalar_t>(s, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
@@ -133,6 +138,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cpu(const at::Tensor& x
     }
   });
   return {q, k, v};
+}
+
+// db of head j: its gradient's column sums over every (batch, row), in double, in a
+// fixed order; `bsum` is D doubles of scratch.
+template <typename scalar_t>
+void head_bias_grad(const QkvShape& s, const HeadLayout<const scalar_t>& grad, int64_t j, double* bsum,
+                    scalar_t* gb) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t d = s.head_dim;
+  std::fill(bsum, bsum + d, 0.0);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const scalar_t* g = grad.at(b, j);
+    sum_rows_blocked<acc_t>(0, s.seqlen, d, bsum, [&](int64_t r, acc_t* acc) { add_rows(g + r * d, 1, d, d, acc); });
+  }
+  store_row(bsum, gb + j * d, d);
 }
 
 template <typename scalar_t>
@@ -189,18 +209,31 @@ void fused_qkv_bwd_kernel(const QkvShape& s, const HeadLayout<const scalar_t>& g
         if constexpr (is_16bit<scalar_t>) {
           for (int64_t i = 0; i < d; ++i) store_row(scratch.data() + i * cols, gw + (j * d + i) * e + c0, cols);
         }
-        if (c0 == 0) {
-          std::fill(bsum.begin(), bsum.end(), 0.0);
-          for (int64_t b = 0; b < s.batch; ++b) {
-            const scalar_t* g = grad.at(b, j);
-            sum_rows_blocked<acc_t>(0, seq, d, bsum.data(),
-                                    [&](int64_t r, acc_t* acc) { add_rows(g + r * d, 1, d, d, acc); });
-          }
-          store_row(bsum.data(), gb + j * d, d);
-        }
+        if (c0 == 0) head_bias_grad(s, grad, j, bsum.data(), gb);
       }
     });
   }
+}
+
+// The oneDNN backend's backward for 16-bit types (see the top of the file).
+template <typename scalar_t>
+void fused_qkv_bwd_onednn(const QkvShape& s, const HeadLayout<const scalar_t>& grad, const at::Tensor& gq,
+                          const at::Tensor& gk, const at::Tensor& gv, const at::Tensor& x, const at::Tensor& w,
+                          at::Tensor& gx, at::Tensor& gw, scalar_t* gb) {
+  const int64_t groups = s.heads + 2 * s.kv_heads, d = s.head_dim;
+  // [B, S, heads, D]: row b * S + s holds every head's gradient for that token, in W's row order.
+  at::Tensor g = at::empty({s.batch, s.seqlen, groups, d}, x.options());
+  g.narrow(2, 0, s.heads).copy_(gq.permute({0, 2, 1, 3}));
+  g.narrow(2, s.heads, s.kv_heads).copy_(gk.permute({0, 2, 1, 3}));
+  g.narrow(2, s.heads + s.kv_heads, s.kv_heads).copy_(gv.permute({0, 2, 1, 3}));
+  const at::Tensor g2d = g.view({s.batch * s.seqlen, groups * d});
+  at::Tensor gx2d = gx.view({s.batch * s.seqlen, s.embed});
+  at::mm_out(gx2d, g2d, w);
+  at::mm_out(gw, g2d.t(), x.view({s.batch * s.seqlen, s.embed}));
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> bsum(static_cast<size_t>(d));
+    for (int64_t j = begin; j < end; ++j) head_bias_grad(s, grad, j, bsum.data(), gb);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cpu(const at::Tensor& grad_q_, const at::Tensor& grad_k_,
@@ -221,9 +254,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cpu(const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_qkv_bwd", [&] {
     const HeadLayout<const scalar_t> grad{gq.const_data_ptr<scalar_t>(), gk.const_data_ptr<scalar_t>(),
                                           gv.const_data_ptr<scalar_t>(), s.heads, s.kv_heads, s.seqlen, s.head_dim};
-    fused_qkv_bwd_kernel<scalar_t>(s, grad, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                                   grad_x.mutable_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>(),
-                                   grad_b.mutable_data_ptr<scalar_t>());
+    if (gemms_on_onednn<scalar_t>()) {
+      fused_qkv_bwd_onednn<scalar_t>(s, grad, gq, gk, gv, x, w, grad_x, grad_w, grad_b.mutable_data_ptr<scalar_t>());
+    } else {
+      fused_qkv_bwd_kernel<scalar_t>(s, grad, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                     grad_x.mutable_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>(),
+                                     grad_b.mutable_data_ptr<scalar_t>());
+    }
   });
   return {grad_x, grad_w, grad_b};
 }

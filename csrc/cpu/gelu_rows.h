@@ -92,14 +92,16 @@ inline void sum_rows_blocked(int64_t r0, int64_t r1, int64_t n, double* total, F
   }
 }
 
-// out[j] = sum over chunks c (in order) of partials[c * n + j].
+// out[j] = sum over chunks c (in order) of partials[c * n + j]. Chunk by chunk, so
+// the partials are read in memory order (each column's sum keeps the same order).
 template <typename T, typename Acc>
 inline void reduce_partials(const Acc* partials, int64_t chunks, int64_t n, T* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    Acc s = 0;
-    for (int64_t c = 0; c < chunks; ++c) s += partials[c * n + j];
-    out[j] = static_cast<T>(s);
+  std::vector<Acc> sum(static_cast<size_t>(n), Acc(0));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const Acc* part = partials + c * n;
+    for (int64_t j = 0; j < n; ++j) sum[j] += part[j];
   }
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(sum[j]);
 }
 
 }  // namespace tfkernels::cpu

@@ -15,6 +15,8 @@
 
 #include <ATen/ATen.h>
 
+#include "cpu/blas.h"
+
 namespace tfkernels::cpu {
 
 enum class Gemm16 { kOneDnn, kBlas };
@@ -22,6 +24,16 @@ enum class Gemm16 { kOneDnn, kBlas };
 // The backend for GEMMs with operands of `dtype` (kBFloat16 or kHalf), read per call
 // (the override may change between calls).
 Gemm16 gemm16_backend(at::ScalarType dtype);
+
+// Whether the GEMMs of a kernel on T operands go to oneDNN: 16-bit T on the kOneDnn backend.
+template <typename T>
+bool gemms_on_onednn() {
+  if constexpr (is_16bit<T>) {
+    return gemm16_backend(c10::CppTypeToScalarType<T>::value) == Gemm16::kOneDnn;
+  } else {
+    return false;
+  }
+}
 
 // out = a @ b for 2-D tensors (any of them may be a transposed view), multithreaded.
 // 16-bit operands with the kBlas backend run MKL's bf16 GEMM into fp32 row blocks (half:
