@@ -112,6 +112,30 @@ def _write(path, rows, skipped=(), device="cuda"):
     return str(path)
 
 
+def _row_key(case):
+    return (case.op, case.direction, case.dtype, case.shape)
+
+
+@pytest.mark.parametrize("budget", [False, True], ids=["no-budget", "time-budget"])
+def test_a_rows_providers_run_back_to_back(monkeypatch, budget):
+    # Without a time budget each row's providers (compiled ones included) are consecutive;
+    # under one, every compiled case comes after every other case of the suite.
+    monkeypatch.setenv("TFKERNELS_BENCH_DEVICE", "cpu")
+    if budget:
+        monkeypatch.setenv("TFKERNELS_BENCH_DEADLINE", "1e12")
+    else:
+        monkeypatch.delenv("TFKERNELS_BENCH_DEADLINE", raising=False)
+    ordered = [p.values[0] for p in cases.params("linear_gelu")]
+    compiled = [c.provider in cases.COMPILED_PROVIDERS for c in ordered]
+    assert any(compiled)
+    if budget:
+        assert compiled == sorted(compiled)
+    else:
+        rows = [_row_key(c) for c in ordered]
+        starts = [i for i in range(len(rows)) if i == 0 or rows[i] != rows[i - 1]]
+        assert len(starts) == len(set(rows))  # no row comes back after another row began
+
+
 def test_table_ratio_skips_and_charts(tmp_path):
     rows = [_row("attention", "tfkernels", 300.0), _row("attention", "sdpa-flash", 250.0),
             _row("attention", "sdpa-cudnn", 400.0), _row("attention", "eager", 30.0)]
