@@ -55,6 +55,29 @@ _LOAD_AT_IMPORT = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else
 
 # --------------------------------------------------------------------------- device identity
 
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_vector_isa():
+    """The widest vector ISA the CPU kernels (and oneDNN) can use: it decides which of
+    them is fast (an AVX2-only CPU runs bf16 GEMMs at a fraction of the fp32 rate), so
+    runs on CPUs of one model name but different ISAs are kept apart."""
+    flags = cpu_flags()
+    for flag, name in (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512"),
+                       ("avx2", "avx2")):
+        if flag in flags:
+            return name
+    return platform.machine() or "cpu"
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -69,7 +92,7 @@ def cpu_model():
 def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{cpu_model()} ({os.cpu_count()} cores)"
+    return f"{cpu_model()} ({os.cpu_count()} cores, {cpu_vector_isa().upper()})"
 
 
 def slugify(text):
@@ -77,11 +100,11 @@ def slugify(text):
 
 
 def device_slug(device):
-    """bench/results/<slug>/: nvidia-h200, cpu-amd-epyc-2c."""
+    """bench/results/<slug>/: nvidia-h200, cpu-amd-epyc-2c-avx512bf16."""
     if device == "cuda":
         return slugify(torch.cuda.get_device_name())
     model = re.sub(r"\b(\d+-core processor|processor|cpu @.*|\(r\)|\(tm\))", " ", cpu_model().lower())
-    return f"cpu-{slugify(model)}-{os.cpu_count()}c"
+    return f"cpu-{slugify(model)}-{os.cpu_count()}c-{cpu_vector_isa()}"
 
 
 def environment(device):
