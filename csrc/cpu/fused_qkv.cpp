@@ -5,10 +5,10 @@
 // L2-sized scratch started from the bias, whose head columns are then copied to
 // the head layout (q [B,H,S,D], k/v [B,Hkv,S,D]): no [B,S,(H+2Hkv)D]
 // intermediate. 16-bit types on the oneDNN backend (gemm16.h) instead run one
-// oneDNN GEMM per head straight into the layout with the bias fused. Both:
-// accumulation in fp32 (fp64 for fp64), one rounding.
-// Tasks are ordered (batch, row block, head) so a thread's consecutive GEMMs
-// reuse the same rows of x from cache.
+// oneDNN GEMM per block of rows over all heads, bias fused, into a scratch in the
+// dtype that is then copied to the layout. Both: accumulation in fp32 (fp64 for
+// fp64), one rounding. BLAS tasks are ordered (batch, row block, head group) so a
+// thread's consecutive GEMMs reuse the same rows of x from cache.
 //
 // Backward:
 //   dx[b, rows] = sum over heads of grad_head[b, rows] (Sc x D) @ W_head (D x E),
@@ -92,21 +92,29 @@ void fused_qkv_fwd_blas(const QkvShape& s, const scalar_t* x, const scalar_t* w,
   });
 }
 
-// oneDNN path (16-bit types where the CPU has native 16-bit dot products): one GEMM
-// per (row block, head) straight into the head layout, bias fused, fp32
-// accumulation, one rounding.
+// oneDNN path (16-bit types where the CPU has native 16-bit dot products): per block
+// of the flattened B*S rows, one oneDNN GEMM over every head's columns at once (N =
+// (H+2Hkv)D, bias fused, fp32 accumulation, one rounding, as eager's F.linear) into a
+// thread-local scratch in the dtype, whose head columns are then copied to the head
+// layout while the block is still in cache. One GEMM per head (N = D) ran oneDNN at
+// ~80% of this rate.
 template <typename scalar_t>
 void fused_qkv_fwd_onednn(const QkvShape& s, const scalar_t* x, const scalar_t* w, const HeadLayout<scalar_t>& out,
                           const at::Tensor& bias16) {
   const int64_t groups = s.heads + 2 * s.kv_heads, e = s.embed, d = s.head_dim, seq = s.seqlen;
-  const int64_t sb = balanced_block(seq, kFwdRows);
-  const int64_t blocks = ceil_div(seq, sb);
-  at::parallel_for(0, s.batch * blocks * groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t j = t % groups, blk = (t / groups) % blocks, b = t / (groups * blocks);
-      const int64_t s0 = blk * sb, rows = std::min(sb, seq - s0);
-      linear_tile_aten(x + (b * seq + s0) * e, rows, e, e, w + j * d * e, d, e,
-                       bias16.defined() ? bias16.narrow(0, j * d, d) : at::Tensor(), out.at(b, j) + s0 * d, d);
+  const int64_t m = s.batch * seq, n = groups * d;
+  const int64_t threads = at::get_num_threads();
+  const int64_t mb = balanced_block(m, std::max<int64_t>(1, std::min(kFwdRows, ceil_div(m, threads))));
+  at::parallel_for(0, ceil_div(m, mb), 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> scratch(static_cast<size_t>(mb * n));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * mb, rows = std::min(mb, m - r0);
+      linear_tile_aten(x + r0 * e, rows, e, e, w, n, e, bias16, scratch.data(), n);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t b = (r0 + i) / seq, pos = (r0 + i) % seq;
+        const scalar_t* row = scratch.data() + i * n;
+        for (int64_t j = 0; j < groups; ++j) std::copy(row + j * d, row + (j + 1) * d, out.at(b, j) + pos * d);
+      }
     }
   });
 }
