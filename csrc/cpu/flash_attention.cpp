@@ -40,7 +40,10 @@
 // place through their strides (only the last dim must be contiguous); 16-bit
 // inputs are widened tile by tile inside the tasks (a separate conversion pass
 // costs an extra parallel region and memory traffic), outputs rounded once. GEMMs
-// go to BLAS (blas.h); the exp runs in flash_attention_softmax.cpp.
+// go to BLAS (blas.h); the exp runs in flash_attention_softmax.cpp. The forward on
+// bf16 inputs, where the CPU has AVX512-BF16, instead multiplies the bf16 tiles
+// directly (bf16_dot.h: K and V packed per tile, P rounded to bf16 for P V as on the
+// GPU), at up to twice the widened path's rate.
 #include "cpu/flash_attention_kernels.h"
 
 #include <ATen/ATen.h>
@@ -54,6 +57,7 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu/bf16_dot.h"
 #include "cpu/blas.h"
 #include "cpu/flash_attention_softmax.h"
 #include "cpu/tile_utils.h"
@@ -72,12 +76,15 @@ using tile::all_finite;
 // process): bq in {64, 128, 256, 512} x bk in {256, 512, 1024} all landed within
 // 0.93-1.02x of SDPA, i.e. within the noise of a shared machine; 256 x 512 is also
 // SDPA's own split. Backward: 128 x 256 was ahead of 64/128/256 x 64/128 by ~5-10%
-// (same noise caveat). Both are chosen per sequence, from its own lengths.
+// (same noise caveat). Both are chosen per sequence, from its own lengths. The bf16
+// products (bf16_dot) pack K and V once per task, so they take more query rows from
+// 192 on: bf16 B1 H8 S512 D64 ran 4.0 ms at 64 rows, 2.9 at 128, 2.7 at 256 (128 keeps
+// one-head causal calls balanced over the threads; fp32 at 256 rows ran ~10% slower).
 struct FwdBlocks {
   int64_t bq, bk;
 };
-FwdBlocks fwd_blocks(int64_t seqlen_q, int64_t seqlen_k) {
-  const int64_t bq = seqlen_q >= 768 ? 256 : seqlen_q >= 192 ? 64 : 32;
+FwdBlocks fwd_blocks(int64_t seqlen_q, int64_t seqlen_k, bool bf16_dot = false) {
+  const int64_t bq = seqlen_q >= 768 ? 256 : seqlen_q >= 192 ? (bf16_dot ? 128 : 64) : 32;
   const int64_t bk = 512;
   return {std::max<int64_t>(1, std::min(bq, seqlen_q)), std::max<int64_t>(1, std::min(bk, seqlen_k))};
 }
@@ -198,13 +205,13 @@ struct QueryBlock {
 
 // Every sequence's query blocks, costliest first (rows x keys they see, + 1 per
 // row for the output).
-std::vector<QueryBlock> query_blocks(const AttentionCall& call) {
+std::vector<QueryBlock> query_blocks(const AttentionCall& call, bool bf16_dot) {
   const Sequences& seqs = call.seqs;
   std::vector<QueryBlock> blocks;
   std::vector<int64_t> cost;
   for (int64_t b = 0; b < seqs.count(); ++b) {
     const int64_t len_q = seqs.q_len(b);
-    const int64_t bq = fwd_blocks(len_q, seqs.k_rows(b)).bq;
+    const int64_t bq = fwd_blocks(len_q, seqs.k_rows(b), bf16_dot).bq;
     const SeqBand band = call.band.of(len_q, seqs.k_len(b));
     for (int64_t i0 = 0; i0 < len_q; i0 += bq) {
       const int64_t m = std::min(bq, len_q - i0);
@@ -222,28 +229,35 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   const Sequences& seqs = call.seqs;
   const Variants& var = call.var;
   const int64_t H = call.heads, G = H / call.kv_heads, D = call.head_dim;
-  const std::vector<QueryBlock> blocks = query_blocks(call);
-  const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows());
+  // bf16 inputs on a CPU with AVX512-BF16: both products on bf16 operands (bf16_dot.h),
+  // P rounded to bf16 for P V as the GPU kernels do; otherwise tiles widened to T.
+  const bool dot = std::is_same_v<OutT, c10::BFloat16> && D % 2 == 0 && bf16dot::available();
+  const std::vector<QueryBlock> blocks = query_blocks(call, dot);
+  const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows(), dot);
   const T c = score_mult<T>(var, call.scale);
   const T keep_scale = static_cast<T>(var.keep_scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
+
+  const int64_t kp_ld = bf16dot::packed_ld(bk_max), vp_ld = bf16dot::packed_ld(D), p_ld = bk_max + (bk_max & 1);
 
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;
   TaskQueue queue(tasks);
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
     constexpr bool widen = !std::is_same_v<T, OutT>;
     Scratch<T> sbuf(bq_max * bk_max), acc(bq_max * D), mrow(bq_max), lrow(bq_max);
-    Scratch<T> qbuf(widen ? bq_max * D : 0), kbuf(widen ? bk_max * D : 0), vbuf(widen ? bk_max * D : 0);
+    Scratch<T> qbuf(widen && !dot ? bq_max * D : 0), kbuf(widen && !dot ? bk_max * D : 0), vbuf(widen ? bk_max * D : 0);
+    Scratch<uint32_t> kpack(dot ? D / 2 * kp_ld : 0), vpack(dot ? (bk_max + 1) / 2 * vp_ld : 0);
+    Scratch<c10::BFloat16> pbuf(dot ? bq_max * p_ld : 0);
     Scratch<uint8_t> keep(var.dropout ? bk_max + 8 : 0);
     for (int64_t task; queue.next(task);) {
       const QueryBlock blk = blocks[task / H];
       const int64_t h = task % H, b = blk.seq, hk = h / G, bh = b * H + h;
       const int64_t len_q = seqs.q_len(b), q0 = seqs.q_start(b), k0 = seqs.k_start(b);
-      const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b));
+      const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b), dot);
       const int64_t i0 = blk.i0, m = std::min(bq, len_q - i0);
       const SeqBand band = call.band.of(len_q, seqs.k_len(b));
-      int64_t ldq, ldk, ldv;
-      const T* Q = tile_rows<T>(q.at(q0 + i0, h), q.ld(), m, D, qbuf.data(), ldq);
+      int64_t ldq = 0, ldk, ldv;
+      const T* Q = dot ? nullptr : tile_rows<T>(q.at(q0 + i0, h), q.ld(), m, D, qbuf.data(), ldq);
       const Span keys = band.keys_of_rows(i0, i0 + m);
 
       // A sink is a key of score sink[h] and no value: the running max and sum start from it.
@@ -254,8 +268,16 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
       for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
         const int64_t n = std::min(bk, keys.hi - j0);
         T* S = sbuf.data();
-        const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
-        gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), S, bk);
+        if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
+          if (dot) {
+            bf16dot::pack_transposed(k.at(k0 + j0, hk), k.ld(), n, D / 2, kpack.data(), kp_ld);
+            bf16dot::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), kpack.data(), kp_ld, S, bk, false);
+          }
+        }
+        if (!dot) {
+          const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
+          gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), S, bk);
+        }
         bool hidden_pairs = false;
         for (int64_t r = 0; r < m; ++r) {
           T* row = S + r * bk;
@@ -282,6 +304,13 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
             fill_zero(row + vis.hi, n - vis.hi);
           } else {
             fill_zero(row, n);
+          }
+        }
+        if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
+          if (dot && (bf16dot::pack_row_pairs(v.at(k0 + j0, hk), v.ld(), n, D, vpack.data(), vp_ld) || !hidden_pairs)) {
+            bf16dot::round_rows(S, bk, m, n, pbuf.data(), p_ld);
+            bf16dot::gemm(m, D, (n + 1) / 2, pbuf.data(), p_ld, vpack.data(), vp_ld, acc.data(), D, true);
+            continue;
           }
         }
         const T* V = tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv);
@@ -335,7 +364,7 @@ void refine_lse(const AttentionCall& call, RowView<const T> q, RowView<const T> 
   const Sequences& seqs = call.seqs;
   const Variants& var = call.var;
   const int64_t H = call.heads, G = H / call.kv_heads, D = call.head_dim;
-  const std::vector<QueryBlock> blocks = query_blocks(call);
+  const std::vector<QueryBlock> blocks = query_blocks(call, false);
   const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows());
   const T c = score_mult<T>(var, call.scale);
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;

@@ -1,0 +1,191 @@
+// AVX512-BF16 tile GEMMs (bf16_dot.h). The vector code is compiled for AVX512-BF16
+// through target attributes, so the rest of the library keeps its baseline ISA and
+// these functions run only after available() said the CPU has the instruction.
+#include "cpu/bf16_dot.h"
+
+#include <ATen/cpu/Utils.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TFK_HAVE_BF16_DOT 1
+#define TFK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+
+namespace tfkernels::cpu::bf16dot {
+namespace {
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto it = caps.find("avx512_bf16");
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  }();
+  return has;
+}
+
+inline uint16_t bits(c10::BFloat16 x) { return x.x; }
+
+inline bool finite_bits(uint16_t b) { return (b & 0x7F80) != 0x7F80; }
+
+#ifdef TFK_HAVE_BF16_DOT
+
+// Rows of C per micro-kernel call: 6 rows x 4 vectors = 24 accumulators, leaving
+// registers for the 4 B vectors and the broadcast A word (32 zmm in all).
+constexpr int kRows = 6;
+constexpr int kMaxVectors = 4;
+
+// C[MR rows][NZ vectors] (+)= A[MR][pairs] . B[pairs][16 NZ]; the last vector's
+// columns are `tail` (a lane mask).
+template <int MR, int NZ>
+TFK_AVX512_BF16 inline void micro_kernel(int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b,
+                                         int64_t ldb, float* c, int64_t ldc, __mmask16 tail, bool accumulate) {
+  __m512 acc[MR][NZ];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      const __mmask16 lanes = z == NZ - 1 ? tail : __mmask16(0xFFFF);
+      acc[i][z] = accumulate ? _mm512_maskz_loadu_ps(lanes, c + i * ldc + 16 * z) : _mm512_setzero_ps();
+    }
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i bv[NZ];
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) bv[z] = _mm512_loadu_si512(b + p * ldb + 16 * z);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      uint32_t word;
+      std::memcpy(&word, a + i * lda + 2 * p, sizeof(word));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+#pragma GCC unroll 4
+      for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_dpbf16_ps(acc[i][z], av, (__m512bh)bv[z]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      const __mmask16 lanes = z == NZ - 1 ? tail : __mmask16(0xFFFF);
+      _mm512_mask_storeu_ps(c + i * ldc + 16 * z, lanes, acc[i][z]);
+    }
+  }
+}
+
+// All m rows of one block of NZ vectors of columns.
+template <int NZ>
+TFK_AVX512_BF16 void column_block(int64_t m, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b,
+                                  int64_t ldb, float* c, int64_t ldc, __mmask16 tail, bool accumulate) {
+  int64_t i = 0;
+  for (; i + kRows <= m; i += kRows) micro_kernel<kRows, NZ>(pairs, a + i * lda, lda, b, ldb, c + i * ldc, ldc, tail, accumulate);
+  a += i * lda;
+  c += i * ldc;
+  switch (m - i) {
+    case 1: micro_kernel<1, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
+    case 2: micro_kernel<2, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
+    case 3: micro_kernel<3, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
+    case 4: micro_kernel<4, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
+    case 5: micro_kernel<5, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
+    default: break;
+  }
+}
+
+TFK_AVX512_BF16 void gemm_avx512_bf16(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
+                                      const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16 * kMaxVectors) {
+    const int64_t width = std::min<int64_t>(16 * kMaxVectors, cols - c0);
+    const int vectors = static_cast<int>((width + 15) / 16);
+    const int last = static_cast<int>(width - 16 * (vectors - 1));
+    const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1);
+    switch (vectors) {
+      case 1: column_block<1>(m, pairs, a, lda, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
+      case 2: column_block<2>(m, pairs, a, lda, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
+      case 3: column_block<3>(m, pairs, a, lda, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
+      default: column_block<4>(m, pairs, a, lda, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
+    }
+  }
+}
+
+TFK_AVX512_BF16 void round_rows_avx512_bf16(const float* src, int64_t lds, int64_t rows, int64_t n,
+                                            c10::BFloat16* dst, int64_t ldd) {
+  const int64_t padded = n + (n & 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    auto* d = reinterpret_cast<uint16_t*>(dst + r * ldd);
+    for (int64_t j = 0; j < padded; j += 16) {
+      const int64_t width = std::min<int64_t>(16, padded - j);
+      const int64_t valid = std::clamp<int64_t>(n - j, 0, 16);
+      const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << valid) - 1), s + j);
+      const __m256i y = (__m256i)_mm512_cvtneps_pbh(x);
+      _mm256_mask_storeu_epi16(d + j, static_cast<__mmask16>((1u << width) - 1), y);
+    }
+  }
+}
+
+#endif  // TFK_HAVE_BF16_DOT
+
+}  // namespace
+
+bool available() {
+#ifdef TFK_HAVE_BF16_DOT
+  const char* env = std::getenv("TFKERNELS_CPU_BF16_DOT");
+  if (env != nullptr && std::string(env) == "0") return false;
+  return cpu_has_avx512_bf16();
+#else
+  return false;
+#endif
+}
+
+void pack_transposed(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t pairs, uint32_t* dst, int64_t ldp) {
+  for (int64_t p = 0; p < pairs; ++p) std::fill(dst + p * ldp + n, dst + (p + 1) * ldp, 0u);
+  for (int64_t j = 0; j < n; ++j) {
+    const c10::BFloat16* row = src + j * ld;
+    for (int64_t p = 0; p < pairs; ++p) {
+      uint32_t word;
+      std::memcpy(&word, row + 2 * p, sizeof(word));
+      dst[p * ldp + j] = word;
+    }
+  }
+}
+
+bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t cols, uint32_t* dst, int64_t ldp) {
+  bool finite = true;
+  for (int64_t p = 0; 2 * p < n; ++p) {
+    const c10::BFloat16* r0 = src + 2 * p * ld;
+    const c10::BFloat16* r1 = 2 * p + 1 < n ? r0 + ld : nullptr;
+    uint32_t* out = dst + p * ldp;
+    for (int64_t c = 0; c < cols; ++c) {
+      const uint16_t lo = bits(r0[c]), hi = r1 != nullptr ? bits(r1[c]) : 0;
+      finite &= finite_bits(lo) & finite_bits(hi);
+      out[c] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+    std::fill(out + cols, out + ldp, 0u);
+  }
+  return finite;
+}
+
+void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd) {
+#ifdef TFK_HAVE_BF16_DOT
+  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::round_rows needs AVX512-BF16");
+  round_rows_avx512_bf16(src, lds, rows, n, dst, ldd);
+#else
+  TORCH_CHECK(false, "tfkernels: bf16dot::round_rows needs AVX512-BF16");
+#endif
+}
+
+void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb,
+          float* c, int64_t ldc, bool accumulate) {
+#ifdef TFK_HAVE_BF16_DOT
+  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::gemm needs AVX512-BF16");
+  gemm_avx512_bf16(m, cols, pairs, a, lda, b, ldb, c, ldc, accumulate);
+#else
+  TORCH_CHECK(false, "tfkernels: bf16dot::gemm needs AVX512-BF16");
+#endif
+}
+
+}  // namespace tfkernels::cpu::bf16dot

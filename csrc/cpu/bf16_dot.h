@@ -1,0 +1,49 @@
+// Tile GEMMs on bf16 operands with AVX512-BF16's vdpbf16ps: each instruction adds
+// 16 sums of two bf16 products into fp32 lanes, twice the products per cycle of an
+// fp32 FMA and without widening the operands first. The CPU flash attention's
+// forward runs S = Q K^T and O += P V on them when its inputs are bf16 and the CPU
+// has the instruction (`available()`); elsewhere it widens tiles to fp32 for sgemm.
+//
+// The instruction pairs elements along the reduction dim, so the B operand is packed
+// "pair-major": B[p][c] is one 32-bit word holding the two bf16 values of reduction
+// pairs 2p, 2p+1 for output column c. A is read as rows of such words (a bf16 row
+// of even length viewed as 32-bit words) and each word is broadcast.
+//   S = Q K^T: A = Q rows (pairs over D), B = K packed by `pack_transposed` (column
+//   c = key c); D must be even.
+//   O += P V: A = P rounded to bf16 by `round_rows` (pairs over keys), B = V packed
+//   by `pack_row_pairs` (column c = head-dim element c).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+namespace tfkernels::cpu::bf16dot {
+
+// Whether the CPU has AVX512-BF16 and TFKERNELS_CPU_BF16_DOT is not 0 (read on every
+// call: tests force the fp32 path with it).
+bool available();
+
+// Words per packed row that `cols` columns need (a multiple of 16: whole vectors).
+inline int64_t packed_ld(int64_t cols) { return (cols + 15) / 16 * 16; }
+
+// dst[p * ldp + j] = the word of src row j holding elements 2p, 2p+1, for j < n and
+// p < pairs; columns n .. ldp are zero. Rows are `ld` elements apart.
+void pack_transposed(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t pairs, uint32_t* dst, int64_t ldp);
+
+// dst[p * ldp + c] = (src[2p][c], src[2p+1][c]) for c < cols and 2p < n (a missing
+// row 2p+1 reads as 0); columns cols .. ldp are zero. Returns whether every element
+// of src is finite (a zero probability times an Inf value would be NaN).
+bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t cols, uint32_t* dst, int64_t ldp);
+
+// dst[r][j] = bf16(src[r][j]) (round to nearest even) for j < n, and dst[r][n] = 0
+// when n is odd, so that a row is a whole number of pairs.
+void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd);
+
+// C[m][cols] = (C if accumulate) + sum over p < pairs of A[i][p] . B[p][c], where
+// A[i][p] is the word at element 2p of bf16 row i (rows lda elements apart) and B is
+// packed (ldb words per row, ldb >= packed_ld(cols)). fp32 accumulation.
+void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb,
+          float* c, int64_t ldc, bool accumulate);
+
+}  // namespace tfkernels::cpu::bf16dot
