@@ -169,6 +169,14 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t col
   return finite;
 }
 
+void round_transposed(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd) {
+  for (int64_t j = 0; j < n; ++j) {
+    c10::BFloat16* out = dst + j * ldd;
+    for (int64_t i = 0; i < rows; ++i) out[i] = c10::BFloat16(src[i * lds + j]);
+    if (rows & 1) out[rows] = c10::BFloat16(0.0f);
+  }
+}
+
 void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd) {
 #ifdef TFK_HAVE_BF16_DOT
   TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::round_rows needs AVX512-BF16");

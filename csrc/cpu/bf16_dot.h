@@ -12,6 +12,8 @@
 //   c = key c); D must be even.
 //   O += P V: A = P rounded to bf16 by `round_rows` (pairs over keys), B = V packed
 //   by `pack_row_pairs` (column c = head-dim element c).
+// The backward's products take the same forms, with P^T and dS^T rounded by
+// `round_transposed` where the reduction runs over query rows (dV, dK).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -39,6 +41,10 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t col
 // dst[r][j] = bf16(src[r][j]) (round to nearest even) for j < n, and dst[r][n] = 0
 // when n is odd, so that a row is a whole number of pairs.
 void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd);
+
+// dst[j][i] = bf16(src[i][j]) for i < rows, j < n (round to nearest even), and
+// dst[j][rows] = 0 when rows is odd: the transposed tile as rows of whole pairs.
+void round_transposed(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd);
 
 // C[m][cols] = (C if accumulate) + sum over p < pairs of A[i][p] . B[p][c], where
 // A[i][p] is the word at element 2p of bf16 row i (rows lda elements apart) and B is

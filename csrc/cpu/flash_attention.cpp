@@ -40,10 +40,10 @@
 // place through their strides (only the last dim must be contiguous); 16-bit
 // inputs are widened tile by tile inside the tasks (a separate conversion pass
 // costs an extra parallel region and memory traffic), outputs rounded once. GEMMs
-// go to BLAS (blas.h); the exp runs in flash_attention_softmax.cpp. The forward on
-// bf16 inputs, where the CPU has AVX512-BF16, instead multiplies the bf16 tiles
-// directly (bf16_dot.h: K and V packed per tile, P rounded to bf16 for P V as on the
-// GPU), at up to twice the widened path's rate.
+// go to BLAS (blas.h); the exp runs in flash_attention_softmax.cpp. On bf16 inputs,
+// where the CPU has AVX512-BF16, forward and backward instead multiply the bf16
+// tiles directly (bf16_dot.h: K, V, Q, dO packed per tile, P and dS rounded to bf16
+// for the products that take them, as on the GPU), at up to twice the widened path's rate.
 #include "cpu/flash_attention_kernels.h"
 
 #include <ATen/ATen.h>
@@ -561,10 +561,22 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
 
   const int64_t tasks = static_cast<int64_t>(plan.units.size()) * H;
   const auto [bq_max, bk_max, nkb_unused] = bwd_blocks(seqs.max_q_len(), seqs.max_k_rows());
+  // bf16 inputs on a CPU with AVX512-BF16: the five products on bf16 operands
+  // (bf16_dot.h), P and dS rounded to bf16 as the GPU kernels do. Per key block K and V
+  // are packed for S and dP (keys as columns) and K for dQ (keys as pairs); per query
+  // block Q and dO as pairs for dK and dV. The widened Q, dO and K stay for the
+  // per-row fallback of tiles with hidden pairs and non-finite operands.
+  const bool dot = std::is_same_v<OutT, c10::BFloat16> && D % 2 == 0 && bf16dot::available();
+  const int64_t kt_ld = bf16dot::packed_ld(bk_max), d_ld = bf16dot::packed_ld(D);
+  const int64_t pt_ld = bq_max + (bq_max & 1), ds_ld = bk_max + (bk_max & 1);
   TaskQueue queue(tasks);
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
     Scratch<T> pbuf(bq_max * bk_max), dsbuf(bq_max * bk_max), tbuf(var.softcap > 0 ? bq_max * bk_max : 0);
-    Scratch<T> kbuf(widen ? bk_max * D : 0), vbuf(widen ? bk_max * D : 0);
+    Scratch<T> kbuf(widen ? bk_max * D : 0), vbuf(widen && !dot ? bk_max * D : 0);
+    Scratch<uint32_t> ktpack(dot ? D / 2 * kt_ld : 0), vtpack(dot ? D / 2 * kt_ld : 0);
+    Scratch<uint32_t> kpack(dot ? (bk_max + 1) / 2 * d_ld : 0), qpack(dot ? (bq_max + 1) / 2 * d_ld : 0),
+        opack(dot ? (bq_max + 1) / 2 * d_ld : 0);
+    Scratch<c10::BFloat16> transposed(dot ? bk_max * pt_ld : 0), ds16(dot ? bq_max * ds_ld : 0);
     Scratch<uint8_t> keep(var.dropout ? bk_max + 8 : 0);
     for (int64_t task; queue.next(task);) {
       const KeyChunk unit = plan.units[task / H];
@@ -592,9 +604,17 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         const int64_t n = std::min({bk, kv.hi - j0, kend_max - j0});
         const Span rows = band.rows_of_keys(j0, j0 + n);  // skip the key block when no row sees it
         if (rows.size() == 0) continue;
-        int64_t ldk, ldv;
+        int64_t ldk, ldv = 0;
         const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
-        const T* V = tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv);
+        const T* V = dot ? nullptr : tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv);
+        bool k_finite = true;
+        if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
+          if (dot) {
+            bf16dot::pack_transposed(k.at(k0 + j0, hk), k.ld(), n, D / 2, ktpack.data(), kt_ld);
+            bf16dot::pack_transposed(v.at(k0 + j0, hk), v.ld(), n, D / 2, vtpack.data(), kt_ld);
+            k_finite = bf16dot::pack_row_pairs(k.at(k0 + j0, hk), k.ld(), n, D, kpack.data(), d_ld);
+          }
+        }
         for (int64_t i0 = rows.lo; i0 < rows.hi; i0 += bq) {
           const int64_t m = std::min(bq, rows.hi - i0);
           const T* Q = qv.at(q0 + i0, h);
@@ -602,8 +622,16 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
           const int64_t ldq = qv.ld(), ldo = gov.ld();
           T* P = pbuf.data();
           T* dS = dsbuf.data();
-          gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), P, bk);
-          gemm_rm<T>(false, true, m, n, D, T(1), dO, ldo, V, ldv, T(0), dS, bk);
+          if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
+            if (dot) {
+              bf16dot::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), ktpack.data(), kt_ld, P, bk, false);
+              bf16dot::gemm(m, n, D / 2, go.at(q0 + i0, h), go.ld(), vtpack.data(), kt_ld, dS, bk, false);
+            }
+          }
+          if (!dot) {
+            gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), P, bk);
+            gemm_rm<T>(false, true, m, n, D, T(1), dO, ldo, V, ldv, T(0), dS, bk);
+          }
           // Keys [j0 + lo, j0 + hi) of the tile are the ones row i0 + r sees.
           auto visible = [&](int64_t r) {
             // lse = -inf: a row that sees no key (or a float64 lse below float32's range).
@@ -640,7 +668,27 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
           }
           // dV += P^T dO;  dK += scale dS^T Q;  dQ += scale dS K. Hidden pairs have
           // P = dS = 0 and multiply dO and Q rows and K rows (see all_finite).
-          if (!hidden_pairs || (all_finite(Q, m, D, ldq) && all_finite(dO, m, D, ldo) && all_finite(K, n, D, ldk))) {
+          const bool whole_tile =
+              !hidden_pairs || (all_finite(Q, m, D, ldq) && all_finite(dO, m, D, ldo) && k_finite &&
+                                (dot || all_finite(K, n, D, ldk)));
+          if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
+            if (dot && whole_tile) {
+              bf16dot::round_transposed(P, bk, m, n, transposed.data(), pt_ld);
+              bf16dot::pack_row_pairs(go.at(q0 + i0, h), go.ld(), m, D, opack.data(), d_ld);
+              bf16dot::gemm(n, D, (m + 1) / 2, transposed.data(), pt_ld, opack.data(), d_ld, dV + j0 * ldv_acc,
+                            ldv_acc, true);
+              for (int64_t r = 0; r < m; ++r) fa::scale_row(dS + r * bk, n, scale);
+              bf16dot::round_transposed(dS, bk, m, n, transposed.data(), pt_ld);
+              bf16dot::pack_row_pairs(q.at(q0 + i0, h), q.ld(), m, D, qpack.data(), d_ld);
+              bf16dot::gemm(n, D, (m + 1) / 2, transposed.data(), pt_ld, qpack.data(), d_ld, dK + j0 * ldk_acc,
+                            ldk_acc, true);
+              bf16dot::round_rows(dS, bk, m, n, ds16.data(), ds_ld);
+              bf16dot::gemm(m, D, (n + 1) / 2, ds16.data(), ds_ld, kpack.data(), d_ld, dQ + i0 * ldq_acc, ldq_acc,
+                            true);
+              continue;
+            }
+          }
+          if (whole_tile) {
             gemm_rm<T>(true, false, n, D, m, T(1), P, bk, dO, ldo, T(1), dV + j0 * ldv_acc, ldv_acc);
             gemm_rm<T>(true, false, n, D, m, scale, dS, bk, Q, ldq, T(1), dK + j0 * ldk_acc, ldk_acc);
             gemm_rm<T>(false, false, m, D, n, scale, dS, bk, K, ldk, T(1), dQ + i0 * ldq_acc, ldq_acc);
