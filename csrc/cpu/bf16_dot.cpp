@@ -29,10 +29,6 @@ bool cpu_has_avx512_bf16() {
   return has;
 }
 
-inline uint16_t bits(c10::BFloat16 x) { return x.x; }
-
-inline bool finite_bits(uint16_t b) { return (b & 0x7F80) != 0x7F80; }
-
 #ifdef TFK_HAVE_BF16_DOT
 
 // Rows of C per micro-kernel call: 6 rows x 4 vectors = 24 accumulators, leaving
@@ -43,7 +39,7 @@ constexpr int kMaxVectors = 4;
 // C[MR rows][NZ vectors] (+)= A[MR][pairs] . B[pairs][16 NZ]; the last vector's
 // columns are `tail` (a lane mask).
 template <int MR, int NZ>
-TFK_AVX512_BF16 inline void micro_kernel(int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b,
+TFK_AVX512_BF16 inline void micro_kernel(int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair, const uint32_t* b,
                                          int64_t ldb, float* c, int64_t ldc, __mmask16 tail, bool accumulate) {
   __m512 acc[MR][NZ];
 #pragma GCC unroll 8
@@ -61,7 +57,7 @@ TFK_AVX512_BF16 inline void micro_kernel(int64_t pairs, const c10::BFloat16* a, 
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       uint32_t word;
-      std::memcpy(&word, a + i * lda + 2 * p, sizeof(word));
+      std::memcpy(&word, a + i * a_row + p * a_pair, sizeof(word));
       const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
 #pragma GCC unroll 4
       for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_dpbf16_ps(acc[i][z], av, (__m512bh)bv[z]);
@@ -79,34 +75,83 @@ TFK_AVX512_BF16 inline void micro_kernel(int64_t pairs, const c10::BFloat16* a, 
 
 // All m rows of one block of NZ vectors of columns.
 template <int NZ>
-TFK_AVX512_BF16 void column_block(int64_t m, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b,
-                                  int64_t ldb, float* c, int64_t ldc, __mmask16 tail, bool accumulate) {
+TFK_AVX512_BF16 void column_block(int64_t m, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
+                                  const uint32_t* b, int64_t ldb, float* c, int64_t ldc, __mmask16 tail,
+                                  bool accumulate) {
   int64_t i = 0;
-  for (; i + kRows <= m; i += kRows) micro_kernel<kRows, NZ>(pairs, a + i * lda, lda, b, ldb, c + i * ldc, ldc, tail, accumulate);
-  a += i * lda;
+  for (; i + kRows <= m; i += kRows) {
+    micro_kernel<kRows, NZ>(pairs, a + i * a_row, a_row, a_pair, b, ldb, c + i * ldc, ldc, tail, accumulate);
+  }
+  a += i * a_row;
   c += i * ldc;
   switch (m - i) {
-    case 1: micro_kernel<1, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
-    case 2: micro_kernel<2, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
-    case 3: micro_kernel<3, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
-    case 4: micro_kernel<4, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
-    case 5: micro_kernel<5, NZ>(pairs, a, lda, b, ldb, c, ldc, tail, accumulate); break;
+    case 1: micro_kernel<1, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
+    case 2: micro_kernel<2, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
+    case 3: micro_kernel<3, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
+    case 4: micro_kernel<4, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
+    case 5: micro_kernel<5, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
     default: break;
   }
 }
 
-TFK_AVX512_BF16 void gemm_avx512_bf16(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
-                                      const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+TFK_AVX512_BF16 void gemm_avx512_bf16(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row,
+                                      int64_t a_pair, const uint32_t* b, int64_t ldb, float* c, int64_t ldc,
+                                      bool accumulate) {
   for (int64_t c0 = 0; c0 < cols; c0 += 16 * kMaxVectors) {
     const int64_t width = std::min<int64_t>(16 * kMaxVectors, cols - c0);
     const int vectors = static_cast<int>((width + 15) / 16);
     const int last = static_cast<int>(width - 16 * (vectors - 1));
     const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1);
     switch (vectors) {
-      case 1: column_block<1>(m, pairs, a, lda, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
-      case 2: column_block<2>(m, pairs, a, lda, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
-      case 3: column_block<3>(m, pairs, a, lda, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
-      default: column_block<4>(m, pairs, a, lda, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
+      case 1: column_block<1>(m, pairs, a, a_row, a_pair, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
+      case 2: column_block<2>(m, pairs, a, a_row, a_pair, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
+      case 3: column_block<3>(m, pairs, a, a_row, a_pair, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
+      default: column_block<4>(m, pairs, a, a_row, a_pair, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
+    }
+  }
+}
+
+// 16-bit lane 2c of the result is lane c of x, lane 2c + 1 is lane 16 + c: two rows
+// of 16 values (x's halves) interleaved into 16 words of pairs.
+TFK_AVX512_BF16 inline __m512i interleave_halves(__m512i x) {
+  alignas(64) static const int16_t index[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(index), x);
+}
+
+inline __mmask16 first_lanes(int64_t count) {
+  return static_cast<__mmask16>((1u << std::clamp<int64_t>(count, 0, 16)) - 1);
+}
+
+TFK_AVX512_BF16 bool pack_row_pairs_avx512_bf16(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t cols,
+                                                uint32_t* dst, int64_t ldp) {
+  const __m512i exponent = _mm512_set1_epi16(0x7F80);
+  __mmask32 non_finite = 0;
+  for (int64_t p = 0; 2 * p < n; ++p) {
+    const auto* r0 = reinterpret_cast<const uint16_t*>(src + 2 * p * ld);
+    const auto* r1 = 2 * p + 1 < n ? r0 + ld : nullptr;
+    for (int64_t c = 0; c < ldp; c += 16) {
+      const __mmask16 lanes = first_lanes(cols - c);
+      const __m256i lo = _mm256_maskz_loadu_epi16(lanes, r0 + c);
+      const __m256i hi = r1 != nullptr ? _mm256_maskz_loadu_epi16(lanes, r1 + c) : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      non_finite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(both, exponent), exponent);
+      _mm512_storeu_si512(dst + p * ldp + c, interleave_halves(both));
+    }
+  }
+  return non_finite == 0;
+}
+
+TFK_AVX512_BF16 void round_row_pairs_avx512_bf16(const float* src, int64_t lds, int64_t rows, int64_t cols,
+                                                 uint32_t* dst, int64_t ldp) {
+  for (int64_t p = 0; 2 * p < rows; ++p) {
+    const float* r0 = src + 2 * p * lds;
+    const float* r1 = 2 * p + 1 < rows ? r0 + lds : nullptr;
+    for (int64_t c = 0; c < ldp; c += 16) {
+      const __mmask16 lanes = first_lanes(cols - c);
+      const __m512 lo = _mm512_maskz_loadu_ps(lanes, r0 + c);
+      const __m512 hi = r1 != nullptr ? _mm512_maskz_loadu_ps(lanes, r1 + c) : _mm512_setzero_ps();
+      _mm512_storeu_si512(dst + p * ldp + c, interleave_halves((__m512i)_mm512_cvtne2ps_pbh(hi, lo)));
     }
   }
 }
@@ -154,27 +199,21 @@ void pack_transposed(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t pa
 }
 
 bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t cols, uint32_t* dst, int64_t ldp) {
-  bool finite = true;
-  for (int64_t p = 0; 2 * p < n; ++p) {
-    const c10::BFloat16* r0 = src + 2 * p * ld;
-    const c10::BFloat16* r1 = 2 * p + 1 < n ? r0 + ld : nullptr;
-    uint32_t* out = dst + p * ldp;
-    for (int64_t c = 0; c < cols; ++c) {
-      const uint16_t lo = bits(r0[c]), hi = r1 != nullptr ? bits(r1[c]) : 0;
-      finite &= finite_bits(lo) & finite_bits(hi);
-      out[c] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-    }
-    std::fill(out + cols, out + ldp, 0u);
-  }
-  return finite;
+#ifdef TFK_HAVE_BF16_DOT
+  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::pack_row_pairs needs AVX512-BF16");
+  return pack_row_pairs_avx512_bf16(src, ld, n, cols, dst, ldp);
+#else
+  TORCH_CHECK(false, "tfkernels: bf16dot::pack_row_pairs needs AVX512-BF16");
+#endif
 }
 
-void round_transposed(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd) {
-  for (int64_t j = 0; j < n; ++j) {
-    c10::BFloat16* out = dst + j * ldd;
-    for (int64_t i = 0; i < rows; ++i) out[i] = c10::BFloat16(src[i * lds + j]);
-    if (rows & 1) out[rows] = c10::BFloat16(0.0f);
-  }
+void round_row_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint32_t* dst, int64_t ldp) {
+#ifdef TFK_HAVE_BF16_DOT
+  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::round_row_pairs needs AVX512-BF16");
+  round_row_pairs_avx512_bf16(src, lds, rows, cols, dst, ldp);
+#else
+  TORCH_CHECK(false, "tfkernels: bf16dot::round_row_pairs needs AVX512-BF16");
+#endif
 }
 
 void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd) {
@@ -186,11 +225,11 @@ void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFl
 #endif
 }
 
-void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb,
-          float* c, int64_t ldc, bool accumulate) {
+void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
+          const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
 #ifdef TFK_HAVE_BF16_DOT
   TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::gemm needs AVX512-BF16");
-  gemm_avx512_bf16(m, cols, pairs, a, lda, b, ldb, c, ldc, accumulate);
+  gemm_avx512_bf16(m, cols, pairs, a, a_row, a_pair, b, ldb, c, ldc, accumulate);
 #else
   TORCH_CHECK(false, "tfkernels: bf16dot::gemm needs AVX512-BF16");
 #endif

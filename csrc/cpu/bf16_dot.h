@@ -12,8 +12,9 @@
 //   c = key c); D must be even.
 //   O += P V: A = P rounded to bf16 by `round_rows` (pairs over keys), B = V packed
 //   by `pack_row_pairs` (column c = head-dim element c).
-// The backward's products take the same forms, with P^T and dS^T rounded by
-// `round_transposed` where the reduction runs over query rows (dV, dK).
+// The backward's products take the same forms; where the reduction runs over query
+// rows (dV += P^T dO, dK += dS^T Q) the A operand is P or dS packed into pairs of rows
+// by `round_row_pairs` and read transposed.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -42,14 +43,16 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t col
 // when n is odd, so that a row is a whole number of pairs.
 void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd);
 
-// dst[j][i] = bf16(src[i][j]) for i < rows, j < n (round to nearest even), and
-// dst[j][rows] = 0 when rows is odd: the transposed tile as rows of whole pairs.
-void round_transposed(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd);
+// pack_row_pairs of an fp32 tile, each value rounded to bf16 (nearest even): the
+// transposed operand (P^T, dS^T) of a product that reduces over src's rows, read by
+// `gemm` with a_row = 2 and a_pair = 2 * ldp.
+void round_row_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint32_t* dst, int64_t ldp);
 
 // C[m][cols] = (C if accumulate) + sum over p < pairs of A[i][p] . B[p][c], where
-// A[i][p] is the word at element 2p of bf16 row i (rows lda elements apart) and B is
-// packed (ldb words per row, ldb >= packed_ld(cols)). fp32 accumulation.
-void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b, int64_t ldb,
-          float* c, int64_t ldc, bool accumulate);
+// A[i][p] is the word of bf16 elements a[i * a_row + p * a_pair] and the next one
+// (rows of pairs: a_row = the row stride, a_pair = 2), and B is packed (ldb words
+// per row, ldb >= packed_ld(cols)). fp32 accumulation.
+void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
+          const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
 
 }  // namespace tfkernels::cpu::bf16dot

@@ -271,7 +271,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
           if (dot) {
             bf16dot::pack_transposed(k.at(k0 + j0, hk), k.ld(), n, D / 2, kpack.data(), kp_ld);
-            bf16dot::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), kpack.data(), kp_ld, S, bk, false);
+            bf16dot::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), 2, kpack.data(), kp_ld, S, bk, false);
           }
         }
         if (!dot) {
@@ -309,7 +309,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
           if (dot && (bf16dot::pack_row_pairs(v.at(k0 + j0, hk), v.ld(), n, D, vpack.data(), vp_ld) || !hidden_pairs)) {
             bf16dot::round_rows(S, bk, m, n, pbuf.data(), p_ld);
-            bf16dot::gemm(m, D, (n + 1) / 2, pbuf.data(), p_ld, vpack.data(), vp_ld, acc.data(), D, true);
+            bf16dot::gemm(m, D, (n + 1) / 2, pbuf.data(), p_ld, 2, vpack.data(), vp_ld, acc.data(), D, true);
             continue;
           }
         }
@@ -568,7 +568,7 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   // per-row fallback of tiles with hidden pairs and non-finite operands.
   const bool dot = std::is_same_v<OutT, c10::BFloat16> && D % 2 == 0 && bf16dot::available();
   const int64_t kt_ld = bf16dot::packed_ld(bk_max), d_ld = bf16dot::packed_ld(D);
-  const int64_t pt_ld = bq_max + (bq_max & 1), ds_ld = bk_max + (bk_max & 1);
+  const int64_t ds_ld = bk_max + (bk_max & 1);
   TaskQueue queue(tasks);
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
     Scratch<T> pbuf(bq_max * bk_max), dsbuf(bq_max * bk_max), tbuf(var.softcap > 0 ? bq_max * bk_max : 0);
@@ -576,7 +576,8 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
     Scratch<uint32_t> ktpack(dot ? D / 2 * kt_ld : 0), vtpack(dot ? D / 2 * kt_ld : 0);
     Scratch<uint32_t> kpack(dot ? (bk_max + 1) / 2 * d_ld : 0), qpack(dot ? (bq_max + 1) / 2 * d_ld : 0),
         opack(dot ? (bq_max + 1) / 2 * d_ld : 0);
-    Scratch<c10::BFloat16> transposed(dot ? bk_max * pt_ld : 0), ds16(dot ? bq_max * ds_ld : 0);
+    Scratch<uint32_t> row_pairs(dot ? (bq_max + 1) / 2 * kt_ld : 0);
+    Scratch<c10::BFloat16> ds16(dot ? bq_max * ds_ld : 0);
     Scratch<uint8_t> keep(var.dropout ? bk_max + 8 : 0);
     for (int64_t task; queue.next(task);) {
       const KeyChunk unit = plan.units[task / H];
@@ -624,8 +625,8 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
           T* dS = dsbuf.data();
           if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
             if (dot) {
-              bf16dot::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), ktpack.data(), kt_ld, P, bk, false);
-              bf16dot::gemm(m, n, D / 2, go.at(q0 + i0, h), go.ld(), vtpack.data(), kt_ld, dS, bk, false);
+              bf16dot::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), 2, ktpack.data(), kt_ld, P, bk, false);
+              bf16dot::gemm(m, n, D / 2, go.at(q0 + i0, h), go.ld(), 2, vtpack.data(), kt_ld, dS, bk, false);
             }
           }
           if (!dot) {
@@ -673,17 +674,19 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
                                 (dot || all_finite(K, n, D, ldk)));
           if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
             if (dot && whole_tile) {
-              bf16dot::round_transposed(P, bk, m, n, transposed.data(), pt_ld);
+              // P^T and dS^T: P and dS packed in pairs of rows, read transposed.
+              const auto* transposed = reinterpret_cast<const c10::BFloat16*>(row_pairs.data());
+              bf16dot::round_row_pairs(P, bk, m, n, row_pairs.data(), kt_ld);
               bf16dot::pack_row_pairs(go.at(q0 + i0, h), go.ld(), m, D, opack.data(), d_ld);
-              bf16dot::gemm(n, D, (m + 1) / 2, transposed.data(), pt_ld, opack.data(), d_ld, dV + j0 * ldv_acc,
+              bf16dot::gemm(n, D, (m + 1) / 2, transposed, 2, 2 * kt_ld, opack.data(), d_ld, dV + j0 * ldv_acc,
                             ldv_acc, true);
               for (int64_t r = 0; r < m; ++r) fa::scale_row(dS + r * bk, n, scale);
-              bf16dot::round_transposed(dS, bk, m, n, transposed.data(), pt_ld);
+              bf16dot::round_row_pairs(dS, bk, m, n, row_pairs.data(), kt_ld);
               bf16dot::pack_row_pairs(q.at(q0 + i0, h), q.ld(), m, D, qpack.data(), d_ld);
-              bf16dot::gemm(n, D, (m + 1) / 2, transposed.data(), pt_ld, qpack.data(), d_ld, dK + j0 * ldk_acc,
+              bf16dot::gemm(n, D, (m + 1) / 2, transposed, 2, 2 * kt_ld, qpack.data(), d_ld, dK + j0 * ldk_acc,
                             ldk_acc, true);
               bf16dot::round_rows(dS, bk, m, n, ds16.data(), ds_ld);
-              bf16dot::gemm(m, D, (n + 1) / 2, ds16.data(), ds_ld, kpack.data(), d_ld, dQ + i0 * ldq_acc, ldq_acc,
+              bf16dot::gemm(m, D, (n + 1) / 2, ds16.data(), ds_ld, 2, kpack.data(), d_ld, dQ + i0 * ldq_acc, ldq_acc,
                             true);
               continue;
             }
