@@ -2,9 +2,14 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace tfkernels {
 
@@ -16,8 +21,44 @@ bool poison_outputs() {
   return enabled;
 }
 
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+namespace {
+
+// Buffers from this size on are advised for huge pages (a few 2 MiB pages at least).
+constexpr size_t kHugePageAdviceBytes = size_t{8} << 20;
+constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+
+// MADV_HUGEPAGE on the whole 2 MiB pages inside [p, p + bytes). The advice only
+// shapes how untouched pages get faulted in; errors (no THP in this kernel) are
+// harmless and ignored.
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHugePage - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// TFKERNELS_CPU_HUGE_PAGES=0 turns the advice off (read per call, for A/B timing).
+bool huge_pages_wanted() {
+  const char* flag = std::getenv("TFKERNELS_CPU_HUGE_PAGES");
+  return flag == nullptr || std::strcmp(flag, "0") != 0;
+}
+
+}  // namespace
+
+at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
+  if (t.device().is_cpu() && t.nbytes() >= kHugePageAdviceBytes && huge_pages_wanted()) {
+    advise_huge_pages(t.data_ptr(), t.nbytes());
+  }
+  return t;
+}
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = empty_buffer(sizes, options);
   if (poison_outputs() && at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
