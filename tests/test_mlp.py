@@ -119,6 +119,22 @@ def test_bias_gelu_matches_reference(shape, approximate, dtype):
 CPU_LINEAR_CASES = [((1,), 40, 160), ((17,), 64, 97), ((113,), 256, 1024), ((3, 17), 40, 97), ((2, 9), 64, 256)]
 
 
+@pytest.mark.parametrize("huge_pages", ["1", "0"], ids=["huge-pages", "small-pages"])
+def test_bias_gelu_large_buffers(huge_pages, monkeypatch):
+    """Outputs of 8 MiB and more are advised for huge pages before their first touch
+    (csrc/alloc.h): forward and backward match the reference with the advice on and off."""
+    monkeypatch.setenv("TFKERNELS_CPU_HUGE_PAGES", huge_pages)
+    x = torch.randn(1024, 4096, dtype=torch.float64, requires_grad=True)  # 32 MiB
+    bias = torch.randn(4096, dtype=torch.float64, requires_grad=True)
+    out = tfkernels.bias_gelu(x, bias)
+    grad = torch.randn_like(out)
+    gx, gb = torch.autograd.grad(out, (x, bias), grad)
+    ref = reference.bias_gelu(x, bias)
+    rgx, rgb = torch.autograd.grad(ref, (x, bias), grad)
+    for name, got, want in (("out", out, ref), ("grad_x", gx, rgx), ("grad_bias", gb, rgb)):
+        assert_close_float64(got, want, name)
+
+
 @pytest.mark.parametrize("dtype,gemm16", CPU_DTYPES)
 @pytest.mark.parametrize("approximate", APPROX)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
