@@ -23,7 +23,7 @@ bool poison_outputs() {
 
 namespace {
 
-// Buffers from this size on are advised for huge pages (a few 2 MiB pages at least).
+// Outputs from this size on are advised for huge pages (a few 2 MiB pages at least).
 constexpr size_t kHugePageAdviceBytes = size_t{8} << 20;
 constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
 
@@ -47,24 +47,27 @@ bool huge_pages_wanted() {
   return flag == nullptr || std::strcmp(flag, "0") != 0;
 }
 
-}  // namespace
-
-at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-  if (t.device().is_cpu() && t.nbytes() >= kHugePageAdviceBytes && huge_pages_wanted()) {
-    advise_huge_pages(t.data_ptr(), t.nbytes());
-  }
-  return t;
-}
-
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = empty_buffer(sizes, options);
+at::Tensor poisoned(at::Tensor t) {
   if (poison_outputs() && at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
 
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return poisoned(at::empty(sizes, options));
+}
+
 at::Tensor empty_output_like(const at::Tensor& t) {
   return empty_output(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+at::Tensor empty_streamed_output_like(const at::Tensor& like) {
+  at::Tensor t = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  if (t.device().is_cpu() && t.nbytes() >= kHugePageAdviceBytes && huge_pages_wanted()) {
+    advise_huge_pages(t.data_ptr(), t.nbytes());
+  }
+  return poisoned(t);
 }
 
 }  // namespace tfkernels

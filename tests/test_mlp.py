@@ -121,7 +121,7 @@ CPU_LINEAR_CASES = [((1,), 40, 160), ((17,), 64, 97), ((113,), 256, 1024), ((3, 
 
 @pytest.mark.parametrize("huge_pages", ["1", "0"], ids=["huge-pages", "small-pages"])
 def test_bias_gelu_large_buffers(huge_pages, monkeypatch):
-    """Outputs of 8 MiB and more are advised for huge pages before their first touch
+    """bias_gelu advises its outputs of 8 MiB and more for huge pages before their first touch
     (csrc/alloc.h): forward and backward match the reference with the advice on and off."""
     monkeypatch.setenv("TFKERNELS_CPU_HUGE_PAGES", huge_pages)
     x = torch.randn(1024, 4096, dtype=torch.float64, requires_grad=True)  # 32 MiB

@@ -36,7 +36,7 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x_, const at::Tensor& bias_, c10::str
   const int64_t n = check_bias_gelu_args(x_, bias_);
   const GeluApprox approx = parse_gelu_approximate(approximate);
   const at::Tensor x = x_.contiguous();
-  at::Tensor out = empty_output_like(x);
+  at::Tensor out = empty_streamed_output_like(x);
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   if (rows == 0) return out;
   const at::Tensor bias = bias_in_acc_type(bias_, x.scalar_type());
@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_out_
   const GeluApprox approx = parse_gelu_approximate(approximate);
   const at::Tensor x = x_.contiguous();
   const at::Tensor grad_out = grad_out_.contiguous();
-  at::Tensor grad_x = empty_output_like(x);
+  at::Tensor grad_x = empty_streamed_output_like(x);
   at::Tensor grad_bias = empty_output({n}, x.options());
   const int64_t rows = n == 0 ? 0 : x.numel() / n;
   const at::Tensor bias = bias_in_acc_type(bias_, x.scalar_type());

@@ -57,7 +57,6 @@
 #include <numeric>
 #include <vector>
 
-#include "alloc.h"
 #include "cpu/bf16_dot.h"
 #include "cpu/blas.h"
 #include "cpu/flash_attention_softmax.h"
@@ -498,7 +497,7 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   // Our own [H][rows][D] buffers, addressed by flat row like the tensors.
   auto own_rows = [&](at::Tensor& buf, int64_t rows) {
-    buf = empty_buffer({H * rows * D}, opts);
+    buf = at::empty({H * rows * D}, opts);
     return RowView<T>{buf.data_ptr<T>(), RowLayout::packed(rows * D, D)};
   };
 
@@ -553,7 +552,7 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   RowView<T> dq_main = widen ? own_rows(dq_buf, Rq) : RowView<T>{reinterpret_cast<T*>(gq.p), gq.layout};
   T* dq_extra = nullptr;
   if (plan.extra_size > 0) {
-    dq_extra_buf = empty_buffer({plan.extra_size}, opts);
+    dq_extra_buf = at::empty({plan.extra_size}, opts);
     dq_extra = dq_extra_buf.data_ptr<T>();
   }
   const bool kv_direct = !widen && G == 1;
