@@ -134,7 +134,7 @@ TFK_AVX512_BF16 bool pack_row_pairs_avx512_bf16(const c10::BFloat16* src, int64_
       const __mmask16 lanes = first_lanes(cols - c);
       const __m256i lo = _mm256_maskz_loadu_epi16(lanes, r0 + c);
       const __m256i hi = r1 != nullptr ? _mm256_maskz_loadu_epi16(lanes, r1 + c) : _mm256_setzero_si256();
-      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      const __m512i both = _mm512_inserti64x4(_mm512_zextsi256_si512(lo), hi, 1);
       non_finite |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(both, exponent), exponent);
       _mm512_storeu_si512(dst + p * ldp + c, interleave_halves(both));
     }
@@ -174,6 +174,12 @@ TFK_AVX512_BF16 void round_rows_avx512_bf16(const float* src, int64_t lds, int64
 
 #endif  // TFK_HAVE_BF16_DOT
 
+// The vector entry points run only where the CPU has the instruction (callers ask
+// available() first); elsewhere they fail loudly instead of faulting.
+void require_avx512_bf16(const char* function) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::", function, " needs a CPU with AVX512-BF16");
+}
+
 }  // namespace
 
 bool available() {
@@ -199,39 +205,33 @@ void pack_transposed(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t pa
 }
 
 bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t cols, uint32_t* dst, int64_t ldp) {
+  require_avx512_bf16("pack_row_pairs");
 #ifdef TFK_HAVE_BF16_DOT
-  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::pack_row_pairs needs AVX512-BF16");
   return pack_row_pairs_avx512_bf16(src, ld, n, cols, dst, ldp);
 #else
-  TORCH_CHECK(false, "tfkernels: bf16dot::pack_row_pairs needs AVX512-BF16");
+  return false;
 #endif
 }
 
 void round_row_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint32_t* dst, int64_t ldp) {
+  require_avx512_bf16("round_row_pairs");
 #ifdef TFK_HAVE_BF16_DOT
-  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::round_row_pairs needs AVX512-BF16");
   round_row_pairs_avx512_bf16(src, lds, rows, cols, dst, ldp);
-#else
-  TORCH_CHECK(false, "tfkernels: bf16dot::round_row_pairs needs AVX512-BF16");
 #endif
 }
 
 void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd) {
+  require_avx512_bf16("round_rows");
 #ifdef TFK_HAVE_BF16_DOT
-  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::round_rows needs AVX512-BF16");
   round_rows_avx512_bf16(src, lds, rows, n, dst, ldd);
-#else
-  TORCH_CHECK(false, "tfkernels: bf16dot::round_rows needs AVX512-BF16");
 #endif
 }
 
 void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
           const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  require_avx512_bf16("gemm");
 #ifdef TFK_HAVE_BF16_DOT
-  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::gemm needs AVX512-BF16");
   gemm_avx512_bf16(m, cols, pairs, a, a_row, a_pair, b, ldb, c, ldc, accumulate);
-#else
-  TORCH_CHECK(false, "tfkernels: bf16dot::gemm needs AVX512-BF16");
 #endif
 }
 

@@ -172,4 +172,10 @@ inline int64_t balanced_block(int64_t n, int64_t max_block) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Rows per task of a row-blocked kernel: blocks of at most max_rows, small enough that
+// every thread gets one (near-equal blocks, see balanced_block).
+inline int64_t rows_per_task(int64_t m, int64_t max_rows, int64_t threads) {
+  return balanced_block(m, std::max<int64_t>(1, std::min(max_rows, ceil_div(m, threads))));
+}
+
 }  // namespace tfkernels::cpu

@@ -70,8 +70,7 @@ void fused_mlp_fwd_kernel_16bit(const MlpShape& s, const scalar_t* x, const scal
                                 const scalar_t* w2, const at::Tensor& b2, scalar_t* pre, scalar_t* out,
                                 GeluApprox approx) {
   const int64_t m = s.rows, d = s.in_features, f = s.hidden, n = s.out_features;
-  const int64_t threads = at::get_num_threads();
-  const int64_t mb = balanced_block(m, std::max<int64_t>(1, std::min(kFwdRows16, ceil_div(m, threads))));
+  const int64_t mb = rows_per_task(m, kFwdRows16, at::get_num_threads());
   at::parallel_for(0, ceil_div(m, mb), 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> h(static_cast<size_t>(mb * f));
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -93,8 +92,7 @@ void fused_mlp_fwd_kernel(const MlpShape& s, const scalar_t* x, const scalar_t* 
                           GeluApprox approx) {
   using acc_t = acc_type<scalar_t>;
   const int64_t m = s.rows, d = s.in_features, f = s.hidden, n = s.out_features;
-  const int64_t threads = at::get_num_threads();
-  const int64_t mb = balanced_block(m, std::max<int64_t>(1, std::min(kFwdRows, ceil_div(m, threads))));
+  const int64_t mb = rows_per_task(m, kFwdRows, at::get_num_threads());
   const int64_t fb = std::min(kHidden, std::max<int64_t>(f, 1));
   at::parallel_for(0, ceil_div(m, mb), 1, [&](int64_t begin, int64_t end) {
     // acc: pre tile (fp32 scratch for 16-bit types); h: the GELU tile, in the dtype.

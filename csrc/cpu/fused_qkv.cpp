@@ -103,8 +103,7 @@ void fused_qkv_fwd_onednn(const QkvShape& s, const scalar_t* x, const scalar_t* 
                           const at::Tensor& bias16) {
   const int64_t groups = s.heads + 2 * s.kv_heads, e = s.embed, d = s.head_dim, seq = s.seqlen;
   const int64_t m = s.batch * seq, n = groups * d;
-  const int64_t threads = at::get_num_threads();
-  const int64_t mb = balanced_block(m, std::max<int64_t>(1, std::min(kFwdRows, ceil_div(m, threads))));
+  const int64_t mb = rows_per_task(m, kFwdRows, at::get_num_threads());
   at::parallel_for(0, ceil_div(m, mb), 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> scratch(static_cast<size_t>(mb * n));
     for (int64_t blk = begin; blk < end; ++blk) {
