@@ -3,113 +3,40 @@
 // these functions run only after available() said the CPU has the instruction.
 #include "cpu/bf16_dot.h"
 
-#include <ATen/cpu/Utils.h>
+#include "cpu/cpu_caps.h"
+
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define TFK_HAVE_BF16_DOT 1
 #define TFK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define TFK_TILE_TARGET TFK_AVX512_BF16
+#include "cpu/avx512_tile_gemm.h"
 #endif
 
 namespace tfkernels::cpu::bf16dot {
 namespace {
 
-bool cpu_has_avx512_bf16() {
-  static const bool has = [] {
-    const auto caps = at::cpu::get_cpu_capabilities();
-    const auto it = caps.find("avx512_bf16");
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  }();
-  return has;
-}
-
 #ifdef TFK_HAVE_BF16_DOT
 
-// Rows of C per micro-kernel call: 6 rows x 4 vectors = 24 accumulators, leaving
-// registers for the 4 B vectors and the broadcast A word (32 zmm in all).
-constexpr int kRows = 6;
-constexpr int kMaxVectors = 4;
-
-// C[MR rows][NZ vectors] (+)= A[MR][pairs] . B[pairs][16 NZ]; the last vector's
-// columns are `tail` (a lane mask).
-template <int MR, int NZ>
-TFK_AVX512_BF16 inline void micro_kernel(int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair, const uint32_t* b,
-                                         int64_t ldb, float* c, int64_t ldc, __mmask16 tail, bool accumulate) {
-  __m512 acc[MR][NZ];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int z = 0; z < NZ; ++z) {
-      const __mmask16 lanes = z == NZ - 1 ? tail : __mmask16(0xFFFF);
-      acc[i][z] = accumulate ? _mm512_maskz_loadu_ps(lanes, c + i * ldc + 16 * z) : _mm512_setzero_ps();
-    }
+// One reduction step of the tile loop (avx512_tile_gemm.h): a word of two bf16
+// elements of A, broadcast, dotted with a packed word of B per lane.
+struct Bf16Pairs {
+  using A = c10::BFloat16;
+  using B = uint32_t;
+  static TFK_AVX512_BF16 __m512i broadcast(const A* a) {
+    uint32_t word;
+    std::memcpy(&word, a, sizeof(word));
+    return _mm512_set1_epi32(static_cast<int>(word));
   }
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512i bv[NZ];
-#pragma GCC unroll 4
-    for (int z = 0; z < NZ; ++z) bv[z] = _mm512_loadu_si512(b + p * ldb + 16 * z);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      uint32_t word;
-      std::memcpy(&word, a + i * a_row + p * a_pair, sizeof(word));
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
-#pragma GCC unroll 4
-      for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_dpbf16_ps(acc[i][z], av, (__m512bh)bv[z]);
-    }
+  static TFK_AVX512_BF16 __m512 step(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int z = 0; z < NZ; ++z) {
-      const __mmask16 lanes = z == NZ - 1 ? tail : __mmask16(0xFFFF);
-      _mm512_mask_storeu_ps(c + i * ldc + 16 * z, lanes, acc[i][z]);
-    }
-  }
-}
-
-// All m rows of one block of NZ vectors of columns.
-template <int NZ>
-TFK_AVX512_BF16 void column_block(int64_t m, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
-                                  const uint32_t* b, int64_t ldb, float* c, int64_t ldc, __mmask16 tail,
-                                  bool accumulate) {
-  int64_t i = 0;
-  for (; i + kRows <= m; i += kRows) {
-    micro_kernel<kRows, NZ>(pairs, a + i * a_row, a_row, a_pair, b, ldb, c + i * ldc, ldc, tail, accumulate);
-  }
-  a += i * a_row;
-  c += i * ldc;
-  switch (m - i) {
-    case 1: micro_kernel<1, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
-    case 2: micro_kernel<2, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
-    case 3: micro_kernel<3, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
-    case 4: micro_kernel<4, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
-    case 5: micro_kernel<5, NZ>(pairs, a, a_row, a_pair, b, ldb, c, ldc, tail, accumulate); break;
-    default: break;
-  }
-}
-
-TFK_AVX512_BF16 void gemm_avx512_bf16(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row,
-                                      int64_t a_pair, const uint32_t* b, int64_t ldb, float* c, int64_t ldc,
-                                      bool accumulate) {
-  for (int64_t c0 = 0; c0 < cols; c0 += 16 * kMaxVectors) {
-    const int64_t width = std::min<int64_t>(16 * kMaxVectors, cols - c0);
-    const int vectors = static_cast<int>((width + 15) / 16);
-    const int last = static_cast<int>(width - 16 * (vectors - 1));
-    const __mmask16 tail = static_cast<__mmask16>((1u << last) - 1);
-    switch (vectors) {
-      case 1: column_block<1>(m, pairs, a, a_row, a_pair, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
-      case 2: column_block<2>(m, pairs, a, a_row, a_pair, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
-      case 3: column_block<3>(m, pairs, a, a_row, a_pair, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
-      default: column_block<4>(m, pairs, a, a_row, a_pair, b + c0, ldb, c + c0, ldc, tail, accumulate); break;
-    }
-  }
-}
+};
 
 // 16-bit lane 2c of the result is lane c of x, lane 2c + 1 is lane 16 + c: two rows
 // of 16 values (x's halves) interleaved into 16 words of pairs.
@@ -177,16 +104,14 @@ TFK_AVX512_BF16 void round_rows_avx512_bf16(const float* src, int64_t lds, int64
 // The vector entry points run only where the CPU has the instruction (callers ask
 // available() first); elsewhere they fail loudly instead of faulting.
 void require_avx512_bf16(const char* function) {
-  TORCH_CHECK(cpu_has_avx512_bf16(), "tfkernels: bf16dot::", function, " needs a CPU with AVX512-BF16");
+  TORCH_CHECK(cpu_has("avx512_bf16"), "tfkernels: bf16dot::", function, " needs a CPU with AVX512-BF16");
 }
 
 }  // namespace
 
 bool available() {
 #ifdef TFK_HAVE_BF16_DOT
-  const char* env = std::getenv("TFKERNELS_CPU_BF16_DOT");
-  if (env != nullptr && std::string(env) == "0") return false;
-  return cpu_has_avx512_bf16();
+  return !switched_off("TFKERNELS_CPU_BF16_DOT") && cpu_has("avx512_bf16");
 #else
   return false;
 #endif
@@ -231,7 +156,7 @@ void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_
           const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   require_avx512_bf16("gemm");
 #ifdef TFK_HAVE_BF16_DOT
-  gemm_avx512_bf16(m, cols, pairs, a, a_row, a_pair, b, ldb, c, ldc, accumulate);
+  tile_gemm::gemm<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, b, ldb, 1.0f, c, ldc, accumulate);
 #endif
 }
 

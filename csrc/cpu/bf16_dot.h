@@ -2,7 +2,8 @@
 // 16 sums of two bf16 products into fp32 lanes, twice the products per cycle of an
 // fp32 FMA and without widening the operands first. The CPU flash attention's
 // forward runs S = Q K^T and O += P V on them when its inputs are bf16 and the CPU
-// has the instruction (`available()`); elsewhere it widens tiles to fp32 for sgemm.
+// has the instruction (`available()`); elsewhere it widens tiles to fp32 (f32_dot.h
+// or sgemm).
 //
 // The instruction pairs elements along the reduction dim, so the B operand is packed
 // "pair-major": B[p][c] is one 32-bit word holding the two bf16 values of reduction

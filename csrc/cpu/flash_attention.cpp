@@ -39,8 +39,10 @@
 // Compute: float for float/bf16/half inputs, double for double. Inputs are read in
 // place through their strides (only the last dim must be contiguous); 16-bit
 // inputs are widened tile by tile inside the tasks (a separate conversion pass
-// costs an extra parallel region and memory traffic), outputs rounded once. GEMMs
-// go to BLAS (blas.h); the exp runs in flash_attention_softmax.cpp. On bf16 inputs,
+// costs an extra parallel region and memory traffic), outputs rounded once. The
+// fp32 tile products run on our AVX-512 kernels (f32_dot.h: K and V transposed
+// once per key tile, no per-tile library call) where the CPU has AVX-512, else on
+// BLAS (blas.h); the exp runs in flash_attention_softmax.cpp. On bf16 inputs,
 // where the CPU has AVX512-BF16, forward and backward instead multiply the bf16
 // tiles directly (bf16_dot.h: K, V, Q, dO packed per tile, P and dS rounded to bf16
 // for the products that take them, as on the GPU), at up to twice the widened path's rate.
@@ -59,6 +61,7 @@
 
 #include "cpu/bf16_dot.h"
 #include "cpu/blas.h"
+#include "cpu/f32_dot.h"
 #include "cpu/flash_attention_softmax.h"
 #include "cpu/tile_utils.h"
 
@@ -77,14 +80,15 @@ using tile::all_finite;
 // 0.93-1.02x of SDPA, i.e. within the noise of a shared machine; 256 x 512 is also
 // SDPA's own split. Backward: 128 x 256 was ahead of 64/128/256 x 64/128 by ~5-10%
 // (same noise caveat). Both are chosen per sequence, from its own lengths. The bf16
-// products (bf16_dot) pack K and V once per task, so they take more query rows from
-// 192 on: bf16 B1 H8 S512 D64 ran 4.0 ms at 64 rows, 2.9 at 128, 2.7 at 256 (128 keeps
-// one-head causal calls balanced over the threads; fp32 at 256 rows ran ~10% slower).
+// and fp32 tile kernels (bf16_dot, f32_dot) pack K (and V) per tile, so they take
+// more query rows from 192 on: bf16 B1 H8 S512 D64 ran 4.0 ms at 64 rows, 2.9 at 128,
+// 2.7 at 256 (128 keeps one-head causal calls balanced over the threads; fp32 through
+// sgemm at 256 rows ran ~10% slower); fp32 on f32_dot 4.2 ms at 64 rows, 3.7 at 128.
 struct FwdBlocks {
   int64_t bq, bk;
 };
-FwdBlocks fwd_blocks(int64_t seqlen_q, int64_t seqlen_k, bool bf16_dot = false) {
-  const int64_t bq = seqlen_q >= 768 ? 256 : seqlen_q >= 192 ? (bf16_dot ? 128 : 64) : 32;
+FwdBlocks fwd_blocks(int64_t seqlen_q, int64_t seqlen_k, bool packs_tiles = false) {
+  const int64_t bq = seqlen_q >= 768 ? 256 : seqlen_q >= 192 ? (packs_tiles ? 128 : 64) : 32;
   const int64_t bk = 512;
   return {std::max<int64_t>(1, std::min(bq, seqlen_q)), std::max<int64_t>(1, std::min(bk, seqlen_k))};
 }
@@ -189,6 +193,47 @@ RowView<T> view(const Rows& rows) {
   return RowView<T>{rows.t.data_ptr<std::remove_const_t<T>>(), rows.layout};
 }
 
+// The fp32 tile products (fp32 inputs, and 16-bit ones widened to fp32) run on
+// f32_dot.h's AVX-512 kernels where the CPU has them (`fast`), else on BLAS. On the
+// fast path, a product with a transposed B (S = Q K^T, dP = dO V^T) reads B^T packed
+// once per key tile by `transpose_tile`; every other operand is read in place.
+template <typename T>
+bool fast_products() {
+  if constexpr (std::is_same_v<T, float>) {
+    return f32dot::available();
+  } else {
+    return false;
+  }
+}
+
+// bt (D x ldbt) = B^T for the n x D rows of B; only on the fast path.
+template <typename T>
+void transpose_tile(const T* b, int64_t ldb, int64_t n, int64_t D, T* bt, int64_t ldbt) {
+  if constexpr (std::is_same_v<T, float>) f32dot::pack_transposed(b, ldb, n, D, bt, ldbt);
+}
+
+// S (m x n) = A B^T for the rows of A (m x D) and B (n x D): from bt, B^T as
+// transpose_tile packed it, when fast; from B itself through BLAS otherwise.
+template <typename T>
+void tile_abt(bool fast, int64_t m, int64_t n, int64_t D, const T* a, int64_t lda, const T* b, int64_t ldb,
+              const T* bt, int64_t ldbt, T* s, int64_t lds) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (fast) return f32dot::gemm(m, n, D, a, lda, 1, bt, ldbt, 1.0f, s, lds, false);
+  }
+  gemm_rm<T>(false, true, m, n, D, T(1), a, lda, b, ldb, T(0), s, lds);
+}
+
+// C (m x n) += alpha op(A) B, op(A) = A (m x k rows) or, with trans_a, the transpose
+// of A's k x m rows; B is k x n rows.
+template <typename T>
+void tile_ab_acc(bool fast, bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                 const T* b, int64_t ldb, T* c, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (fast) return f32dot::gemm(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, alpha, c, ldc, true);
+  }
+  gemm_rm<T>(trans_a, false, m, n, k, alpha, a, lda, b, ldb, T(1), c, ldc);
+}
+
 // Keys a row cannot see must not reach it, not even as 0 x Inf = NaN. A tile GEMM
 // multiplies the zeroed P (or dS) entries of such keys with their values, which
 // is exact while those values are finite. When a tile holds hidden pairs and
@@ -205,13 +250,13 @@ struct QueryBlock {
 
 // Every sequence's query blocks, costliest first (rows x keys they see, + 1 per
 // row for the output).
-std::vector<QueryBlock> query_blocks(const AttentionCall& call, bool bf16_dot) {
+std::vector<QueryBlock> query_blocks(const AttentionCall& call, bool packs_tiles) {
   const Sequences& seqs = call.seqs;
   std::vector<QueryBlock> blocks;
   std::vector<int64_t> cost;
   for (int64_t b = 0; b < seqs.count(); ++b) {
     const int64_t len_q = seqs.q_len(b);
-    const int64_t bq = fwd_blocks(len_q, seqs.k_rows(b), bf16_dot).bq;
+    const int64_t bq = fwd_blocks(len_q, seqs.k_rows(b), packs_tiles).bq;
     const SeqBand band = call.band.of(len_q, seqs.k_len(b));
     for (int64_t i0 = 0; i0 < len_q; i0 += bq) {
       const int64_t m = std::min(bq, len_q - i0);
@@ -232,13 +277,15 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   // bf16 inputs on a CPU with AVX512-BF16: both products on bf16 operands (bf16_dot.h),
   // P rounded to bf16 for P V as the GPU kernels do; otherwise tiles widened to T.
   const bool dot = std::is_same_v<OutT, c10::BFloat16> && D % 2 == 0 && bf16dot::available();
-  const std::vector<QueryBlock> blocks = query_blocks(call, dot);
-  const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows(), dot);
+  const bool fast = !dot && fast_products<T>();
+  const std::vector<QueryBlock> blocks = query_blocks(call, dot || fast);
+  const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows(), dot || fast);
   const T c = score_mult<T>(var, call.scale);
   const T keep_scale = static_cast<T>(var.keep_scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
   const int64_t kp_ld = bf16dot::packed_ld(bk_max), vp_ld = bf16dot::packed_ld(D), p_ld = bk_max + (bk_max & 1);
+  const int64_t kt_ld = f32dot::packed_ld(bk_max);
 
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;
   TaskQueue queue(tasks);
@@ -248,12 +295,13 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
     Scratch<T> qbuf(widen && !dot ? bq_max * D : 0), kbuf(widen && !dot ? bk_max * D : 0), vbuf(widen ? bk_max * D : 0);
     Scratch<uint32_t> kpack(dot ? D / 2 * kp_ld : 0), vpack(dot ? (bk_max + 1) / 2 * vp_ld : 0);
     Scratch<c10::BFloat16> pbuf(dot ? bq_max * p_ld : 0);
+    Scratch<T> ktbuf(fast ? D * kt_ld : 0);
     Scratch<uint8_t> keep(var.dropout ? bk_max + 8 : 0);
     for (int64_t task; queue.next(task);) {
       const QueryBlock blk = blocks[task / H];
       const int64_t h = task % H, b = blk.seq, hk = h / G, bh = b * H + h;
       const int64_t len_q = seqs.q_len(b), q0 = seqs.q_start(b), k0 = seqs.k_start(b);
-      const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b), dot);
+      const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b), dot || fast);
       const int64_t i0 = blk.i0, m = std::min(bq, len_q - i0);
       const SeqBand band = call.band.of(len_q, seqs.k_len(b));
       int64_t ldq = 0, ldk, ldv;
@@ -276,7 +324,8 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         }
         if (!dot) {
           const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
-          gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), S, bk);
+          if (fast) transpose_tile(K, ldk, n, D, ktbuf.data(), kt_ld);
+          tile_abt(fast, m, n, D, Q, ldq, K, ldk, ktbuf.data(), kt_ld, S, bk);
         }
         bool hidden_pairs = false;
         for (int64_t r = 0; r < m; ++r) {
@@ -315,7 +364,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         }
         const T* V = tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv);
         if (!hidden_pairs || all_finite(V, n, D, ldv)) {
-          gemm_rm<T>(false, false, m, D, n, T(1), S, bk, V, ldv, T(1), acc.data(), D);
+          tile_ab_acc(fast, false, m, D, n, T(1), S, bk, V, ldv, acc.data(), D);
         } else {
           for (int64_t r = 0; r < m; ++r) {
             const Span vis = band.visible(i0 + r, j0, n);
@@ -567,7 +616,9 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   // block Q and dO as pairs for dK and dV. The widened Q, dO and K stay for the
   // per-row fallback of tiles with hidden pairs and non-finite operands.
   const bool dot = std::is_same_v<OutT, c10::BFloat16> && D % 2 == 0 && bf16dot::available();
+  const bool fast = !dot && fast_products<T>();  // K^T and V^T transposed per key block
   const int64_t kt_ld = bf16dot::packed_ld(bk_max), d_ld = bf16dot::packed_ld(D);
+  const int64_t ft_ld = f32dot::packed_ld(bk_max);
   const int64_t ds_ld = bk_max + (bk_max & 1);
   TaskQueue queue(tasks);
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
@@ -578,6 +629,7 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         opack(dot ? (bq_max + 1) / 2 * d_ld : 0);
     Scratch<uint32_t> row_pairs(dot ? (bq_max + 1) / 2 * kt_ld : 0);
     Scratch<c10::BFloat16> ds16(dot ? bq_max * ds_ld : 0);
+    Scratch<T> ktbuf(fast ? D * ft_ld : 0), vtbuf(fast ? D * ft_ld : 0);
     Scratch<uint8_t> keep(var.dropout ? bk_max + 8 : 0);
     for (int64_t task; queue.next(task);) {
       const KeyChunk unit = plan.units[task / H];
@@ -608,6 +660,10 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         int64_t ldk, ldv = 0;
         const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
         const T* V = dot ? nullptr : tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv);
+        if (fast) {
+          transpose_tile(K, ldk, n, D, ktbuf.data(), ft_ld);
+          transpose_tile(V, ldv, n, D, vtbuf.data(), ft_ld);
+        }
         bool k_finite = true;
         if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
           if (dot) {
@@ -630,8 +686,8 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
             }
           }
           if (!dot) {
-            gemm_rm<T>(false, true, m, n, D, T(1), Q, ldq, K, ldk, T(0), P, bk);
-            gemm_rm<T>(false, true, m, n, D, T(1), dO, ldo, V, ldv, T(0), dS, bk);
+            tile_abt(fast, m, n, D, Q, ldq, K, ldk, ktbuf.data(), ft_ld, P, bk);
+            tile_abt(fast, m, n, D, dO, ldo, V, ldv, vtbuf.data(), ft_ld, dS, bk);
           }
           // Keys [j0 + lo, j0 + hi) of the tile are the ones row i0 + r sees.
           auto visible = [&](int64_t r) {
@@ -692,9 +748,9 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
             }
           }
           if (whole_tile) {
-            gemm_rm<T>(true, false, n, D, m, T(1), P, bk, dO, ldo, T(1), dV + j0 * ldv_acc, ldv_acc);
-            gemm_rm<T>(true, false, n, D, m, scale, dS, bk, Q, ldq, T(1), dK + j0 * ldk_acc, ldk_acc);
-            gemm_rm<T>(false, false, m, D, n, scale, dS, bk, K, ldk, T(1), dQ + i0 * ldq_acc, ldq_acc);
+            tile_ab_acc(fast, true, n, D, m, T(1), P, bk, dO, ldo, dV + j0 * ldv_acc, ldv_acc);
+            tile_ab_acc(fast, true, n, D, m, scale, dS, bk, Q, ldq, dK + j0 * ldk_acc, ldk_acc);
+            tile_ab_acc(fast, false, m, D, n, scale, dS, bk, K, ldk, dQ + i0 * ldq_acc, ldq_acc);
           } else {
             for (int64_t r = 0; r < m; ++r) {
               const Span vis = visible(r);

@@ -2,7 +2,6 @@
 #include "cpu/gemm16.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/Utils.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -10,6 +9,7 @@
 #include <vector>
 
 #include "cpu/blas.h"
+#include "cpu/cpu_caps.h"
 #include "cpu/gelu_rows.h"
 
 namespace tfkernels::cpu {
@@ -20,12 +20,7 @@ struct NativeDot16 {
 };
 
 NativeDot16 detect_native_dot16() {
-  const auto caps = at::cpu::get_cpu_capabilities();
-  auto has = [&](const char* name) {
-    const auto it = caps.find(name);
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  };
-  return {has("avx512_bf16") || has("amx_bf16"), has("avx512_fp16") || has("amx_fp16")};
+  return {cpu_has("avx512_bf16") || cpu_has("amx_bf16"), cpu_has("avx512_fp16") || cpu_has("amx_fp16")};
 }
 
 // Output rows per task of mm_out_cpu's bf16 path: an fp32 block of kRows x N stays in L2 for

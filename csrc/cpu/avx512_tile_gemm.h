@@ -1,0 +1,111 @@
+// The register-tiled loop of the AVX-512 tile products (bf16_dot.cpp, f32_dot.cpp):
+// C[m][cols] = alpha * sum_p A[i][p] . B[p][c] (+ C), in blocks of 6 rows x 64
+// columns held in 24 zmm accumulators, leaving registers for the 4 B vectors and the
+// broadcast A element (32 in all). A is addressed through a row and a step stride,
+// so a transposed operand (P^T, dS^T) is read in place; B rows are `ldb` elements
+// apart and the last vector of a row is read under a lane mask.
+//
+// A `Kind` says what one reduction step is:
+//   using A, B                       the operands' element types
+//   static __m512i broadcast(const A*)   A[i][p] in every 32-bit lane
+//   static __m512 step(__m512 acc, __m512i a, __m512i b)   acc + a . b
+// Include only from a .cpp that defines TFK_TILE_TARGET as the target attribute of
+// the Kind's instructions: every function here is compiled for it, and the callers
+// run them only after checking that the CPU has them.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#ifndef TFK_TILE_TARGET
+#error "define TFK_TILE_TARGET (the target attribute) before including avx512_tile_gemm.h"
+#endif
+
+namespace tfkernels::cpu::tile_gemm {
+
+constexpr int kRows = 6;
+constexpr int kMaxVectors = 4;
+
+template <class Kind, int MR, int NZ>
+TFK_TILE_TARGET inline void micro_kernel(int64_t steps, const typename Kind::A* a, int64_t a_row, int64_t a_step,
+                                         const typename Kind::B* b, int64_t ldb, float alpha, float* c, int64_t ldc,
+                                         __mmask16 tail, bool accumulate) {
+  __m512 acc[MR][NZ];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < steps; ++p) {
+    __m512i bv[NZ];
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      const __mmask16 lanes = z == NZ - 1 ? tail : __mmask16(0xFFFF);
+      bv[z] = _mm512_maskz_loadu_epi32(lanes, b + p * ldb + 16 * z);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512i av = Kind::broadcast(a + i * a_row + p * a_step);
+#pragma GCC unroll 4
+      for (int z = 0; z < NZ; ++z) acc[i][z] = Kind::step(acc[i][z], av, bv[z]);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int z = 0; z < NZ; ++z) {
+      const __mmask16 lanes = z == NZ - 1 ? tail : __mmask16(0xFFFF);
+      float* dst = c + i * ldc + 16 * z;
+      const __m512 base = accumulate ? _mm512_maskz_loadu_ps(lanes, dst) : _mm512_setzero_ps();
+      _mm512_mask_storeu_ps(dst, lanes, alpha == 1.0f ? _mm512_add_ps(base, acc[i][z])
+                                                      : _mm512_fmadd_ps(scale, acc[i][z], base));
+    }
+  }
+}
+
+// All m rows of one block of NZ vectors of columns.
+template <class Kind, int NZ>
+TFK_TILE_TARGET void column_block(int64_t m, int64_t steps, const typename Kind::A* a, int64_t a_row, int64_t a_step,
+                                  const typename Kind::B* b, int64_t ldb, float alpha, float* c, int64_t ldc,
+                                  __mmask16 tail, bool accumulate) {
+  int64_t i = 0;
+  for (; i + kRows <= m; i += kRows) {
+    micro_kernel<Kind, kRows, NZ>(steps, a + i * a_row, a_row, a_step, b, ldb, alpha, c + i * ldc, ldc, tail,
+                                  accumulate);
+  }
+  a += i * a_row;
+  c += i * ldc;
+  switch (m - i) {
+    case 1: micro_kernel<Kind, 1, NZ>(steps, a, a_row, a_step, b, ldb, alpha, c, ldc, tail, accumulate); break;
+    case 2: micro_kernel<Kind, 2, NZ>(steps, a, a_row, a_step, b, ldb, alpha, c, ldc, tail, accumulate); break;
+    case 3: micro_kernel<Kind, 3, NZ>(steps, a, a_row, a_step, b, ldb, alpha, c, ldc, tail, accumulate); break;
+    case 4: micro_kernel<Kind, 4, NZ>(steps, a, a_row, a_step, b, ldb, alpha, c, ldc, tail, accumulate); break;
+    case 5: micro_kernel<Kind, 5, NZ>(steps, a, a_row, a_step, b, ldb, alpha, c, ldc, tail, accumulate); break;
+    default: break;
+  }
+}
+
+template <class Kind>
+TFK_TILE_TARGET void gemm(int64_t m, int64_t cols, int64_t steps, const typename Kind::A* a, int64_t a_row,
+                          int64_t a_step, const typename Kind::B* b, int64_t ldb, float alpha, float* c, int64_t ldc,
+                          bool accumulate) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16 * kMaxVectors) {
+    const int64_t width = std::min<int64_t>(16 * kMaxVectors, cols - c0);
+    const int vectors = static_cast<int>((width + 15) / 16);
+    const int last = static_cast<int>(width - 16 * (vectors - 1));
+    const auto tail = static_cast<__mmask16>((1u << last) - 1);
+    const auto* bc = b + c0;
+    float* cc = c + c0;
+    switch (vectors) {
+      case 1: column_block<Kind, 1>(m, steps, a, a_row, a_step, bc, ldb, alpha, cc, ldc, tail, accumulate); break;
+      case 2: column_block<Kind, 2>(m, steps, a, a_row, a_step, bc, ldb, alpha, cc, ldc, tail, accumulate); break;
+      case 3: column_block<Kind, 3>(m, steps, a, a_row, a_step, bc, ldb, alpha, cc, ldc, tail, accumulate); break;
+      default: column_block<Kind, 4>(m, steps, a, a_row, a_step, bc, ldb, alpha, cc, ldc, tail, accumulate); break;
+    }
+  }
+}
+
+}  // namespace tfkernels::cpu::tile_gemm

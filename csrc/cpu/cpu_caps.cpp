@@ -1,0 +1,22 @@
+#include "cpu/cpu_caps.h"
+
+#include <ATen/cpu/Utils.h>
+
+#include <cstdlib>
+#include <string>
+#include <unordered_map>
+
+namespace tfkernels::cpu {
+
+bool cpu_has(const char* capability) {
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  const auto it = caps.find(capability);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+bool switched_off(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::string(value) == "0";
+}
+
+}  // namespace tfkernels::cpu

@@ -1,0 +1,14 @@
+// What the running CPU can do, for the kernels that pick a code path at run time.
+#pragma once
+
+namespace tfkernels::cpu {
+
+// Whether the CPU has `capability`, named as in ATen's cpuinfo capabilities
+// ("avx512_f", "avx512_bf16", "amx_bf16", ...). Detected once per process.
+bool cpu_has(const char* capability);
+
+// Whether the environment variable `name` is "0": the switch tests and benchmarks
+// use to force a kernel's portable path. Read on every call.
+bool switched_off(const char* name);
+
+}  // namespace tfkernels::cpu

@@ -1,0 +1,118 @@
+// AVX-512 fp32 tile GEMMs (f32_dot.h). Compiled for AVX-512 through target
+// attributes, so the rest of the library keeps its baseline ISA; the entry points
+// run only after available() said the CPU has it.
+#include "cpu/f32_dot.h"
+
+#include "cpu/cpu_caps.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TFK_HAVE_F32_DOT 1
+#define TFK_AVX512 __attribute__((target("avx512f")))
+#define TFK_TILE_TARGET TFK_AVX512
+#include "cpu/avx512_tile_gemm.h"
+#endif
+
+namespace tfkernels::cpu::f32dot {
+namespace {
+
+#ifdef TFK_HAVE_F32_DOT
+
+// One reduction step of the tile loop: A[i][p] broadcast, times a row of B, added.
+struct F32 {
+  using A = float;
+  using B = float;
+  static TFK_AVX512 __m512i broadcast(const A* a) { return _mm512_castps_si512(_mm512_set1_ps(*a)); }
+  static TFK_AVX512 __m512 step(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
+  }
+};
+
+// In-register transpose of 16 rows of 16 floats: r[i] lane j <- r[j] lane i. Three
+// rounds of interleaving (single floats, pairs, 128-bit lanes twice).
+TFK_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const auto d0 = _mm512_castps_pd(t[i]), d1 = _mm512_castps_pd(t[i + 1]);
+    const auto d2 = _mm512_castps_pd(t[i + 2]), d3 = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(d0, d2));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d2));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(d1, d3));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(d1, d3));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+inline __mmask16 first_lanes(int64_t count) {
+  return static_cast<__mmask16>((1u << std::clamp<int64_t>(count, 0, 16)) - 1);
+}
+
+// Blocks of 16 source rows x 16 columns, loaded under masks at the edges (missing
+// rows read as zero, which fills dst's padding columns), transposed, stored.
+TFK_AVX512 void pack_transposed_avx512(const float* src, int64_t ld, int64_t n, int64_t cols, float* dst,
+                                       int64_t ldp) {
+  for (int64_t j = 0; j < ldp; j += 16) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 lanes = first_lanes(cols - c);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = j + i < n ? _mm512_maskz_loadu_ps(lanes, src + (j + i) * ld + c) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      const int64_t out_rows = std::min<int64_t>(16, cols - c);
+      for (int64_t i = 0; i < out_rows; ++i) _mm512_storeu_ps(dst + (c + i) * ldp + j, r[i]);
+    }
+  }
+}
+
+#endif  // TFK_HAVE_F32_DOT
+
+void require_avx512(const char* function) {
+  TORCH_CHECK(cpu_has("avx512_f"), "tfkernels: f32dot::", function, " needs a CPU with AVX-512");
+}
+
+}  // namespace
+
+bool available() {
+#ifdef TFK_HAVE_F32_DOT
+  return !switched_off("TFKERNELS_CPU_F32_DOT") && cpu_has("avx512_f");
+#else
+  return false;
+#endif
+}
+
+void pack_transposed(const float* src, int64_t ld, int64_t n, int64_t cols, float* dst, int64_t ldp) {
+  require_avx512("pack_transposed");
+#ifdef TFK_HAVE_F32_DOT
+  pack_transposed_avx512(src, ld, n, cols, dst, ldp);
+#endif
+}
+
+void gemm(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t a_row, int64_t a_step, const float* b,
+          int64_t ldb, float alpha, float* c, int64_t ldc, bool accumulate) {
+  require_avx512("gemm");
+#ifdef TFK_HAVE_F32_DOT
+  tile_gemm::gemm<F32>(m, cols, depth, a, a_row, a_step, b, ldb, alpha, c, ldc, accumulate);
+#endif
+}
+
+}  // namespace tfkernels::cpu::f32dot

@@ -1,0 +1,86 @@
+"""The CPU attention's ways to multiply tiles, each against the reference:
+AVX512-BF16 dot products on bf16 tiles (csrc/cpu/bf16_dot.h), AVX-512 fp32 tile
+kernels on fp32 tiles and on fp16 ones widened to fp32 (csrc/cpu/f32_dot.h), and
+BLAS on tiles widened to fp32 (TFKERNELS_CPU_BF16_DOT=0 / TFKERNELS_CPU_F32_DOT=0,
+and every CPU without the instructions). The shapes put the packing on its edges:
+odd key counts (bf16 keys go in pairs), head dims that are not a multiple of 16
+(vector tails), windows whose first key is odd (the pairs start mid-sequence), one
+query row, long key tiles."""
+import math
+
+import pytest
+import torch
+
+import tfkernels
+from tfkernels import reference
+
+from .test_attention_variants import VARIANTS, _inputs, _variant, check_parity
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+# path: (the CPU flag it needs, or None, and the switches that select it)
+PATHS = {
+    "bf16-dot": ("avx512_bf16", {"TFKERNELS_CPU_BF16_DOT": None}),
+    "f32-dot": ("avx512f", {"TFKERNELS_CPU_F32_DOT": None, "TFKERNELS_CPU_BF16_DOT": "0"}),
+    "blas": (None, {"TFKERNELS_CPU_BF16_DOT": "0", "TFKERNELS_CPU_F32_DOT": "0"}),
+}
+# (path, input dtype): bf16 tiles take the bf16 products where the CPU has them; fp32
+# tiles, and 16-bit ones widened (fp16 always, bf16 without AVX512-BF16), the fp32
+# kernels; every dtype can be sent to BLAS.
+CASES = [("bf16-dot", torch.bfloat16), ("f32-dot", torch.float32), ("f32-dot", torch.float16),
+         ("f32-dot", torch.bfloat16), ("blas", torch.bfloat16), ("blas", torch.float32)]
+
+
+@pytest.fixture(params=CASES, ids=lambda c: f"{c[0]}-{str(c[1]).removeprefix('torch.')}")
+def products(request, monkeypatch):
+    """The input dtype, with the switches set so that its tiles take the path."""
+    path, dtype = request.param
+    flag, switches = PATHS[path]
+    if flag is not None and flag not in _cpu_flags():
+        pytest.skip(f"this CPU has no {flag}: the {path} kernels never run on it")
+    for name, value in switches.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    return dtype
+
+
+# (batch, heads, kv heads, seqlen_q, seqlen_k, head dim)
+SHAPES = [(2, 4, 2, 77, 129, 64), (1, 2, 1, 17, 113, 40), (1, 2, 2, 1, 1000, 80), (1, 2, 1, 300, 601, 128),
+          (2, 2, 1, 113, 17, 34)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", ["plain", *VARIANTS])
+def test_tiles_match_the_reference(products, shape, variant):
+    sinks, kwargs = (None, {}) if variant == "plain" else _variant(variant, shape, "cpu")
+    q, k, v = _inputs(shape, products, "cpu")
+    check_parity(q, k, v, sinks, causal_alignment="bottom_right", **kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_non_finite_reaches_only_the_rows_that_see_it(products, where, value):
+    # 40 rows = a block of 32 and one of 8 whose first visible key (29) is odd.
+    q, k, v = _inputs((1, 2, 1, 40, 40, 64), products, "cpu")
+    bad = 20
+    q[..., 3].abs_()  # an Inf in k gives +inf scores (NaN rows), not -inf ones (probability 0)
+    (k if where == "k" else v)[0, 0, bad, 3] = value
+    window = (3, 2)
+    softcap = 10.0 if math.isnan(value) else 0.0  # c * tanh(inf) = c would hide an Inf
+    out = tfkernels.flash_attention(q, k, v, window_size=window, softcap=softcap)
+    i = torch.arange(40)
+    sees_bad = (bad >= i - window[0]) & (bad <= i + window[1])
+    for h in range(2):
+        assert torch.equal(~torch.isfinite(out[0, h]).all(-1), sees_bad)
+    ref = reference.flash_attention(*(t.double() for t in (q, k, v)), window_size=window, softcap=softcap)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
