@@ -292,6 +292,8 @@ def header_lines(run):
         facts.append(("CPU threads", str(env.get("threads", "?"))))
         if env.get("loadavg"):
             facts.append(("load average (1 min)", f"{min(env['loadavg']):.1f}-{max(env['loadavg']):.1f}"))
+    if env.get("passes", 1) > 1:
+        facts.append(("passes", f"{env['passes']}, each case's fastest (every other pass in reverse order)"))
     facts.append(("date", env.get("date", "?")))
     if commit.get("id"):
         facts.append(("commit", commit["id"][:10] + (" (dirty)" if commit.get("dirty") else "")))

@@ -11,6 +11,8 @@ plain `pytest bench/` agree:
                               per case)
     TFKERNELS_BENCH_DEADLINE  unix time after which remaining cases skip
     TFKERNELS_BENCH_NOTE      a line for the report's header
+    TFKERNELS_BENCH_ORDER     forward | reverse: the order the cases run in (bench/run.py
+                              runs its second pass in reverse)
 """
 import os
 import platform

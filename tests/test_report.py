@@ -241,6 +241,46 @@ def test_runner_merge():
     assert runner.merge([], []) is None
 
 
+def _bench(name, median, **info):
+    meta = {"op": "attention", "direction": "fwd", "provider": name.split("-")[0], "dtype": "bf16", "shape_label": "S1"}
+    return {"fullname": f"bench/test_x.py::test[{name}]", "stats": {"median": median}, "extra_info": {**meta, **info}}
+
+
+def test_runner_keeps_each_cases_fastest_pass():
+    skip_eager = {"op": "attention", "direction": "fwd", "provider": "eager", "dtype": "bf16", "shape_label": "S1",
+                  "reason": "deadline"}
+    skip_sdpa = dict(skip_eager, provider="sdpa")
+    first = {"benchmarks": [_bench("tfkernels-a", 2.0), _bench("sdpa-a", 1.0)],
+             "tfkernels": {"env": {"loadavg": [1.0, 2.0]}, "skipped": [skip_eager, skip_sdpa],
+                           "failed": [{"x": 1}], "crashed": []}}
+    second = {"benchmarks": [_bench("tfkernels-a", 1.5), _bench("sdpa-a", 3.0), _bench("eager-a", 4.0)],
+              "tfkernels": {"env": {"loadavg": [0.5, 1.5]}, "skipped": [], "failed": [{"x": 1}, {"y": 2}],
+                            "crashed": []}}
+    best = runner.best_of_passes([first, second])
+    by_name = {b["fullname"]: b for b in best["benchmarks"]}
+    assert by_name["bench/test_x.py::test[tfkernels-a]"]["stats"]["median"] == 1.5
+    assert by_name["bench/test_x.py::test[tfkernels-a]"]["extra_info"]["pass"] == 1
+    assert by_name["bench/test_x.py::test[tfkernels-a]"]["extra_info"]["pass_medians_s"] == [2.0, 1.5]
+    assert by_name["bench/test_x.py::test[sdpa-a]"]["stats"]["median"] == 1.0
+    assert by_name["bench/test_x.py::test[sdpa-a]"]["extra_info"]["pass"] == 0
+    assert by_name["bench/test_x.py::test[eager-a]"]["extra_info"]["pass_medians_s"] == [4.0]
+    # eager was measured in the second pass, so its skip in the first is dropped; sdpa's stays
+    # dropped too (measured in pass 1); failures from either pass are kept once each.
+    assert best["tfkernels"]["skipped"] == []
+    assert best["tfkernels"]["failed"] == [{"x": 1}, {"y": 2}]
+    assert best["tfkernels"]["env"]["loadavg"] == [0.5, 2.0]
+    assert runner.best_of_passes([first]) is first and runner.best_of_passes([]) is None
+
+
+def test_a_second_pass_runs_in_reverse(monkeypatch):
+    monkeypatch.setenv("TFKERNELS_BENCH_DEVICE", "cpu")
+    monkeypatch.delenv("TFKERNELS_BENCH_DEADLINE", raising=False)
+    monkeypatch.setenv("TFKERNELS_BENCH_ORDER", "forward")
+    forward = [p.id for p in cases.params("fused_qkv")]
+    monkeypatch.setenv("TFKERNELS_BENCH_ORDER", "reverse")
+    assert [p.id for p in cases.params("fused_qkv")] == forward[::-1] and len(forward) > 1
+
+
 def test_launcher_runs_the_checkouts_runner():
     # -m tfkernels.bench hands its arguments to bench/run.py (here: its --help).
     out = subprocess.run([sys.executable, "-m", "tfkernels.bench", "--help"], cwd=BENCH.parent, capture_output=True,
