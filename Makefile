@@ -20,6 +20,9 @@
 PYTHON ?=
 BOOTSTRAP_PYTHON ?= python3
 PYTEST_ARGS ?= -q
+# pytest-xdist workers for `make test`: the emulated device runs a kernel on one
+# thread, so its grid (three quarters of the suite's time) splits across cores.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 BENCH_ARGS ?=
 CMAKE ?= cmake
 CMAKE_BUILD_DIR ?= build/cmake
@@ -75,7 +78,7 @@ emu-asan: env
 # The CPU tests, and the CUDA kernels' quick grid on the emulated device (a real
 # GPU's too, when there is one).
 test: build emu
-	TFKERNELS_EMU_REQUIRED=1 $(IN_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
+	TFKERNELS_EMU_REQUIRED=1 $(IN_ENV) $(PY) -m pytest tests -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-emu-full: build emu
 	TFKERNELS_EMU_REQUIRED=1 TFKERNELS_EMU_GRID=full $(IN_ENV) $(PY) -m pytest tests -m emu $(PYTEST_ARGS)

@@ -41,7 +41,20 @@ def pytest_runtest_makereport(item, call):
                                                   "rerunning this test uses it again)"))
 
 
+def pytest_sessionfinish(session):
+    # A pytest-xdist worker leaves its emulated-device counters for the controller.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    emu_device = sys.modules.get("tests.emu_device")  # only when a test used the emulated device
+    if worker and emu_device is not None:
+        emu_device.save_worker_stats(worker)
+
+
 def pytest_terminal_summary(terminalreporter):
+    if getattr(terminalreporter.config.option, "numprocesses", None):  # the controller of pytest-xdist workers
+        from tests import emu_device
+
+        emu_device.report_stats(terminalreporter, from_workers=True)
+        return
     emu_device = sys.modules.get("tests.emu_device")  # only when a test used the emulated device
     if emu_device is not None:
         emu_device.report_stats(terminalreporter)

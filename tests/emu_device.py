@@ -14,6 +14,7 @@ The library is built by `make emu` (python csrc/emu/build.py). Without it the
 makes a missing build an error.
 """
 import contextlib
+import glob
 import os
 
 import pytest
@@ -144,17 +145,55 @@ def stats():
     return [dict(zip(keys, line.split("\t"))) for line in lines[1:]]
 
 
-def report_stats(terminalreporter):
+def _stats_path(worker=None):
+    name = "kernel_stats.tsv" if worker is None else f"kernel_stats.{worker}.tsv"
+    return os.path.join(os.path.dirname(LIBRARY), name)
+
+
+def save_worker_stats(worker):
+    """Under pytest-xdist: a worker's counters into kernel_stats.<worker>.tsv, for
+    the controller's report_stats to sum."""
+    if _loaded and _loaded[0]:
+        with open(_stats_path(worker), "w") as f:
+            f.write(torch.ops.tfkernels_emu.emu_stats())
+
+
+def _summed_worker_stats():
+    """Rows of every worker's file, summed per kernel (the files are removed)."""
+    folder = os.path.dirname(LIBRARY)
+    paths = sorted(glob.glob(os.path.join(folder, "kernel_stats.*.tsv"))) if os.path.isdir(folder) else []
+    keys, rows = None, {}
+    for path in paths:
+        with open(path) as f:
+            lines = f.read().strip().split("\n")
+        os.remove(path)
+        keys = lines[0].split("\t")
+        for line in lines[1:]:
+            row = dict(zip(keys, line.split("\t")))
+            into = rows.setdefault(row["kernel"], dict.fromkeys(keys, 0) | {"kernel": row["kernel"]})
+            for key in keys:
+                if key != "kernel":
+                    into[key] = int(into[key]) + int(row[key])
+    return keys, list(rows.values())
+
+
+def report_stats(terminalreporter, from_workers=False):
     """At the end of a run that used the emulated device: the per-kernel counters
     (launches, blocks, ldmatrix bank conflicts) into build/emu/<variant>/kernel_stats.tsv
-    and one summary line."""
-    if not (_loaded and _loaded[0]):
+    and one summary line. `from_workers`: sum what the pytest-xdist workers saved."""
+    if from_workers:
+        keys, rows = _summed_worker_stats()
+        if not rows:
+            return
+        text = "\t".join(keys) + "\n" + "".join("\t".join(str(r[k]) for k in keys) + "\n" for r in rows)
+    elif _loaded and _loaded[0]:
+        text = torch.ops.tfkernels_emu.emu_stats()
+        rows = stats()
+    else:
         return
-    text = torch.ops.tfkernels_emu.emu_stats()
-    path = os.path.join(os.path.dirname(LIBRARY), "kernel_stats.tsv")
+    path = _stats_path()
     with open(path, "w") as f:
         f.write(text)
-    rows = stats()
     conflicts = sum(int(r["ldmatrix_conflicts"]) for r in rows)
     matrices = sum(int(r["ldmatrix_matrices"]) for r in rows)
     terminalreporter.write_line(
