@@ -21,17 +21,22 @@ HALF_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat
 ALL_DTYPES = HALF_DTYPES + [pytest.param(torch.float32, id="fp32")]
 TF32 = [pytest.param(False, id="tf32-off"), pytest.param(True, id="tf32-on")]
 
-# The CPU parity grid's (dtype, 16-bit GEMM backend). The CPU kernels run bf16/half
-# GEMMs on oneDNN or on MKL, chosen from the CPU's ISA (csrc/cpu/gemm16.h); the tests
-# force each through TFKERNELS_CPU_GEMM16, whichever this machine would pick.
-CPU_DTYPES = [pytest.param(torch.float64, None, id="float64"), pytest.param(torch.float32, None, id="float32")] + [
+# The CPU parity grid's (dtype, GEMM backend). The CPU kernels run bf16/half GEMMs on
+# oneDNN or on MKL, chosen from the CPU's ISA (csrc/cpu/gemm16.h), and fp32 ones on our
+# AVX-512 kernel or MKL's sgemm; the tests force each, whichever this machine would pick.
+CPU_DTYPES = [pytest.param(torch.float64, None, id="float64"), pytest.param(torch.float32, None, id="float32"),
+              pytest.param(torch.float32, "sgemm", id="float32-sgemm")] + [
     pytest.param(dtype, backend, id=f"{name}-{backend}")
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")) for backend in ("onednn", "blas")]
 
 
 def force_gemm16(monkeypatch, backend):
-    """Make the CPU kernels run their 16-bit GEMMs on `backend` (None: the CPU's choice)."""
-    if backend is not None:
+    """Make the CPU kernels run their 16-bit GEMMs on `backend` ("onednn", "blas"; None:
+    the CPU's choice), or with "sgemm" their fp32 GEMMs on MKL's sgemm rather than our
+    AVX-512 kernel (csrc/cpu/f32_dot.h, the choice where the CPU has AVX-512)."""
+    if backend == "sgemm":
+        monkeypatch.setenv("TFKERNELS_CPU_F32_DOT", "0")
+    elif backend is not None:
         monkeypatch.setenv("TFKERNELS_CPU_GEMM16", backend)
 
 

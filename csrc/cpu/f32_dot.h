@@ -1,5 +1,6 @@
-// fp32 tile GEMMs on AVX-512 for the CPU flash attention (forward and backward),
-// in place of one sgemm call per tile product. A library GEMM packs both operands
+// fp32 GEMMs on AVX-512: tile products for the CPU flash attention (forward and
+// backward), in place of one sgemm call per tile product, and whole GEMMs with
+// packed panels for the fused GEMM ops. A library GEMM packs both operands
 // on every call; here K and V are transposed once per key tile (`pack_transposed`)
 // and every other operand (Q, dO, P, dS, V, K) is read in place, P^T and dS^T
 // through strides. The register tiling is shared with bf16_dot (avx512_tile_gemm.h).
@@ -26,5 +27,13 @@ void pack_transposed(const float* src, int64_t ld, int64_t n, int64_t cols, floa
 // apart (only `cols` elements of each are read).
 void gemm(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t a_row, int64_t a_step, const float* b,
           int64_t ldb, float alpha, float* c, int64_t ldc, bool accumulate);
+
+// Row-major C[m][n] = alpha op(A) op(B) (+ C if accumulate), op(X) = X or X^T as
+// gemm_rm (blas.h) takes them, for operands of any size: op(B) is packed in panels
+// of 128 reduction steps x 64 columns (contiguous, so the micro-kernel's loads stay
+// in a few pages; transposed on the way when trans_b), op(A) read through strides.
+// One thread; blas.h's gemm_rm and mm_out_cpu call it where available().
+void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
 
 }  // namespace tfkernels::cpu::f32dot

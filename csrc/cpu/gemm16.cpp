@@ -36,7 +36,7 @@ struct Operand {
   bool trans;
 };
 
-// `t` has a unit stride in one dim (mm_blas makes sure). A dim of size 1 may carry any
+// `t` has a unit stride in one dim (mm_row_blocks makes sure). A dim of size 1 may carry any
 // stride, hence the max: BLAS wants a leading dim of at least the row length.
 template <typename T>
 Operand<T> operand(const at::Tensor& t) {
@@ -44,20 +44,28 @@ Operand<T> operand(const at::Tensor& t) {
   return {t.const_data_ptr<T>(), std::max(t.stride(1), t.size(0)), true};
 }
 
+// out = a @ b in blocks of kRows output rows, one gemm_rm per block on its thread:
+// fp32 straight into out, 16-bit into an fp32 block rounded once.
 template <typename T>
-void mm_blas(at::Tensor& out, const at::Tensor& a_, const at::Tensor& b_) {
+void mm_row_blocks(at::Tensor& out, const at::Tensor& a_, const at::Tensor& b_) {
   const at::Tensor a = (a_.stride(1) == 1 || a_.stride(0) == 1) ? a_ : a_.contiguous();
   const at::Tensor b = (b_.stride(1) == 1 || b_.stride(0) == 1) ? b_ : b_.contiguous();
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   const Operand<T> A = operand<T>(a), B = operand<T>(b);
   T* c = out.mutable_data_ptr<T>();
-  at::parallel_for(0, ceil_div(m, kRows), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(static_cast<size_t>(kRows * n));
+  // fp32 packs all of B per block: twice the rows halves that (a 256 x 256 block of A is 256 KiB, in L2).
+  const int64_t block = std::is_same_v<T, float> ? rows_per_task(m, 2 * kRows, at::get_num_threads()) : kRows;
+  at::parallel_for(0, ceil_div(m, block), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kRows * n));
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * kRows, rows = std::min(kRows, m - r0);
+      const int64_t r0 = blk * block, rows = std::min(block, m - r0);
       const T* a0 = A.trans ? A.data + r0 : A.data + r0 * A.ld;
-      gemm_rm<T, float>(A.trans, B.trans, rows, n, k, 1.0f, a0, A.ld, B.data, B.ld, 0.0f, acc.data(), n);
-      for (int64_t i = 0; i < rows; ++i) store_row(acc.data() + i * n, c + (r0 + i) * n, n);
+      if constexpr (std::is_same_v<T, float>) {
+        gemm_rm<T, float>(A.trans, B.trans, rows, n, k, 1.0f, a0, A.ld, B.data, B.ld, 0.0f, c + r0 * n, n);
+      } else {
+        gemm_rm<T, float>(A.trans, B.trans, rows, n, k, 1.0f, a0, A.ld, B.data, B.ld, 0.0f, acc.data(), n);
+        for (int64_t i = 0; i < rows; ++i) store_row(acc.data() + i * n, c + (r0 + i) * n, n);
+      }
     }
   });
 }
@@ -80,13 +88,17 @@ Gemm16 gemm16_backend(at::ScalarType dtype) {
 void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const at::ScalarType dtype = a.scalar_type();
   const bool is16 = dtype == at::kBFloat16 || dtype == at::kHalf;
-  if (!is16 || gemm16_backend(dtype) == Gemm16::kOneDnn || !out.is_contiguous() || a.numel() == 0 ||
-      b.numel() == 0) {
+  const bool plain = out.is_contiguous() && a.numel() > 0 && b.numel() > 0;
+  if (dtype == at::kFloat && plain && f32dot::available()) {
+    mm_row_blocks<float>(out, a, b);  // gemm_rm's fp32 kernel, one row block per task
+    return;
+  }
+  if (!is16 || gemm16_backend(dtype) == Gemm16::kOneDnn || !plain) {
     at::mm_out(out, a, b);
     return;
   }
   if (dtype == at::kBFloat16) {
-    mm_blas<c10::BFloat16>(out, a, b);
+    mm_row_blocks<c10::BFloat16>(out, a, b);
   } else {
     // MKL has no fast half GEMM: widen each operand once (gemm_rm would widen B
     // again for every row block), one multithreaded sgemm, one rounding.

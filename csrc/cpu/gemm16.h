@@ -37,7 +37,8 @@ bool gemms_on_onednn() {
 
 // out = a @ b for 2-D tensors (any of them may be a transposed view), multithreaded.
 // 16-bit operands with the kBlas backend run MKL's bf16 GEMM into fp32 row blocks (half:
-// widened to fp32 once, sgemm) and round once; everything else is at::mm_out.
+// widened to fp32 once, sgemm) and round once; fp32 runs on f32_dot's kernel in row
+// blocks where the CPU has AVX-512; everything else is at::mm_out.
 void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
 }  // namespace tfkernels::cpu
