@@ -5,7 +5,6 @@
 
 #include "cpu/cpu_caps.h"
 
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstring>
@@ -101,12 +100,6 @@ TFK_AVX512_BF16 void round_rows_avx512_bf16(const float* src, int64_t lds, int64
 
 #endif  // TFK_HAVE_BF16_DOT
 
-// The vector entry points run only where the CPU has the instruction (callers ask
-// available() first); elsewhere they fail loudly instead of faulting.
-void require_avx512_bf16(const char* function) {
-  TORCH_CHECK(cpu_has("avx512_bf16"), "tfkernels: bf16dot::", function, " needs a CPU with AVX512-BF16");
-}
-
 }  // namespace
 
 bool available() {
@@ -130,7 +123,7 @@ void pack_transposed(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t pa
 }
 
 bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t cols, uint32_t* dst, int64_t ldp) {
-  require_avx512_bf16("pack_row_pairs");
+  require_cpu("avx512_bf16", "bf16dot::pack_row_pairs");
 #ifdef TFK_HAVE_BF16_DOT
   return pack_row_pairs_avx512_bf16(src, ld, n, cols, dst, ldp);
 #else
@@ -139,14 +132,14 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t col
 }
 
 void round_row_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, uint32_t* dst, int64_t ldp) {
-  require_avx512_bf16("round_row_pairs");
+  require_cpu("avx512_bf16", "bf16dot::round_row_pairs");
 #ifdef TFK_HAVE_BF16_DOT
   round_row_pairs_avx512_bf16(src, lds, rows, cols, dst, ldp);
 #endif
 }
 
 void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd) {
-  require_avx512_bf16("round_rows");
+  require_cpu("avx512_bf16", "bf16dot::round_rows");
 #ifdef TFK_HAVE_BF16_DOT
   round_rows_avx512_bf16(src, lds, rows, n, dst, ldd);
 #endif
@@ -154,7 +147,7 @@ void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFl
 
 void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
           const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  require_avx512_bf16("gemm");
+  require_cpu("avx512_bf16", "bf16dot::gemm");
 #ifdef TFK_HAVE_BF16_DOT
   tile_gemm::gemm<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, b, ldb, 1.0f, c, ldc, accumulate);
 #endif

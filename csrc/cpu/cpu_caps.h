@@ -7,6 +7,11 @@ namespace tfkernels::cpu {
 // ("avx512_f", "avx512_bf16", "amx_bf16", ...). Detected once per process.
 bool cpu_has(const char* capability);
 
+// Fails with a clear error unless the CPU has `capability`: the guard of entry
+// points compiled for an ISA extension, which callers reach only after asking for it
+// (a CPU without it would otherwise fault on an illegal instruction).
+void require_cpu(const char* capability, const char* function);
+
 // Whether the environment variable `name` is "0": the switch tests and benchmarks
 // use to force a kernel's portable path. Read on every call.
 bool switched_off(const char* name);

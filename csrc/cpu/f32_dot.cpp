@@ -5,7 +5,6 @@
 
 #include "cpu/cpu_caps.h"
 
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <vector>
@@ -103,7 +102,9 @@ TFK_AVX512 void pack_panel(bool trans_b, const float* b, int64_t ldb, int64_t k0
   for (int64_t p = 0; p < steps; ++p) {
     const float* src = b + (k0 + p) * ldb + c0;
     float* dst = panel + p * kPanelCols;
-    for (int64_t j = 0; j < kPanelCols; j += 16) _mm512_storeu_ps(dst + j, _mm512_maskz_loadu_ps(first_lanes(cols - j), src + j));
+    for (int64_t j = 0; j < kPanelCols; j += 16) {
+      _mm512_storeu_ps(dst + j, _mm512_maskz_loadu_ps(first_lanes(cols - j), src + j));
+    }
   }
 }
 
@@ -125,10 +126,6 @@ TFK_AVX512 void gemm_packed_avx512(bool trans_a, bool trans_b, int64_t m, int64_
 
 #endif  // TFK_HAVE_F32_DOT
 
-void require_avx512(const char* function) {
-  TORCH_CHECK(cpu_has("avx512_f"), "tfkernels: f32dot::", function, " needs a CPU with AVX-512");
-}
-
 }  // namespace
 
 bool available() {
@@ -140,7 +137,7 @@ bool available() {
 }
 
 void pack_transposed(const float* src, int64_t ld, int64_t n, int64_t cols, float* dst, int64_t ldp) {
-  require_avx512("pack_transposed");
+  require_cpu("avx512_f", "f32dot::pack_transposed");
 #ifdef TFK_HAVE_F32_DOT
   pack_transposed_avx512(src, ld, n, cols, dst, ldp);
 #endif
@@ -148,7 +145,7 @@ void pack_transposed(const float* src, int64_t ld, int64_t n, int64_t cols, floa
 
 void gemm(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t a_row, int64_t a_step, const float* b,
           int64_t ldb, float alpha, float* c, int64_t ldc, bool accumulate) {
-  require_avx512("gemm");
+  require_cpu("avx512_f", "f32dot::gemm");
 #ifdef TFK_HAVE_F32_DOT
   tile_gemm::gemm<F32>(m, cols, depth, a, a_row, a_step, b, ldb, alpha, c, ldc, accumulate);
 #endif
@@ -156,7 +153,7 @@ void gemm(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t a_row,
 
 void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                  int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  require_avx512("gemm_packed");
+  require_cpu("avx512_f", "f32dot::gemm_packed");
 #ifdef TFK_HAVE_F32_DOT
   gemm_packed_avx512(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
 #endif
