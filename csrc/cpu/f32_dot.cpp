@@ -67,10 +67,10 @@ inline __mmask16 first_lanes(int64_t count) {
 }
 
 // Blocks of 16 source rows x 16 columns, loaded under masks at the edges (missing
-// rows read as zero, which fills dst's padding columns), transposed, stored.
+// rows read as zero, which fills dst's columns n .. packed_ld(n)), transposed, stored.
 TFK_AVX512 void pack_transposed_avx512(const float* src, int64_t ld, int64_t n, int64_t cols, float* dst,
                                        int64_t ldp) {
-  for (int64_t j = 0; j < ldp; j += 16) {
+  for (int64_t j = 0; j < n; j += 16) {
     for (int64_t c = 0; c < cols; c += 16) {
       const __mmask16 lanes = first_lanes(cols - c);
       __m512 r[16];

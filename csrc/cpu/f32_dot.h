@@ -17,8 +17,9 @@ bool available();
 // Columns per packed row for `cols` columns (a multiple of 16: whole vectors).
 inline int64_t packed_ld(int64_t cols) { return (cols + 15) / 16 * 16; }
 
-// dst[c * ldp + j] = src[j * ld + c] for j < n, c < cols; columns n .. ldp of dst
-// are zero. (K -> K^T, V -> V^T for S = Q K^T and dP = dO V^T.)
+// dst[c * ldp + j] = src[j * ld + c] for j < n, c < cols; columns n .. packed_ld(n)
+// of dst are zero, the rest of its rows untouched (ldp >= packed_ld(n)). (K -> K^T,
+// V -> V^T for S = Q K^T and dP = dO V^T.)
 void pack_transposed(const float* src, int64_t ld, int64_t n, int64_t cols, float* dst, int64_t ldp);
 
 // C[i][c] = alpha * sum over p < depth of A[i][p] B[p][c] (+ C[i][c] if accumulate),

@@ -243,6 +243,52 @@ void tile_ab_acc(bool fast, bool trans_a, int64_t m, int64_t n, int64_t k, T alp
 
 // ------------------------------------------------------------------------ forward
 
+// K^T of every (sequence, kv head) for the forward's fast fp32 path, transposed once
+// before the tasks: every query block of a sequence reads the same keys, and
+// transposing them per task cost 12% of the S512 D128 forward (perf). Per kv head a
+// [D][ld] matrix whose columns are the key rows, each sequence's starting at a
+// multiple of 16 (so parallel blocks never share a vector of padding).
+struct KeysTransposed {
+  at::Tensor buf;
+  std::vector<int64_t> col0;  // the first column of each sequence
+  int64_t ld = 0, D = 0;
+  bool ready() const { return buf.defined(); }
+  const float* of(int64_t b, int64_t hk) const { return buf.const_data_ptr<float>() + hk * D * ld + col0[b]; }
+};
+
+// Only for fp32 inputs (widened ones are transposed per tile, after widening).
+template <typename T, typename OutT>
+KeysTransposed transpose_keys(const AttentionCall& call, RowView<const OutT> k, bool fast) {
+  KeysTransposed kt;
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<OutT, float>) {
+    if (!fast) return kt;
+    const Sequences& seqs = call.seqs;
+    const int64_t Hkv = call.kv_heads, D = call.head_dim, B = seqs.count();
+    constexpr int64_t kRows = 256;  // key rows per task of the transposing pass
+    kt.col0.resize(B);
+    std::vector<std::pair<int64_t, int64_t>> blocks;  // (sequence, first key row)
+    for (int64_t b = 0; b < B; ++b) {
+      kt.col0[b] = kt.ld;
+      kt.ld += f32dot::packed_ld(seqs.k_rows(b));
+      for (int64_t j = 0; j < seqs.k_rows(b); j += kRows) blocks.emplace_back(b, j);
+    }
+    kt.D = D;
+    kt.buf = at::empty({std::max<int64_t>(1, Hkv * D * kt.ld)}, at::TensorOptions().dtype(at::kFloat));
+    float* dst = kt.buf.mutable_data_ptr<float>();
+    const auto n_blocks = static_cast<int64_t>(blocks.size());
+    at::parallel_for(0, Hkv * n_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t hk = t / n_blocks;
+        const auto [b, j] = blocks[t % n_blocks];
+        const int64_t rows = std::min(kRows, seqs.k_rows(b) - j);
+        f32dot::pack_transposed(k.at(seqs.k_start(b) + j, hk), k.ld(), rows, D, dst + hk * D * kt.ld + kt.col0[b] + j,
+                                kt.ld);
+      }
+    });
+  }
+  return kt;
+}
+
 // A block of query rows of one sequence: the forward's unit of work, once per head.
 struct QueryBlock {
   int64_t seq, i0;
@@ -286,6 +332,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
 
   const int64_t kp_ld = bf16dot::packed_ld(bk_max), vp_ld = bf16dot::packed_ld(D), p_ld = bk_max + (bk_max & 1);
   const int64_t kt_ld = f32dot::packed_ld(bk_max);
+  const KeysTransposed keys_t = transpose_keys<T, OutT>(call, k, fast);
 
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;
   TaskQueue queue(tasks);
@@ -295,7 +342,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
     Scratch<T> qbuf(widen && !dot ? bq_max * D : 0), kbuf(widen && !dot ? bk_max * D : 0), vbuf(widen ? bk_max * D : 0);
     Scratch<uint32_t> kpack(dot ? D / 2 * kp_ld : 0), vpack(dot ? (bk_max + 1) / 2 * vp_ld : 0);
     Scratch<c10::BFloat16> pbuf(dot ? bq_max * p_ld : 0);
-    Scratch<T> ktbuf(fast ? D * kt_ld : 0);
+    Scratch<T> ktbuf(fast && !keys_t.ready() ? D * kt_ld : 0);
     Scratch<uint8_t> keep(var.dropout ? bk_max + 8 : 0);
     for (int64_t task; queue.next(task);) {
       const QueryBlock blk = blocks[task / H];
@@ -324,8 +371,16 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         }
         if (!dot) {
           const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
-          if (fast) transpose_tile(K, ldk, n, D, ktbuf.data(), kt_ld);
-          tile_abt(fast, m, n, D, Q, ldq, K, ldk, ktbuf.data(), kt_ld, S, bk);
+          const T* kt = ktbuf.data();  // K^T: transposed before the tasks, or here
+          int64_t kt_stride = kt_ld;
+          if constexpr (std::is_same_v<T, float>) {
+            if (keys_t.ready()) {
+              kt = keys_t.of(b, hk) + j0;
+              kt_stride = keys_t.ld;
+            }
+          }
+          if (fast && !keys_t.ready()) transpose_tile(K, ldk, n, D, ktbuf.data(), kt_ld);
+          tile_abt(fast, m, n, D, Q, ldq, K, ldk, kt, kt_stride, S, bk);
         }
         bool hidden_pairs = false;
         for (int64_t r = 0; r < m; ++r) {
