@@ -40,8 +40,9 @@
 // place through their strides (only the last dim must be contiguous); 16-bit
 // inputs are widened tile by tile inside the tasks (a separate conversion pass
 // costs an extra parallel region and memory traffic), outputs rounded once. The
-// fp32 tile products run on our AVX-512 kernels (f32_dot.h: K and V transposed
-// once per key tile, no per-tile library call) where the CPU has AVX-512, else on
+// fp32 tile products run on our AVX-512 kernels (f32_dot.h: K^T transposed once
+// per call for fp32 inputs, per key tile for widened ones, V^T per key block in the
+// backward; no per-tile library call) where the CPU has AVX-512, else on
 // BLAS (blas.h); the exp runs in flash_attention_softmax.cpp. On bf16 inputs,
 // where the CPU has AVX512-BF16, forward and backward instead multiply the bf16
 // tiles directly (bf16_dot.h: K, V, Q, dO packed per tile, P and dS rounded to bf16
