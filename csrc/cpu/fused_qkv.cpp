@@ -16,11 +16,13 @@
 //     accumulator (fp32 for 16-bit types) stays in cache while the heads add up;
 //   dW_head[:, cols] = sum_b grad_head[b]^T (D x S) @ x[b][:, cols], one task per
 //     (head, block of E columns); db_head = column sums, in the same task.
-// 16-bit types on the oneDNN backend instead gather the head gradients into one
-// [B*S, (H+2Hkv)D] matrix (one copy) and run the two GEMMs of a linear layer's
-// backward through oneDNN, dx = G W and dW = G^T x, each rounded once as eager's
-// are: per-head GEMMs with K or N = D are where oneDNN is slowest, and MKL's bf16
-// GEMM runs at half oneDNN's rate on a CPU with AVX512-BF16.
+// 16-bit types on the oneDNN backend, and fp32 where f32_dot's kernel runs, instead
+// gather the head gradients into one [B*S, (H+2Hkv)D] matrix (one copy) and run the
+// two GEMMs of a linear layer's backward, dx = G W and dW = G^T x, on mm_out_cpu
+// (gemm16.h), each rounded once as eager's are: per-head GEMMs with K or N = D are
+// where oneDNN is slowest, MKL's bf16 GEMM runs at half oneDNN's rate on a CPU with
+// AVX512-BF16, and with fp32 the per-head tasks repack x for every head (dW at
+// ~150 GFLOP/s against ~185 for the whole GEMM on a 2-core Zen 4).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,6 +33,7 @@
 #include "alloc.h"
 #include "args.h"
 #include "cpu/blas.h"
+#include "cpu/f32_dot.h"
 #include "cpu/gelu_rows.h"
 #include "cpu/gemm16.h"
 
@@ -222,9 +225,9 @@ void fused_qkv_bwd_kernel(const QkvShape& s, const HeadLayout<const scalar_t>& g
   }
 }
 
-// The oneDNN backend's backward for 16-bit types (see the top of the file).
+// The backward as one linear layer's (see the top of the file).
 template <typename scalar_t>
-void fused_qkv_bwd_onednn(const QkvShape& s, const HeadLayout<const scalar_t>& grad, const at::Tensor& gq,
+void fused_qkv_bwd_gathered(const QkvShape& s, const HeadLayout<const scalar_t>& grad, const at::Tensor& gq,
                           const at::Tensor& gk, const at::Tensor& gv, const at::Tensor& x, const at::Tensor& w,
                           at::Tensor& gx, at::Tensor& gw, scalar_t* gb) {
   const int64_t groups = s.heads + 2 * s.kv_heads, d = s.head_dim;
@@ -235,8 +238,8 @@ void fused_qkv_bwd_onednn(const QkvShape& s, const HeadLayout<const scalar_t>& g
   g.narrow(2, s.heads + s.kv_heads, s.kv_heads).copy_(gv.permute({0, 2, 1, 3}));
   const at::Tensor g2d = g.view({s.batch * s.seqlen, groups * d});
   at::Tensor gx2d = gx.view({s.batch * s.seqlen, s.embed});
-  at::mm_out(gx2d, g2d, w);
-  at::mm_out(gw, g2d.t(), x.view({s.batch * s.seqlen, s.embed}));
+  mm_out_cpu(gx2d, g2d, w);
+  mm_out_cpu(gw, g2d.t(), x.view({s.batch * s.seqlen, s.embed}));
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> bsum(static_cast<size_t>(d));
     for (int64_t j = begin; j < end; ++j) head_bias_grad(s, grad, j, bsum.data(), gb);
@@ -261,8 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cpu(const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_qkv_bwd", [&] {
     const HeadLayout<const scalar_t> grad{gq.const_data_ptr<scalar_t>(), gk.const_data_ptr<scalar_t>(),
                                           gv.const_data_ptr<scalar_t>(), s.heads, s.kv_heads, s.seqlen, s.head_dim};
-    if (gemms_on_onednn<scalar_t>()) {
-      fused_qkv_bwd_onednn<scalar_t>(s, grad, gq, gk, gv, x, w, grad_x, grad_w, grad_b.mutable_data_ptr<scalar_t>());
+    if (gemms_on_onednn<scalar_t>() || (std::is_same_v<scalar_t, float> && f32dot::available())) {
+      fused_qkv_bwd_gathered<scalar_t>(s, grad, gq, gk, gv, x, w, grad_x, grad_w, grad_b.mutable_data_ptr<scalar_t>());
     } else {
       fused_qkv_bwd_kernel<scalar_t>(s, grad, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                      grad_x.mutable_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>(),
