@@ -172,6 +172,25 @@ def test_fused_mlp_large_rows_cross_blocks():
                ["out", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], torch.float64, approximate="tanh")
 
 
+@pytest.mark.parametrize("op", ["linear_gelu", "fused_mlp"])
+def test_fp32_tiles_inside_packed_weight_panels(op):
+    """fp32 tiles whose columns start inside a 64-column panel of the weight packed once
+    per call (f32_dot.h's PackedB) and reductions that start inside one: 1000 features
+    split into tiles of 250, several row blocks, forward and backward."""
+    dtype = torch.float32
+    x, w1, b1 = linear_inputs("cpu", (300,), 72, 1000, True, dtype)
+    if op == "linear_gelu":
+        grad = torch.randn(300, 1000, dtype=dtype)
+        _check_cpu(tfkernels.linear_gelu, reference.linear_gelu, [x, w1, b1], grad,
+                   ["out", "grad_x", "grad_weight", "grad_bias"], dtype)
+        return
+    w2 = torch.randn(72, 1000, dtype=dtype) / 32
+    b2 = torch.randn(72, dtype=dtype)
+    grad = torch.randn(300, 72, dtype=dtype)
+    _check_cpu(tfkernels.fused_mlp, reference.fused_mlp, [x, w1, b1, w2, b2], grad,
+               ["out", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], dtype)
+
+
 @pytest.mark.parametrize("approximate", APPROX)
 def test_backward_ops_return_all_bias_grads(approximate):
     dt = torch.float64

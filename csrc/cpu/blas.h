@@ -82,6 +82,15 @@ void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   tc.addmm_(ta.to(out_opts.dtype()), tb.to(out_opts.dtype()), beta, alpha);
 }
 
+// Whether an fp32 gemm_rm runs on f32_dot's single-threaded kernel: beta 0 or 1 (it
+// overwrites or adds), and the call is one task of a parallel region or torch runs
+// one thread. A lone call elsewhere goes to the multithreaded sgemm, whose GEMV-like
+// small products also sum with less error (a 1-row fused_mlp on our kernel came out
+// at 2.4x an fp32 reference's error).
+inline bool f32dot_runs_here(float beta) {
+  return (beta == 0.0f || beta == 1.0f) && (at::in_parallel_region() || at::get_num_threads() == 1);
+}
+
 }  // namespace detail
 
 // Row-major C[m, n] = alpha * op(A)[m, k] @ op(B)[k, n] + beta * C, where op(A) is
@@ -111,8 +120,7 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     // ~62% of the FMA peak on the Zen 4 VM (138 of 226 GFLOP/s at 2048^3), the packed
     // kernel ~85%. It runs on the calling thread, so only where that is the intent:
     // inside a parallel region, or when torch uses one thread.
-    if ((beta == 0.0f || beta == 1.0f) && (at::in_parallel_region() || at::get_num_threads() == 1) &&
-        f32dot::available()) {
+    if (detail::f32dot_runs_here(beta) && f32dot::available()) {
       f32dot::gemm_packed(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, beta == 1.0f);
       return;
     }
@@ -175,6 +183,44 @@ inline void linear_tile_aten(const T* a, int64_t rows, int64_t k, int64_t lda, c
   } else {
     at::mm_out(tc, ta, tb.t());
   }
+}
+
+// op(B) of a product whose tiles or row blocks run as many gemm_rm calls: fp32 on
+// f32_dot's kernel packs it once here (f32dot::PackedB) instead of once per call;
+// everything else keeps the pointer and gemm_rm reads B itself.
+template <typename T>
+struct SharedB {
+  bool trans;
+  const T* data;
+  int64_t ld;
+  f32dot::PackedB packed;
+  // op(B)[k0][c0] in the stored matrix.
+  const T* at(int64_t k0, int64_t c0) const { return trans ? data + c0 * ld + k0 : data + k0 * ld + c0; }
+};
+
+template <typename T>
+SharedB<T> share_b(bool trans_b, const T* b, int64_t ldb, int64_t k, int64_t n) {
+  SharedB<T> shared{trans_b, b, ldb, {}};
+  if constexpr (std::is_same_v<T, float>) {
+    if (k > 0 && n > 0 && f32dot::available()) shared.packed = f32dot::pack_b(trans_b, b, ldb, k, n);
+  }
+  return shared;
+}
+
+// gemm_rm(trans_a, b.trans, m, cols, depth, ..., op(B)[k0 : k0 + depth, c0 : c0 + cols], ...)
+// on the shared B: op(A) is m x depth, its step 0 meeting op(B)'s step k0. Runs on the
+// calling thread (call it from the tasks of a parallel region).
+template <typename T, typename C>
+inline void gemm_rm_shared(bool trans_a, int64_t m, int64_t cols, int64_t depth, acc_type<T> alpha, const T* a,
+                           int64_t lda, const SharedB<T>& b, int64_t k0, int64_t c0, acc_type<T> beta, C* c,
+                           int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!b.packed.empty() && detail::f32dot_runs_here(beta) && m > 0 && cols > 0 && depth > 0) {
+      f32dot::gemm_prepacked(trans_a, m, cols, depth, alpha, a, lda, b.packed, k0, c0, c, ldc, beta == 1.0f);
+      return;
+    }
+  }
+  gemm_rm<T, C>(trans_a, b.trans, m, cols, depth, alpha, a, lda, b.at(k0, c0), b.ld, beta, c, ldc);
 }
 
 // Split [0, n) into `parts` near-equal blocks of at most `max_block`; returns the block size.

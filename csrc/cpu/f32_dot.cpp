@@ -5,8 +5,11 @@
 
 #include "cpu/cpu_caps.h"
 
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -19,6 +22,14 @@
 
 namespace tfkernels::cpu::f32dot {
 namespace {
+
+// Panel shape of gemm_packed: 128 steps x 64 columns = 32 KiB, in L2 with the
+// block of A it meets; 64 columns = the micro-kernel's width (PackedB::panel's 64). Each panel's sums are
+// added to C, so a long reduction is summed in blocks of 128: with 256, fused_mlp's
+// fp32 grad_x came out at 2.45x the error of an fp32 reference (the tests allow 2x);
+// at 128 its worst of 24 seeds was 1.28x (MKL's: 1.28x).
+constexpr int64_t kPanelSteps = 128;
+constexpr int64_t kPanelCols = 64;
 
 #ifdef TFK_HAVE_F32_DOT
 
@@ -84,14 +95,6 @@ TFK_AVX512 void pack_transposed_avx512(const float* src, int64_t ld, int64_t n, 
   }
 }
 
-// Panel shape of gemm_packed: 128 steps x 64 columns = 32 KiB, in L2 with the
-// block of A it meets; 64 columns = the micro-kernel's width. Each panel's sums are
-// added to C, so a long reduction is summed in blocks of 128: with 256, fused_mlp's
-// fp32 grad_x came out at 2.45x the error of an fp32 reference (the tests allow 2x);
-// at 128 its worst of 24 seeds was 1.28x (MKL's: 1.28x).
-constexpr int64_t kPanelSteps = 128;
-constexpr int64_t kPanelCols = 64;
-
 // panel[p][j] = op(B)[k0 + p][c0 + j] for p < steps, j < cols; columns cols .. 64 zero.
 TFK_AVX512 void pack_panel(bool trans_b, const float* b, int64_t ldb, int64_t k0, int64_t c0, int64_t steps,
                            int64_t cols, float* panel) {
@@ -121,6 +124,34 @@ TFK_AVX512 void gemm_packed_avx512(bool trans_a, bool trans_b, int64_t m, int64_
       tile_gemm::gemm<F32>(m, cols, steps, a + k0 * a_step, a_row, a_step, panel.data(), kPanelCols, alpha, c + c0,
                            ldc, accumulate || k0 > 0);
     }
+  }
+}
+
+TFK_AVX512 void pack_b_avx512(bool trans_b, const float* b, int64_t ldb, PackedB& out) {
+  const int64_t panels = (out.n() + kPanelCols - 1) / kPanelCols;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t c0 = panel * kPanelCols;
+      pack_panel(trans_b, b, ldb, 0, c0, out.k(), std::min(kPanelCols, out.n() - c0), out.panel(panel));
+    }
+  });
+}
+
+// Column by column segment (a tile may start inside a panel and cross into the next),
+// then blocks of kPanelSteps from k0: gemm_packed's order.
+TFK_AVX512 void gemm_prepacked_avx512(bool trans_a, int64_t m, int64_t cols, int64_t depth, float alpha,
+                                      const float* a, int64_t lda, const PackedB& b, int64_t k0, int64_t c0, float* c,
+                                      int64_t ldc, bool accumulate) {
+  const int64_t a_row = trans_a ? 1 : lda, a_step = trans_a ? lda : 1;
+  for (int64_t col = c0; col < c0 + cols;) {
+    const int64_t offset = col % kPanelCols;
+    const int64_t width = std::min(kPanelCols - offset, c0 + cols - col);
+    const float* base = b.panel(col / kPanelCols) + offset;
+    for (int64_t p = 0; p < depth; p += kPanelSteps) {
+      tile_gemm::gemm<F32>(m, width, std::min(kPanelSteps, depth - p), a + p * a_step, a_row, a_step,
+                           base + (k0 + p) * kPanelCols, kPanelCols, alpha, c + (col - c0), ldc, accumulate || p > 0);
+    }
+    col += width;
   }
 }
 
@@ -159,5 +190,92 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 #endif
 }
 
+// PackedB storage. A fresh buffer costs a page fault per 4 KiB page on first touch:
+// packing a 16 MiB weight into new memory took as long as the repacking it saves
+// (fused_mlp's fp32 forward ran 6-13% slower than with per-call panels on the 2-core
+// Zen 4 VM). So a freed buffer waits for the next pack on the same thread: at most
+// kSpareBuffers per thread (the two weights of fused_mlp), the largest kept.
+namespace {
+constexpr size_t kSpareBuffers = 2;
+
+struct Buffer {
+  float* data;
+  size_t capacity;
+};
+
+struct SpareBuffers {
+  std::vector<Buffer> buffers;
+  ~SpareBuffers() {
+    for (const Buffer& b : buffers) delete[] b.data;
+  }
+};
+
+thread_local SpareBuffers spares;
+
+Buffer take_buffer(size_t floats) {
+  auto& list = spares.buffers;
+  const auto fits = std::find_if(list.begin(), list.end(), [&](const Buffer& b) { return b.capacity >= floats; });
+  if (fits != list.end()) {
+    const Buffer b = *fits;
+    list.erase(fits);
+    return b;
+  }
+  return {new float[floats], floats};  // uninitialised: pack_b writes every element read
+}
+
+void give_back(Buffer b) {
+  auto& list = spares.buffers;
+  list.push_back(b);
+  std::sort(list.begin(), list.end(), [](const Buffer& x, const Buffer& y) { return x.capacity > y.capacity; });
+  while (list.size() > kSpareBuffers) {
+    delete[] list.back().data;
+    list.pop_back();
+  }
+}
+}  // namespace
+
+PackedB::PackedB(int64_t k, int64_t n) : k_(k), n_(n) {
+  const Buffer b = take_buffer(static_cast<size_t>((n + kPanelCols - 1) / kPanelCols * k * kPanelCols));
+  panels_ = b.data;
+  capacity_ = b.capacity;
+}
+
+PackedB::PackedB(PackedB&& other) noexcept
+    : panels_(std::exchange(other.panels_, nullptr)), capacity_(other.capacity_), k_(other.k_), n_(other.n_) {}
+
+PackedB& PackedB::operator=(PackedB&& other) noexcept {
+  if (this != &other) {
+    if (panels_ != nullptr) give_back({panels_, capacity_});
+    panels_ = std::exchange(other.panels_, nullptr);
+    capacity_ = other.capacity_;
+    k_ = other.k_;
+    n_ = other.n_;
+  }
+  return *this;
+}
+
+PackedB::~PackedB() {
+  if (panels_ != nullptr) give_back({panels_, capacity_});
+}
+
+PackedB pack_b(bool trans_b, const float* b, int64_t ldb, int64_t k, int64_t n) {
+  require_cpu("avx512_f", "f32dot::pack_b");
+  PackedB out(k, n);
+#ifdef TFK_HAVE_F32_DOT
+  pack_b_avx512(trans_b, b, ldb, out);
+#endif
+  return out;
+}
+
+void gemm_prepacked(bool trans_a, int64_t m, int64_t cols, int64_t depth, float alpha, const float* a, int64_t lda,
+                    const PackedB& b, int64_t k0, int64_t c0, float* c, int64_t ldc, bool accumulate) {
+  require_cpu("avx512_f", "f32dot::gemm_prepacked");
+  TORCH_CHECK(k0 >= 0 && depth >= 0 && k0 + depth <= b.k() && c0 >= 0 && cols >= 0 && c0 + cols <= b.n(),
+              "f32dot::gemm_prepacked: steps [", k0, ", ", k0 + depth, ") x columns [", c0, ", ", c0 + cols,
+              ") outside the packed ", b.k(), " x ", b.n());
+#ifdef TFK_HAVE_F32_DOT
+  gemm_prepacked_avx512(trans_a, m, cols, depth, alpha, a, lda, b, k0, c0, c, ldc, accumulate);
+#endif
+}
 
 }  // namespace tfkernels::cpu::f32dot

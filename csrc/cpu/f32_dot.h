@@ -6,6 +6,7 @@
 // through strides. The register tiling is shared with bf16_dot (avx512_tile_gemm.h).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace tfkernels::cpu::f32dot {
@@ -36,5 +37,42 @@ void gemm(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t a_row,
 // One thread; blas.h's gemm_rm and mm_out_cpu call it where available().
 void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                  int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
+// op(B) of one product packed once for the many single-threaded calls that share it
+// (the row blocks of a whole GEMM, the tiles of a fused op): gemm_packed packs the
+// panels it needs on every call, which for a tile or row block of a 2048 x 1024 x
+// 4096 product means all of B again (W transposed 16 times over in linear_gelu's
+// forward). Panels of 64 columns x all k steps, [ceil(n / 64)][k][64].
+// The panels' storage is recycled: see f32_dot.cpp.
+class PackedB {
+ public:
+  PackedB() = default;
+  PackedB(int64_t k, int64_t n);  // storage for the panels, contents undefined
+  PackedB(PackedB&& other) noexcept;
+  PackedB& operator=(PackedB&& other) noexcept;
+  ~PackedB();
+
+  bool empty() const { return panels_ == nullptr; }
+  int64_t k() const { return k_; }
+  int64_t n() const { return n_; }
+  // Panel p (columns 64p ..), from step 0: row i at panel(p) + 64 i.
+  float* panel(int64_t p) const { return panels_ + p * k_ * 64; }
+
+ private:
+  float* panels_ = nullptr;
+  size_t capacity_ = 0;  // floats
+  int64_t k_ = 0, n_ = 0;
+};
+
+// Packs op(B) (k x n; B^T of a stored n x k matrix when trans_b), in parallel over
+// panels (at::parallel_for).
+PackedB pack_b(bool trans_b, const float* b, int64_t ldb, int64_t k, int64_t n);
+
+// C[m][cols] = alpha op(A) op(B)[k0 : k0 + depth, c0 : c0 + cols] (+ C if accumulate)
+// with op(B) from pack_b; op(A) is m x depth as gemm_packed reads it (its step 0
+// meets op(B)'s step k0). Same panel sums as gemm_packed (blocks of 128 steps from
+// k0), so results match it bit for bit. One thread.
+void gemm_prepacked(bool trans_a, int64_t m, int64_t cols, int64_t depth, float alpha, const float* a, int64_t lda,
+                    const PackedB& b, int64_t k0, int64_t c0, float* c, int64_t ldc, bool accumulate);
 
 }  // namespace tfkernels::cpu::f32dot

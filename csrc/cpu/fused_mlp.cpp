@@ -98,6 +98,9 @@ void fused_mlp_fwd_kernel(const MlpShape& s, const scalar_t* x, const scalar_t* 
   const int64_t m = s.rows, d = s.in_features, f = s.hidden, n = s.out_features;
   const int64_t mb = rows_per_task(m, kFwdRows, at::get_num_threads());
   const int64_t fb = std::min(kHidden, std::max<int64_t>(f, 1));
+  // W1^T and W2^T, packed once for all tasks where fp32 runs on f32_dot (blas.h).
+  const SharedB<scalar_t> w1t = share_b(true, w1, d, d, f);
+  const SharedB<scalar_t> w2t = share_b(true, w2, f, f, n);
   at::parallel_for(0, ceil_div(m, mb), 1, [&](int64_t begin, int64_t end) {
     // acc: pre tile (fp32 scratch for 16-bit types); h: the GELU tile, in the dtype.
     std::vector<float> acc16(is_16bit<scalar_t> ? static_cast<size_t>(mb * fb) : 0);
@@ -119,7 +122,7 @@ void fused_mlp_fwd_kernel(const MlpShape& s, const scalar_t* x, const scalar_t* 
         const int64_t fc = std::min(fb, f - f0);
         const acc_t* bb = b1 != nullptr ? b1 + f0 : nullptr;
         if constexpr (is_16bit<scalar_t>) {
-          gemm_rm(false, true, rows, fc, d, 1.0f, xb, d, w1 + f0 * d, d, 0.0f, acc16.data(), fc);
+          gemm_rm_shared(false, rows, fc, d, 1.0f, xb, d, w1t, 0, f0, 0.0f, acc16.data(), fc);
           for (int64_t i = 0; i < rows; ++i) {
             gelu_fwd(acc16.data() + i * fc, bb, pre != nullptr ? pre + (r0 + i) * f + f0 : nullptr, h.data() + i * fc,
                      fc, approx);
@@ -128,13 +131,13 @@ void fused_mlp_fwd_kernel(const MlpShape& s, const scalar_t* x, const scalar_t* 
           // GEMM straight into pre when it is saved, else into h; GELU in place.
           scalar_t* dst = pre != nullptr ? pre + r0 * f + f0 : h.data();
           const int64_t ldd = pre != nullptr ? f : fc;
-          gemm_rm(false, true, rows, fc, d, scalar_t(1), xb, d, w1 + f0 * d, d, scalar_t(0), dst, ldd);
+          gemm_rm_shared(false, rows, fc, d, scalar_t(1), xb, d, w1t, 0, f0, scalar_t(0), dst, ldd);
           for (int64_t i = 0; i < rows; ++i) {
             scalar_t* prow = dst + i * ldd;
             gelu_fwd(prow, bb, (pre != nullptr && bb != nullptr) ? prow : nullptr, h.data() + i * fc, fc, approx);
           }
         }
-        gemm_rm(false, true, rows, n, fc, acc_t(1), h.data(), fc, w2 + f0, f, acc_t(1), oacc, ldo);
+        gemm_rm_shared(false, rows, n, fc, acc_t(1), h.data(), fc, w2t, f0, 0, acc_t(1), oacc, ldo);
       }
       if constexpr (is_16bit<scalar_t>) {
         for (int64_t i = 0; i < rows; ++i) store_row(out16.data() + i * n, out + (r0 + i) * n, n);
@@ -199,6 +202,8 @@ void mlp_dpre_and_bias_grads(const MlpShape& s, const scalar_t* go, const scalar
   const int64_t tasks_f = std::max<int64_t>(tiles_f, 1);
   std::vector<double> part1(static_cast<size_t>(tiles_m * f), 0.0);
   std::vector<double> part2(static_cast<size_t>(tiles_m * n), 0.0);
+  // W2 for dh = grad_out W2, packed once for all tiles where fp32 runs on f32_dot (blas.h).
+  const SharedB<scalar_t> w2s = share_b(false, w2, f, dh_in_dpre ? 0 : n, f);
   at::parallel_for(0, tiles_m * tasks_f, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(is_16bit<scalar_t> ? static_cast<size_t>(mb * fb) : 0);
     for (int64_t t = begin; t < end; ++t) {
@@ -214,15 +219,15 @@ void mlp_dpre_and_bias_grads(const MlpShape& s, const scalar_t* go, const scalar
       if (!dh_in_dpre) {
         if constexpr (is_16bit<scalar_t>) {
           // dh in an fp32 tile, rounded only once, as dpre.
-          gemm_rm(false, false, rows, fc, n, 1.0f, go + r0 * n, n, w2 + f0, f, 0.0f, scratch.data(), fc);
+          gemm_rm_shared(false, rows, fc, n, 1.0f, go + r0 * n, n, w2s, 0, f0, 0.0f, scratch.data(), fc);
           sum_rows_blocked<acc_t>(0, rows, fc, p1, [&](int64_t i, acc_t* acc) {
             const int64_t off = (r0 + i) * f + f0;
             gelu_bwd(scratch.data() + i * fc, pre + off, no_bias, dpre + off, acc, fc, approx);
           });
           continue;
         } else {
-          gemm_rm(false, false, rows, fc, n, scalar_t(1), go + r0 * n, n, w2 + f0, f, scalar_t(0),
-                  dpre + r0 * f + f0, f);
+          gemm_rm_shared(false, rows, fc, n, scalar_t(1), go + r0 * n, n, w2s, 0, f0, scalar_t(0), dpre + r0 * f + f0,
+                         f);
         }
       }
       // dh is in dpre: apply gelu' in place.

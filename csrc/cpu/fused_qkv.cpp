@@ -76,6 +76,8 @@ void fused_qkv_fwd_blas(const QkvShape& s, const scalar_t* x, const scalar_t* w,
   const int64_t blocks = ceil_div(seq, sb);
   const int64_t hg = std::max<int64_t>(1, std::min(groups, kFwdCols / std::max<int64_t>(d, 1)));
   const int64_t head_blocks = ceil_div(groups, hg);
+  // W^T, packed once for all tasks where fp32 runs on f32_dot (blas.h).
+  const SharedB<scalar_t> wt = share_b(true, w, e, e, groups * d);
   at::parallel_for(0, s.batch * blocks * head_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(sb * hg * d));
     for (int64_t t = begin; t < end; ++t) {
@@ -85,8 +87,8 @@ void fused_qkv_fwd_blas(const QkvShape& s, const scalar_t* x, const scalar_t* w,
       if (bias != nullptr) {
         for (int64_t i = 0; i < rows; ++i) std::copy(bias + j0 * d, bias + j0 * d + n, acc.data() + i * n);
       }
-      gemm_rm<scalar_t, acc_t>(false, true, rows, n, e, acc_t(1), x + (b * seq + s0) * e, e, w + j0 * d * e, e,
-                               acc_t(bias != nullptr ? 1 : 0), acc.data(), n);
+      gemm_rm_shared<scalar_t, acc_t>(false, rows, n, e, acc_t(1), x + (b * seq + s0) * e, e, wt, 0, j0 * d,
+                                      acc_t(bias != nullptr ? 1 : 0), acc.data(), n);
       for (int64_t jj = 0; jj < heads; ++jj) {
         scalar_t* dst = out.at(b, j0 + jj) + s0 * d;
         for (int64_t i = 0; i < rows; ++i) store_row(acc.data() + i * n + jj * d, dst + i * d, d);

@@ -52,18 +52,21 @@ void mm_row_blocks(at::Tensor& out, const at::Tensor& a_, const at::Tensor& b_) 
   const at::Tensor b = (b_.stride(1) == 1 || b_.stride(0) == 1) ? b_ : b_.contiguous();
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   const Operand<T> A = operand<T>(a), B = operand<T>(b);
+  const SharedB<T> shared = share_b(B.trans, B.data, B.ld, k, n);  // fp32: packed once for every block
   T* c = out.mutable_data_ptr<T>();
-  // fp32 packs all of B per block: twice the rows halves that (a 256 x 256 block of A is 256 KiB, in L2).
+  // fp32: a 256 x 256 block of A is 256 KiB, in L2.
   const int64_t block = std::is_same_v<T, float> ? rows_per_task(m, 2 * kRows, at::get_num_threads()) : kRows;
   at::parallel_for(0, ceil_div(m, block), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(std::is_same_v<T, float> ? 0 : static_cast<size_t>(kRows * n));
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * block, rows = std::min(block, m - r0);
       const T* a0 = A.trans ? A.data + r0 : A.data + r0 * A.ld;
-      if constexpr (std::is_same_v<T, float>) {
-        gemm_rm<T, float>(A.trans, B.trans, rows, n, k, 1.0f, a0, A.ld, B.data, B.ld, 0.0f, c + r0 * n, n);
-      } else {
-        gemm_rm<T, float>(A.trans, B.trans, rows, n, k, 1.0f, a0, A.ld, B.data, B.ld, 0.0f, acc.data(), n);
+      float* dst = [&] {
+        if constexpr (std::is_same_v<T, float>) return c + r0 * n;
+        else return acc.data();
+      }();
+      gemm_rm_shared<T, float>(A.trans, rows, n, k, 1.0f, a0, A.ld, shared, 0, 0, 0.0f, dst, n);
+      if constexpr (!std::is_same_v<T, float>) {
         for (int64_t i = 0; i < rows; ++i) store_row(acc.data() + i * n, c + (r0 + i) * n, n);
       }
     }

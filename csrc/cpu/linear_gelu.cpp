@@ -54,6 +54,8 @@ void linear_gelu_fwd_kernel(const scalar_t* x, const scalar_t* w, const acc_type
   const int64_t mb = balanced_block(m, onednn ? kRowTile16 : kRowTile);
   const int64_t nb = balanced_block(n, onednn ? kColTile16 : kColTile);
   const int64_t tiles_m = ceil_div(m, mb), tiles_n = ceil_div(n, nb);
+  // W^T, packed once for all tiles where fp32 runs on f32_dot (blas.h).
+  const SharedB<scalar_t> wt = share_b(true, w, k, k, n);
   at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(is_16bit<scalar_t> && !onednn ? static_cast<size_t>(mb * nb) : 0);
     for (int64_t t = begin; t < end; ++t) {
@@ -62,8 +64,7 @@ void linear_gelu_fwd_kernel(const scalar_t* x, const scalar_t* w, const acc_type
       const auto* b = bias != nullptr ? bias + c0 : nullptr;
       if constexpr (is_16bit<scalar_t>) {
         if (!onednn) {
-          gemm_rm<scalar_t, float>(false, true, rows, cols, k, 1.0f, x + r0 * k, k, w + c0 * k, k, 0.0f, acc.data(),
-                                   cols);
+          gemm_rm_shared<scalar_t, float>(false, rows, cols, k, 1.0f, x + r0 * k, k, wt, 0, c0, 0.0f, acc.data(), cols);
           for (int64_t i = 0; i < rows; ++i) {
             const int64_t off = (r0 + i) * n + c0;
             gelu_fwd(acc.data() + i * cols, b, pre != nullptr ? pre + off : nullptr, out + off, cols, approx);
@@ -83,8 +84,7 @@ void linear_gelu_fwd_kernel(const scalar_t* x, const scalar_t* w, const acc_type
         }
       } else {
         scalar_t* dst = pre != nullptr ? pre : out;
-        gemm_rm(false, true, rows, cols, k, scalar_t(1), x + r0 * k, k, w + c0 * k, k, scalar_t(0), dst + r0 * n + c0,
-                n);
+        gemm_rm_shared(false, rows, cols, k, scalar_t(1), x + r0 * k, k, wt, 0, c0, scalar_t(0), dst + r0 * n + c0, n);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t off = (r0 + i) * n + c0;
           // In place: pre gets the bias added (when there is one), out the GELU.
