@@ -27,15 +27,21 @@ TF32 = [pytest.param(False, id="tf32-off"), pytest.param(True, id="tf32-on")]
 CPU_DTYPES = [pytest.param(torch.float64, None, id="float64"), pytest.param(torch.float32, None, id="float32"),
               pytest.param(torch.float32, "sgemm", id="float32-sgemm")] + [
     pytest.param(dtype, backend, id=f"{name}-{backend}")
-    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")) for backend in ("onednn", "blas")]
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")) for backend in ("onednn", "blas")] + [
+    pytest.param(torch.bfloat16, "onednn-nodot", id="bf16-onednn-nodot")]
 
 
 def force_gemm16(monkeypatch, backend):
     """Make the CPU kernels run their 16-bit GEMMs on `backend` ("onednn", "blas"; None:
     the CPU's choice), or with "sgemm" their fp32 GEMMs on MKL's sgemm rather than our
-    AVX-512 kernel (csrc/cpu/f32_dot.h, the choice where the CPU has AVX-512)."""
+    AVX-512 kernel (csrc/cpu/f32_dot.h, the choice where the CPU has AVX-512). On a CPU
+    with AVX512-BF16, "onednn" runs the bf16 forwards on our vdpbf16ps tiles
+    (gemm16.h's forward_on_bf16_tiles) and "onednn-nodot" keeps them on oneDNN."""
     if backend == "sgemm":
         monkeypatch.setenv("TFKERNELS_CPU_F32_DOT", "0")
+    elif backend == "onednn-nodot":
+        monkeypatch.setenv("TFKERNELS_CPU_GEMM16", "onednn")
+        monkeypatch.setenv("TFKERNELS_CPU_BF16_DOT", "0")
     elif backend is not None:
         monkeypatch.setenv("TFKERNELS_CPU_GEMM16", backend)
 

@@ -172,12 +172,13 @@ def test_fused_mlp_large_rows_cross_blocks():
                ["out", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], torch.float64, approximate="tanh")
 
 
-@pytest.mark.parametrize("op", ["linear_gelu", "fused_mlp"])
-def test_fp32_tiles_inside_packed_weight_panels(op):
-    """fp32 tiles whose columns start inside a 64-column panel of the weight packed once
-    per call (f32_dot.h's PackedB) and reductions that start inside one: 1000 features
-    split into tiles of 250, several row blocks, forward and backward."""
-    dtype = torch.float32
+@pytest.mark.parametrize("op,dtype", [("linear_gelu", torch.float32), ("fused_mlp", torch.float32),
+                                      ("linear_gelu", torch.bfloat16)], ids=str)
+def test_tiles_inside_packed_weight_panels(op, dtype):
+    """Tiles whose columns start inside a 64-column panel of the weight packed once per
+    call (f32_dot.h's PackedB; bf16 forwards on bf16_dot's tiles where the CPU has
+    AVX512-BF16) and reductions that start inside one: 1000 features split into tiles
+    of 250, several row blocks, forward and backward."""
     x, w1, b1 = linear_inputs("cpu", (300,), 72, 1000, True, dtype)
     if op == "linear_gelu":
         grad = torch.randn(300, 1000, dtype=dtype)

@@ -108,4 +108,28 @@ TFK_TILE_TARGET void gemm(int64_t m, int64_t cols, int64_t steps, const typename
   }
 }
 
+// gemm over an operand B packed in panels of 64 columns ([panel][step][64] elements,
+// one panel every panel_stride elements; f32dot::PackedB): C[m][cols] = alpha *
+// A . B[k0 : k0 + depth][c0 : c0 + cols] (+ C), A's step 0 meeting B's step k0. Column
+// segments may start inside a panel; the reduction runs in blocks of block_steps,
+// each block's sums added to C (so a result does not depend on how a caller splits
+// the columns).
+template <class Kind>
+TFK_TILE_TARGET void gemm_panels(int64_t m, int64_t cols, int64_t depth, const typename Kind::A* a, int64_t a_row,
+                                 int64_t a_step, const typename Kind::B* panels, int64_t panel_stride, int64_t k0,
+                                 int64_t c0, int64_t block_steps, float alpha, float* c, int64_t ldc,
+                                 bool accumulate) {
+  constexpr int64_t kWidth = 16 * kMaxVectors;
+  for (int64_t col = c0; col < c0 + cols;) {
+    const int64_t offset = col % kWidth;
+    const int64_t width = std::min(kWidth - offset, c0 + cols - col);
+    const auto* base = panels + (col / kWidth) * panel_stride + offset;
+    for (int64_t p = 0; p < depth; p += block_steps) {
+      gemm<Kind>(m, width, std::min(block_steps, depth - p), a + p * a_step, a_row, a_step, base + (k0 + p) * kWidth,
+                 kWidth, alpha, c + (col - c0), ldc, accumulate || p > 0);
+    }
+    col += width;
+  }
+}
+
 }  // namespace tfkernels::cpu::tile_gemm

@@ -3,8 +3,9 @@
 // these functions run only after available() said the CPU has the instruction.
 #include "cpu/bf16_dot.h"
 
-#include "cpu/cpu_caps.h"
+#include <c10/util/Exception.h>
 
+#include "cpu/cpu_caps.h"
 
 #include <algorithm>
 #include <cstring>
@@ -150,6 +151,29 @@ void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_
   require_cpu("avx512_bf16", "bf16dot::gemm");
 #ifdef TFK_HAVE_BF16_DOT
   tile_gemm::gemm<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, b, ldb, 1.0f, c, ldc, accumulate);
+#endif
+}
+
+bool prepacked_applies(int64_t k) { return k > 0 && k % 2 == 0 && available() && !cpu_has("amx_bf16"); }
+
+f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n) {
+  require_cpu("avx512_bf16", "bf16dot::pack_weight_transposed");
+  TORCH_CHECK(k % 2 == 0 && ldw % 2 == 0, "bf16dot::pack_weight_transposed: k and ldw must be even, got ", k, ", ",
+              ldw);
+  // W^T's pair p of column c is the 32-bit word p of W's row c: a word transpose.
+  return f32dot::pack_b(true, reinterpret_cast<const float*>(w), ldw / 2, k / 2, n);
+}
+
+void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
+                    const f32dot::PackedB& b, int64_t p0, int64_t c0, float* c, int64_t ldc, bool accumulate) {
+  require_cpu("avx512_bf16", "bf16dot::gemm_prepacked");
+  TORCH_CHECK(p0 >= 0 && pairs >= 0 && p0 + pairs <= b.k() && c0 >= 0 && cols >= 0 && c0 + cols <= b.n(),
+              "bf16dot::gemm_prepacked: pairs [", p0, ", ", p0 + pairs, ") x columns [", c0, ", ", c0 + cols,
+              ") outside the packed ", b.k(), " x ", b.n());
+#ifdef TFK_HAVE_BF16_DOT
+  constexpr int64_t kPanelCols = 64, kBlockPairs = 128;
+  tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, lda, 2, reinterpret_cast<const uint32_t*>(b.panel(0)),
+                                    b.k() * kPanelCols, p0, c0, kBlockPairs, 1.0f, c, ldc, accumulate);
 #endif
 }
 

@@ -22,6 +22,8 @@
 
 #include <cstdint>
 
+#include "cpu/f32_dot.h"
+
 namespace tfkernels::cpu::bf16dot {
 
 // Whether the CPU has AVX512-BF16 and TFKERNELS_CPU_BF16_DOT is not 0 (read on every
@@ -55,5 +57,23 @@ void round_row_pairs(const float* src, int64_t lds, int64_t rows, int64_t cols, 
 // per row, ldb >= packed_ld(cols)). fp32 accumulation.
 void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
           const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
+// Whole GEMMs against a weight packed once (the fused ops' forwards, through blas.h's
+// share_b / gemm_rm_shared): op(B) = W^T in pair-major panels of 64 columns, stored as
+// an f32dot::PackedB of 32-bit words (k/2 pair steps x n columns), so the fp32 path's
+// packing (16 x 16 transposes of 32-bit elements) and buffer reuse serve both.
+//
+// Whether they take a product with reduction length k: AVX512-BF16 without AMX-BF16
+// (oneDNN's AMX tiles are far faster), available(), k even.
+bool prepacked_applies(int64_t k);
+
+// W (n x k, rows ldw elements apart, ldw even) packed as op(B) = W^T.
+f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n);
+
+// C[m][cols] = sum over pairs p < pairs of A[i][p] . W^T[p0 + p][c0 + c] (+ C if
+// accumulate), A row-major bf16 (row i at a + i * lda, pair p at element 2p); fp32
+// accumulation in blocks of 128 pairs, as f32dot::gemm_prepacked. One thread.
+void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
+                    const f32dot::PackedB& b, int64_t p0, int64_t c0, float* c, int64_t ldc, bool accumulate);
 
 }  // namespace tfkernels::cpu::bf16dot

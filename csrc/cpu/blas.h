@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/bf16_dot.h"
 #include "cpu/f32_dot.h"
 
 namespace tfkernels::cpu {
@@ -82,12 +83,12 @@ void gemm_fallback(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   tc.addmm_(ta.to(out_opts.dtype()), tb.to(out_opts.dtype()), beta, alpha);
 }
 
-// Whether an fp32 gemm_rm runs on f32_dot's single-threaded kernel: beta 0 or 1 (it
-// overwrites or adds), and the call is one task of a parallel region or torch runs
-// one thread. A lone call elsewhere goes to the multithreaded sgemm, whose GEMV-like
+// Whether a gemm_rm may run on our single-threaded tile kernels (f32_dot, bf16_dot):
+// beta 0 or 1 (they overwrite or add), and the call is one task of a parallel region
+// or torch runs one thread. A lone call elsewhere goes to the multithreaded sgemm, whose GEMV-like
 // small products also sum with less error (a 1-row fused_mlp on our kernel came out
 // at 2.4x an fp32 reference's error).
-inline bool f32dot_runs_here(float beta) {
+inline bool tile_kernel_runs_here(float beta) {
   return (beta == 0.0f || beta == 1.0f) && (at::in_parallel_region() || at::get_num_threads() == 1);
 }
 
@@ -120,7 +121,7 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     // ~62% of the FMA peak on the Zen 4 VM (138 of 226 GFLOP/s at 2048^3), the packed
     // kernel ~85%. It runs on the calling thread, so only where that is the intent:
     // inside a parallel region, or when torch uses one thread.
-    if (detail::f32dot_runs_here(beta) && f32dot::available()) {
+    if (detail::tile_kernel_runs_here(beta) && f32dot::available()) {
       f32dot::gemm_packed(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, beta == 1.0f);
       return;
     }
@@ -186,7 +187,8 @@ inline void linear_tile_aten(const T* a, int64_t rows, int64_t k, int64_t lda, c
 }
 
 // op(B) of a product whose tiles or row blocks run as many gemm_rm calls: fp32 on
-// f32_dot's kernel packs it once here (f32dot::PackedB) instead of once per call;
+// f32_dot's kernel, and a bf16 weight (op(B) = W^T, even k) on bf16_dot's where
+// prepacked_applies, are packed once here (f32dot::PackedB) instead of once per call;
 // everything else keeps the pointer and gemm_rm reads B itself.
 template <typename T>
 struct SharedB {
@@ -198,11 +200,17 @@ struct SharedB {
   const T* at(int64_t k0, int64_t c0) const { return trans ? data + c0 * ld + k0 : data + k0 * ld + c0; }
 };
 
+// bf16: packed only when the caller runs its GEMMs on the tiles (bf16_tiles; see
+// gemm16.h's forward_on_bf16_tiles), else gemm_rm's backend reads B.
 template <typename T>
-SharedB<T> share_b(bool trans_b, const T* b, int64_t ldb, int64_t k, int64_t n) {
+SharedB<T> share_b(bool trans_b, const T* b, int64_t ldb, int64_t k, int64_t n, bool bf16_tiles = false) {
   SharedB<T> shared{trans_b, b, ldb, {}};
   if constexpr (std::is_same_v<T, float>) {
     if (k > 0 && n > 0 && f32dot::available()) shared.packed = f32dot::pack_b(trans_b, b, ldb, k, n);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_tiles && trans_b && n > 0 && ldb % 2 == 0 && bf16dot::prepacked_applies(k)) {
+      shared.packed = bf16dot::pack_weight_transposed(b, ldb, k, n);
+    }
   }
   return shared;
 }
@@ -214,9 +222,17 @@ template <typename T, typename C>
 inline void gemm_rm_shared(bool trans_a, int64_t m, int64_t cols, int64_t depth, acc_type<T> alpha, const T* a,
                            int64_t lda, const SharedB<T>& b, int64_t k0, int64_t c0, acc_type<T> beta, C* c,
                            int64_t ldc) {
+  const bool prepacked = !b.packed.empty() && detail::tile_kernel_runs_here(beta) && m > 0 && cols > 0 && depth > 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (!b.packed.empty() && detail::f32dot_runs_here(beta) && m > 0 && cols > 0 && depth > 0) {
+    if (prepacked) {
       f32dot::gemm_prepacked(trans_a, m, cols, depth, alpha, a, lda, b.packed, k0, c0, c, ldc, beta == 1.0f);
+      return;
+    }
+  } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, float>) {
+    // Whole pairs only: an odd slice of the reduction (fused_mlp's last hidden block
+    // of an odd width) goes to gemm_rm.
+    if (prepacked && !trans_a && alpha == 1.0f && k0 % 2 == 0 && depth % 2 == 0) {
+      bf16dot::gemm_prepacked(m, cols, depth / 2, a, lda, b.packed, k0 / 2, c0, c, ldc, beta == 1.0f);
       return;
     }
   }

@@ -137,22 +137,12 @@ TFK_AVX512 void pack_b_avx512(bool trans_b, const float* b, int64_t ldb, PackedB
   });
 }
 
-// Column by column segment (a tile may start inside a panel and cross into the next),
-// then blocks of kPanelSteps from k0: gemm_packed's order.
 TFK_AVX512 void gemm_prepacked_avx512(bool trans_a, int64_t m, int64_t cols, int64_t depth, float alpha,
                                       const float* a, int64_t lda, const PackedB& b, int64_t k0, int64_t c0, float* c,
                                       int64_t ldc, bool accumulate) {
   const int64_t a_row = trans_a ? 1 : lda, a_step = trans_a ? lda : 1;
-  for (int64_t col = c0; col < c0 + cols;) {
-    const int64_t offset = col % kPanelCols;
-    const int64_t width = std::min(kPanelCols - offset, c0 + cols - col);
-    const float* base = b.panel(col / kPanelCols) + offset;
-    for (int64_t p = 0; p < depth; p += kPanelSteps) {
-      tile_gemm::gemm<F32>(m, width, std::min(kPanelSteps, depth - p), a + p * a_step, a_row, a_step,
-                           base + (k0 + p) * kPanelCols, kPanelCols, alpha, c + (col - c0), ldc, accumulate || p > 0);
-    }
-    col += width;
-  }
+  tile_gemm::gemm_panels<F32>(m, cols, depth, a, a_row, a_step, b.panel(0), b.k() * kPanelCols, k0, c0, kPanelSteps,
+                              alpha, c, ldc, accumulate);
 }
 
 #endif  // TFK_HAVE_F32_DOT

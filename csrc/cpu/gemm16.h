@@ -15,6 +15,8 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+
 #include "cpu/blas.h"
 
 namespace tfkernels::cpu {
@@ -30,6 +32,28 @@ template <typename T>
 bool gemms_on_onednn() {
   if constexpr (is_16bit<T>) {
     return gemm16_backend(c10::CppTypeToScalarType<T>::value) == Gemm16::kOneDnn;
+  } else {
+    return false;
+  }
+}
+
+// Whether the forward GEMMs of a fused op on T operands, against weights with the
+// reduction lengths `ks`, leave oneDNN for bf16_dot's tile kernel with each weight
+// packed once (blas.h's share_b): bf16 on the oneDNN backend where
+// bf16dot::prepacked_applies (AVX512-BF16 without AMX; TFKERNELS_CPU_BF16_DOT=0 keeps
+// oneDNN). The tiles then keep the fp32 accumulator for the epilogue (bias, GELU,
+// the head layout) and round once, as the kBlas path does. Why: oneDNN, called per
+// tile, packs the weight again for every tile; as one call per GEMM it is as fast as
+// the tile kernel (2048 x 1024 x 4096 on the 2-core Zen 4: ~390 GFLOP/s both, best
+// of 5) but the epilogue then is a separate pass.
+template <typename T>
+bool forward_on_bf16_tiles(std::initializer_list<int64_t> ks) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (!gemms_on_onednn<T>()) return false;
+    for (const int64_t k : ks) {
+      if (!bf16dot::prepacked_applies(k)) return false;
+    }
+    return true;
   } else {
     return false;
   }
