@@ -171,9 +171,9 @@ void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16*
               "bf16dot::gemm_prepacked: pairs [", p0, ", ", p0 + pairs, ") x columns [", c0, ", ", c0 + cols,
               ") outside the packed ", b.k(), " x ", b.n());
 #ifdef TFK_HAVE_BF16_DOT
-  constexpr int64_t kPanelCols = 64, kBlockPairs = 128;
+  constexpr int64_t kBlockPairs = 128;  // pairs summed in registers before each add to C
   tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, lda, 2, reinterpret_cast<const uint32_t*>(b.panel(0)),
-                                    b.k() * kPanelCols, p0, c0, kBlockPairs, 1.0f, c, ldc, accumulate);
+                                    b.k() * f32dot::PackedB::kCols, p0, c0, kBlockPairs, 1.0f, c, ldc, accumulate);
 #endif
 }
 

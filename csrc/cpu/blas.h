@@ -229,8 +229,8 @@ inline void gemm_rm_shared(bool trans_a, int64_t m, int64_t cols, int64_t depth,
       return;
     }
   } else if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, float>) {
-    // Whole pairs only: an odd slice of the reduction (fused_mlp's last hidden block
-    // of an odd width) goes to gemm_rm.
+    // Whole pairs only: a slice of the reduction that starts or ends inside a pair
+    // goes to gemm_rm.
     if (prepacked && !trans_a && alpha == 1.0f && k0 % 2 == 0 && depth % 2 == 0) {
       bf16dot::gemm_prepacked(m, cols, depth / 2, a, lda, b.packed, k0 / 2, c0, c, ldc, beta == 1.0f);
       return;

@@ -24,12 +24,12 @@ namespace tfkernels::cpu::f32dot {
 namespace {
 
 // Panel shape of gemm_packed: 128 steps x 64 columns = 32 KiB, in L2 with the
-// block of A it meets; 64 columns = the micro-kernel's width (PackedB::panel's 64). Each panel's sums are
+// block of A it meets; 64 columns = the micro-kernel's width. Each panel's sums are
 // added to C, so a long reduction is summed in blocks of 128: with 256, fused_mlp's
 // fp32 grad_x came out at 2.45x the error of an fp32 reference (the tests allow 2x);
 // at 128 its worst of 24 seeds was 1.28x (MKL's: 1.28x).
 constexpr int64_t kPanelSteps = 128;
-constexpr int64_t kPanelCols = 64;
+constexpr int64_t kPanelCols = PackedB::kCols;
 
 #ifdef TFK_HAVE_F32_DOT
 

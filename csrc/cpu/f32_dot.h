@@ -46,6 +46,8 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 // The panels' storage is recycled: see f32_dot.cpp.
 class PackedB {
  public:
+  static constexpr int64_t kCols = 64;  // columns per panel: the micro-kernel's width
+
   PackedB() = default;
   PackedB(int64_t k, int64_t n);  // storage for the panels, contents undefined
   PackedB(PackedB&& other) noexcept;
@@ -55,8 +57,8 @@ class PackedB {
   bool empty() const { return panels_ == nullptr; }
   int64_t k() const { return k_; }
   int64_t n() const { return n_; }
-  // Panel p (columns 64p ..), from step 0: row i at panel(p) + 64 i.
-  float* panel(int64_t p) const { return panels_ + p * k_ * 64; }
+  // Panel p (columns kCols p ..), from step 0: row i at panel(p) + kCols i.
+  float* panel(int64_t p) const { return panels_ + p * k_ * kCols; }
 
  private:
   float* panels_ = nullptr;

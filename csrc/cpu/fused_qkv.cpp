@@ -80,7 +80,7 @@ void fused_qkv_fwd_blas(const QkvShape& s, const scalar_t* x, const scalar_t* w,
   const int64_t hg = std::max<int64_t>(1, std::min(groups, kFwdCols / std::max<int64_t>(d, 1)));
   const int64_t head_blocks = ceil_div(groups, hg);
   // W^T, packed once for all tasks where the GEMMs run on our kernels (blas.h).
-  const SharedB<scalar_t> wt = share_b(true, w, e, e, groups * d, forward_on_bf16_tiles<scalar_t>({e}));
+  const SharedB<scalar_t> wt = share_b(true, w, e, e, groups * d, forward_on_bf16_tiles<scalar_t>(e));
   at::parallel_for(0, s.batch * blocks * head_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(sb * hg * d));
     for (int64_t t = begin; t < end; ++t) {
@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cpu(const at::Tensor& x
     using acc_t = acc_type<scalar_t>;
     const HeadLayout<scalar_t> out{q.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(),
                                    v.mutable_data_ptr<scalar_t>(), s.heads, s.kv_heads, s.seqlen, s.head_dim};
-    if (gemms_on_onednn<scalar_t>() && !forward_on_bf16_tiles<scalar_t>({s.embed})) {
+    if (gemms_on_onednn<scalar_t>() && !forward_on_bf16_tiles<scalar_t>(s.embed)) {
       fused_qkv_fwd_onednn<scalar_t>(s, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), out, bias16);
     } else {
       fused_qkv_fwd_blas<scalar_t>(s, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),

@@ -15,8 +15,6 @@
 
 #include <ATen/ATen.h>
 
-#include <initializer_list>
-
 #include "cpu/blas.h"
 
 namespace tfkernels::cpu {
@@ -37,8 +35,8 @@ bool gemms_on_onednn() {
   }
 }
 
-// Whether the forward GEMMs of a fused op on T operands, against weights with the
-// reduction lengths `ks`, leave oneDNN for bf16_dot's tile kernel with each weight
+// Whether the forward GEMM of a fused op on T operands, against a weight with the
+// reduction length k, leaves oneDNN for bf16_dot's tile kernel with each weight
 // packed once (blas.h's share_b): bf16 on the oneDNN backend where
 // bf16dot::prepacked_applies (AVX512-BF16 without AMX; TFKERNELS_CPU_BF16_DOT=0 keeps
 // oneDNN). The tiles then keep the fp32 accumulator for the epilogue (bias, GELU,
@@ -47,13 +45,9 @@ bool gemms_on_onednn() {
 // the tile kernel (2048 x 1024 x 4096 on the 2-core Zen 4: ~390 GFLOP/s both, best
 // of 5) but the epilogue then is a separate pass.
 template <typename T>
-bool forward_on_bf16_tiles(std::initializer_list<int64_t> ks) {
+bool forward_on_bf16_tiles(int64_t k) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (!gemms_on_onednn<T>()) return false;
-    for (const int64_t k : ks) {
-      if (!bf16dot::prepacked_applies(k)) return false;
-    }
-    return true;
+    return gemms_on_onednn<T>() && bf16dot::prepacked_applies(k);
   } else {
     return false;
   }

@@ -53,7 +53,7 @@ template <typename scalar_t>
 void linear_gelu_fwd_kernel(const scalar_t* x, const scalar_t* w, const acc_type<scalar_t>* bias, scalar_t* pre,
                             scalar_t* out, int64_t m, int64_t n, int64_t k, GeluApprox approx,
                             const at::Tensor& bias16, Gemm16 backend) {
-  const bool tiles = forward_on_bf16_tiles<scalar_t>({k});
+  const bool tiles = forward_on_bf16_tiles<scalar_t>(k);
   const bool onednn = is_16bit<scalar_t> && backend == Gemm16::kOneDnn && !tiles;
   const int64_t mb = balanced_block(m, onednn ? kRowTile16 : kRowTile);
   const int64_t nb = balanced_block(n, onednn ? kColTile16 : kColTile);
