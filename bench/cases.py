@@ -240,7 +240,8 @@ def params(op):
 
     # The providers of one row (op, direction, dtype, shape) run back to back, compiled ones
     # included, so that a slow minute of a shared machine hits the whole row rather than
-    # some of its providers (a CPU VM's speed drifts by up to 2x over minutes). Under a
+    # some of its providers (a CPU VM's speed drifts by up to 2x over minutes; on the CPU
+    # the row's first test times all of them, their calls in turn: timing.py). Under a
     # time budget (--time-budget) the compiled cases run last in the suite instead: they
     # are what a budget that runs out leaves out.
     # A second pass (bench/run.py --passes) runs the suite in reverse order, so that a

@@ -11,6 +11,7 @@ import os
 os.environ["TFKERNELS_POISON_OUTPUTS"] = "0"
 
 import pytest  # noqa: E402
+from pytest_benchmark.stats import Stats  # noqa: E402
 
 import settings  # noqa: E402
 import timing  # noqa: E402
@@ -20,6 +21,12 @@ def pytest_report_header(config):
     device = settings.bench_device()
     return (f"tfkernels bench: device {settings.device_name(device)} ({device}), grid {settings.bench_grid()}, "
             f"torch.compile on {settings.compile_policy()} shapes")
+
+
+def pytest_collection_finish(session):
+    # The CPU times a row's providers together (timing.py): only those this session runs (-k).
+    timing.SELECTED_IDS = {item.callspec.params["case"].id for item in session.items
+                           if hasattr(item, "callspec") and "case" in item.callspec.params}
 
 
 def pytest_report_teststatus(report, config):
@@ -44,6 +51,16 @@ def _records():
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["tfkernels"] = _records()
+    # A case timed with its row (timing.py) ran pedantic on a no-op: its statistics are its samples'.
+    for bench in output_json.get("benchmarks", []):
+        samples = bench.get("extra_info", {}).get("samples_s")
+        if samples:
+            stats = Stats()
+            for seconds in samples:
+                stats.update(seconds)
+            bench["stats"] = {**bench.get("stats", {}), **stats.as_dict(), "iterations": 1}
+            if "data" in bench["stats"]:  # --benchmark-save-data
+                bench["stats"]["data"] = list(samples)
 
 
 def pytest_sessionfinish(session, exitstatus):

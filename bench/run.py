@@ -12,10 +12,10 @@ one suite still leaves the others' results; merges their JSON into
 bench/results/<device>/results.json (the previous one moves to raw/), then
 report.py writes README.md and the PNG charts there and the tables are printed.
 
-On the CPU the suites run twice by default (--passes 2), the second pass in
-reverse order, and each case keeps its faster pass: a shared VM's speed drifts by
-up to 2x over minutes, so one pass can land a slow minute on one provider of a
-row and not on the others. Both passes' medians stay in the JSON.
+On the CPU the providers of a row take their calls in turn (bench/timing.py),
+and the suites run twice by default (--passes 2), the second pass in reverse
+order, each case keeping its faster pass: a shared VM's speed drifts by up to 2x
+over minutes. Both passes' medians stay in the JSON.
 It imports the tfkernels package only inside the suites, so the peers are still
 measured when the extension failed to build (tools/device_check.sh relies on that).
 """

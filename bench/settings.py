@@ -13,6 +13,8 @@ plain `pytest bench/` agree:
     TFKERNELS_BENCH_NOTE      a line for the report's header
     TFKERNELS_BENCH_ORDER     forward | reverse: the order the cases run in (bench/run.py
                               runs its second pass in reverse)
+    TFKERNELS_BENCH_INTERLEAVE  0: on the CPU, time each case alone rather than with
+                              its row's providers in turn (bench/timing.py)
 """
 import os
 import platform

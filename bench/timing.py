@@ -4,11 +4,14 @@ that bench/conftest.py writes into the results JSON."""
 import math
 import os
 import re
+import statistics
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
+import cases
 from cases import COMPILED_PROVIDERS, rate, work
 from providers import Skip, prepare
 from settings import bench_device, bench_grid, cache_bytes, compile_policy, device_name, first_line
@@ -97,41 +100,36 @@ def _timing_plan(device, grid):
 def run_case(benchmark, case, request=None):
     """Prepare, warm up, time with benchmark.pedantic, and record extra_info.
 
-    Raises pytest.skip for providers the device lacks; lets real failures fail the test.
+    On the CPU the case is timed with the other providers of its row, calls taken in
+    turn (see _time_row); elsewhere alone. Raises pytest.skip for providers the
+    device lacks; lets real failures fail the test.
     """
     import pytest
 
     device = bench_device()
+    samples = None
     try:
-        compiles = case.provider in COMPILED_PROVIDERS
-        check_deadline(45.0 if compiles else 0.0)  # compiling alone can take most of a minute
-        if _BROKEN_CONTEXT:
-            raise Skip(f"CUDA context unusable after the error in {_BROKEN_CONTEXT[0]} (next suite starts afresh)")
-        if compiles and not compile_allowed(case):
-            if compile_policy() == "none":
-                raise Skip("torch.compile left out of this run (TFKERNELS_BENCH_COMPILE=none / --compile none)")
-            raise Skip("torch.compile runs on the headline shapes only (compiling takes 5-20 s a case; "
-                       "--compile all for every shape)")
-        prepared = prepare(case, device)
-        with prepared.context():
-            step = Step(prepared, case, device)
-            start = time.perf_counter()
-            first = _warm_up(step, case, prepared)
-            warm_up_s = time.perf_counter() - start
-            _check_finite(first, case)
-            del first
-            per_call = _estimate(step, device, None if prepared.compiled else warm_up_s)
-            round_s, case_s, min_rounds, max_rounds = _timing_plan(device, bench_grid())
-            iterations = max(1, min(1000, round(round_s / per_call))) if round_s else 1
-            rounds = int(max(min_rounds, min(max_rounds, case_s // (per_call * iterations))))
-            if device == "cpu" and per_call > SLOW_CALL_S:
-                rounds = 1
-            step.every = iterations
-            step.calls = 0
-            copies = len(step.inputs)
-            benchmark.group = f"{case.op} {case.direction} {case.dtype} {case.shape_label}"
-            benchmark.pedantic(step, rounds=rounds, iterations=iterations,
-                               warmup_rounds=1 if device == "cuda" else 0)
+        benchmark.group = f"{case.op} {case.direction} {case.dtype} {case.shape_label}"
+        if _interleaved(case, device):
+            timed = _row_outcome(case, device, rounds_cap=1 if benchmark.disabled else None)
+            samples, rounds, iterations, copies = timed.samples, len(timed.samples), 1, timed.copies
+            # pytest-benchmark's own record of this test; conftest puts the samples' statistics in the JSON.
+            benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+        else:
+            prepared = _prepare_checked(case, device)
+            with prepared.context():
+                step = Step(prepared, case, device)
+                per_call = _warm_up_and_estimate(step, case, prepared)
+                round_s, case_s, min_rounds, max_rounds = _timing_plan(device, bench_grid())
+                iterations = max(1, min(1000, round(round_s / per_call))) if round_s else 1
+                rounds = int(max(min_rounds, min(max_rounds, case_s // (per_call * iterations))))
+                if device == "cpu" and per_call > SLOW_CALL_S:
+                    rounds = 1
+                step.every = iterations
+                step.calls = 0
+                copies = len(step.inputs)
+                benchmark.pedantic(step, rounds=rounds, iterations=iterations,
+                                   warmup_rounds=1 if device == "cuda" else 0)
     except Skip as why:
         _record_skip(case, str(why))
         pytest.skip(str(why))
@@ -150,17 +148,125 @@ def run_case(benchmark, case, request=None):
 
     if benchmark.stats is None:  # --benchmark-disable: the calls ran once, untimed (a smoke run)
         return
-    median = benchmark.stats.stats.median
+    median = statistics.median(samples) if samples else benchmark.stats.stats.median
     value, unit = rate(case, median)
     amount, _ = work(case)
     info = benchmark.extra_info
     info.update(case.meta())
     info.update({"value": value, "unit": unit, "work": amount, "median_s": median, "rounds": rounds,
                  "iterations": iterations, "input_copies": copies})
+    if samples:
+        info["samples_s"] = samples  # conftest makes the JSON's stats from these
     info.update(_env_short(device))
     info["tflops" if unit == "TFLOP/s" else "gbps"] = value
     if request is not None:
         request.node.user_properties.append(("tfk_result", f"{_fmt_rate(value, unit)}  {median * 1e3:.3f} ms"))
+
+
+def _prepare_checked(case, device):
+    """case's Prepared, or Skip when the run leaves it out (time budget, compile policy, a broken context)."""
+    compiles = case.provider in COMPILED_PROVIDERS
+    check_deadline(45.0 if compiles else 0.0)  # compiling alone can take most of a minute
+    if _BROKEN_CONTEXT:
+        raise Skip(f"CUDA context unusable after the error in {_BROKEN_CONTEXT[0]} (next suite starts afresh)")
+    if compiles and not compile_allowed(case):
+        if compile_policy() == "none":
+            raise Skip("torch.compile left out of this run (TFKERNELS_BENCH_COMPILE=none / --compile none)")
+        raise Skip("torch.compile runs on the headline shapes only (compiling takes 5-20 s a case; "
+                   "--compile all for every shape)")
+    return prepare(case, device)
+
+
+def _warm_up_and_estimate(step, case, prepared):
+    """The first call (checked for non-finite output), then the seconds per call."""
+    start = time.perf_counter()
+    first = _warm_up(step, case, prepared)
+    warm_up_s = time.perf_counter() - start
+    _check_finite(first, case)
+    del first
+    return _estimate(step, step.device, None if prepared.compiled else warm_up_s)
+
+
+# --------------------------------------------------------------------------- rows timed together (CPU)
+
+# A shared VM's speed drifts over seconds, not only minutes: a 7 ms attention call
+# timed for 40 s on the 2-core Zen 4 VM had 200-call medians from 6.6 to 8.0 ms (p10
+# 6.7, p90 7.5). Timed one after the other, two providers of a row meet different
+# moments of that drift, and their ratio moved by 0.1-0.2x between runs. On the CPU
+# the providers of a row therefore take their calls in turn, in one loop (the order
+# reversed every other round), so every ratio compares calls made at the same time.
+# Under a time budget the compiled providers are left to their own tests (they run
+# last in the suite, for the budget to drop them first).
+
+SELECTED_IDS = None  # the case ids this pytest session runs (conftest, after -k); None = all
+INTERLEAVED_MAX_ROUNDS = 20
+_ROWS = {}  # row key -> {provider: Timed, or the exception its preparation or a call raised}
+
+
+@dataclass
+class Timed:
+    samples: list  # seconds per call
+    copies: int  # input copies cycled
+
+
+def _interleaved(case, device):
+    if device != "cpu" or os.environ.get("TFKERNELS_BENCH_INTERLEAVE", "1") == "0":
+        return False
+    return not (case.provider in COMPILED_PROVIDERS and os.environ.get("TFKERNELS_BENCH_DEADLINE"))
+
+
+def row_key(case):
+    return case.op, case.direction, case.dtype, case.shape_label
+
+
+def _row_outcome(case, device, rounds_cap=None):
+    """case's Timed from its row's loop (run on the row's first test), or its exception raised."""
+    key = row_key(case)
+    if key not in _ROWS:
+        row = [c for c in cases.cases(case.op, device) if row_key(c) == key and _interleaved(c, device)
+               and (SELECTED_IDS is None or c.id in SELECTED_IDS or c.id == case.id)]
+        _ROWS[key] = _time_row(row, device, rounds_cap)
+    outcome = _ROWS[key].get(case.provider)
+    if outcome is None:  # not selected when the row ran (cannot happen through pytest's collection)
+        raise RuntimeError(f"{case.id} was not timed with its row")
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def _time_row(row, device, rounds_cap=None):
+    outcome, started = {}, []
+    for case in row:
+        try:
+            prepared = _prepare_checked(case, device)
+            with prepared.context():
+                step = Step(prepared, case, device)
+                per_call = _warm_up_and_estimate(step, case, prepared)
+            started.append((case, prepared, step, per_call))
+        except Exception as err:  # noqa: BLE001 - raised again in the case's own test
+            outcome[case.provider] = err
+            if isinstance(err, torch.OutOfMemoryError):
+                _free(device)
+    if started:
+        _, case_s, min_rounds, _ = _timing_plan(device, bench_grid())
+        budget = case_s * len(started)  # what timing them one by one would take
+        rounds = int(max(min_rounds, min(INTERLEAVED_MAX_ROUNDS, budget // sum(s[3] for s in started))))
+        rounds = min(rounds, rounds_cap or rounds)
+        samples = {case.provider: [] for case, *_ in started}
+        for r in range(rounds):
+            for case, prepared, step, per_call in (started if r % 2 == 0 else started[::-1]):
+                if case.provider in outcome or (r > 0 and per_call > SLOW_CALL_S):
+                    continue
+                try:
+                    with prepared.context():
+                        start = time.perf_counter()
+                        step()
+                        samples[case.provider].append(time.perf_counter() - start)
+                except Exception as err:  # noqa: BLE001
+                    outcome[case.provider] = err
+        for case, _, step, _ in started:
+            outcome.setdefault(case.provider, Timed(samples[case.provider], len(step.inputs)))
+    return outcome
 
 
 _ENV_SHORT = {}
@@ -225,10 +331,12 @@ def _check_finite(out, case):
 
 
 def _estimate(step, device, warm_up_s=None):
-    """Seconds per call, to choose rounds and iterations (not part of the results): the
-    warm-up call's time on the CPU when nothing was compiled in it, else 1-3 more calls."""
-    if warm_up_s is not None and device == "cpu":
-        return max(warm_up_s, 1e-7)
+    """Seconds per call, to choose rounds and iterations (not part of the results): on the
+    CPU the warm-up call's time when nothing was compiled in it and it took over a
+    second (another call would cost too much), else 1-3 more calls (a first call
+    pays one-time costs: a 25 ms attention forward+backward took 0.9 s)."""
+    if warm_up_s is not None and warm_up_s > 1.0 and device == "cpu":
+        return warm_up_s
     n, start = 0, time.perf_counter()
     while True:
         step.run_once()

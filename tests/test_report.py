@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -134,6 +135,43 @@ def test_a_rows_providers_run_back_to_back(monkeypatch, budget):
         rows = [_row_key(c) for c in ordered]
         starts = [i for i in range(len(rows)) if i == 0 or rows[i] != rows[i - 1]]
         assert len(starts) == len(set(rows))  # no row comes back after another row began
+
+
+def test_cpu_rows_take_their_calls_in_turn(monkeypatch):
+    # On the CPU a row's providers are timed in one loop, one call each in turn (the order
+    # reversed every other round); a provider that skips or fails does so on its own.
+    import providers
+
+    monkeypatch.setenv("TFKERNELS_BENCH_DEVICE", "cpu")
+    monkeypatch.delenv("TFKERNELS_BENCH_DEADLINE", raising=False)
+    monkeypatch.delenv("TFKERNELS_BENCH_INTERLEAVE", raising=False)
+    calls = []
+
+    def fake_prepare(case, device):
+        if case.provider == "eager":
+            def broken(x):
+                if calls.count("eager") >= 2:  # fails from its third call on
+                    raise ValueError("eager broke")
+                calls.append("eager")
+                return x
+            return providers.Prepared(fn=broken, make_inputs=lambda: (torch.ones(4),))
+        return providers.Prepared(fn=lambda x: calls.append(case.provider) or x * 2,
+                                  make_inputs=lambda: (torch.ones(4),))
+
+    monkeypatch.setattr(timing, "prepare", fake_prepare)
+    shape = (("M", 4), ("N", 4))
+    row = [cases.Case("bias_gelu", "fwd", p, "fp32", shape) for p in ("tfkernels", "eager", "compile", "gemm-only")]
+    assert all(timing._interleaved(c, "cpu") for c in row)
+    outcome = timing._time_row(row, "cpu", rounds_cap=4)
+    assert isinstance(outcome["compile"], timing.Skip)  # not a headline shape: compile policy
+    assert isinstance(outcome["eager"], ValueError)
+    assert [len(outcome[p].samples) for p in ("tfkernels", "gemm-only")] == [4, 4]
+    assert all(t > 0 for p in ("tfkernels", "gemm-only") for t in outcome[p].samples)
+    timed = [c for c in calls if c != "eager"][-8:]  # the four rounds, after warm-up and estimates
+    assert timed == ["tfkernels", "gemm-only", "gemm-only", "tfkernels"] * 2
+    monkeypatch.setenv("TFKERNELS_BENCH_DEADLINE", "1e12")  # under a budget compiled cases run alone, last
+    assert not timing._interleaved(row[2], "cpu") and timing._interleaved(row[0], "cpu")
+    assert not timing._interleaved(row[0], "cuda")
 
 
 def test_table_ratio_skips_and_charts(tmp_path):
