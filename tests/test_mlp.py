@@ -192,6 +192,28 @@ def test_tiles_inside_packed_weight_panels(op, dtype):
                ["out", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kept_scratch_carries_nothing_between_calls(monkeypatch, dtype):
+    """The backward temporaries (dpre, h; warm_buffers.h) and packed weights come from
+    memory kept from earlier calls: a call after another with other values gives what
+    it gives in fresh memory, bit for bit (scratch sizes above the 1 MiB kept minimum)."""
+    x, w1, b1 = linear_inputs("cpu", (512,), 64, 1024, True, dtype)
+    w2, b2 = torch.randn(48, 1024, dtype=dtype) / 32, torch.randn(48, dtype=dtype)
+    grad = torch.randn(512, 48, dtype=dtype)
+
+    def grads(*inputs):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = tfkernels.fused_mlp(*leaves)
+        return [out, *torch.autograd.grad(out, leaves, grad)]
+
+    monkeypatch.setenv("TFKERNELS_CPU_WARM_BUFFERS", "0")
+    fresh = grads(x, w1, b1, w2, b2)
+    monkeypatch.setenv("TFKERNELS_CPU_WARM_BUFFERS", "1")
+    grads(x * -3 + 1, w1.flip(0), b1, w2 * 5, b2)  # leaves other values in the kept blocks
+    for name, a, b in zip(["out", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], grads(x, w1, b1, w2, b2), fresh):
+        assert torch.equal(a, b), f"{name} differs after a call that left other values in the kept scratch"
+
+
 @pytest.mark.parametrize("approximate", APPROX)
 def test_backward_ops_return_all_bias_grads(approximate):
     dt = torch.float64

@@ -4,6 +4,7 @@
 #include "cpu/f32_dot.h"
 
 #include "cpu/cpu_caps.h"
+#include "cpu/warm_buffers.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -180,54 +181,14 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 #endif
 }
 
-// PackedB storage. A fresh buffer costs a page fault per 4 KiB page on first touch:
-// packing a 16 MiB weight into new memory took as long as the repacking it saves
-// (fused_mlp's fp32 forward ran 6-13% slower than with per-call panels on the 2-core
-// Zen 4 VM). So a freed buffer waits for the next pack on the same thread: at most
-// kSpareBuffers per thread (the two weights of fused_mlp), the largest kept.
-namespace {
-constexpr size_t kSpareBuffers = 2;
-
-struct Buffer {
-  float* data;
-  size_t capacity;
-};
-
-struct SpareBuffers {
-  std::vector<Buffer> buffers;
-  ~SpareBuffers() {
-    for (const Buffer& b : buffers) delete[] b.data;
-  }
-};
-
-thread_local SpareBuffers spares;
-
-Buffer take_buffer(size_t floats) {
-  auto& list = spares.buffers;
-  const auto fits = std::find_if(list.begin(), list.end(), [&](const Buffer& b) { return b.capacity >= floats; });
-  if (fits != list.end()) {
-    const Buffer b = *fits;
-    list.erase(fits);
-    return b;
-  }
-  return {new float[floats], floats};  // uninitialised: pack_b writes every element read
-}
-
-void give_back(Buffer b) {
-  auto& list = spares.buffers;
-  list.push_back(b);
-  std::sort(list.begin(), list.end(), [](const Buffer& x, const Buffer& y) { return x.capacity > y.capacity; });
-  while (list.size() > kSpareBuffers) {
-    delete[] list.back().data;
-    list.pop_back();
-  }
-}
-}  // namespace
-
+// PackedB storage comes from warm_buffers.h: packing a 16 MiB weight into fresh
+// memory cost as much as the repacking it saves (4096 page faults: fused_mlp's fp32
+// forward ran 6-13% slower than with per-call panels on the 2-core Zen 4 VM).
 PackedB::PackedB(int64_t k, int64_t n) : k_(k), n_(n) {
-  const Buffer b = take_buffer(static_cast<size_t>((n + kPanelCols - 1) / kPanelCols * k * kPanelCols));
-  panels_ = b.data;
-  capacity_ = b.capacity;
+  const int64_t floats = (n + kPanelCols - 1) / kPanelCols * k * kPanelCols;
+  const warm::Block b = warm::take(static_cast<size_t>(floats) * sizeof(float));
+  panels_ = static_cast<float*>(b.data);
+  capacity_ = b.bytes;
 }
 
 PackedB::PackedB(PackedB&& other) noexcept
@@ -235,7 +196,7 @@ PackedB::PackedB(PackedB&& other) noexcept
 
 PackedB& PackedB::operator=(PackedB&& other) noexcept {
   if (this != &other) {
-    if (panels_ != nullptr) give_back({panels_, capacity_});
+    warm::give_back({panels_, capacity_});
     panels_ = std::exchange(other.panels_, nullptr);
     capacity_ = other.capacity_;
     k_ = other.k_;
@@ -245,7 +206,7 @@ PackedB& PackedB::operator=(PackedB&& other) noexcept {
 }
 
 PackedB::~PackedB() {
-  if (panels_ != nullptr) give_back({panels_, capacity_});
+  warm::give_back({panels_, capacity_});
 }
 
 PackedB pack_b(bool trans_b, const float* b, int64_t ldb, int64_t k, int64_t n) {

@@ -43,7 +43,7 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 // panels it needs on every call, which for a tile or row block of a 2048 x 1024 x
 // 4096 product means all of B again (W transposed 16 times over in linear_gelu's
 // forward). Panels of 64 columns x all k steps, [ceil(n / 64)][k][64].
-// The panels' storage is recycled: see f32_dot.cpp.
+// The panels' storage is kept between calls (warm_buffers.h).
 class PackedB {
  public:
   static constexpr int64_t kCols = 64;  // columns per panel: the micro-kernel's width
@@ -62,7 +62,7 @@ class PackedB {
 
  private:
   float* panels_ = nullptr;
-  size_t capacity_ = 0;  // floats
+  size_t capacity_ = 0;  // bytes
   int64_t k_ = 0, n_ = 0;
 };
 
