@@ -72,7 +72,7 @@ f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int6
 
 // C[m][cols] = sum over pairs p < pairs of A[i][p] . W^T[p0 + p][c0 + c] (+ C if
 // accumulate), A row-major bf16 (row i at a + i * lda, pair p at element 2p); fp32
-// accumulation in blocks of 128 pairs, as f32dot::gemm_prepacked. One thread.
+// accumulation, each block of 512 pairs added to C (bf16_dot.cpp says why). One thread.
 void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
                     const f32dot::PackedB& b, int64_t p0, int64_t c0, float* c, int64_t ldc, bool accumulate);
 

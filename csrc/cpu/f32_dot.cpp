@@ -4,7 +4,6 @@
 #include "cpu/f32_dot.h"
 
 #include "cpu/cpu_caps.h"
-#include "cpu/warm_buffers.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -184,30 +183,24 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, fl
 // PackedB storage comes from warm_buffers.h: packing a 16 MiB weight into fresh
 // memory cost as much as the repacking it saves (4096 page faults: fused_mlp's fp32
 // forward ran 6-13% slower than with per-call panels on the 2-core Zen 4 VM).
-PackedB::PackedB(int64_t k, int64_t n) : k_(k), n_(n) {
-  const int64_t floats = (n + kPanelCols - 1) / kPanelCols * k * kPanelCols;
-  const warm::Block b = warm::take(static_cast<size_t>(floats) * sizeof(float));
-  panels_ = static_cast<float*>(b.data);
-  capacity_ = b.bytes;
-}
+PackedB::PackedB(int64_t k, int64_t n)
+    : block_(warm::take(static_cast<size_t>((n + kPanelCols - 1) / kPanelCols * k * kPanelCols) * sizeof(float))),
+      k_(k),
+      n_(n) {}
 
 PackedB::PackedB(PackedB&& other) noexcept
-    : panels_(std::exchange(other.panels_, nullptr)), capacity_(other.capacity_), k_(other.k_), n_(other.n_) {}
+    : block_(std::exchange(other.block_, warm::Block{})), k_(other.k_), n_(other.n_) {}
 
 PackedB& PackedB::operator=(PackedB&& other) noexcept {
   if (this != &other) {
-    warm::give_back({panels_, capacity_});
-    panels_ = std::exchange(other.panels_, nullptr);
-    capacity_ = other.capacity_;
+    warm::give_back(std::exchange(block_, std::exchange(other.block_, warm::Block{})));
     k_ = other.k_;
     n_ = other.n_;
   }
   return *this;
 }
 
-PackedB::~PackedB() {
-  warm::give_back({panels_, capacity_});
-}
+PackedB::~PackedB() { warm::give_back(block_); }
 
 PackedB pack_b(bool trans_b, const float* b, int64_t ldb, int64_t k, int64_t n) {
   require_cpu("avx512_f", "f32dot::pack_b");

@@ -6,8 +6,9 @@
 // through strides. The register tiling is shared with bf16_dot (avx512_tile_gemm.h).
 #pragma once
 
-#include <cstddef>
 #include <cstdint>
+
+#include "cpu/warm_buffers.h"
 
 namespace tfkernels::cpu::f32dot {
 
@@ -54,15 +55,14 @@ class PackedB {
   PackedB& operator=(PackedB&& other) noexcept;
   ~PackedB();
 
-  bool empty() const { return panels_ == nullptr; }
+  bool empty() const { return block_.data == nullptr; }
   int64_t k() const { return k_; }
   int64_t n() const { return n_; }
   // Panel p (columns kCols p ..), from step 0: row i at panel(p) + kCols i.
-  float* panel(int64_t p) const { return panels_ + p * k_ * kCols; }
+  float* panel(int64_t p) const { return static_cast<float*>(block_.data) + p * k_ * kCols; }
 
  private:
-  float* panels_ = nullptr;
-  size_t capacity_ = 0;  // bytes
+  warm::Block block_;
   int64_t k_ = 0, n_ = 0;
 };
 

@@ -3,6 +3,7 @@
 #include "cpu/cpu_caps.h"
 
 #include <ATen/ops/from_blob.h>
+#include <c10/util/accumulate.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -72,10 +73,7 @@ void give_back(Block block) {
 
 at::Tensor temporary(at::IntArrayRef sizes, const at::TensorOptions& options) {
   TORCH_CHECK(options.device().is_cpu(), "warm::temporary: CPU tensors only");
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
-  const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
-  const Block block = take(bytes);
+  const Block block = take(static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize());
   return at::from_blob(
       block.data, sizes, [block](void*) { give_back(block); }, options);
 }
