@@ -20,6 +20,8 @@ leading dims [B, S] and a 1-D x), d_model in {40, 768, 1024, 4096}, d_ff = 4 d_m
 and odd ones (1001, 37: the generic kernel for every GEMM that touches d_ff), both GELU
 forms, with and without biases, outputs, `pre` and every gradient.
 """
+import math
+
 import pytest
 import torch
 
@@ -630,10 +632,12 @@ def test_bias_gelu_deterministic_grad_bias(device):
         assert torch.equal(first, again), "grad_bias is not bitwise reproducible"
 
 
-def test_bias_gelu_covers_wide_range(device):
-    # Tails of the vectorised erf/exp: large |x| where GELU saturates to x or 0.
-    x = torch.linspace(-30, 30, 4001, dtype=torch.float32, device=device).view(1, -1)
-    bias = torch.zeros(x.shape[-1], device=device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bias_gelu_covers_wide_range(device, dtype):
+    # Tails of the vectorised erf/exp: large |x| where GELU saturates to x or 0. The
+    # 16-bit results run a shorter 2^x polynomial on the CPU (vec_math.h).
+    x = torch.linspace(-30, 30, 4001, dtype=torch.float32, device=device).to(dtype).view(1, -1)
+    bias = torch.zeros(x.shape[-1], device=device, dtype=dtype)
     for approximate in APPROX:
         out = tfkernels.bias_gelu(x, bias, approximate=approximate)
         ref = reference.bias_gelu(x.double(), bias.double(), approximate=approximate)
@@ -644,6 +648,34 @@ def test_bias_gelu_covers_wide_range(device):
         xf = x.clone().requires_grad_()
         torch.nn.functional.gelu(xf, approximate=approximate).sum().backward()
         assert_flash_rule(gx, xd.grad, xf.grad, name=f"grad {approximate}")
+        assert gb.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_tanh_gelu_16bit_is_correctly_rounded(dtype):
+    # 16-bit results come from a degree-4 2^x polynomial (2.6e-6 relative, vec_math.h):
+    # far under their rounding, so nearly every value must be the correctly rounded
+    # one and none may be a whole ulp off. A coefficient off by 0.5% fails this; it
+    # would pass the error-relative-to-PyTorch rule above.
+    x = torch.linspace(-30, 30, 40001).to(dtype).view(1, -1)
+    bias = torch.zeros(x.shape[-1], dtype=dtype)
+    gx, _ = ops.bias_gelu_bwd(torch.ones_like(x), x, bias, "tanh")
+    # The exact values in float64, written without the cancellation of 1 + tanh(u)
+    # for negative x (torch's float64 GELU loses all digits there below -5).
+    xd = x.double()
+    u = math.sqrt(2 / math.pi) * (xd + 0.044715 * xd**3)
+    s, one_minus_s = torch.sigmoid(2 * u), torch.sigmoid(-2 * u)  # (1 + tanh u) / 2, (1 - tanh u) / 2
+    du = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * xd**2)
+    for name, ours, exact in (("gelu", tfkernels.bias_gelu(x, bias, approximate="tanh"), xd * s),
+                              ("gelu'", gx, s + 2 * xd * s * one_minus_s * du)):
+        # Normal results only (fp16 subnormals carry fewer bits), and none below 1e-30,
+        # where the clamped tails give tiny values where the exact one is smaller still.
+        seen = exact.abs() > max(torch.finfo(dtype).tiny, 1e-30)
+        rounded = exact.to(dtype)
+        wrong = (ours != rounded)[seen].float().mean().item()
+        assert wrong < 0.005, f"{name} {dtype}: {wrong:.2%} of values not correctly rounded"
+        rel = ((ours.double() - exact).abs() / exact.abs())[seen].max().item()
+        assert rel < torch.finfo(dtype).eps, f"{name} {dtype}: relative error {rel:.3g}"
 
 
 # ============================================================================= linear_gelu / fused_mlp on every device

@@ -5,6 +5,11 @@
 // - fast_exp2f: the attention softmax. Round-to-nearest range reduction, a
 //   degree-6 polynomial for 2^f on [-0.5, 0.5] (Cephes exp2f, relative error
 //   ~2e-7, about 2 ulp), and the exponent added through the bits.
+// - exp2_clamped<kDegree>: the tanh-GELU and its gradient. 2^z with z clamped to
+//   [-125, 126] and the exponent added to the polynomial's bits (no multiply,
+//   no conversion). Degree 6 (the Cephes polynomial above, ~2e-7 relative) for
+//   float results; degree 4 (minimax for relative error on [-0.5, 0.5], 2.6e-6)
+//   for results rounded to 16 bits, whose half ulp is 4.9e-4 (fp16) or 2e-3 (bf16).
 // - tanh_f: the attention softcap; Cephes tanhf (odd polynomial below 0.625,
 //   1 - 2 / (exp(2|x|) + 1) above, with exp_f), about 2 ulp.
 // - exp_f, erf_f: GELU and its gradient, within 1 ulp of the correctly rounded
@@ -46,9 +51,38 @@ TFK_ALWAYS_INLINE float fast_exp2f(float x) {
   return underflow ? 0.0f : y;
 }
 
-
 TFK_ALWAYS_INLINE float fma_f(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 
+// 2^z for z clamped to [-125, 126]: the clamp keeps n + the polynomial's exponent
+// (-1 or 0) a normal exponent, so adding n to the bits is exact. A NaN z gives an
+// unspecified value (its payload may reach the exponent): callers must get NaN
+// from elsewhere, as the GELU loops do by multiplying with x.
+template <int kDegree>
+TFK_ALWAYS_INLINE float exp2_clamped(float z) {
+  static_assert(kDegree == 4 || kDegree == 6, "exp2_clamped: degree 4 or 6");
+  z = z < -125.0f ? -125.0f : z;
+  z = z > 126.0f ? 126.0f : z;
+  // Round to nearest with the 1.5 * 2^23 trick: the low bits of `biased` hold n.
+  const float biased = z + 12582912.0f;
+  const float f = z - (biased - 12582912.0f);  // in [-0.5, 0.5]
+  float p;
+  if constexpr (kDegree == 6) {
+    p = 1.535336188319500e-4f;
+    p = fma_f(p, f, 1.339887440266574e-3f);
+    p = fma_f(p, f, 9.618437357674640e-3f);
+    p = fma_f(p, f, 5.550332471162809e-2f);
+    p = fma_f(p, f, 2.402264791363012e-1f);
+    p = fma_f(p, f, 6.931472028550421e-1f);
+    p = fma_f(p, f, 1.0f);
+  } else {
+    p = 9.57010221e-3f;
+    p = fma_f(p, f, 5.59178628e-2f);
+    p = fma_f(p, f, 2.40247443e-1f);
+    p = fma_f(p, f, 6.93121791e-1f);
+    p = fma_f(p, f, 9.99999285e-1f);
+  }
+  return std::bit_cast<float>(std::bit_cast<int32_t>(p) + (std::bit_cast<int32_t>(biased) << 23));
+}
 
 // exp(x) for x clamped to [-87, 88] (no overflow, no subnormal scale).
 TFK_ALWAYS_INLINE float exp_f(float x) {
