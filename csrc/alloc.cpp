@@ -7,6 +7,8 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu/warm_buffers.h"
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -55,6 +57,11 @@ at::Tensor poisoned(at::Tensor t) {
 }  // namespace
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (options.device().is_cpu() &&
+      c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize()) >=
+          static_cast<int64_t>(cpu::warm::kMinKeptBytes)) {
+    return poisoned(cpu::warm::empty(sizes, options));
+  }
   return poisoned(at::empty(sizes, options));
 }
 

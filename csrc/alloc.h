@@ -3,6 +3,9 @@
 // element a kernel forgets to write fails the comparison instead of passing on
 // whatever memory happened to hold.
 //
+// Large CPU outputs (1 MiB and up) take memory kept between calls, already faulted
+// in (cpu/warm_buffers.h), and give it back when they are freed.
+//
 // Memory-bound kernels (bias_gelu) allocate their large CPU outputs with
 // empty_streamed_output, which advises them for transparent huge pages before their
 // first touch (Linux; a no-op where THP is off; TFKERNELS_CPU_HUGE_PAGES=0 turns it

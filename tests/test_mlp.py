@@ -216,6 +216,26 @@ def test_kept_scratch_carries_nothing_between_calls(monkeypatch, dtype):
         assert torch.equal(a, b), f"{name} differs after a call that left other values in the kept scratch"
 
 
+def test_large_outputs_from_kept_memory_are_ordinary_tensors():
+    """CPU outputs of 1 MiB and more take memory kept between calls (alloc.h): they
+    resize, move to shared memory and free like any tensor, and a later call that
+    reuses their memory still gives the right values."""
+    x, w, b = linear_inputs("cpu", (512,), 64, 1024, True, torch.float32)
+    expected = tfkernels.reference.linear_gelu(x.double(), w.double(), b.double())
+    out = tfkernels.linear_gelu(x, w, b)  # 2 MiB
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+    first = out.clone()
+    first_rows = out[:8].clone()
+    out.resize_(700, 1024)  # grows through the same allocator
+    assert torch.equal(out[:8], first_rows)
+    out.fill_(7.0)
+    out.share_memory_()
+    assert out.is_shared() and bool((out == 7.0).all())
+    del out
+    again = tfkernels.linear_gelu(x, w, b)
+    assert torch.equal(again, first), "a call into reused output memory differs"
+
+
 @pytest.mark.parametrize("approximate", APPROX)
 def test_backward_ops_return_all_bias_grads(approximate):
     dt = torch.float64

@@ -287,7 +287,7 @@ void mlp_grad_w2_tiles(const MlpShape& s, const scalar_t* go, const scalar_t* pr
 template <typename scalar_t>
 at::Tensor gelu_of(const MlpShape& s, const at::Tensor& pre, GeluApprox approx) {
   using acc_t = acc_type<scalar_t>;
-  at::Tensor h = warm::temporary({s.rows, s.hidden}, pre.options());
+  at::Tensor h = warm::empty({s.rows, s.hidden}, pre.options());
   const scalar_t* in = pre.const_data_ptr<scalar_t>();
   scalar_t* out = h.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, s.rows, 16, [&](int64_t begin, int64_t end) {
@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_mlp
   at::Tensor gb1 = empty_output({s.hidden}, w1.options());
   at::Tensor gw2 = empty_output_like(w2);
   at::Tensor gb2 = empty_output({s.out_features}, w2.options());
-  at::Tensor dpre = warm::temporary({s.rows, s.hidden}, x.options());
+  at::Tensor dpre = warm::empty({s.rows, s.hidden}, x.options());
   const at::Tensor go2d = grad_out.view({s.rows, s.out_features});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_mlp_bwd", [&] {
     const bool onednn = gemms_on_onednn<scalar_t>();

@@ -238,7 +238,7 @@ void fused_qkv_bwd_gathered(const QkvShape& s, const HeadLayout<const scalar_t>&
                           at::Tensor& gx, at::Tensor& gw, scalar_t* gb) {
   const int64_t groups = s.heads + 2 * s.kv_heads, d = s.head_dim;
   // [B, S, heads, D]: row b * S + s holds every head's gradient for that token, in W's row order.
-  at::Tensor g = warm::temporary({s.batch, s.seqlen, groups, d}, x.options());
+  at::Tensor g = warm::empty({s.batch, s.seqlen, groups, d}, x.options());
   g.narrow(2, 0, s.heads).copy_(gq.permute({0, 2, 1, 3}));
   g.narrow(2, s.heads, s.kv_heads).copy_(gk.permute({0, 2, 1, 3}));
   g.narrow(2, s.heads + s.kv_heads, s.kv_heads).copy_(gv.permute({0, 2, 1, 3}));

@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gelu_bwd_cpu(const at::Ten
   at::Tensor grad_w = empty_output_like(w);
   at::Tensor grad_b = empty_output({n}, w.options());
   // dpre is the one full-size temporary (eager keeps the same gradient of the GEMM output).
-  at::Tensor dpre = warm::temporary({m, n}, x.options());
+  at::Tensor dpre = warm::empty({m, n}, x.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "linear_gelu_bwd", [&] {
     using acc_t = acc_type<scalar_t>;

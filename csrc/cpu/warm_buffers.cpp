@@ -2,8 +2,8 @@
 
 #include "cpu/cpu_caps.h"
 
-#include <ATen/ops/from_blob.h>
-#include <c10/util/accumulate.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -35,7 +35,7 @@ Block take(size_t bytes) {
     Kept& k = kept();
     std::lock_guard<std::mutex> lock(k.mutex);
     // Largest first: the last block that fits is the smallest that does.
-    for (auto it = k.blocks.rbegin(); it != k.blocks.rend(); ++it) {
+    for (auto it = k.blocks.rbegin(); it != k.blocks.rend() && it->bytes <= 2 * rounded; ++it) {
       if (it->bytes >= rounded) {
         const Block found = *it;
         k.blocks.erase(std::next(it).base());
@@ -71,11 +71,39 @@ void give_back(Block block) {
   for (const Block& b : dropped) std::free(b.data);
 }
 
-at::Tensor temporary(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  TORCH_CHECK(options.device().is_cpu(), "warm::temporary: CPU tensors only");
-  const Block block = take(static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize());
-  return at::from_blob(
-      block.data, sizes, [block](void*) { give_back(block); }, options);
+namespace {
+
+// Hands out blocks as DataPtrs; the context holds the block so that the deleter
+// knows its size.
+class KeptAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    auto* block = new Block(take(bytes));
+    return {block->data, block, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  static void release(void* context) {
+    auto* block = static_cast<Block*>(context);
+    give_back(*block);
+    delete block;
+  }
+};
+
+}  // namespace
+
+c10::Allocator* allocator() {
+  static KeptAllocator* a = new KeptAllocator();  // never destroyed, as kept()
+  return a;
+}
+
+at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_CHECK(options.device().is_cpu(), "warm::empty: CPU tensors only");
+  return at::detail::empty_generic(sizes, allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
 }
 
 }  // namespace tfkernels::cpu::warm

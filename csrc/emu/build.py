@@ -105,7 +105,8 @@ def build(variant="race", jobs=None, verbose=False):
     rewritten = rewrite_sources.main(CSRC, src_dir)
     kernel_sources = sorted(p for p in rewritten if p.endswith(".cu.cpp"))
     launcher_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp"))) + [
-        os.path.join(CSRC, name) for name in ("ops.cpp", "args.cpp", "alloc.cpp", "kvcache_args.cpp")
+        os.path.join(CSRC, name)
+        for name in ("ops.cpp", "args.cpp", "alloc.cpp", "kvcache_args.cpp", "cpu/warm_buffers.cpp", "cpu/cpu_caps.cpp")
     ] + [os.path.join(HERE, "ops_emu.cpp")]
     runtime_sources = [os.path.join(HERE, name) for name in ("engine.cpp", "memory.cpp", "fiber.cpp", "stats.cpp")]
     build_dir = os.path.join(ROOT, "build", "emu", variant)
