@@ -35,7 +35,7 @@ constexpr int kExp2Degree = is_16bit<Out> ? 4 : 6;
 // The tanh form written with 2^z, z = -2u log2(e) = x (kZ1 + kZ3 x^2), so that
 // 0.5 (1 + tanh u) = 1 / (1 + 2^z): no cancellation for negative x, and the
 // constants fold the scale of u into one FMA.
-constexpr float kZ1 = -2.0f * 1.44269504088896341f * C::kSqrt2OverPi;
+constexpr float kZ1 = -2.0f * kLog2e * C::kSqrt2OverPi;
 constexpr float kZ3 = kZ1 * C::kTanhCubic;
 
 template <bool kTanh, int kDegree>
@@ -60,7 +60,7 @@ TFK_ALWAYS_INLINE float gelu_grad_f(float x) {
     return fma_f(x * s * (e * s), dinner2, s);
   } else {
     const float cdf = 0.5f * (1.0f + erf_f(x * C::kInvSqrt2));
-    const float pdf = C::kInvSqrt2Pi * exp2_clamped<kDegree>(-0.5f * 1.44269504088896341f * x * x);
+    const float pdf = C::kInvSqrt2Pi * exp2_clamped<kDegree>(-0.5f * kLog2e * x * x);
     return fma_f(x, pdf, cdf);
   }
 }

@@ -93,12 +93,12 @@ class KeptAllocator final : public c10::Allocator {
   }
 };
 
-}  // namespace
-
 c10::Allocator* allocator() {
   static KeptAllocator* a = new KeptAllocator();  // never destroyed, as kept()
   return a;
 }
+
+}  // namespace
 
 at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   TORCH_CHECK(options.device().is_cpu(), "warm::empty: CPU tensors only");

@@ -35,10 +35,7 @@ void give_back(Block block);
 
 // A contiguous CPU tensor whose storage is taken here and given back when the
 // tensor is freed. Contents undefined. The storage is an ordinary resizable one
-// (its allocator, allocator(), takes and gives back blocks too).
+// (its allocator takes and gives back blocks too).
 at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options);
-
-// The allocator behind empty(): blocks from take(), given back on free.
-c10::Allocator* allocator();
 
 }  // namespace tfkernels::cpu::warm
