@@ -5,6 +5,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <ATen/Parallel.h>
+
 #include "cpu/cpu_caps.h"
 
 #include <algorithm>
@@ -35,6 +37,24 @@ struct Bf16Pairs {
   }
   static TFK_AVX512_BF16 __m512 step(__m512 acc, __m512i a, __m512i b) {
     return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  }
+};
+
+// A tile's sums (+ bias) rounded to bf16 (nearest even, NaN kept, subnormals kept:
+// c10's rounding, not vcvtneps2bf16's, which flushes them) into a row-major bf16 C.
+struct StoreBf16 {
+  static constexpr bool kAccumulates = false;
+  uint16_t* c;
+  int64_t ldc;
+  const float* bias;  // per column, or null
+  StoreBf16 at(int64_t row, int64_t col) const { return {c + row * ldc + col, ldc, bias ? bias + col : nullptr}; }
+  TFK_AVX512_BF16 void store(int i, int z, __m512 sum, __mmask16 lanes) const {
+    if (bias != nullptr) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes, bias + 16 * z));
+    const __m512i bits = _mm512_castps_si512(sum);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(sum, sum, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(c + i * ldc + 16 * z, lanes, _mm512_cvtepi32_epi16(rounded));
   }
 };
 
@@ -164,7 +184,23 @@ f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int6
   return f32dot::pack_b(true, reinterpret_cast<const float*>(w), ldw / 2, k / 2, n);
 }
 
-void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
+f32dot::PackedB pack_rows(const c10::BFloat16* b, int64_t ldb, int64_t k, int64_t n) {
+  require_cpu("avx512_bf16", "bf16dot::pack_rows");
+  f32dot::PackedB out((k + 1) / 2, n);
+#ifdef TFK_HAVE_BF16_DOT
+  constexpr int64_t kCols = f32dot::PackedB::kCols;
+  at::parallel_for(0, (n + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t c0 = panel * kCols;
+      pack_row_pairs_avx512_bf16(b + c0, ldb, k, std::min(kCols, n - c0), reinterpret_cast<uint32_t*>(out.panel(panel)),
+                                 kCols);
+    }
+  });
+#endif
+  return out;
+}
+
+void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
                     const f32dot::PackedB& b, int64_t p0, int64_t c0, float* c, int64_t ldc, bool accumulate) {
   require_cpu("avx512_bf16", "bf16dot::gemm_prepacked");
   TORCH_CHECK(p0 >= 0 && pairs >= 0 && p0 + pairs <= b.k() && c0 >= 0 && cols >= 0 && c0 + cols <= b.n(),
@@ -176,8 +212,23 @@ void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16*
   // or 2048 than with 128 (the C tile's loads and stores); fp32 sums of 1024 bf16
   // products stay far below the output's bf16 rounding.
   constexpr int64_t kBlockPairs = 512;
-  tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, lda, 2, reinterpret_cast<const uint32_t*>(b.panel(0)),
-                                    b.k() * f32dot::PackedB::kCols, p0, c0, kBlockPairs, 1.0f, c, ldc, accumulate);
+  tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, reinterpret_cast<const uint32_t*>(b.panel(0)),
+                                    b.k() * f32dot::PackedB::kCols, p0, c0, kBlockPairs,
+                                    tile_gemm::StoreF32{c, ldc, 1.0f, accumulate});
+#endif
+}
+
+void gemm_prepacked_rounded(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row,
+                            int64_t a_pair, const f32dot::PackedB& b, int64_t p0, int64_t c0, const float* bias,
+                            c10::BFloat16* out, int64_t ldo) {
+  require_cpu("avx512_bf16", "bf16dot::gemm_prepacked_rounded");
+  TORCH_CHECK(p0 >= 0 && pairs > 0 && p0 + pairs <= b.k() && c0 >= 0 && cols >= 0 && c0 + cols <= b.n(),
+              "bf16dot::gemm_prepacked_rounded: pairs [", p0, ", ", p0 + pairs, ") x columns [", c0, ", ", c0 + cols,
+              ") outside the packed ", b.k(), " x ", b.n(), " (or no pairs)");
+#ifdef TFK_HAVE_BF16_DOT
+  tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, reinterpret_cast<const uint32_t*>(b.panel(0)),
+                                    b.k() * f32dot::PackedB::kCols, p0, c0, pairs,
+                                    StoreBf16{reinterpret_cast<uint16_t*>(out), ldo, bias});
 #endif
 }
 

@@ -70,10 +70,25 @@ bool prepacked_applies(int64_t k);
 // W (n x k, rows ldw elements apart, ldw even) packed as op(B) = W^T.
 f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n);
 
-// C[m][cols] = sum over pairs p < pairs of A[i][p] . W^T[p0 + p][c0 + c] (+ C if
-// accumulate), A row-major bf16 (row i at a + i * lda, pair p at element 2p); fp32
-// accumulation, each block of 512 pairs added to C (bf16_dot.cpp says why). One thread.
-void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
+// B (k x n, row-major, rows ldb elements apart) packed as op(B) = B: the word of
+// pair p, column c holds B[2p][c] and B[2p+1][c] (0 for a missing row 2p+1 when k is
+// odd). In parallel over panels (at::parallel_for).
+f32dot::PackedB pack_rows(const c10::BFloat16* b, int64_t ldb, int64_t k, int64_t n);
+
+// C[m][cols] = sum over pairs p < pairs of A[i][p] . op(B)[p0 + p][c0 + c] (+ C if
+// accumulate), where A[i][p] is the word of elements a[i * a_row + p * a_pair] and
+// the next one (row-major A: a_row = lda, a_pair = 2; rows packed by pack_row_pairs:
+// a_row = 2, a_pair = 2 * ldp); fp32 accumulation, each block of 512 pairs added to
+// C (bf16_dot.cpp says why). One thread.
+void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
                     const f32dot::PackedB& b, int64_t p0, int64_t c0, float* c, int64_t ldc, bool accumulate);
+
+// out[m][cols] = bf16(sum over pairs p < pairs of A[i][p] . op(B)[p0 + p][c0 + c]
+// (+ bias[c] when bias is not null)), A as gemm_prepacked reads it, out row-major
+// (rows ldo elements apart): the fp32 sum over the whole reduction rounded once in
+// registers (nearest even), with no fp32 C in memory. pairs > 0. One thread.
+void gemm_prepacked_rounded(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row,
+                            int64_t a_pair, const f32dot::PackedB& b, int64_t p0, int64_t c0, const float* bias,
+                            c10::BFloat16* out, int64_t ldo);
 
 }  // namespace tfkernels::cpu::bf16dot

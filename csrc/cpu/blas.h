@@ -232,7 +232,7 @@ inline void gemm_rm_shared(bool trans_a, int64_t m, int64_t cols, int64_t depth,
     // Whole pairs only: a slice of the reduction that starts or ends inside a pair
     // goes to gemm_rm.
     if (prepacked && !trans_a && alpha == 1.0f && k0 % 2 == 0 && depth % 2 == 0) {
-      bf16dot::gemm_prepacked(m, cols, depth / 2, a, lda, b.packed, k0 / 2, c0, c, ldc, beta == 1.0f);
+      bf16dot::gemm_prepacked(m, cols, depth / 2, a, lda, 2, b.packed, k0 / 2, c0, c, ldc, beta == 1.0f);
       return;
     }
   }

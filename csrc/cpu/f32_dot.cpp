@@ -142,7 +142,7 @@ TFK_AVX512 void gemm_prepacked_avx512(bool trans_a, int64_t m, int64_t cols, int
                                       int64_t ldc, bool accumulate) {
   const int64_t a_row = trans_a ? 1 : lda, a_step = trans_a ? lda : 1;
   tile_gemm::gemm_panels<F32>(m, cols, depth, a, a_row, a_step, b.panel(0), b.k() * kPanelCols, k0, c0, kPanelSteps,
-                              alpha, c, ldc, accumulate);
+                              tile_gemm::StoreF32{c, ldc, alpha, accumulate});
 }
 
 #endif  // TFK_HAVE_F32_DOT

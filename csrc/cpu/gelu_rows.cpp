@@ -147,6 +147,29 @@ TFK_GELU_BWD(c10::Half, c10::Half)
 TFK_GELU_BWD(float, c10::BFloat16)
 TFK_GELU_BWD(float, c10::Half)
 
+namespace {
+
+template <typename T>
+inline void round_row_body(const float* src, const float* bias, T* dst, int64_t n) {
+  if (bias == nullptr) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j] + bias[j]);
+  }
+}
+
+}  // namespace
+
+TFK_MULTIVERSION void round_row(const float* src, const float* bias, c10::BFloat16* dst, int64_t n) {
+  round_row_body(src, bias, dst, n);
+}
+TFK_MULTIVERSION void round_row(const float* src, const float* bias, c10::Half* dst, int64_t n) {
+  round_row_body(src, bias, dst, n);
+}
+TFK_MULTIVERSION void round_row(const float* src, const float* bias, float* dst, int64_t n) {
+  round_row_body(src, bias, dst, n);
+}
+
 at::Tensor bias_in_acc_type(const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
   if (!bias.has_value() || !bias->defined()) return at::Tensor();
   return bias->to(dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();

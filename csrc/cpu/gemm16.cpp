@@ -73,6 +73,51 @@ void mm_row_blocks(at::Tensor& out, const at::Tensor& a_, const at::Tensor& b_) 
   });
 }
 
+// Whether mm_out_cpu's bf16 product runs on bf16_dot's tiles (mm_bf16_tiles): oneDNN's
+// backend where the tiles beat it (bf16dot::prepacked_applies: AVX512-BF16 without
+// AMX), and operands that the packing reads as whole pairs: an odd k only where both
+// operands are packed (a transposed A, a row-major B: the packing pads the last pair
+// with zeros; a row-major A would read one element past its rows).
+bool mm_on_bf16_tiles(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != at::kBFloat16 || gemm16_backend(at::kBFloat16) != Gemm16::kOneDnn) return false;
+  const int64_t k = a.size(1);
+  const bool a_rows = a.stride(1) == 1, a_cols = a.stride(0) == 1;
+  const bool b_rows = b.stride(1) == 1, b_cols = b.stride(0) == 1;
+  if (!bf16dot::prepacked_applies(k + k % 2) || !(a_rows || a_cols)) return false;
+  if (k % 2 == 1) return !a_rows && b_rows;
+  return b_rows || (b_cols && b.stride(1) % 2 == 0);
+}
+
+// out = a @ b on bf16_dot's tiles: op(B) packed once into panels of pairs, A read in
+// place when its rows are contiguous, else each task packs its rows' pairs
+// (pack_row_pairs); each output's fp32 sum over all of k is rounded once in registers.
+void mm_bf16_tiles(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  using T = c10::BFloat16;
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1), pairs = (k + 1) / 2;
+  const f32dot::PackedB packed = b.stride(1) == 1
+      ? bf16dot::pack_rows(b.const_data_ptr<T>(), std::max(b.stride(0), n), k, n)
+      : bf16dot::pack_weight_transposed(b.const_data_ptr<T>(), b.stride(1), k, n);
+  const bool a_rows = a.stride(1) == 1;
+  const int64_t lda = a_rows ? std::max(a.stride(0), k) : std::max(a.stride(1), m);
+  const T* a0 = a.const_data_ptr<T>();
+  const int64_t block = rows_per_task(m, kRows, at::get_num_threads());
+  T* c = out.mutable_data_ptr<T>();
+  at::parallel_for(0, ceil_div(m, block), 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> a_pairs(a_rows ? 0 : static_cast<size_t>(pairs * bf16dot::packed_ld(block)));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * block, rows = std::min(block, m - r0);
+      if (a_rows) {
+        bf16dot::gemm_prepacked_rounded(rows, n, pairs, a0 + r0 * lda, lda, 2, packed, 0, 0, nullptr, c + r0 * n, n);
+      } else {
+        const int64_t ldp = bf16dot::packed_ld(rows);
+        bf16dot::pack_row_pairs(a0 + r0, lda, k, rows, a_pairs.data(), ldp);
+        bf16dot::gemm_prepacked_rounded(rows, n, pairs, reinterpret_cast<const T*>(a_pairs.data()), 2, 2 * ldp,
+                                        packed, 0, 0, nullptr, c + r0 * n, n);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 Gemm16 gemm16_backend(at::ScalarType dtype) {
@@ -94,6 +139,10 @@ void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const bool plain = out.is_contiguous() && a.numel() > 0 && b.numel() > 0;
   if (dtype == at::kFloat && plain && f32dot::available()) {
     mm_row_blocks<float>(out, a, b);  // gemm_rm's fp32 kernel, one row block per task
+    return;
+  }
+  if (plain && mm_on_bf16_tiles(a, b)) {
+    mm_bf16_tiles(out, a, b);
     return;
   }
   if (!is16 || gemm16_backend(dtype) == Gemm16::kOneDnn || !plain) {
