@@ -57,7 +57,7 @@ bool forward_on_bf16_tiles(int64_t k) {
 // bf16 on the kOneDnn backend runs on bf16_dot's tiles where they apply (AVX512-BF16
 // without AMX): b packed once, a transposed a packed per row block, each output
 // rounded once in registers; the backward GEMMs of fused_qkv, linear_gelu and
-// fused_mlp (2-core Zen 4, alternating calls) ran 4-6% faster than on oneDNN. 16-bit
+// fused_mlp (2-core Zen 4, alternating calls) ran 4-7% faster than on oneDNN. 16-bit
 // operands with the kBlas backend run MKL's bf16 GEMM into fp32 row blocks (half:
 // widened to fp32 once, sgemm) and round once; fp32 runs on f32_dot's kernel in row
 // blocks where the CPU has AVX-512; everything else is at::mm_out.
