@@ -35,8 +35,9 @@ def force_gemm16(monkeypatch, backend):
     """Make the CPU kernels run their 16-bit GEMMs on `backend` ("onednn", "blas"; None:
     the CPU's choice), or with "sgemm" their fp32 GEMMs on MKL's sgemm rather than our
     AVX-512 kernel (csrc/cpu/f32_dot.h, the choice where the CPU has AVX-512). On a CPU
-    with AVX512-BF16, "onednn" runs the bf16 forwards on our vdpbf16ps tiles
-    (gemm16.h's forward_on_bf16_tiles) and "onednn-nodot" keeps them on oneDNN."""
+    with AVX512-BF16, "onednn" runs the bf16 GEMMs on our vdpbf16ps tiles (gemm16.h's
+    forward_on_bf16_tiles, and mm_out_cpu for the backwards) and "onednn-nodot" keeps
+    them on oneDNN."""
     if backend == "sgemm":
         monkeypatch.setenv("TFKERNELS_CPU_F32_DOT", "0")
     elif backend == "onednn-nodot":

@@ -105,6 +105,38 @@ def test_fused_qkv_matches_reference(case, dtype, gemm16, monkeypatch):
             assert_flash_rule(a, e, lo, name=name)
 
 
+@pytest.mark.parametrize("gemm16", ["onednn", "onednn-nodot", "blas"])
+@pytest.mark.parametrize("batch,seqlen", [(1, 113), (2, 64)], ids=["tokens113", "tokens128"])
+def test_cpu_bf16_outputs_are_exact_sums_rounded_once(gemm16, batch, seqlen, monkeypatch):
+    """Small integers make every fp32 sum of the forward and backward GEMMs exact, so
+    each bf16 output must be the exact value rounded once to nearest even: sums reach
+    ~2000, past bf16's 8 significant bits, ties included. Catches a rounding in
+    registers that truncates or mishandles ties, a bias added after rounding, and a
+    GEMM that drops or repeats part of the reduction (an odd token count: the
+    weight gradient's last pair padded with zeros)."""
+    force_gemm16(monkeypatch, gemm16)
+    gen = torch.Generator().manual_seed(7)
+
+    def ints(*shape):
+        return torch.randint(-3, 4, shape, generator=gen).to(torch.bfloat16)
+
+    embed, heads, kv_heads, head_dim = 256, 4, 2, 32
+    rows = (heads + 2 * kv_heads) * head_dim
+    x, w, b = ints(batch, seqlen, embed), ints(rows, embed), ints(rows)
+    outs = tfkernels.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
+    exact = reference.fused_qkv(x.double(), w.double(), b.double(), num_heads=heads, num_kv_heads=kv_heads)
+    for name, out, ref in zip("qkv", outs, exact):
+        assert torch.equal(out, ref.to(torch.bfloat16)), name
+
+    grads = [ints(*o.shape) for o in outs]
+    grad_x, grad_w, grad_b = torch.ops.tfkernels.fused_qkv_bwd(*grads, x, w)
+    g = torch.cat([t.double().transpose(1, 2).reshape(batch * seqlen, -1) for t in grads], dim=1)
+    x2d = x.double().reshape(batch * seqlen, embed)
+    for name, out, ref in (("grad_x", grad_x, (g @ w.double()).reshape(x.shape)), ("grad_w", grad_w, g.t() @ x2d),
+                           ("grad_b", grad_b, g.sum(0))):
+        assert torch.equal(out, ref.to(torch.bfloat16)), name
+
+
 def test_fused_qkv_backward_op_direct():
     # The backward op itself, with all three gradients, against autograd on the reference.
     batch, seqlen, embed, heads, kv_heads, head_dim = 2, 13, 40, 9, 3, 16
