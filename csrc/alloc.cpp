@@ -1,6 +1,7 @@
 #include "alloc.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <cstdlib>

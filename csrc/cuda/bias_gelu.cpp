@@ -1,7 +1,8 @@
 // Torch-facing launcher of the bias-GELU CUDA kernels (compiled by the host
 // compiler): argument checks, dtype mapping, allocation, stream, launch check.
 // The kernels themselves live in bias_gelu/, which sees no torch header.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <tuple>

@@ -3,7 +3,8 @@
 // the launch shared with the packed varlen ops (flash_launch.h: params, scratch,
 // dispatch to the kernel instantiations). The kernels themselves live in
 // csrc/cuda/flash/ and include no torch headers.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -9,7 +9,9 @@
 //      strides (no copies), seqlens_k = cache_seqlens + Snew, causal and window
 //      bottom-right aligned, paged through block_table (paged_kv.h);
 //   3. with num_splits > 1, the split-KV combine (split_kv.h).
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -3,7 +3,9 @@
 // and the forward pieces the KV-cache launcher (flash_kvcache.cpp) builds on.
 #include "cuda/flash_launch.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cstdint>

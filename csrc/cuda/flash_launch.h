@@ -10,7 +10,7 @@
 // headers.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>

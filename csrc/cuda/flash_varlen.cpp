@@ -5,7 +5,7 @@
 // padded ops (flash_launch.h). The kernels take each sequence's rows from
 // cu_seqlens in their block bookkeeping (csrc/cuda/flash/block_info.h): no padding
 // copies, grids over max_seqlen_q / max_seqlen_k.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cstdint>

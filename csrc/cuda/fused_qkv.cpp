@@ -2,7 +2,8 @@
 // alignment decisions, output allocation and launch on the current stream. The
 // GEMM core itself lives in csrc/cuda/gemm/ (CUDA headers only); this file hands
 // it plain descriptors (gemm_params.h).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <torch/library.h>
 
 #include <cstdint>

@@ -5,7 +5,7 @@
 // kernel files.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Context.h>
 
 #include <cstdlib>

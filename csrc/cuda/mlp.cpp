@@ -55,7 +55,8 @@
 // operand and output allows 16-byte chunks (widths multiples of 8, aligned pointers
 // and row strides), else the generic kernel; fp32 always runs the generic kernel,
 // TF32 when torch allows it for matmuls.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>

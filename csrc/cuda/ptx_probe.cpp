@@ -1,6 +1,7 @@
 // Launcher of the PTX-primitive probes (csrc/cuda/probe/): a test-only op,
 // tfkernels::_ptx_probe(name, input, out_numel, divisor) -> int32 [out_numel].
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 
 #include <string>
 

@@ -5,7 +5,7 @@
 // launchers choose the same kernels and tiles as on that GPU.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdlib>
 #include <string>

@@ -6,7 +6,7 @@
 // runs the same launchers on CPU tensors under the op namespace tfkernels_emu.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "op_namespace.h"
 

@@ -5,7 +5,7 @@
 // with torch headers: for .cpp launchers only, never for kernel files.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <initializer_list>
