@@ -23,7 +23,8 @@ TF32 = [pytest.param(False, id="tf32-off"), pytest.param(True, id="tf32-on")]
 
 # The CPU parity grid's (dtype, GEMM backend). The CPU kernels run bf16/half GEMMs on
 # oneDNN or on MKL, chosen from the CPU's ISA (csrc/cpu/gemm16.h), and fp32 ones on our
-# AVX-512 kernel or MKL's sgemm; the tests force each, whichever this machine would pick.
+# AVX-512 kernel or MKL's sgemm (on AVX2 always sgemm: f32dot::whole_gemms_available);
+# the tests force each, whichever this machine would pick.
 CPU_DTYPES = [pytest.param(torch.float64, None, id="float64"), pytest.param(torch.float32, None, id="float32"),
               pytest.param(torch.float32, "sgemm", id="float32-sgemm")] + [
     pytest.param(dtype, backend, id=f"{name}-{backend}")

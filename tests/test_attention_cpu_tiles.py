@@ -1,6 +1,6 @@
 """The CPU attention's ways to multiply tiles, each against the reference:
-AVX512-BF16 dot products on bf16 tiles (csrc/cpu/bf16_dot.h), AVX-512 fp32 tile
-kernels on fp32 tiles and on fp16 ones widened to fp32 (csrc/cpu/f32_dot.h), and
+AVX512-BF16 dot products on bf16 tiles (csrc/cpu/bf16_dot.h), AVX-512 and AVX2 fp32
+tile kernels on fp32 tiles and on fp16 ones widened to fp32 (csrc/cpu/f32_dot.h), and
 BLAS on tiles widened to fp32 (TFKERNELS_CPU_BF16_DOT=0 / TFKERNELS_CPU_F32_DOT=0,
 and every CPU without the instructions). The shapes put the packing on its edges:
 odd key counts (bf16 keys go in pairs), head dims that are not a multiple of 16
@@ -15,36 +15,34 @@ import tfkernels
 from tfkernels import reference
 
 from .test_attention_variants import VARIANTS, _inputs, _variant, check_parity
+from .utils import cpu_flags
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-# path: (the CPU flag it needs, or None, and the switches that select it)
+# path: (the CPU flags it needs, and the switches that select it)
 PATHS = {
-    "bf16-dot": ("avx512_bf16", {"TFKERNELS_CPU_BF16_DOT": None}),
-    "f32-dot": ("avx512f", {"TFKERNELS_CPU_F32_DOT": None, "TFKERNELS_CPU_BF16_DOT": "0"}),
-    "blas": (None, {"TFKERNELS_CPU_BF16_DOT": "0", "TFKERNELS_CPU_F32_DOT": "0"}),
+    "bf16-dot": ({"avx512_bf16"}, {"TFKERNELS_CPU_BF16_DOT": None}),
+    "f32-dot": ({"avx2", "fma"}, {"TFKERNELS_CPU_F32_DOT": None, "TFKERNELS_CPU_BF16_DOT": "0"}),
+    # The AVX2 kernels where the CPU's best are AVX-512 ("f32-dot" runs them elsewhere).
+    "f32-dot-avx2": ({"avx2", "fma", "avx512f"},
+                     {"TFKERNELS_CPU_F32_DOT": "avx2", "TFKERNELS_CPU_BF16_DOT": "0"}),
+    "blas": (set(), {"TFKERNELS_CPU_BF16_DOT": "0", "TFKERNELS_CPU_F32_DOT": "0"}),
 }
 # (path, input dtype): bf16 tiles take the bf16 products where the CPU has them; fp32
 # tiles, and 16-bit ones widened (fp16 always, bf16 without AVX512-BF16), the fp32
 # kernels; every dtype can be sent to BLAS.
 CASES = [("bf16-dot", torch.bfloat16), ("f32-dot", torch.float32), ("f32-dot", torch.float16),
-         ("f32-dot", torch.bfloat16), ("blas", torch.bfloat16), ("blas", torch.float32)]
+         ("f32-dot", torch.bfloat16), ("f32-dot-avx2", torch.float32), ("f32-dot-avx2", torch.float16),
+         ("blas", torch.bfloat16), ("blas", torch.float32)]
 
 
 @pytest.fixture(params=CASES, ids=lambda c: f"{c[0]}-{str(c[1]).removeprefix('torch.')}")
 def products(request, monkeypatch):
     """The input dtype, with the switches set so that its tiles take the path."""
     path, dtype = request.param
-    flag, switches = PATHS[path]
-    if flag is not None and flag not in _cpu_flags():
-        pytest.skip(f"this CPU has no {flag}: the {path} kernels never run on it")
+    flags, switches = PATHS[path]
+    missing = flags - cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU has no {', '.join(sorted(missing))}: the {path} kernels never run on it")
     for name, value in switches.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)

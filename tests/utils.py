@@ -7,6 +7,15 @@ import torch
 FLOAT64_TOL = dict(rtol=1e-9, atol=1e-10)
 
 
+def cpu_flags():
+    """The running CPU's feature flags as /proc/cpuinfo names them (empty where it has none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 def high_precision(t):
     """The dtype the oracle runs in: float64 on the CPU, float32 on the GPU."""
     if t is None:

@@ -17,7 +17,7 @@
 #define TFK_HAVE_BF16_DOT 1
 #define TFK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define TFK_TILE_TARGET TFK_AVX512_BF16
-#include "cpu/avx512_tile_gemm.h"
+#include "cpu/tile_gemm.h"
 #endif
 
 namespace tfkernels::cpu::bf16dot {
@@ -25,9 +25,10 @@ namespace {
 
 #ifdef TFK_HAVE_BF16_DOT
 
-// One reduction step of the tile loop (avx512_tile_gemm.h): a word of two bf16
+// One reduction step of the tile loop (tile_gemm.h): a word of two bf16
 // elements of A, broadcast, dotted with a packed word of B per lane.
 struct Bf16Pairs {
+  using Isa = tile_isa::Avx512;
   using A = c10::BFloat16;
   using B = uint32_t;
   static TFK_AVX512_BF16 __m512i broadcast(const A* a) {
@@ -48,6 +49,7 @@ struct StoreBf16 {
   int64_t ldc;
   const float* bias;  // per column, or null
   StoreBf16 at(int64_t row, int64_t col) const { return {c + row * ldc + col, ldc, bias ? bias + col : nullptr}; }
+  template <bool kWhole>  // masked stores cost nothing extra on AVX-512
   TFK_AVX512_BF16 void store(int i, int z, __m512 sum, __mmask16 lanes) const {
     if (bias != nullptr) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes, bias + 16 * z));
     const __m512i bits = _mm512_castps_si512(sum);
@@ -223,7 +225,7 @@ void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16*
   constexpr int64_t kBlockPairs = 512;
   tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, reinterpret_cast<const uint32_t*>(b.panel(0)),
                                     b.k() * f32dot::PackedB::kCols, p0, c0, kBlockPairs,
-                                    tile_gemm::StoreF32{c, ldc, 1.0f, accumulate});
+                                    tile_gemm::StoreF32<tile_isa::Avx512>{c, ldc, 1.0f, accumulate});
 #endif
 }
 

@@ -1,7 +1,7 @@
 // bias_gelu / bias_gelu_bwd on the CPU: one elementwise pass over rows of
 // x [..., N], fp32 math for 16-bit types (gelu_rows.h). The bias gradient is
 // reduced deterministically: per row-chunk partial sums, then a fixed-order reduce.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -6,7 +6,10 @@
 // its GEMM result in cache for the epilogue.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -117,11 +120,12 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
-    // fp32 on our AVX-512 kernel (f32_dot.h) where the CPU has it: MKL's sgemm reaches
+    // fp32 on our AVX-512 kernel (f32_dot.h; not the AVX2 one, see
+    // whole_gemms_available) where the CPU has it: MKL's sgemm reaches
     // ~62% of the FMA peak on the Zen 4 VM (138 of 226 GFLOP/s at 2048^3), the packed
     // kernel ~85%. It runs on the calling thread, so only where that is the intent:
     // inside a parallel region, or when torch uses one thread.
-    if (detail::tile_kernel_runs_here(beta) && f32dot::available()) {
+    if (detail::tile_kernel_runs_here(beta) && f32dot::whole_gemms_available()) {
       f32dot::gemm_packed(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, beta == 1.0f);
       return;
     }
@@ -206,7 +210,7 @@ template <typename T>
 SharedB<T> share_b(bool trans_b, const T* b, int64_t ldb, int64_t k, int64_t n, bool bf16_tiles = false) {
   SharedB<T> shared{trans_b, b, ldb, {}};
   if constexpr (std::is_same_v<T, float>) {
-    if (k > 0 && n > 0 && f32dot::available()) shared.packed = f32dot::pack_b(trans_b, b, ldb, k, n);
+    if (k > 0 && n > 0 && f32dot::whole_gemms_available()) shared.packed = f32dot::pack_b(trans_b, b, ldb, k, n);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (bf16_tiles && trans_b && n > 0 && ldb % 2 == 0 && bf16dot::prepacked_applies(k)) {
       shared.packed = bf16dot::pack_weight_transposed(b, ldb, k, n);

@@ -1,7 +1,8 @@
 // The test-only op _dropout_mask on the CPU: the attention dropout's keep mask,
 // bool [B, H, Sq, Sk], drawn with the same function (csrc/dropout_rng.h) as the
 // attention kernels, so tests compare kernels and reference on the same mask.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

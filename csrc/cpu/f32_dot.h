@@ -1,9 +1,10 @@
-// fp32 GEMMs on AVX-512: tile products for the CPU flash attention (forward and
-// backward), in place of one sgemm call per tile product, and whole GEMMs with
-// packed panels for the fused GEMM ops. A library GEMM packs both operands
-// on every call; here K and V are transposed once per key tile (`pack_transposed`)
-// and every other operand (Q, dO, P, dS, V, K) is read in place, P^T and dS^T
-// through strides. The register tiling is shared with bf16_dot (avx512_tile_gemm.h).
+// fp32 GEMMs on our own register-tiled kernels (AVX-512, or AVX2 with FMA3): tile
+// products for the CPU flash attention (forward and backward), in place of one sgemm
+// call per tile product, and whole GEMMs with packed panels for the fused GEMM ops. A
+// library GEMM packs both operands on every call; here K and V are transposed once
+// per key tile (`pack_transposed`) and every other operand (Q, dO, P, dS, V, K) is
+// read in place, P^T and dS^T through strides. The register tiling is shared with
+// bf16_dot (tile_gemm.h); the kernels per instruction set are f32_dot_kernels.h's.
 #pragma once
 
 #include <cstdint>
@@ -12,12 +13,30 @@
 
 namespace tfkernels::cpu::f32dot {
 
-// Whether the CPU has AVX-512 (F) and TFKERNELS_CPU_F32_DOT is not 0 (read on every
-// call: tests force the sgemm path with it).
+// Whether the CPU has AVX-512 (F) or AVX2 with FMA3 and TFKERNELS_CPU_F32_DOT is not
+// 0 (read on every call: tests force the sgemm path with it, and with "avx2" the AVX2
+// kernels on a CPU that has AVX-512 as well). The entry points below run on any CPU
+// with either (bf16_dot packs with them whatever the switch says).
 bool available();
+
+// Whether whole GEMMs (gemm_packed, and pack_b with gemm_prepacked: the fused ops'
+// products, mm_out_cpu) should run here rather than on MKL: with the AVX-512 kernels
+// (~85% of the FMA peak against sgemm's ~62% on the 2-core Zen 4 VM), not the AVX2
+// ones. On the 2-core Zen 3 VM sgemm's whole GEMMs are ahead of them (88 against 80
+// GFLOP/s a core at 256 x 1024 x 512), and far ahead where op(A) is transposed with a
+// long leading dim (a weight gradient: each step's A elements sit a row of 16 KiB
+// apart, one L1 set and one page per step; fused_qkv forward+backward 0.82x of the
+// same op on sgemm). The attention's tile products gain from them (available()).
+bool whole_gemms_available();
 
 // Columns per packed row for `cols` columns (a multiple of 16: whole vectors).
 inline int64_t packed_ld(int64_t cols) { return (cols + 15) / 16 * 16; }
+
+// A row stride of at least `ld` floats for a packed operand that the tile loop reads
+// down its columns (K^T, V^T: one row per reduction step): an odd number of 64-byte
+// lines, so that consecutive rows fall in different sets of the L1. At a multiple of
+// 4 KiB they all share one set (of 8 ways on Zen 3) and evict each other.
+inline int64_t spread_ld(int64_t ld) { return ((ld + 15) / 16 | 1) * 16; }
 
 // dst[c * ldp + j] = src[j * ld + c] for j < n, c < cols; columns n .. packed_ld(n)
 // of dst are zero, the rest of its rows untouched (ldp >= packed_ld(n)). (K -> K^T,

@@ -49,7 +49,9 @@
 // for the products that take them, as on the GPU), at up to twice the widened path's rate.
 #include "cpu/flash_attention_kernels.h"
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -273,6 +275,7 @@ KeysTransposed transpose_keys(const AttentionCall& call, RowView<const OutT> k, 
       kt.ld += f32dot::packed_ld(seqs.k_rows(b));
       for (int64_t j = 0; j < seqs.k_rows(b); j += kRows) blocks.emplace_back(b, j);
     }
+    kt.ld = f32dot::spread_ld(kt.ld);
     kt.D = D;
     kt.buf = at::empty({std::max<int64_t>(1, Hkv * D * kt.ld)}, at::TensorOptions().dtype(at::kFloat));
     float* dst = kt.buf.mutable_data_ptr<float>();
@@ -332,7 +335,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
   const int64_t kp_ld = bf16dot::packed_ld(bk_max), vp_ld = bf16dot::packed_ld(D), p_ld = bk_max + (bk_max & 1);
-  const int64_t kt_ld = f32dot::packed_ld(bk_max);
+  const int64_t kt_ld = f32dot::spread_ld(f32dot::packed_ld(bk_max));
   const KeysTransposed keys_t = transpose_keys<T, OutT>(call, k, fast);
 
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;
@@ -674,7 +677,7 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   const bool dot = std::is_same_v<OutT, c10::BFloat16> && D % 2 == 0 && bf16dot::available();
   const bool fast = !dot && fast_products<T>();  // K^T and V^T transposed per key block
   const int64_t kt_ld = bf16dot::packed_ld(bk_max), d_ld = bf16dot::packed_ld(D);
-  const int64_t ft_ld = f32dot::packed_ld(bk_max);
+  const int64_t ft_ld = f32dot::spread_ld(f32dot::packed_ld(bk_max));
   const int64_t ds_ld = bk_max + (bk_max & 1);
   TaskQueue queue(tasks);
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {

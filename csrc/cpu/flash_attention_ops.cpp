@@ -5,7 +5,8 @@
 // (flash_attention.cpp). Nothing is copied into another layout: the packed op
 // reads q, k, v in place (only a row stride below D, e.g. a broadcast row dim,
 // forces one contiguous copy, as it does for the padded op).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 

@@ -20,7 +20,8 @@
 // when they are already in the compute type and evenly strided (a dense cache, or a
 // tile inside one block); otherwise they are gathered and widened into a per-thread
 // buffer, which for 16-bit caches is the conversion the GEMM needs anyway.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

@@ -26,7 +26,7 @@
 // pass in place) and gw2 = grad_out^T h with h = gelu(pre) stored in full; MKL's bf16
 // GEMM that the tiles call runs at half oneDNN's rate on a CPU with AVX512-BF16.
 // Bias gradients: per row-block partial sums reduced in a fixed order.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

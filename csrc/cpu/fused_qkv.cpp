@@ -29,7 +29,7 @@
 // where oneDNN is slowest, MKL's bf16 GEMM runs at half oneDNN's rate on a CPU with
 // AVX512-BF16, and with fp32 the per-head tasks repack x for every head (dW at
 // ~150 GFLOP/s against ~185 for the whole GEMM on a 2-core Zen 4).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -293,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_bwd_cpu(const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_qkv_bwd", [&] {
     const HeadLayout<const scalar_t> grad{gq.const_data_ptr<scalar_t>(), gk.const_data_ptr<scalar_t>(),
                                           gv.const_data_ptr<scalar_t>(), s.heads, s.kv_heads, s.seqlen, s.head_dim};
-    if (gemms_on_onednn<scalar_t>() || (std::is_same_v<scalar_t, float> && f32dot::available())) {
+    if (gemms_on_onednn<scalar_t>() || (std::is_same_v<scalar_t, float> && f32dot::whole_gemms_available())) {
       fused_qkv_bwd_gathered<scalar_t>(s, grad, gq, gk, gv, x, w, grad_x, grad_w, grad_b.mutable_data_ptr<scalar_t>());
     } else {
       fused_qkv_bwd_kernel<scalar_t>(s, grad, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),

@@ -12,7 +12,7 @@
 // of gelu' for bf16 inputs took 0.66: Zen 4's gathers are slow).
 #include "cpu/gelu_rows.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 

@@ -137,7 +137,7 @@ void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const at::ScalarType dtype = a.scalar_type();
   const bool is16 = dtype == at::kBFloat16 || dtype == at::kHalf;
   const bool plain = out.is_contiguous() && a.numel() > 0 && b.numel() > 0;
-  if (dtype == at::kFloat && plain && f32dot::available()) {
+  if (dtype == at::kFloat && plain && f32dot::whole_gemms_available()) {
     mm_row_blocks<float>(out, a, b);  // gemm_rm's fp32 kernel, one row block per task
     return;
   }

@@ -13,7 +13,7 @@
 // benchmarks can compare them); unset or "auto" decides from the CPU.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "cpu/blas.h"
 

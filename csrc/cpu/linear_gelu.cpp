@@ -17,7 +17,7 @@
 // fused in (deterministic per-row-chunk partial sums), then dx = dpre @ W and
 // dW = dpre^T @ x as two multithreaded GEMMs (fp32 accumulation for 16-bit types,
 // on gemm16.h's backend).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -1,0 +1,132 @@
+// The vector registers the tile GEMMs (tile_gemm.h) and f32_dot's packing are
+// written over, one struct per instruction set:
+//   Avx512   16 fp32 lanes, lane masks in k registers; 32 zmm registers
+//   Avx2     8 fp32 lanes with FMA3, lane masks as vectors; 16 ymm registers
+// Each says how many vectors of columns a micro-tile row holds (kVectors: 6 rows x
+// kVectors accumulators, plus kVectors B vectors and a broadcast, must fit in the
+// register file) and whether a masked load costs what a plain one does (on AVX2 a
+// vmaskmov load is slower, so the tile loop uses it only on a partial last vector).
+// Every function is compiled for its own instruction set and inlines into callers
+// compiled for it or a superset; callers run them only after checking the CPU.
+#pragma once
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TFK_HAVE_TILE_ISA 1
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#define TFK_ISA_AVX512 __attribute__((target("avx512f"), always_inline)) inline
+#define TFK_ISA_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
+
+namespace tfkernels::cpu::tile_isa {
+
+struct Avx512 {
+  using Vec = __m512;
+  using Bits = __m512i;
+  using Mask = __mmask16;
+  static constexpr int kLanes = 16;
+  static constexpr int kVectors = 4;  // 24 accumulators + 4 B vectors + 1 broadcast of 32
+  static constexpr bool kMaskedLoadsAreFree = true;
+
+  static TFK_ISA_AVX512 Mask first(int64_t count) {
+    return static_cast<Mask>((1u << std::clamp<int64_t>(count, 0, kLanes)) - 1);
+  }
+  static TFK_ISA_AVX512 Vec zero() { return _mm512_setzero_ps(); }
+  static TFK_ISA_AVX512 Vec set1(float x) { return _mm512_set1_ps(x); }
+  static TFK_ISA_AVX512 Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  static TFK_ISA_AVX512 Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static TFK_ISA_AVX512 Vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static TFK_ISA_AVX512 Vec load(const float* p, Mask lanes) { return _mm512_maskz_loadu_ps(lanes, p); }
+  static TFK_ISA_AVX512 void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+  static TFK_ISA_AVX512 void store(float* p, Mask lanes, Vec v) { _mm512_mask_storeu_ps(p, lanes, v); }
+  static TFK_ISA_AVX512 Bits load_bits(const void* p) { return _mm512_loadu_si512(p); }
+  static TFK_ISA_AVX512 Bits load_bits(const void* p, Mask lanes) { return _mm512_maskz_loadu_epi32(lanes, p); }
+  static TFK_ISA_AVX512 Bits as_bits(Vec v) { return _mm512_castps_si512(v); }
+  static TFK_ISA_AVX512 Vec as_vec(Bits b) { return _mm512_castsi512_ps(b); }
+
+  // r[i] lane j <- r[j] lane i: three rounds of interleaving (single floats, pairs,
+  // 128-bit lanes twice).
+  static TFK_ISA_AVX512 void transpose(Vec r[kLanes]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      const auto d0 = _mm512_castps_pd(t[i]), d1 = _mm512_castps_pd(t[i + 1]);
+      const auto d2 = _mm512_castps_pd(t[i + 2]), d3 = _mm512_castps_pd(t[i + 3]);
+      r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(d0, d2));
+      r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d2));
+      r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(d1, d3));
+      r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(d1, d3));
+    }
+    for (int i = 0; i < 4; ++i) {
+      t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+      t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+      t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+      t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+      r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+      r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+      r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+    }
+  }
+};
+
+struct Avx2 {
+  using Vec = __m256;
+  using Bits = __m256i;
+  using Mask = __m256i;  // lane i on when its 32 bits are all ones
+  static constexpr int kLanes = 8;
+  static constexpr int kVectors = 2;  // 12 accumulators + 2 B vectors + 1 broadcast of 16
+  static constexpr bool kMaskedLoadsAreFree = false;
+
+  static TFK_ISA_AVX2 Mask first(int64_t count) {
+    const auto n = static_cast<int>(std::clamp<int64_t>(count, 0, kLanes));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static TFK_ISA_AVX2 Vec zero() { return _mm256_setzero_ps(); }
+  static TFK_ISA_AVX2 Vec set1(float x) { return _mm256_set1_ps(x); }
+  static TFK_ISA_AVX2 Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static TFK_ISA_AVX2 Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static TFK_ISA_AVX2 Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static TFK_ISA_AVX2 Vec load(const float* p, Mask lanes) { return _mm256_maskload_ps(p, lanes); }
+  static TFK_ISA_AVX2 void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static TFK_ISA_AVX2 void store(float* p, Mask lanes, Vec v) { _mm256_maskstore_ps(p, lanes, v); }
+  static TFK_ISA_AVX2 Bits load_bits(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static TFK_ISA_AVX2 Bits load_bits(const void* p, Mask lanes) {
+    return _mm256_maskload_epi32(static_cast<const int*>(p), lanes);
+  }
+  static TFK_ISA_AVX2 Bits as_bits(Vec v) { return _mm256_castps_si256(v); }
+  static TFK_ISA_AVX2 Vec as_vec(Bits b) { return _mm256_castsi256_ps(b); }
+
+  // r[i] lane j <- r[j] lane i: floats, then pairs interleaved within 128-bit
+  // halves, then the halves exchanged.
+  static TFK_ISA_AVX2 void transpose(Vec r[kLanes]) {
+    __m256 t[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+      t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+      t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+    }
+    for (int i = 0; i < 8; ++i) r[i] = t[i];
+  }
+};
+
+}  // namespace tfkernels::cpu::tile_isa
+
+#endif  // x86-64 with GCC or Clang
