@@ -681,7 +681,8 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   const int64_t ds_ld = bk_max + (bk_max & 1);
   TaskQueue queue(tasks);
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
-    Scratch<T> pbuf(bq_max * bk_max), dsbuf(bq_max * bk_max), tbuf(var.softcap > 0 ? bq_max * bk_max : 0);
+    const int64_t tile_max = bq_max * f32dot::spread_ld(bk_max);
+    Scratch<T> pbuf(tile_max), dsbuf(tile_max), tbuf(var.softcap > 0 ? tile_max : 0);
     Scratch<T> kbuf(widen ? bk_max * D : 0), vbuf(widen && !dot ? bk_max * D : 0);
     Scratch<uint32_t> ktpack(dot ? D / 2 * kt_ld : 0), vtpack(dot ? D / 2 * kt_ld : 0);
     Scratch<uint32_t> kpack(dot ? (bk_max + 1) / 2 * d_ld : 0), qpack(dot ? (bq_max + 1) / 2 * d_ld : 0),
@@ -696,6 +697,11 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
       const int64_t len_q = seqs.q_len(b), k_rows = seqs.k_rows(b), q0 = seqs.q_start(b), k0 = seqs.k_start(b);
       const BwdBlocks blk = bwd_blocks(len_q, k_rows);
       const int64_t bq = blk.bq, bk = blk.bk;
+      // P and dS rows an odd number of cache lines apart: dV and dK read them down
+      // their columns (P^T, dS^T), where a 1 KiB stride (bk = 256) put every step in
+      // 4 of the L1's 64 sets (that product ran at 75 GFLOP/s a core on Zen 3, 87 with
+      // the padding; Q K^T runs at 93).
+      const int64_t ldp = f32dot::spread_ld(bk);
       const Span kv = key_chunk(k_rows, blk, ch, plan.chunks[b]);
       const SeqBand band = call.band.of(len_q, seqs.k_len(b));
       const T* Lrow = lse_dom.of(h, q0);
@@ -740,13 +746,13 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
           T* dS = dsbuf.data();
           if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
             if (dot) {
-              bf16dot::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), 2, ktpack.data(), kt_ld, P, bk, false);
-              bf16dot::gemm(m, n, D / 2, go.at(q0 + i0, h), go.ld(), 2, vtpack.data(), kt_ld, dS, bk, false);
+              bf16dot::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), 2, ktpack.data(), kt_ld, P, ldp, false);
+              bf16dot::gemm(m, n, D / 2, go.at(q0 + i0, h), go.ld(), 2, vtpack.data(), kt_ld, dS, ldp, false);
             }
           }
           if (!dot) {
-            tile_abt(fast, m, n, D, Q, ldq, K, ldk, ktbuf.data(), ft_ld, P, bk);
-            tile_abt(fast, m, n, D, dO, ldo, V, ldv, vtbuf.data(), ft_ld, dS, bk);
+            tile_abt(fast, m, n, D, Q, ldq, K, ldk, ktbuf.data(), ft_ld, P, ldp);
+            tile_abt(fast, m, n, D, dO, ldo, V, ldv, vtbuf.data(), ft_ld, dS, ldp);
           }
           // Keys [j0 + lo, j0 + hi) of the tile are the ones row i0 + r sees.
           auto visible = [&](int64_t r) {
@@ -759,12 +765,12 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
             const Span vis = visible(r);
             const int64_t nv = vis.size();
             hidden_pairs |= nv < n;
-            T* prow = P + r * bk;
-            T* dsrow = dS + r * bk;
+            T* prow = P + r * ldp;
+            T* dsrow = dS + r * ldp;
             if (nv > 0) {
               T* p = prow + vis.lo;
               T* ds = dsrow + vis.lo;
-              T* t = var.softcap > 0 ? tbuf.data() + r * bk + vis.lo : nullptr;
+              T* t = var.softcap > 0 ? tbuf.data() + r * ldp + vis.lo : nullptr;
               if (t) softcap_scores<T>(var, call.scale, p, nv, t);
               Dom::exp_rows(p, nv, c, Lrow[i]);
               // With dropout Z = keep / (1 - p): dP <- dP * Z, dS = P (dP - Delta), then P <- P * Z for dV.
@@ -791,36 +797,36 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
             if (dot && whole_tile) {
               // P^T and dS^T: P and dS packed in pairs of rows, read transposed.
               const auto* transposed = reinterpret_cast<const c10::BFloat16*>(row_pairs.data());
-              bf16dot::round_row_pairs(P, bk, m, n, row_pairs.data(), kt_ld);
+              bf16dot::round_row_pairs(P, ldp, m, n, row_pairs.data(), kt_ld);
               bf16dot::pack_row_pairs(go.at(q0 + i0, h), go.ld(), m, D, opack.data(), d_ld);
               bf16dot::gemm(n, D, (m + 1) / 2, transposed, 2, 2 * kt_ld, opack.data(), d_ld, dV + j0 * ldv_acc,
                             ldv_acc, true);
-              for (int64_t r = 0; r < m; ++r) fa::scale_row(dS + r * bk, n, scale);
-              bf16dot::round_row_pairs(dS, bk, m, n, row_pairs.data(), kt_ld);
+              for (int64_t r = 0; r < m; ++r) fa::scale_row(dS + r * ldp, n, scale);
+              bf16dot::round_row_pairs(dS, ldp, m, n, row_pairs.data(), kt_ld);
               bf16dot::pack_row_pairs(q.at(q0 + i0, h), q.ld(), m, D, qpack.data(), d_ld);
               bf16dot::gemm(n, D, (m + 1) / 2, transposed, 2, 2 * kt_ld, qpack.data(), d_ld, dK + j0 * ldk_acc,
                             ldk_acc, true);
-              bf16dot::round_rows(dS, bk, m, n, ds16.data(), ds_ld);
+              bf16dot::round_rows(dS, ldp, m, n, ds16.data(), ds_ld);
               bf16dot::gemm(m, D, (n + 1) / 2, ds16.data(), ds_ld, 2, kpack.data(), d_ld, dQ + i0 * ldq_acc, ldq_acc,
                             true);
               continue;
             }
           }
           if (whole_tile) {
-            tile_ab_acc(fast, true, n, D, m, T(1), P, bk, dO, ldo, dV + j0 * ldv_acc, ldv_acc);
-            tile_ab_acc(fast, true, n, D, m, scale, dS, bk, Q, ldq, dK + j0 * ldk_acc, ldk_acc);
-            tile_ab_acc(fast, false, m, D, n, scale, dS, bk, K, ldk, dQ + i0 * ldq_acc, ldq_acc);
+            tile_ab_acc(fast, true, n, D, m, T(1), P, ldp, dO, ldo, dV + j0 * ldv_acc, ldv_acc);
+            tile_ab_acc(fast, true, n, D, m, scale, dS, ldp, Q, ldq, dK + j0 * ldk_acc, ldk_acc);
+            tile_ab_acc(fast, false, m, D, n, scale, dS, ldp, K, ldk, dQ + i0 * ldq_acc, ldq_acc);
           } else {
             for (int64_t r = 0; r < m; ++r) {
               const Span vis = visible(r);
               const int64_t nv = vis.size();
               if (nv == 0) continue;
               const int64_t lo = vis.lo;
-              gemm_rm<T>(true, false, nv, D, 1, T(1), P + r * bk + lo, bk, dO + r * ldo, ldo, T(1),
+              gemm_rm<T>(true, false, nv, D, 1, T(1), P + r * ldp + lo, ldp, dO + r * ldo, ldo, T(1),
                          dV + (j0 + lo) * ldv_acc, ldv_acc);
-              gemm_rm<T>(true, false, nv, D, 1, scale, dS + r * bk + lo, bk, Q + r * ldq, ldq, T(1),
+              gemm_rm<T>(true, false, nv, D, 1, scale, dS + r * ldp + lo, ldp, Q + r * ldq, ldq, T(1),
                          dK + (j0 + lo) * ldk_acc, ldk_acc);
-              gemm_rm<T>(false, false, 1, D, nv, scale, dS + r * bk + lo, bk, K + lo * ldk, ldk, T(1),
+              gemm_rm<T>(false, false, 1, D, nv, scale, dS + r * ldp + lo, ldp, K + lo * ldk, ldk, T(1),
                          dQ + (i0 + r) * ldq_acc, ldq_acc);
             }
           }
