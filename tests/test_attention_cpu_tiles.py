@@ -64,11 +64,36 @@ def test_tiles_match_the_reference(products, shape, variant):
     check_parity(q, k, v, sinks, causal_alignment="bottom_right", **kwargs)
 
 
+def _bshd_inputs(shape, dtype, device):
+    """_inputs from [B,S,H,D] storage seen as [B,H,S,D]: rows H * D elements apart."""
+    batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim = shape
+    return tuple(torch.randn(batch, s, h, head_dim, dtype=dtype, device=device).transpose(1, 2)
+                 for s, h in ((seqlen_q, heads), (seqlen_k, kv_heads), (seqlen_k, kv_heads)))
+
+
+# H * D a multiple of 128 elements: rows that crowd a few L1 sets, which the fp32
+# kernels copy into rows an odd number of cache lines apart (f32dot::crowds_l1_sets)
+# before reading them down their rows: V in the forward, Q, dO and K in the backward.
+CROWDED_SHAPES = [(2, 4, 2, 77, 300, 64), (1, 2, 2, 130, 257, 128)]
+
+
+@pytest.mark.parametrize("shape", CROWDED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", ["plain", "window_causal_seqlens", "all"])
+def test_bshd_rows_that_crowd_the_l1(products, shape, variant):
+    sinks, kwargs = (None, {}) if variant == "plain" else _variant(variant, shape, "cpu")
+    q, k, v = _bshd_inputs(shape, products, "cpu")
+    assert k.stride(2) % 128 == 0 and not q.is_contiguous()
+    check_parity(q, k, v, sinks, causal_alignment="bottom_right", **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["k", "v"])
-def test_non_finite_reaches_only_the_rows_that_see_it(products, where, value):
+def test_non_finite_reaches_only_the_rows_that_see_it(products, where, value, layout):
     # 40 rows = a block of 32 and one of 8 whose first visible key (29) is odd.
-    q, k, v = _inputs((1, 2, 1, 40, 40, 64), products, "cpu")
+    # [B,S,H,D] with D = 128: q and k, v rows 256 and 128 elements apart (crowding the L1).
+    make, shape = (_inputs, (1, 2, 1, 40, 40, 64)) if layout == "bhsd" else (_bshd_inputs, (1, 2, 1, 40, 40, 128))
+    q, k, v = make(shape, products, "cpu")
     bad = 20
     q[..., 3].abs_()  # an Inf in k gives +inf scores (NaN rows), not -inf ones (probability 0)
     (k if where == "k" else v)[0, 0, bad, 3] = value

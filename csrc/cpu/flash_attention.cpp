@@ -39,7 +39,10 @@
 // Compute: float for float/bf16/half inputs, double for double. Inputs are read in
 // place through their strides (only the last dim must be contiguous); 16-bit
 // inputs are widened tile by tile inside the tasks (a separate conversion pass
-// costs an extra parallel region and memory traffic), outputs rounded once. The
+// costs an extra parallel region and memory traffic), outputs rounded once. Our
+// copies space their rows an odd number of cache lines apart, and the fp32 tile
+// kernels also copy the operands they read down their rows when the input's rows
+// crowd a few L1 sets (row_ld, tile_rows: D = 128, or [B,S,H,D] views). The
 // fp32 tile products run on our AVX-512 kernels (f32_dot.h: K^T transposed once
 // per call for fp32 inputs, per key tile for widened ones, V^T per key block in the
 // backward; no per-tile library call) where the CPU has AVX-512, else on
@@ -156,22 +159,37 @@ T sink_dom(const Variants& var, int64_t h) {
   return var.sinks ? SoftmaxDomain<T>::from_lse(var.sinks[h]) : -std::numeric_limits<T>::infinity();
 }
 
+// Rows of our own copies of Q, K, V and dO are row_ld(D) apart: an odd number of
+// cache lines (f32dot::spread_ld), as the tile loop wants of the operands it reads
+// down their rows (V in P V; dO, Q and K in dV, dK and dQ).
+inline int64_t row_ld(int64_t D) { return f32dot::spread_ld(D); }
+
 // `rows` consecutive rows (first at `first`, leading dim ld_in) in the compute type
-// T: in place when the input already is T (ld = ld_in), else widened into `buf` (ld = D).
+// T: in place when the input already is T (ld = ld_in), else widened into `buf` (ld =
+// row_ld(D)). With `spread` (an operand of our tile loop's B side), rows in place
+// that crowd a few L1 sets (f32dot::crowds_l1_sets) are copied into `buf` as well.
 template <typename T, typename In>
-inline const T* tile_rows(const In* first, int64_t ld_in, int64_t rows, int64_t D, T* buf, int64_t& ld) {
+inline const T* tile_rows(const In* first, int64_t ld_in, int64_t rows, int64_t D, T* buf, int64_t& ld,
+                          bool spread = false) {
   if constexpr (std::is_same_v<T, In>) {
-    ld = ld_in;
-    return first;
-  } else {
-    for (int64_t r = 0; r < rows; ++r) {
-      const In* src = first + r * ld_in;
-      T* dst = buf + r * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
+    if (!spread || !f32dot::crowds_l1_sets(ld_in)) {
+      ld = ld_in;
+      return first;
     }
-    ld = D;
-    return buf;
   }
+  ld = row_ld(D);
+  for (int64_t r = 0; r < rows; ++r) {
+    const In* src = first + r * ld_in;
+    T* dst = buf + r * ld;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
+  }
+  return buf;
+}
+
+// Whether tile_rows(..., spread) copies rows ld apart (so needs its buffer).
+template <typename T, typename In>
+bool copies_rows(int64_t ld, bool spread) {
+  return !std::is_same_v<T, In> || (spread && f32dot::crowds_l1_sets(ld));
 }
 
 template <typename OutT, typename T>
@@ -343,7 +361,9 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
     constexpr bool widen = !std::is_same_v<T, OutT>;
     Scratch<T> sbuf(bq_max * bk_max), acc(bq_max * D), mrow(bq_max), lrow(bq_max);
-    Scratch<T> qbuf(widen && !dot ? bq_max * D : 0), kbuf(widen && !dot ? bk_max * D : 0), vbuf(widen ? bk_max * D : 0);
+    const int64_t ld_own = row_ld(D);
+    Scratch<T> qbuf(widen && !dot ? bq_max * ld_own : 0), kbuf(widen && !dot ? bk_max * ld_own : 0);
+    Scratch<T> vbuf(copies_rows<T, OutT>(v.ld(), fast) ? bk_max * ld_own : 0);
     Scratch<uint32_t> kpack(dot ? D / 2 * kp_ld : 0), vpack(dot ? (bk_max + 1) / 2 * vp_ld : 0);
     Scratch<c10::BFloat16> pbuf(dot ? bq_max * p_ld : 0);
     Scratch<T> ktbuf(fast && !keys_t.ready() ? D * kt_ld : 0);
@@ -421,7 +441,10 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
             continue;
           }
         }
-        const T* V = tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv);
+        // In place unless widened, or rows that crowd the L1 (a copy per tile costs less
+        // than it saves: B1 H8 S2048 D128 [B,S,H,D] fp32 125.8 -> 109.5 ms, [B,H,S,D]
+        // 107.9 -> 106.1 on Zen 3).
+        const T* V = tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv, fast);
         if (!hidden_pairs || all_finite(V, n, D, ldv)) {
           tile_ab_acc(fast, false, m, D, n, T(1), S, bk, V, ldv, acc.data(), D);
         } else {
@@ -603,20 +626,28 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   const T keep_scale = static_cast<T>(var.keep_scale);
   const BwdPlan plan = backward_plan(call);
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  // Our own [H][rows][D] buffers, addressed by flat row like the tensors.
+  // Our own [H][rows][row_ld(D)] buffers, addressed by flat row like the tensors.
   auto own_rows = [&](at::Tensor& buf, int64_t rows) {
-    buf = at::empty({H * rows * D}, opts);
-    return RowView<T>{buf.data_ptr<T>(), RowLayout::packed(rows * D, D)};
+    const int64_t ld = row_ld(D);
+    buf = at::empty({H * rows * ld}, opts);
+    return RowView<T>{buf.data_ptr<T>(), RowLayout::packed(rows * ld, ld)};
   };
 
-  // Q and dO in the compute type, read by every key block: widened once (16-bit
-  // inputs) in the same pass that computes Delta, else read in place.
-  at::Tensor q_wide, go_wide;
-  RowView<T> qw{}, gow{};
-  if constexpr (widen) {
-    qw = own_rows(q_wide, Rq);
-    gow = own_rows(go_wide, Rq);
-  }
+  // bf16 inputs on a CPU with AVX512-BF16: the five products on bf16 operands
+  // (bf16_dot.h), P and dS rounded to bf16 as the GPU kernels do. Per key block K and V
+  // are packed for S and dP (keys as columns) and K for dQ (keys as pairs); per query
+  // block Q and dO as pairs for dK and dV. The widened Q, dO and K stay for the
+  // per-row fallback of tiles with hidden pairs and non-finite operands.
+  const bool dot = std::is_same_v<OutT, c10::BFloat16> && D % 2 == 0 && bf16dot::available();
+  const bool fast = !dot && fast_products<T>();  // K^T and V^T transposed per key block
+
+  // Q and dO in the compute type, read by every key block: copied once in the same
+  // pass that computes Delta when widened (16-bit inputs) or when their rows crowd
+  // the L1 (dK and dV read them down their rows, as tile_rows), else read in place.
+  at::Tensor q_own_buf, go_own_buf;
+  const bool q_copied = copies_rows<T, OutT>(q.ld(), fast), go_copied = copies_rows<T, OutT>(go.ld(), fast);
+  const RowView<T> q_own = q_copied ? own_rows(q_own_buf, Rq) : RowView<T>{};
+  const RowView<T> go_own = go_copied ? own_rows(go_own_buf, Rq) : RowView<T>{};
   // Delta = rowsum(dO * O) - grad_lse, and lse in the softmax domain, per (head, row).
   std::vector<T> delta_buf(H * Rq), lse_dom_buf(H * Rq);
   const RowValues<T> delta{delta_buf.data(), Rq}, lse_dom{lse_dom_buf.data(), Rq};
@@ -631,25 +662,25 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
       for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(a[d]) * static_cast<double>(x[d]);
       *delta.of(h, g) = static_cast<T>(acc - (glse ? static_cast<double>(*glse->at(g, h)) : 0.0));
       *lse_dom.of(h, g) = Dom::from_lse(*lse.at(g, h));
-      if constexpr (widen) {
-        const OutT* qr = q.at(g, h);
-        T* qd = qw.at(g, h);
-        T* gd = gow.at(g, h);
-        for (int64_t d = 0; d < D; ++d) {
-          qd[d] = static_cast<T>(qr[d]);
-          gd[d] = static_cast<T>(a[d]);
-        }
+      if (q_copied) {
+        const OutT* src = q.at(g, h);
+        T* dst = q_own.at(g, h);
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
+      }
+      if (go_copied) {
+        T* dst = go_own.at(g, h);
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(a[d]);
       }
     }
   });
-  RowView<const T> qv, gov;
-  if constexpr (widen) {
-    qv = RowView<const T>{qw.p, qw.layout};
-    gov = RowView<const T>{gow.p, gow.layout};
-  } else {
-    qv = q;
-    gov = go;
-  }
+  // The copy where there is one (always, for widened inputs), else the input.
+  auto in_compute_type = [](RowView<const OutT> in, const RowView<T>& own, bool copied) -> RowView<const T> {
+    if (copied) return {own.p, own.layout};
+    if constexpr (std::is_same_v<T, OutT>) return in;
+    return {};
+  };
+  const RowView<const T> qv = in_compute_type(q, q_own, q_copied);
+  const RowView<const T> gov = in_compute_type(go, go_own, go_copied);
   if constexpr (std::is_same_v<T, double>) refine_lse<T>(call, qv, k, lse_dom);
   if (var.sinks) sink_grad<T>(call, lse_dom, delta, grad_sinks);
 
@@ -669,13 +700,6 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
 
   const int64_t tasks = static_cast<int64_t>(plan.units.size()) * H;
   const auto [bq_max, bk_max, nkb_unused] = bwd_blocks(seqs.max_q_len(), seqs.max_k_rows());
-  // bf16 inputs on a CPU with AVX512-BF16: the five products on bf16 operands
-  // (bf16_dot.h), P and dS rounded to bf16 as the GPU kernels do. Per key block K and V
-  // are packed for S and dP (keys as columns) and K for dQ (keys as pairs); per query
-  // block Q and dO as pairs for dK and dV. The widened Q, dO and K stay for the
-  // per-row fallback of tiles with hidden pairs and non-finite operands.
-  const bool dot = std::is_same_v<OutT, c10::BFloat16> && D % 2 == 0 && bf16dot::available();
-  const bool fast = !dot && fast_products<T>();  // K^T and V^T transposed per key block
   const int64_t kt_ld = bf16dot::packed_ld(bk_max), d_ld = bf16dot::packed_ld(D);
   const int64_t ft_ld = f32dot::spread_ld(f32dot::packed_ld(bk_max));
   const int64_t ds_ld = bk_max + (bk_max & 1);
@@ -683,7 +707,8 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
     const int64_t tile_max = bq_max * f32dot::spread_ld(bk_max);
     Scratch<T> pbuf(tile_max), dsbuf(tile_max), tbuf(var.softcap > 0 ? tile_max : 0);
-    Scratch<T> kbuf(widen ? bk_max * D : 0), vbuf(widen && !dot ? bk_max * D : 0);
+    Scratch<T> kbuf(copies_rows<T, OutT>(k.ld(), fast) ? bk_max * row_ld(D) : 0);
+    Scratch<T> vbuf(widen && !dot ? bk_max * row_ld(D) : 0);
     Scratch<uint32_t> ktpack(dot ? D / 2 * kt_ld : 0), vtpack(dot ? D / 2 * kt_ld : 0);
     Scratch<uint32_t> kpack(dot ? (bk_max + 1) / 2 * d_ld : 0), qpack(dot ? (bq_max + 1) / 2 * d_ld : 0),
         opack(dot ? (bq_max + 1) / 2 * d_ld : 0);
@@ -723,7 +748,7 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         const Span rows = band.rows_of_keys(j0, j0 + n);  // skip the key block when no row sees it
         if (rows.size() == 0) continue;
         int64_t ldk, ldv = 0;
-        const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
+        const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk, fast);  // dQ's B
         const T* V = dot ? nullptr : tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv);
         if (fast) {
           transpose_tile(K, ldk, n, D, ktbuf.data(), ft_ld);
