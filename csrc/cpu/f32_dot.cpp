@@ -13,6 +13,7 @@
 
 #include "cpu/cpu_caps.h"
 #include "cpu/f32_dot_backend.h"
+#include "cpu/f32_exp.h"
 
 namespace tfkernels::cpu::f32dot {
 namespace {
@@ -44,9 +45,26 @@ const Backend& kernels(const char* function) {
   return *backend;
 }
 
+// The best kernels present, for entry points called per row (no switch to read).
+const Backend& present(const char* function) {
+  const Backend* backend = best_present();
+  TORCH_CHECK(backend != nullptr, "tfkernels: f32dot::", function, " needs a CPU with AVX-512 or AVX2 and FMA3");
+  return *backend;
+}
+
 }  // namespace
 
 bool available() { return chosen() != nullptr; }
+
+float exp2_scaled_sum(float* s, int64_t n, float c, float m) {
+  static const auto kernel = present("exp2_scaled_sum").exp2_scaled_sum;
+  return kernel(s, n, c, m);
+}
+
+void exp2_scaled(float* s, int64_t n, float c, float m) {
+  static const auto kernel = present("exp2_scaled").exp2_scaled;
+  kernel(s, n, c, m);
+}
 
 bool whole_gemms_available() {
   const Backend* backend = chosen();

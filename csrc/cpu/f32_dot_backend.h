@@ -28,6 +28,9 @@ struct Backend {
   void (*gemm_prepacked)(bool trans_a, int64_t m, int64_t cols, int64_t depth, float alpha, const float* a,
                          int64_t lda, const float* panels, int64_t panel_stride, int64_t k0, int64_t c0, float* c,
                          int64_t ldc, bool accumulate);
+  // f32dot::exp2_scaled_sum and exp2_scaled (f32_exp.h).
+  float (*exp2_scaled_sum)(float* s, int64_t n, float c, float m);
+  void (*exp2_scaled)(float* s, int64_t n, float c, float m);
 };
 
 // The kernels for each instruction set, or null where this build has none (not

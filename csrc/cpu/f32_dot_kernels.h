@@ -10,6 +10,7 @@
 #include "cpu/f32_dot.h"
 #include "cpu/f32_dot_backend.h"
 #include "cpu/tile_gemm.h"
+#include "cpu/vec_math.h"
 
 namespace tfkernels::cpu::f32dot {
 namespace {
@@ -109,8 +110,49 @@ struct Kernels {
                                      tile_gemm::StoreF32<Isa>{c, ldc, alpha, accumulate});
   }
 
+  // vec_math.h's fast_exp2f, lane for lane and bit for bit: the clamps as min / max
+  // (GCC vectorises the scalar loop's with compares and blends: 11.3 cycles a vector
+  // of 8 on Zen 3 in exp2_scaled_sum's loop, 8.3 here).
+  static TFK_TILE_TARGET typename Isa::Vec fast_exp2f(typename Isa::Vec x) {
+    const auto xc = Isa::max(Isa::set1(-126.0f), Isa::min(Isa::set1(127.0f), x));
+    const auto r = Isa::round_even(xc);
+    const auto f = Isa::sub(xc, r);
+    auto p = Isa::set1(kExp2Poly6[0]);
+#pragma GCC unroll 6
+    for (int i = 1; i < 7; ++i) p = Isa::fmadd(p, f, Isa::set1(kExp2Poly6[i]));
+    return Isa::zero_where_below(Isa::mul(p, Isa::pow2_whole(r)), x, -126.0f);
+  }
+
+  // s[j] <- 2^(s[j] c - m), as flash_attention_softmax.cpp's loops; returns their sum
+  // (when `sum`), added up lane-wise, then across the lanes.
+  template <bool kSum>
+  static TFK_TILE_TARGET float exp2_scaled_rows(float* s, int64_t n, float c, float m) {
+    const auto vc = Isa::set1(c), vm = Isa::set1(m);
+    auto total = Isa::zero();
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      const auto p = fast_exp2f(Isa::fmsub(Isa::load(s + j), vc, vm));
+      Isa::store(s + j, p);
+      if constexpr (kSum) total = Isa::add(total, p);
+    }
+    if (j < n) {
+      const auto lanes = Isa::first(n - j);
+      const auto p = fast_exp2f(Isa::fmsub(Isa::load(s + j, lanes), vc, vm));
+      Isa::store(s + j, lanes, p);
+      if constexpr (kSum) total = Isa::add(total, Isa::keep(p, lanes));
+    }
+    return kSum ? Isa::sum(total) : 0.0f;
+  }
+  static TFK_TILE_TARGET float exp2_scaled_sum(float* s, int64_t n, float c, float m) {
+    return exp2_scaled_rows<true>(s, n, c, m);
+  }
+  static TFK_TILE_TARGET void exp2_scaled(float* s, int64_t n, float c, float m) {
+    exp2_scaled_rows<false>(s, n, c, m);
+  }
+
   static Backend backend(const char* isa, bool whole_gemms) {
-    return {isa, whole_gemms, &pack_transposed, &pack_panel, &gemm, &gemm_packed, &gemm_prepacked};
+    return {isa,         whole_gemms,     &pack_transposed, &pack_panel,      &gemm,
+            &gemm_packed, &gemm_prepacked, &exp2_scaled_sum, &exp2_scaled};
   }
 };
 

@@ -423,7 +423,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
             // and poison the later tiles. +inf and NaN maxima stay: they must give NaN.
             const T m_use = m_new == neg_inf ? T(0) : m_new;
             const T alpha = Dom::exp(mrow[r] - m_use);  // 0 on the row's first visible tile (without a sink)
-            const T sum = Dom::exp_sum(x, nv, c, m_use);
+            const T sum = Dom::exp_sum(x, nv, c, m_use, fast);
             lrow[r] = lrow[r] * alpha + sum;
             mrow[r] = m_new;
             if (alpha != T(1)) fa::scale_row(acc.data() + r * D, D, alpha);
@@ -523,7 +523,7 @@ void refine_lse(const AttentionCall& call, RowView<const T> q, RowView<const T> 
           if (vis.size() == 0 || std::isinf(L[r])) continue;
           T* x = sbuf.data() + r * bk + vis.lo;
           if (var.softcap > 0) softcap_scores<T>(var, call.scale, x, vis.size(), nullptr);
-          sums[r] += Dom::exp_sum(x, vis.size(), c, L[r]);
+          sums[r] += Dom::exp_sum(x, vis.size(), c, L[r], false);  // double only
         }
       }
       for (int64_t r = 0; r < m; ++r)
@@ -797,7 +797,7 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
               T* ds = dsrow + vis.lo;
               T* t = var.softcap > 0 ? tbuf.data() + r * ldp + vis.lo : nullptr;
               if (t) softcap_scores<T>(var, call.scale, p, nv, t);
-              Dom::exp_rows(p, nv, c, Lrow[i]);
+              Dom::exp_rows(p, nv, c, Lrow[i], fast);
               // With dropout Z = keep / (1 - p): dP <- dP * Z, dS = P (dP - Delta), then P <- P * Z for dV.
               const uint8_t* kp = var.dropout ? keep_of(var, bh, i, j0 + vis.lo, nv, keep.data()) : nullptr;
               if (kp) fa::apply_keep(ds, kp, nv, keep_scale);

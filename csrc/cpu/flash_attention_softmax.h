@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cpu/f32_exp.h"
 #include "dropout_rng.h"
 
 namespace tfkernels::cpu::fa {
@@ -85,8 +86,14 @@ struct SoftmaxDomain<float> {
   static float to_lse(float m, float l) { return (m + std::log2(l)) * 0.6931471805599453f; }
   static float exp(float x) { return std::exp2(x); }
   static float max(const float* s, int64_t n, float c) { return row_max_scaled(s, n, c); }
-  static float exp_sum(float* s, int64_t n, float c, float m) { return exp2_scaled_sum(s, n, c, m); }
-  static void exp_rows(float* s, int64_t n, float c, float m) { exp2_scaled(s, n, c, m); }
+  // On f32_dot's vector kernels where the call's tile products run on them (`vector`:
+  // f32dot::available(), read once per call), else the loops; both compute fast_exp2f.
+  static float exp_sum(float* s, int64_t n, float c, float m, bool vector) {
+    return vector ? f32dot::exp2_scaled_sum(s, n, c, m) : exp2_scaled_sum(s, n, c, m);
+  }
+  static void exp_rows(float* s, int64_t n, float c, float m, bool vector) {
+    vector ? f32dot::exp2_scaled(s, n, c, m) : exp2_scaled(s, n, c, m);
+  }
 };
 
 template <>
@@ -96,8 +103,8 @@ struct SoftmaxDomain<double> {
   static float to_lse(double m, double l) { return static_cast<float>(m + std::log(l)); }
   static double exp(double x) { return std::exp(x); }
   static double max(const double* s, int64_t n, double c) { return row_max_scaled(s, n, c); }
-  static double exp_sum(double* s, int64_t n, double c, double m) { return exp_scaled_sum(s, n, c, m); }
-  static void exp_rows(double* s, int64_t n, double c, double m) { exp_scaled(s, n, c, m); }
+  static double exp_sum(double* s, int64_t n, double c, double m, bool) { return exp_scaled_sum(s, n, c, m); }
+  static void exp_rows(double* s, int64_t n, double c, double m, bool) { exp_scaled(s, n, c, m); }
 };
 
 }  // namespace tfkernels::cpu::fa

@@ -34,6 +34,7 @@
 #include "alloc.h"
 #include "kvcache_args.h"
 #include "cpu/blas.h"
+#include "cpu/f32_dot.h"
 #include "cpu/flash_attention_band.h"
 #include "cpu/flash_attention_softmax.h"
 #include "cpu/kvcache_layout.h"
@@ -143,6 +144,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
   const int64_t max_rows = G * plan.bq;
   const T c = attrs.softcap > 0 ? T(1) : Dom::score_mult(static_cast<T>(attrs.scale));
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const bool vector_exp = std::is_same_v<T, float> && f32dot::available();  // the softmax's exp2 (f32_exp.h)
   // Partials of split items: acc [slot, max_rows, D], m and l [slot, max_rows].
   std::vector<T> part_acc(plan.partials * max_rows * D), part_m(plan.partials * max_rows),
       part_l(plan.partials * max_rows);
@@ -226,7 +228,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
             // All visible scores -inf so far: exponentiate against 0 (see flash_attention.cpp).
             const T m_use = m_new == neg_inf ? T(0) : m_new;
             const T alpha = Dom::exp(st.m[r] - m_use);
-            const T sum = Dom::exp_sum(x, nv, c, m_use);
+            const T sum = Dom::exp_sum(x, nv, c, m_use, vector_exp);
             st.l[r] = st.l[r] * alpha + sum;
             st.m[r] = m_new;
             if (alpha != T(1)) fa::scale_row(st.acc + r * D, D, alpha);

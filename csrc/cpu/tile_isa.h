@@ -47,6 +47,28 @@ struct Avx512 {
   static TFK_ISA_AVX512 Bits as_bits(Vec v) { return _mm512_castps_si512(v); }
   static TFK_ISA_AVX512 Vec as_vec(Bits b) { return _mm512_castsi512_ps(b); }
 
+  // For the softmax's exponentials (f32_dot_kernels.h's fast_exp2f). min and max
+  // return their second operand when either is NaN, so min(c, x) keeps a NaN x.
+  static TFK_ISA_AVX512 Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+  static TFK_ISA_AVX512 Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+  static TFK_ISA_AVX512 Vec fmsub(Vec a, Vec b, Vec c) { return _mm512_fmsub_ps(a, b, c); }
+  static TFK_ISA_AVX512 Vec min(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+  static TFK_ISA_AVX512 Vec max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+  static TFK_ISA_AVX512 Vec round_even(Vec x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // 2^r for whole r in [-126, 127], through the exponent bits.
+  static TFK_ISA_AVX512 Vec pow2_whole(Vec r) {
+    const __m512i biased = _mm512_add_epi32(_mm512_cvtps_epi32(r), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(biased, 23));
+  }
+  // y, with 0 in the lanes where x < bound (NaN x keeps y).
+  static TFK_ISA_AVX512 Vec zero_where_below(Vec y, Vec x, float bound) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(bound), _CMP_NLT_UQ), y);
+  }
+  static TFK_ISA_AVX512 Vec keep(Vec v, Mask lanes) { return _mm512_maskz_mov_ps(lanes, v); }
+  static TFK_ISA_AVX512 float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+
   // r[i] lane j <- r[j] lane i: three rounds of interleaving (single floats, pairs,
   // 128-bit lanes twice).
   static TFK_ISA_AVX512 void transpose(Vec r[kLanes]) {
@@ -104,6 +126,27 @@ struct Avx2 {
   }
   static TFK_ISA_AVX2 Bits as_bits(Vec v) { return _mm256_castps_si256(v); }
   static TFK_ISA_AVX2 Vec as_vec(Bits b) { return _mm256_castsi256_ps(b); }
+
+  // As Avx512's (vminps / vmaxps have the same NaN rule).
+  static TFK_ISA_AVX2 Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+  static TFK_ISA_AVX2 Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+  static TFK_ISA_AVX2 Vec fmsub(Vec a, Vec b, Vec c) { return _mm256_fmsub_ps(a, b, c); }
+  static TFK_ISA_AVX2 Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+  static TFK_ISA_AVX2 Vec max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+  static TFK_ISA_AVX2 Vec round_even(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static TFK_ISA_AVX2 Vec pow2_whole(Vec r) {
+    const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(r), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
+  }
+  static TFK_ISA_AVX2 Vec zero_where_below(Vec y, Vec x, float bound) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(bound), _CMP_LT_OQ), y);
+  }
+  static TFK_ISA_AVX2 Vec keep(Vec v, Mask lanes) { return _mm256_and_ps(v, _mm256_castsi256_ps(lanes)); }
+  static TFK_ISA_AVX2 float sum(Vec v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
 
   // r[i] lane j <- r[j] lane i: floats, then pairs interleaved within 128-bit
   // halves, then the halves exchanged.

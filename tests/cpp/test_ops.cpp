@@ -1,6 +1,7 @@
 // C++ test of the CMake-built library (libtfkernels_ops): calls each op through
 // the dispatcher, as a C++ user would, and compares it with the same computation
-// in plain ATen, in float64 on the CPU.
+// in plain ATen, in float64 on the CPU; and a few of the CPU kernels' own pieces
+// against each other (dropout_rng, softmax_exp2).
 //
 //   test_ops            run every case
 //   test_ops CASE...    run the named cases (ctest runs one case per test)
@@ -12,8 +13,11 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <sstream>
@@ -23,6 +27,9 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/f32_dot.h"
+#include "cpu/f32_exp.h"
+#include "cpu/flash_attention_softmax.h"
 #include "dropout_rng.h"
 
 namespace {
@@ -217,12 +224,67 @@ void test_dropout_rng() {
   }
 }
 
+// The softmax's vector exponentials (f32_exp.h) against its loops
+// (flash_attention_softmax.h): the same fast_exp2f bit for bit, over the range
+// reductions' edges, NaN and infinities, every tail length; the sums to round-off.
+void test_softmax_exp2() {
+  namespace cpu = tfkernels::cpu;
+  if (!cpu::f32dot::available()) return;  // no AVX2 / AVX-512 here: only the loops run
+  std::vector<float> values;
+  for (int i = -1450; i <= 1300; ++i) values.push_back(static_cast<float>(i) * 0.1f + 0.0371f);
+  for (float x : {-126.0f, -125.5f, -126.5f, 127.0f, 127.5f, -0.5f, 0.5f, 1.5f, -1.5f, 0.0f, -0.0f, 1e-30f})
+    values.push_back(x);
+  for (float x : {NAN, -NAN, INFINITY, -INFINITY}) values.push_back(x);
+  for (const float c : {1.0f, 0.18033688f}) {
+    for (const float m : {0.0f, 3.25f, -INFINITY}) {
+      for (size_t n = 1; n <= 40; ++n) {
+        for (size_t start = 0; start + n <= values.size(); start += 37) {
+          std::vector<float> loop(values.begin() + start, values.begin() + start + n), vec = loop;
+          const float loop_sum = cpu::fa::exp2_scaled_sum(loop.data(), static_cast<int64_t>(n), c, m);
+          const float vec_sum = cpu::f32dot::exp2_scaled_sum(vec.data(), static_cast<int64_t>(n), c, m);
+          std::vector<float> rows(values.begin() + start, values.begin() + start + n);
+          cpu::f32dot::exp2_scaled(rows.data(), static_cast<int64_t>(n), c, m);
+          double exact = 0;
+          for (size_t j = 0; j < n; ++j) {
+            uint32_t a, b, r;
+            std::memcpy(&a, &loop[j], 4);
+            std::memcpy(&b, &vec[j], 4);
+            std::memcpy(&r, &rows[j], 4);
+            const bool both_nan = std::isnan(loop[j]) && std::isnan(vec[j]) && std::isnan(rows[j]);
+            if (!both_nan && (a != b || a != r)) {
+              std::ostringstream msg;
+              msg << "2^(" << values[start + j] << " * " << c << " - " << m << "): loop " << loop[j] << ", vector "
+                  << vec[j] << ", vector without the sum " << rows[j];
+              throw Mismatch(msg.str());
+            }
+            exact += loop[j];
+          }
+          // Positive terms: each float sum is within (n - 1) half-ulps of the exact one,
+          // or overflows to inf with it.
+          const double tol = 6e-8 * static_cast<double>(n) * std::abs(exact) + 1e-37;
+          auto agrees = [&](float sum) {
+            if (std::isnan(exact)) return std::isnan(sum);
+            if (exact > std::numeric_limits<float>::max()) return std::isinf(sum) && sum > 0;
+            return std::abs(static_cast<double>(sum) - exact) <= tol;
+          };
+          const bool sums_agree = agrees(loop_sum) && agrees(vec_sum);
+          if (!sums_agree) {
+            std::ostringstream msg;
+            msg << "sum of " << n << " exponentials: loop " << loop_sum << ", vector " << vec_sum << ", exact " << exact;
+            throw Mismatch(msg.str());
+          }
+        }
+      }
+    }
+  }
+}
+
 const std::map<std::string, std::function<void()>>& cases() {
   static const std::map<std::string, std::function<void()>> all{
       {"bias_gelu", test_bias_gelu},   {"bias_gelu_bwd", test_bias_gelu_bwd},
       {"linear_gelu", test_linear_gelu}, {"fused_mlp", test_fused_mlp},
       {"fused_qkv", test_fused_qkv},   {"flash_attention", test_flash_attention},
-      {"dropout_rng", test_dropout_rng},
+      {"dropout_rng", test_dropout_rng}, {"softmax_exp2", test_softmax_exp2},
   };
   return all;
 }
