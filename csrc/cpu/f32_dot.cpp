@@ -37,19 +37,17 @@ const Backend* chosen() {
   return best_present();
 }
 
-// The kernels an entry point runs: the chosen ones, else the best present.
-const Backend& kernels(const char* function) {
-  const Backend* backend = chosen();
-  if (backend == nullptr) backend = best_present();
-  TORCH_CHECK(backend != nullptr, "tfkernels: f32dot::", function, " needs a CPU with AVX-512 or AVX2 and FMA3");
-  return *backend;
-}
-
 // The best kernels present, for entry points called per row (no switch to read).
 const Backend& present(const char* function) {
   const Backend* backend = best_present();
   TORCH_CHECK(backend != nullptr, "tfkernels: f32dot::", function, " needs a CPU with AVX-512 or AVX2 and FMA3");
   return *backend;
+}
+
+// The kernels an entry point runs: the chosen ones, else the best present.
+const Backend& kernels(const char* function) {
+  const Backend* backend = chosen();
+  return backend != nullptr ? *backend : present(function);
 }
 
 }  // namespace

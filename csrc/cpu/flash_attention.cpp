@@ -164,6 +164,19 @@ T sink_dom(const Variants& var, int64_t h) {
 // down their rows (V in P V; dO, Q and K in dV, dK and dQ).
 inline int64_t row_ld(int64_t D) { return f32dot::spread_ld(D); }
 
+// Whether tile_rows(..., spread) copies rows ld apart (so needs its buffer); the
+// backward's Q and dO follow the same rule.
+template <typename T, typename In>
+bool copies_rows(int64_t ld, bool spread) {
+  return !std::is_same_v<T, In> || (spread && f32dot::crowds_l1_sets(ld));
+}
+
+// dst[d] = src[d] in the compute type, for d < D.
+template <typename T, typename In>
+inline void copy_row(const In* src, T* dst, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
+}
+
 // `rows` consecutive rows (first at `first`, leading dim ld_in) in the compute type
 // T: in place when the input already is T (ld = ld_in), else widened into `buf` (ld =
 // row_ld(D)). With `spread` (an operand of our tile loop's B side), rows in place
@@ -172,24 +185,14 @@ template <typename T, typename In>
 inline const T* tile_rows(const In* first, int64_t ld_in, int64_t rows, int64_t D, T* buf, int64_t& ld,
                           bool spread = false) {
   if constexpr (std::is_same_v<T, In>) {
-    if (!spread || !f32dot::crowds_l1_sets(ld_in)) {
+    if (!copies_rows<T, In>(ld_in, spread)) {
       ld = ld_in;
       return first;
     }
   }
   ld = row_ld(D);
-  for (int64_t r = 0; r < rows; ++r) {
-    const In* src = first + r * ld_in;
-    T* dst = buf + r * ld;
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
-  }
+  for (int64_t r = 0; r < rows; ++r) copy_row(first + r * ld_in, buf + r * ld, D);
   return buf;
-}
-
-// Whether tile_rows(..., spread) copies rows ld apart (so needs its buffer).
-template <typename T, typename In>
-bool copies_rows(int64_t ld, bool spread) {
-  return !std::is_same_v<T, In> || (spread && f32dot::crowds_l1_sets(ld));
 }
 
 template <typename OutT, typename T>
@@ -662,15 +665,8 @@ void attention_bwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
       for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(a[d]) * static_cast<double>(x[d]);
       *delta.of(h, g) = static_cast<T>(acc - (glse ? static_cast<double>(*glse->at(g, h)) : 0.0));
       *lse_dom.of(h, g) = Dom::from_lse(*lse.at(g, h));
-      if (q_copied) {
-        const OutT* src = q.at(g, h);
-        T* dst = q_own.at(g, h);
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
-      }
-      if (go_copied) {
-        T* dst = go_own.at(g, h);
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(a[d]);
-      }
+      if (q_copied) copy_row(q.at(g, h), q_own.at(g, h), D);
+      if (go_copied) copy_row(a, go_own.at(g, h), D);
     }
   });
   // The copy where there is one (always, for widened inputs), else the input.
