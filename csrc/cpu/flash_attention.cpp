@@ -90,6 +90,9 @@ using tile::all_finite;
 // more query rows from 192 on: bf16 B1 H8 S512 D64 ran 4.0 ms at 64 rows, 2.9 at 128,
 // 2.7 at 256 (128 keeps one-head causal calls balanced over the threads; fp32 through
 // sgemm at 256 rows ran ~10% slower); fp32 on f32_dot 4.2 ms at 64 rows, 3.7 at 128.
+// At S2048 D128 fp32 on Zen 3 (AVX2 tiles, 512 KiB L2, alternating calls against 256 x
+// 512): 256 x 256 within noise, 128 x 256 and 128 x 512 8-12% slower, 64 x 256 and
+// 64 x 512 22-25%: every query block re-reads K^T and copies V.
 struct FwdBlocks {
   int64_t bq, bk;
 };
@@ -446,7 +449,9 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         }
         // In place unless widened, or rows that crowd the L1 (a copy per tile costs less
         // than it saves: B1 H8 S2048 D128 [B,S,H,D] fp32 125.8 -> 109.5 ms, [B,H,S,D]
-        // 107.9 -> 106.1 on Zen 3).
+        // 107.9 -> 106.1 on Zen 3). Per tile, not once per call: the copy just made is
+        // in L2 for P V, and one spaced copy of V before the tasks ran 1-2% slower
+        // (Zen 3, S2048 D128, 3 x 31 alternating rounds).
         const T* V = tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv, fast);
         if (!hidden_pairs || all_finite(V, n, D, ldv)) {
           tile_ab_acc(fast, false, m, D, n, T(1), S, bk, V, ldv, acc.data(), D);
