@@ -69,11 +69,12 @@ struct StoreF32 {
 };
 
 // MR rows x NZ vectors; kMaskedTail: the last vector is read and stored under `tail`
-// (otherwise it is whole, and read with a plain load).
-template <class Kind, int MR, int NZ, bool kMaskedTail, class Out>
+// (otherwise it is whole, and read with a plain load). kPrefetch: each step also
+// prefetches the same row segment of `next` (the next block of columns' B).
+template <class Kind, int MR, int NZ, bool kMaskedTail, class Out, bool kPrefetch = false>
 TFK_TILE_TARGET inline void micro_kernel(int64_t steps, const typename Kind::A* a, int64_t a_row, int64_t a_step,
                                          const typename Kind::B* b, int64_t ldb, const Out& out,
-                                         typename Kind::Isa::Mask tail) {
+                                         typename Kind::Isa::Mask tail, const typename Kind::B* next = nullptr) {
   using Isa = typename Kind::Isa;
   typename Isa::Vec acc[MR][NZ];
 #pragma GCC unroll 8
@@ -82,6 +83,12 @@ TFK_TILE_TARGET inline void micro_kernel(int64_t steps, const typename Kind::A* 
     for (int z = 0; z < NZ; ++z) acc[i][z] = Isa::zero();
   }
   for (int64_t p = 0; p < steps; ++p) {
+    if constexpr (kPrefetch) {
+      // First and last byte of the segment: it may straddle two cache lines.
+      const char* segment = reinterpret_cast<const char*>(next + p * ldb);
+      __builtin_prefetch(segment, 0, 3);
+      __builtin_prefetch(segment + sizeof(*next) * Isa::kLanes * NZ - 1, 0, 3);
+    }
     typename Isa::Bits bv[NZ];
 #pragma GCC unroll 4
     for (int z = 0; z < NZ; ++z) {
@@ -104,12 +111,19 @@ TFK_TILE_TARGET inline void micro_kernel(int64_t steps, const typename Kind::A* 
   }
 }
 
-// All m rows of one block of NZ vectors of columns.
+// All m rows of one block of NZ vectors of columns; the first full micro-tile
+// prefetches `next` (Isa::kPrefetchNextColumns), when given.
 template <class Kind, int NZ, bool kMaskedTail, class Out>
 TFK_TILE_TARGET void column_block(int64_t m, int64_t steps, const typename Kind::A* a, int64_t a_row, int64_t a_step,
                                   const typename Kind::B* b, int64_t ldb, const Out& out,
-                                  typename Kind::Isa::Mask tail) {
+                                  typename Kind::Isa::Mask tail, const typename Kind::B* next) {
   int64_t i = 0;
+  if constexpr (Kind::Isa::kPrefetchNextColumns) {
+    if (next && m >= kRows) {
+      micro_kernel<Kind, kRows, NZ, kMaskedTail, Out, true>(steps, a, a_row, a_step, b, ldb, out, tail, next);
+      i = kRows;
+    }
+  }
   for (; i + kRows <= m; i += kRows) {
     micro_kernel<Kind, kRows, NZ, kMaskedTail>(steps, a + i * a_row, a_row, a_step, b, ldb, out.at(i, 0), tail);
   }
@@ -129,17 +143,17 @@ TFK_TILE_TARGET void column_block(int64_t m, int64_t steps, const typename Kind:
 template <class Kind, bool kMaskedTail, class Out>
 TFK_TILE_TARGET void column_block_of(int vectors, int64_t m, int64_t steps, const typename Kind::A* a, int64_t a_row,
                                      int64_t a_step, const typename Kind::B* b, int64_t ldb, const Out& out,
-                                     typename Kind::Isa::Mask tail) {
+                                     typename Kind::Isa::Mask tail, const typename Kind::B* next) {
   static_assert(Kind::Isa::kVectors == 2 || Kind::Isa::kVectors == 4, "micro-tiles of 2 or 4 vectors");
   if constexpr (Kind::Isa::kVectors == 2) {
-    if (vectors == 1) return column_block<Kind, 1, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail);
-    return column_block<Kind, 2, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail);
+    if (vectors == 1) return column_block<Kind, 1, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail, next);
+    return column_block<Kind, 2, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail, next);
   } else {
     switch (vectors) {
-      case 1: return column_block<Kind, 1, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail);
-      case 2: return column_block<Kind, 2, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail);
-      case 3: return column_block<Kind, 3, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail);
-      default: return column_block<Kind, 4, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail);
+      case 1: return column_block<Kind, 1, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail, next);
+      case 2: return column_block<Kind, 2, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail, next);
+      case 3: return column_block<Kind, 3, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail, next);
+      default: return column_block<Kind, 4, kMaskedTail>(m, steps, a, a_row, a_step, b, ldb, out, tail, next);
     }
   }
 }
@@ -157,12 +171,14 @@ TFK_TILE_TARGET void gemm_to(int64_t m, int64_t cols, int64_t steps, const typen
     const auto tail = Isa::first(last);
     const auto* bc = b + c0;
     const Out oc = out.at(0, c0);
+    // (A prefetch past the end of B is harmless: it never faults.)
+    const auto* next = Isa::kPrefetchNextColumns && c0 + kWidth < cols ? bc + kWidth : nullptr;
     if constexpr (Isa::kMaskedLoadsAreFree) {
-      column_block_of<Kind, true>(vectors, m, steps, a, a_row, a_step, bc, ldb, oc, tail);
+      column_block_of<Kind, true>(vectors, m, steps, a, a_row, a_step, bc, ldb, oc, tail, next);
     } else if (last < Isa::kLanes) {
-      column_block_of<Kind, true>(vectors, m, steps, a, a_row, a_step, bc, ldb, oc, tail);
+      column_block_of<Kind, true>(vectors, m, steps, a, a_row, a_step, bc, ldb, oc, tail, next);
     } else {
-      column_block_of<Kind, false>(vectors, m, steps, a, a_row, a_step, bc, ldb, oc, tail);
+      column_block_of<Kind, false>(vectors, m, steps, a, a_row, a_step, bc, ldb, oc, tail, next);
     }
   }
 }
