@@ -44,8 +44,8 @@
 // kernels also copy the operands they read down their rows when the input's rows
 // crowd a few L1 sets (row_ld, tile_rows: D = 128, or [B,S,H,D] views). The
 // fp32 tile products run on our AVX-512 kernels (f32_dot.h: K^T transposed once
-// per call for fp32 inputs, per key tile for widened ones, V^T per key block in the
-// backward; no per-tile library call) where the CPU has AVX-512, else on
+// per call in the forward, widened first for 16-bit inputs, K^T and V^T per key block
+// in the backward; no per-tile library call) where the CPU has AVX-512, else on
 // BLAS (blas.h); the exp runs in flash_attention_softmax.cpp. On bf16 inputs,
 // where the CPU has AVX512-BF16, forward and backward instead multiply the bf16
 // tiles directly (bf16_dot.h: K, V, Q, dO packed per tile, P and dS rounded to bf16
@@ -283,11 +283,13 @@ struct KeysTransposed {
   const float* of(int64_t b, int64_t hk) const { return buf.const_data_ptr<float>() + hk * D * ld + col0[b]; }
 };
 
-// Only for fp32 inputs (widened ones are transposed per tile, after widening).
+// 16-bit inputs are widened first, a block of rows at a time (per key tile instead,
+// as before, was 1-3% slower at S512 D64/D128 bf16 and 6% at S512 D128 fp16 on Zen 3;
+// within noise at S2048).
 template <typename T, typename OutT>
 KeysTransposed transpose_keys(const AttentionCall& call, RowView<const OutT> k, bool fast) {
   KeysTransposed kt;
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<OutT, float>) {
+  if constexpr (std::is_same_v<T, float>) {
     if (!fast) return kt;
     const Sequences& seqs = call.seqs;
     const int64_t Hkv = call.kv_heads, D = call.head_dim, B = seqs.count();
@@ -305,12 +307,20 @@ KeysTransposed transpose_keys(const AttentionCall& call, RowView<const OutT> k, 
     float* dst = kt.buf.mutable_data_ptr<float>();
     const auto n_blocks = static_cast<int64_t>(blocks.size());
     at::parallel_for(0, Hkv * n_blocks, 1, [&](int64_t begin, int64_t end) {
+      Scratch<float> widened(std::is_same_v<OutT, float> ? 0 : kRows * D);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t hk = t / n_blocks;
         const auto [b, j] = blocks[t % n_blocks];
         const int64_t rows = std::min(kRows, seqs.k_rows(b) - j);
-        f32dot::pack_transposed(k.at(seqs.k_start(b) + j, hk), k.ld(), rows, D, dst + hk * D * kt.ld + kt.col0[b] + j,
-                                kt.ld);
+        const OutT* first = k.at(seqs.k_start(b) + j, hk);
+        const float* src = reinterpret_cast<const float*>(first);
+        int64_t ld = k.ld();
+        if constexpr (!std::is_same_v<OutT, float>) {
+          for (int64_t r = 0; r < rows; ++r) copy_row(first + r * k.ld(), widened.data() + r * D, D);
+          src = widened.data();
+          ld = D;
+        }
+        f32dot::pack_transposed(src, ld, rows, D, dst + hk * D * kt.ld + kt.col0[b] + j, kt.ld);
       }
     });
   }
@@ -368,7 +378,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
     constexpr bool widen = !std::is_same_v<T, OutT>;
     Scratch<T> sbuf(bq_max * bk_max), acc(bq_max * D), mrow(bq_max), lrow(bq_max);
     const int64_t ld_own = row_ld(D);
-    Scratch<T> qbuf(widen && !dot ? bq_max * ld_own : 0), kbuf(widen && !dot ? bk_max * ld_own : 0);
+    Scratch<T> qbuf(widen && !dot ? bq_max * ld_own : 0), kbuf(widen && !dot && !keys_t.ready() ? bk_max * ld_own : 0);
     Scratch<T> vbuf(copies_rows<T, OutT>(v.ld(), fast) ? bk_max * ld_own : 0);
     Scratch<uint32_t> kpack(dot ? D / 2 * kp_ld : 0), vpack(dot ? (bk_max + 1) / 2 * vp_ld : 0);
     Scratch<c10::BFloat16> pbuf(dot ? bq_max * p_ld : 0);
@@ -381,7 +391,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
       const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b), dot || fast);
       const int64_t i0 = blk.i0, m = std::min(bq, len_q - i0);
       const SeqBand band = call.band.of(len_q, seqs.k_len(b));
-      int64_t ldq = 0, ldk, ldv;
+      int64_t ldq = 0, ldk = 0, ldv;
       const T* Q = dot ? nullptr : tile_rows<T>(q.at(q0 + i0, h), q.ld(), m, D, qbuf.data(), ldq);
       const Span keys = band.keys_of_rows(i0, i0 + m);
 
@@ -400,7 +410,8 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
           }
         }
         if (!dot) {
-          const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
+          // K itself only where K^T is not ready (read through BLAS, or transposed per tile).
+          const T* K = keys_t.ready() ? nullptr : tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
           const T* kt = ktbuf.data();  // K^T: transposed before the tasks, or here
           int64_t kt_stride = kt_ld;
           if constexpr (std::is_same_v<T, float>) {
