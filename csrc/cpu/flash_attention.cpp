@@ -307,19 +307,13 @@ KeysTransposed transpose_keys(const AttentionCall& call, RowView<const OutT> k, 
     float* dst = kt.buf.mutable_data_ptr<float>();
     const auto n_blocks = static_cast<int64_t>(blocks.size());
     at::parallel_for(0, Hkv * n_blocks, 1, [&](int64_t begin, int64_t end) {
-      Scratch<float> widened(std::is_same_v<OutT, float> ? 0 : kRows * D);
+      Scratch<float> widened(std::is_same_v<OutT, float> ? 0 : kRows * row_ld(D));
       for (int64_t t = begin; t < end; ++t) {
         const int64_t hk = t / n_blocks;
         const auto [b, j] = blocks[t % n_blocks];
         const int64_t rows = std::min(kRows, seqs.k_rows(b) - j);
-        const OutT* first = k.at(seqs.k_start(b) + j, hk);
-        const float* src = reinterpret_cast<const float*>(first);
-        int64_t ld = k.ld();
-        if constexpr (!std::is_same_v<OutT, float>) {
-          for (int64_t r = 0; r < rows; ++r) copy_row(first + r * k.ld(), widened.data() + r * D, D);
-          src = widened.data();
-          ld = D;
-        }
+        int64_t ld;
+        const float* src = tile_rows<float>(k.at(seqs.k_start(b) + j, hk), k.ld(), rows, D, widened.data(), ld);
         f32dot::pack_transposed(src, ld, rows, D, dst + hk * D * kt.ld + kt.col0[b] + j, kt.ld);
       }
     });
