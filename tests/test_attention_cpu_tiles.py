@@ -107,3 +107,38 @@ def test_non_finite_reaches_only_the_rows_that_see_it(products, where, value, la
     ref = reference.flash_attention(*(t.double() for t in (q, k, v)), window_size=window, softcap=softcap)
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.equal(torch.isinf(out), torch.isinf(ref))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("seqlen_k", [40, 700])
+def test_non_finite_on_tiles_every_row_sees(products, where, value, seqlen_k):
+    # No mask and no softcap: on the fp32 kernels each row's max comes out of the
+    # product's registers (f32dot::gemm_row_max) rather than a pass over the visible
+    # scores, so a NaN or +inf score must reach every row from there. 700 keys: a
+    # second key tile, after the bad key's, with a masked vector tail.
+    q, k, v = _inputs((1, 2, 1, 33, seqlen_k, 64), products, "cpu")
+    q[..., 3].abs_()  # an Inf in k gives +inf scores (a NaN row) and a -inf one probability 0
+    (k if where == "k" else v)[0, 0, 20, 3] = value
+    out = tfkernels.flash_attention(q, k, v)
+    ref = reference.flash_attention(*(t.double() for t in (q, k, v)))
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    poisoned = value != float("-inf") or where == "v"
+    assert bool(finite.all()) != poisoned  # the case poisons every row, or none
+    torch.testing.assert_close(out[finite].double(), ref[finite], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("seqlen_k", [37, 700])
+def test_scores_far_below_zero(products, seqlen_k):
+    # Every score near -1500 (after the scale): exp(score - m) underflows to 0 unless
+    # m is the row's true max, so a max that took a padding lane (the masked tail of
+    # 37 or 700 keys) as 0 would leave l = 0 and NaN rows.
+    q, k, v = _inputs((1, 2, 1, 19, seqlen_k, 64), products, "cpu")
+    q = -(q.abs() + 3) * 4
+    k = (k.abs() + 3) * 4
+    out = tfkernels.flash_attention(q, k, v)
+    ref = reference.flash_attention(*(t.double() for t in (q, k, v)))
+    assert (q.double() @ k.double().transpose(-1, -2)).max() / 8 < -1000
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)

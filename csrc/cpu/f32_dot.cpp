@@ -79,6 +79,11 @@ void gemm(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t a_row,
   kernels("gemm").gemm(m, cols, depth, a, a_row, a_step, b, ldb, alpha, c, ldc, accumulate);
 }
 
+void gemm_row_max(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb,
+                  float* c, int64_t ldc, float* row_max) {
+  kernels("gemm_row_max").gemm_row_max(m, cols, depth, a, lda, b, ldb, c, ldc, row_max);
+}
+
 void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                  int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   kernels("gemm_packed").gemm_packed(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);

@@ -86,6 +86,15 @@ struct Kernels {
     tile_gemm::gemm<F32<Isa>>(m, cols, depth, a, a_row, a_step, b, ldb, alpha, c, ldc, accumulate);
   }
 
+  static TFK_TILE_TARGET void gemm_row_max(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t lda,
+                                           const float* b, int64_t ldb, float* c, int64_t ldc, float* row_max) {
+    thread_local std::vector<float> lane_max;
+    lane_max.assign(static_cast<size_t>(m * kLanes), -__builtin_inff());
+    tile_gemm::gemm_to<F32<Isa>>(m, cols, depth, a, lda, 1, b, ldb,
+                                 tile_gemm::StoreF32LaneMax<Isa>{c, ldc, lane_max.data()});
+    for (int64_t i = 0; i < m; ++i) row_max[i] = Isa::max_across(Isa::load(lane_max.data() + i * kLanes));
+  }
+
   static TFK_TILE_TARGET void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                                           const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                                           int64_t ldc, bool accumulate) {
@@ -151,7 +160,7 @@ struct Kernels {
   }
 
   static Backend backend(const char* isa, bool whole_gemms) {
-    return {isa,         whole_gemms,     &pack_transposed, &pack_panel,      &gemm,
+    return {isa,          whole_gemms,  &pack_transposed, &pack_panel,      &gemm,       &gemm_row_max,
             &gemm_packed, &gemm_prepacked, &exp2_scaled_sum, &exp2_scaled};
   }
 };

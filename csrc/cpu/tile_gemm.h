@@ -12,7 +12,8 @@
 //   static Isa::Bits broadcast(const A*)   A[i][p] in every 32-bit lane
 //   static Isa::Vec step(Isa::Vec acc, Isa::Bits a, Isa::Bits b)   acc + a . b
 // An `Out` says where a tile's sums go (StoreF32 below: alpha * sum, added to C or
-// over it; bf16_dot.cpp's StoreBf16: sum + bias rounded to bf16):
+// over it; StoreF32LaneMax: over C, keeping each row's max; bf16_dot.cpp's StoreBf16:
+// sum + bias rounded to bf16):
 //   Out at(int64_t row, int64_t col) const    the same output from C[row][col] on
 //   template <bool kWhole> void store(int i, int z, Isa::Vec sum, Isa::Mask lanes) const
 //                                    row i, vector z (kWhole: all lanes, as lanes says)
@@ -68,6 +69,37 @@ struct StoreF32 {
   }
 };
 
+// C (fp32, row-major) = sum, and each row's running maximum of what it stores kept
+// lane by lane in lane_max[row][Isa::kLanes] (the lanes past a masked tail count as
+// -inf): the softmax's row max comes out of the registers that hold the scores
+// instead of a second pass over the tile. A NaN score may or may not reach it
+// (vmaxps returns its second operand on NaN); the caller's sum keeps NaN either way.
+template <class Isa>
+struct StoreF32LaneMax {
+  static constexpr bool kAccumulates = false;
+  float* c;
+  int64_t ldc;
+  float* lane_max;
+  StoreF32LaneMax at(int64_t row, int64_t col) const {
+    return {c + row * ldc + col, ldc, lane_max + row * Isa::kLanes};
+  }
+  template <bool kWhole>
+  TFK_TILE_TARGET void store(int i, int z, typename Isa::Vec sum, typename Isa::Mask lanes) const {
+    float* dst = c + i * ldc + Isa::kLanes * z;
+    if constexpr (kWhole) {
+      Isa::store(dst, sum);
+    } else {
+      Isa::store(dst, lanes, sum);
+    }
+  }
+  // Row i's stored vectors, max-reduced into one (the micro-kernel calls this once a
+  // row: a load and a store per row rather than per vector).
+  TFK_TILE_TARGET void keep_max(int i, typename Isa::Vec row_max) const {
+    float* running = lane_max + i * Isa::kLanes;
+    Isa::store(running, Isa::max(Isa::load(running), row_max));
+  }
+};
+
 // MR rows x NZ vectors; kMaskedTail: the last vector is read and stored under `tail`
 // (otherwise it is whole, and read with a plain load). kPrefetch: each step also
 // prefetches the same row segment of `next` (the next block of columns' B).
@@ -108,6 +140,12 @@ TFK_TILE_TARGET inline void micro_kernel(int64_t steps, const typename Kind::A* 
 #pragma GCC unroll 3
     for (int z = 0; z < NZ - 1; ++z) out.template store<true>(i, z, acc[i][z], whole);
     out.template store<!kMaskedTail>(i, NZ - 1, acc[i][NZ - 1], tail);
+    if constexpr (requires { out.keep_max(i, acc[i][0]); }) {
+      auto row_max = kMaskedTail ? Isa::or_fill(acc[i][NZ - 1], tail, -__builtin_inff()) : acc[i][NZ - 1];
+#pragma GCC unroll 3
+      for (int z = 0; z < NZ - 1; ++z) row_max = Isa::max(acc[i][z], row_max);
+      out.keep_max(i, row_max);
+    }
   }
 }
 

@@ -71,6 +71,11 @@ struct Avx512 {
   }
   static TFK_ISA_AVX512 Vec keep(Vec v, Mask lanes) { return _mm512_maskz_mov_ps(lanes, v); }
   static TFK_ISA_AVX512 float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+  // v in `lanes`, `fill` in the others.
+  static TFK_ISA_AVX512 Vec or_fill(Vec v, Mask lanes, float fill) {
+    return _mm512_mask_mov_ps(_mm512_set1_ps(fill), lanes, v);
+  }
+  static TFK_ISA_AVX512 float max_across(Vec v) { return _mm512_reduce_max_ps(v); }
 
   // r[i] lane j <- r[j] lane i: three rounds of interleaving (single floats, pairs,
   // 128-bit lanes twice).
@@ -150,6 +155,14 @@ struct Avx2 {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(bound), _CMP_LT_OQ), y);
   }
   static TFK_ISA_AVX2 Vec keep(Vec v, Mask lanes) { return _mm256_and_ps(v, _mm256_castsi256_ps(lanes)); }
+  static TFK_ISA_AVX2 Vec or_fill(Vec v, Mask lanes, float fill) {
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), v, _mm256_castsi256_ps(lanes));
+  }
+  static TFK_ISA_AVX2 float max_across(Vec v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
   static TFK_ISA_AVX2 float sum(Vec v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
