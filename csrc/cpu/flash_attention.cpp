@@ -240,25 +240,18 @@ void transpose_tile(const T* b, int64_t ldb, int64_t n, int64_t D, T* bt, int64_
 }
 
 // S (m x n) = A B^T for the rows of A (m x D) and B (n x D): from bt, B^T as
-// transpose_tile packed it, when fast; from B itself through BLAS otherwise.
+// transpose_tile packed it, when fast; from B itself through BLAS otherwise. With
+// row_max (fast path only), also row_max[i] = max_j S[i][j], from the product's
+// registers (f32dot::gemm_row_max).
 template <typename T>
 void tile_abt(bool fast, int64_t m, int64_t n, int64_t D, const T* a, int64_t lda, const T* b, int64_t ldb,
-              const T* bt, int64_t ldbt, T* s, int64_t lds) {
+              const T* bt, int64_t ldbt, T* s, int64_t lds, T* row_max = nullptr) {
   if constexpr (std::is_same_v<T, float>) {
+    if (fast && row_max) return f32dot::gemm_row_max(m, n, D, a, lda, bt, ldbt, s, lds, row_max);
     if (fast) return f32dot::gemm(m, n, D, a, lda, 1, bt, ldbt, 1.0f, s, lds, false);
   }
+  TORCH_CHECK(row_max == nullptr, "tile_abt: a row max only on the fp32 tile kernels");
   gemm_rm<T>(false, true, m, n, D, T(1), a, lda, b, ldb, T(0), s, lds);
-}
-
-// tile_abt's fast path, with row_max[i] = max_j S[i][j] (f32dot::gemm_row_max).
-template <typename T>
-void tile_abt_row_max(int64_t m, int64_t n, int64_t D, const T* a, int64_t lda, const T* bt, int64_t ldbt, T* s,
-                      int64_t lds, T* row_max) {
-  if constexpr (std::is_same_v<T, float>) {
-    f32dot::gemm_row_max(m, n, D, a, lda, bt, ldbt, s, lds, row_max);
-  } else {
-    TORCH_CHECK(false, "tile_abt_row_max: fp32 tiles only");
-  }
 }
 
 // C (m x n) += alpha op(A) B, op(A) = A (m x k rows) or, with trans_a, the transpose
@@ -433,11 +426,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
             }
           }
           if (fast && !keys_t.ready()) transpose_tile(K, ldk, n, D, ktbuf.data(), kt_ld);
-          if (max_in_product) {
-            tile_abt_row_max(m, n, D, Q, ldq, kt, kt_stride, S, bk, smax.data());
-          } else {
-            tile_abt(fast, m, n, D, Q, ldq, K, ldk, kt, kt_stride, S, bk);
-          }
+          tile_abt(fast, m, n, D, Q, ldq, K, ldk, kt, kt_stride, S, bk, max_in_product ? smax.data() : nullptr);
         }
         bool hidden_pairs = false;
         for (int64_t r = 0; r < m; ++r) {
