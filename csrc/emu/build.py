@@ -88,6 +88,7 @@ def write_ninja(build_dir, variant, kernel_sources, launcher_sources, runtime_so
         "  command = $cxx $in -o $out.tmp $ldflags && mv -f $out.tmp $out",
         "  description = LINK $out",
     ]
+
     def flag_line(flags):
         return f"  flags = {' '.join(shlex.quote(f) for f in flags)}"
 
