@@ -8,6 +8,7 @@
 #   make test-emu-full   every CUDA test case on the emulated device (tens of minutes)
 #   make test-emu-asan   the emulated grid with AddressSanitizer (global out-of-bounds)
 #   make cmake-test   build the C++ library with CMake and run its ctest
+#   make cmake-configure   only configure it (CI: CMakeLists.txt finds torch and every source)
 #   make clean        remove build outputs (the .venv stays)
 #
 # The environment (tools/dev_env.py says how it is chosen): PYTHON=path uses that
@@ -49,7 +50,7 @@ PIP_INSTALL = $(IN_ENV) $(PY) -m pip install --no-build-isolation $(PIP_FLAGS) -
 LOADS_OK = $(PY) -c "import sys, torch, tfkernels; sys.exit(tfkernels.build_info()['torch_version'] != torch.__version__)"
 SAY_BUILD = echo "==> building tfkernels._C against $$($(PY) -c 'import torch; print("torch", torch.__version__)') and installing it (editable) into $$($(PY) -c 'import sys; print(sys.prefix)') (a few minutes the first time)"
 
-.PHONY: all env build emu emu-asan test test-emu-full test-emu-asan bench cmake-test clean
+.PHONY: all env build emu emu-asan test test-emu-full test-emu-asan bench cmake-configure cmake-test clean
 
 all: build
 
@@ -98,9 +99,11 @@ test-emu-asan: build emu-asan
 bench: build
 	$(IN_ENV) $(PY) -m tfkernels.bench $(BENCH_ARGS)
 
-cmake-test: env
+cmake-configure: env
 	$(CMAKE) -S . -B $(CMAKE_BUILD_DIR) -G "$(CMAKE_GENERATOR)" -DPython3_EXECUTABLE="$(PY)" \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" $(CMAKE_ARGS)
+
+cmake-test: cmake-configure
 	$(CMAKE) --build $(CMAKE_BUILD_DIR) $(if $(MAX_JOBS),-j $(MAX_JOBS))
 	cd $(CMAKE_BUILD_DIR) && ctest --output-on-failure
 

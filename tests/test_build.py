@@ -69,7 +69,7 @@ def test_every_op_has_a_cpu_kernel(op):
 
 
 def _cmake_library():
-    """The CMake-built library, if `make cmake-test` (or .ci/run) built one."""
+    """The CMake-built library, if `make cmake-test` built one."""
     build = pathlib.Path(os.environ.get("TFKERNELS_CMAKE_BUILD_DIR", ROOT / "build" / "cmake"))
     for name in ("libtfkernels_ops.so", "libtfkernels_ops.dylib", "tfkernels_ops.dll"):
         if (build / name).exists():
