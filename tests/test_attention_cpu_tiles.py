@@ -1,11 +1,12 @@
-"""The CPU attention's ways to multiply tiles, each against the reference:
-AVX512-BF16 dot products on bf16 tiles (csrc/cpu/bf16_dot.h), AVX-512 and AVX2 fp32
-tile kernels on fp32 tiles and on fp16 ones widened to fp32 (csrc/cpu/f32_dot.h), and
-BLAS on tiles widened to fp32 (TFKERNELS_CPU_BF16_DOT=0 / TFKERNELS_CPU_F32_DOT=0,
-and every CPU without the instructions). The shapes put the packing on its edges:
-odd key counts (bf16 keys go in pairs), head dims that are not a multiple of 16
-(vector tails), windows whose first key is odd (the pairs start mid-sequence), one
-query row, long key tiles."""
+"""The CPU attention's ways to multiply tiles, each against the reference: AMX-BF16
+tiles (csrc/cpu/amx_dot.h) and AVX512-BF16 dot products (csrc/cpu/bf16_dot.h) on bf16
+tiles, AVX-512 and AVX2 fp32 tile kernels on fp32 tiles and on fp16 ones widened to
+fp32 (csrc/cpu/f32_dot.h), and BLAS on tiles widened to fp32
+(TFKERNELS_CPU_AMX=0 / TFKERNELS_CPU_BF16_DOT=0 / TFKERNELS_CPU_F32_DOT=0, and every
+CPU without the instructions). The shapes put the packing on its edges: odd key
+counts (bf16 keys go in pairs), head dims that are not a multiple of 16 (vector
+tails; for AMX, reductions that are not a multiple of its 16 pairs), windows whose
+first key is odd (the pairs start mid-sequence), one query row, long key tiles."""
 import math
 
 import pytest
@@ -20,7 +21,9 @@ from .utils import cpu_flags
 
 # path: (the CPU flags it needs, and the switches that select it)
 PATHS = {
-    "bf16-dot": ({"avx512_bf16"}, {"TFKERNELS_CPU_BF16_DOT": None}),
+    "bf16-amx": ({"amx_bf16"}, {"TFKERNELS_CPU_BF16_DOT": None, "TFKERNELS_CPU_AMX": None}),
+    # The AVX512-BF16 products where the CPU's best are AMX ("bf16-amx" runs them elsewhere).
+    "bf16-dot": ({"avx512_bf16"}, {"TFKERNELS_CPU_BF16_DOT": None, "TFKERNELS_CPU_AMX": "0"}),
     "f32-dot": ({"avx2", "fma"}, {"TFKERNELS_CPU_F32_DOT": None, "TFKERNELS_CPU_BF16_DOT": "0"}),
     # The AVX2 kernels where the CPU's best are AVX-512 ("f32-dot" runs them elsewhere).
     "f32-dot-avx2": ({"avx2", "fma", "avx512f"},
@@ -30,7 +33,7 @@ PATHS = {
 # (path, input dtype): bf16 tiles take the bf16 products where the CPU has them; fp32
 # tiles, and 16-bit ones widened (fp16 always, bf16 without AVX512-BF16), the fp32
 # kernels; every dtype can be sent to BLAS.
-CASES = [("bf16-dot", torch.bfloat16), ("f32-dot", torch.float32), ("f32-dot", torch.float16),
+CASES = [("bf16-amx", torch.bfloat16), ("bf16-dot", torch.bfloat16), ("f32-dot", torch.float32), ("f32-dot", torch.float16),
          ("f32-dot", torch.bfloat16), ("f32-dot-avx2", torch.float32), ("f32-dot-avx2", torch.float16),
          ("blas", torch.bfloat16), ("blas", torch.float32)]
 

@@ -7,6 +7,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu/amx_dot.h"
 #include "cpu/cpu_caps.h"
 
 #include <algorithm>
@@ -180,6 +181,9 @@ void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFl
 void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
           const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   require_cpu("avx512_bf16", "bf16dot::gemm");
+  // Row-major A on the matrix unit where the CPU has one (B1 H8 bf16 attention forward
+  // on 2 Xeon cores with AMX: see amx_dot.h).
+  if (a_pair == 2 && amx::available()) return amx::gemm(m, cols, pairs, a, a_row, b, ldb, c, ldc, accumulate);
 #ifdef TFK_HAVE_BF16_DOT
   tile_gemm::gemm<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, b, ldb, 1.0f, c, ldc, accumulate);
 #endif

@@ -1,0 +1,225 @@
+// AMX-BF16 tile GEMMs (amx_dot.h). The tile instructions are compiled through target
+// attributes (GCC's intrinsics are inline assembly), so the rest of the library keeps
+// its baseline ISA; they run only after available() said the CPU and the OS allow them.
+#include "cpu/amx_dot.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu_caps.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TFK_HAVE_AMX 1
+#define TFK_AMX __attribute__((target("amx-tile,amx-bf16")))
+#endif
+
+namespace tfkernels::cpu::amx {
+namespace {
+
+#ifdef TFK_HAVE_AMX
+
+// A tile is 16 rows of 64 bytes: 16 fp32 sums of C, 16 words of bf16 pairs of A, or
+// 16 packed columns of one pair step of B (a B tile spans 16 pair steps).
+constexpr int64_t kTile = 16;
+constexpr int64_t kTileBytes = 64;
+
+// Linux hands the 8 KiB of tile state only to processes that ask for it; without
+// the grant the first tile instruction faults.
+bool tiles_permitted() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool granted = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
+}
+
+// Palette 1, every tile 16 rows x 64 bytes. Tiles 0-3 hold a 2 x 2 block of C (A strip
+// r, B strip s: tile 2r + s), 4-5 the two strips of A, 6-7 the two of B: each A and B
+// tile loaded feeds two products. Edges are padded in memory instead of shrinking
+// tiles, so one configuration serves a whole call.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+TFK_AMX void load_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = kTileBytes;
+    cfg.rows[t] = kTile;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Where one 16-row strip of A has reduction chunk q (16 pairs): in place while the
+// strip has 16 rows and the chunk 16 pairs, else in a zero-padded copy (rows past m
+// and pairs past `pairs` must read as 0, not as whatever memory follows: 0 x NaN
+// would poison the row).
+struct StripA {
+  const char* base;
+  int64_t stride;
+  int64_t split;  // chunks [0, split) in place, the rest from pad
+  const char* pad;
+  int64_t pad_stride;
+  const char* at(int64_t q) const { return q < split ? base + q * kTileBytes : pad + (q - split) * kTileBytes; }
+  int64_t stride_at(int64_t q) const { return q < split ? stride : pad_stride; }
+};
+
+// pad: room for kTile rows of every chunk's words.
+StripA strip_a(const c10::BFloat16* a, int64_t lda, int64_t i0, int64_t rows, int64_t pairs, uint32_t* pad) {
+  const int64_t whole = pairs / kTile, chunks = (pairs + kTile - 1) / kTile;
+  const auto* base = reinterpret_cast<const char*>(a + i0 * lda);
+  if (rows == kTile && whole == chunks) return {base, 2 * lda, chunks, nullptr, 0};
+  const int64_t first = rows == kTile ? whole : 0;  // the first chunk read from the copy
+  const int64_t words = (chunks - first) * kTile;
+  std::fill(pad, pad + kTile * words, 0u);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(pad + r * words, a + (i0 + r) * lda + 2 * first * kTile, 4 * (pairs - first * kTile));
+  }
+  return {base, 2 * lda, first, reinterpret_cast<const char*>(pad), 4 * words};
+}
+
+// B's chunk q at column col: in place for whole chunks, the partial last one from a
+// copy whose pair steps past `pairs` are zero.
+struct ChunksB {
+  const uint32_t* b;
+  int64_t ldb;
+  int64_t whole;
+  const uint32_t* tail;
+  const uint32_t* at(int64_t q, int64_t col) const { return (q < whole ? b + q * kTile * ldb : tail) + col; }
+  int64_t stride() const { return 4 * ldb; }
+};
+
+// One C tile: in place when all 16 x 16 sums are inside C, else through `scratch`,
+// which holds the inside part (or zeros) and is copied back by finish().
+struct TileC {
+  float* c;
+  int64_t ldc, rows, cols;
+  float* ptr;
+  int64_t stride;
+
+  TileC() = default;
+  TileC(float* c_, int64_t ldc_, int64_t rows_, int64_t cols_, float* scratch, bool accumulate)
+      : c(c_), ldc(ldc_), rows(rows_), cols(cols_), ptr(c_), stride(4 * ldc_) {
+    if (rows == kTile && cols == kTile) return;
+    ptr = scratch;
+    stride = kTileBytes;
+    std::fill(scratch, scratch + kTile * kTile, 0.0f);
+    if (accumulate) {
+      for (int64_t r = 0; r < rows; ++r) std::copy(c + r * ldc, c + r * ldc + cols, scratch + r * kTile);
+    }
+  }
+  void finish() const {
+    if (ptr == c) return;
+    for (int64_t r = 0; r < rows; ++r) std::copy(ptr + r * kTile, ptr + r * kTile + cols, c + r * ldc);
+  }
+};
+
+// The block of kStripsA x kStripsB C tiles at B column j0, over every chunk.
+template <int kStripsA, int kStripsB>
+TFK_AMX void block(const StripA* a, const ChunksB& b, int64_t j0, const TileC* c, int64_t chunks, bool accumulate) {
+  constexpr bool kFour = kStripsA == 2 && kStripsB == 2;
+  if (accumulate) {
+    _tile_loadd(0, c[0].ptr, c[0].stride);
+    if constexpr (kStripsB == 2) _tile_loadd(1, c[1].ptr, c[1].stride);
+    if constexpr (kStripsA == 2) _tile_loadd(2, c[2].ptr, c[2].stride);
+    if constexpr (kFour) _tile_loadd(3, c[3].ptr, c[3].stride);
+  } else {
+    _tile_zero(0);
+    if constexpr (kStripsB == 2) _tile_zero(1);
+    if constexpr (kStripsA == 2) _tile_zero(2);
+    if constexpr (kFour) _tile_zero(3);
+  }
+  for (int64_t q = 0; q < chunks; ++q) {
+    _tile_loadd(4, a[0].at(q), a[0].stride_at(q));
+    _tile_loadd(6, b.at(q, j0), b.stride());
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (kStripsB == 2) {
+      _tile_loadd(7, b.at(q, j0 + kTile), b.stride());
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (kStripsA == 2) {
+      _tile_loadd(5, a[1].at(q), a[1].stride_at(q));
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (kFour) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c[0].ptr, c[0].stride);
+  if constexpr (kStripsB == 2) _tile_stored(1, c[1].ptr, c[1].stride);
+  if constexpr (kStripsA == 2) _tile_stored(2, c[2].ptr, c[2].stride);
+  if constexpr (kFour) _tile_stored(3, c[3].ptr, c[3].stride);
+}
+
+TFK_AMX void gemm_tiles(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
+                        const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  const int64_t whole = pairs / kTile, chunks = (pairs + kTile - 1) / kTile;
+  thread_local std::vector<uint32_t> a_pads, b_tail;
+  a_pads.resize(static_cast<size_t>(2 * kTile * chunks * kTile));
+  ChunksB B{b, ldb, whole, nullptr};
+  if (whole < chunks) {
+    b_tail.assign(static_cast<size_t>(kTile * ldb), 0u);
+    std::copy(b + whole * kTile * ldb, b + pairs * ldb, b_tail.data());
+    B.tail = b_tail.data();
+  }
+  alignas(64) float scratch[4][kTile * kTile];
+  load_config();
+  for (int64_t i0 = 0; i0 < m; i0 += 2 * kTile) {
+    const int strips_a = i0 + kTile < m ? 2 : 1;
+    StripA A[2];
+    for (int r = 0; r < strips_a; ++r) {
+      const int64_t row = i0 + r * kTile;
+      A[r] = strip_a(a, lda, row, std::min(kTile, m - row), pairs, a_pads.data() + r * kTile * chunks * kTile);
+    }
+    for (int64_t j0 = 0; j0 < cols; j0 += 2 * kTile) {
+      const int strips_b = j0 + kTile < cols ? 2 : 1;
+      TileC C[4];
+      for (int r = 0; r < strips_a; ++r) {
+        for (int s = 0; s < strips_b; ++s) {
+          const int64_t row = i0 + r * kTile, col = j0 + s * kTile;
+          C[2 * r + s] = TileC(c + row * ldc + col, ldc, std::min(kTile, m - row), std::min(kTile, cols - col),
+                               scratch[2 * r + s], accumulate);
+        }
+      }
+      if (strips_a == 2 && strips_b == 2) block<2, 2>(A, B, j0, C, chunks, accumulate);
+      else if (strips_a == 2) block<2, 1>(A, B, j0, C, chunks, accumulate);
+      else if (strips_b == 2) block<1, 2>(A, B, j0, C, chunks, accumulate);
+      else block<1, 1>(A, B, j0, C, chunks, accumulate);
+      for (int r = 0; r < strips_a; ++r) {
+        for (int s = 0; s < strips_b; ++s) C[2 * r + s].finish();
+      }
+    }
+  }
+  // Back to the initial tile state: a context switch then saves no tile data.
+  _tile_release();
+}
+
+#endif  // TFK_HAVE_AMX
+
+}  // namespace
+
+bool available() {
+#ifdef TFK_HAVE_AMX
+  return !switched_off("TFKERNELS_CPU_AMX") && cpu_has("amx_bf16") && tiles_permitted();
+#else
+  return false;
+#endif
+}
+
+void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b,
+          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  TORCH_CHECK(available(), "tfkernels: amx::gemm needs a CPU with AMX-BF16 and the OS's grant of the tile state");
+  TORCH_CHECK(ldb >= (cols + 15) / 16 * 16, "amx::gemm: ldb ", ldb, " shorter than ", cols,
+              " columns rounded up to 16");
+#ifdef TFK_HAVE_AMX
+  gemm_tiles(m, cols, pairs, a, lda, b, ldb, c, ldc, accumulate);
+#endif
+}
+
+}  // namespace tfkernels::cpu::amx
