@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -16,7 +17,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define TFK_HAVE_AMX 1
-#define TFK_AMX __attribute__((target("amx-tile,amx-bf16")))
+#define TFK_AMX __attribute__((target("amx-tile,amx-bf16,avx512f")))
 #endif
 
 namespace tfkernels::cpu::amx {
@@ -157,8 +158,33 @@ TFK_AMX void block(const StripA* a, const ChunksB& b, int64_t j0, const TileC* c
   if constexpr (kFour) _tile_stored(3, c[3].ptr, c[3].stride);
 }
 
+// Per row of a 32-row strip, the lane-wise max of the C columns stored so far; each
+// row's max is reduced across its lanes once, after the last block.
+struct StripMax {
+  alignas(64) float lanes[2 * kTile][kTile];
+
+  TFK_AMX void reset(int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) _mm512_store_ps(lanes[r], _mm512_set1_ps(-INFINITY));
+  }
+  // Takes in columns [j0, j0 + width) of the strip's rows (C rows ldc apart, from c0).
+  TFK_AMX void add(const float* c0, int64_t ldc, int64_t rows, int64_t j0, int64_t width) {
+    const auto part = [&](int64_t w) { return static_cast<__mmask16>((1u << std::clamp<int64_t>(w, 0, kTile)) - 1); };
+    const __mmask16 first = part(width), second = part(width - kTile);
+    const __m512 none = _mm512_set1_ps(-INFINITY);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = c0 + r * ldc + j0;
+      __m512 v = _mm512_max_ps(_mm512_load_ps(lanes[r]), _mm512_mask_loadu_ps(none, first, row));
+      if (second) v = _mm512_max_ps(v, _mm512_mask_loadu_ps(none, second, row + kTile));
+      _mm512_store_ps(lanes[r], v);
+    }
+  }
+  TFK_AMX void reduce(int64_t rows, float* row_max) const {
+    for (int64_t r = 0; r < rows; ++r) row_max[r] = _mm512_reduce_max_ps(_mm512_load_ps(lanes[r]));
+  }
+};
+
 TFK_AMX void gemm_tiles(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
-                        const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+                        const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate, float* row_max) {
   const int64_t whole = pairs / kTile, chunks = (pairs + kTile - 1) / kTile;
   thread_local std::vector<uint32_t> a_pads, b_tail;
   a_pads.resize(static_cast<size_t>(2 * kTile * chunks * kTile));
@@ -169,6 +195,7 @@ TFK_AMX void gemm_tiles(int64_t m, int64_t cols, int64_t pairs, const c10::BFloa
     B.tail = b_tail.data();
   }
   alignas(64) float scratch[4][kTile * kTile];
+  StripMax strip_max;
   load_config();
   for (int64_t i0 = 0; i0 < m; i0 += 2 * kTile) {
     const int strips_a = i0 + kTile < m ? 2 : 1;
@@ -177,6 +204,8 @@ TFK_AMX void gemm_tiles(int64_t m, int64_t cols, int64_t pairs, const c10::BFloa
       const int64_t row = i0 + r * kTile;
       A[r] = strip_a(a, lda, row, std::min(kTile, m - row), pairs, a_pads.data() + r * kTile * chunks * kTile);
     }
+    const int64_t strip_rows = std::min(2 * kTile, m - i0);
+    if (row_max) strip_max.reset(strip_rows);
     for (int64_t j0 = 0; j0 < cols; j0 += 2 * kTile) {
       const int strips_b = j0 + kTile < cols ? 2 : 1;
       TileC C[4];
@@ -194,7 +223,9 @@ TFK_AMX void gemm_tiles(int64_t m, int64_t cols, int64_t pairs, const c10::BFloa
       for (int r = 0; r < strips_a; ++r) {
         for (int s = 0; s < strips_b; ++s) C[2 * r + s].finish();
       }
+      if (row_max) strip_max.add(c + i0 * ldc, ldc, strip_rows, j0, std::min(2 * kTile, cols - j0));
     }
+    if (row_max) strip_max.reduce(strip_rows, row_max + i0);
   }
   // Back to the initial tile state: a context switch then saves no tile data.
   _tile_release();
@@ -213,12 +244,12 @@ bool available() {
 }
 
 void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b,
-          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+          int64_t ldb, float* c, int64_t ldc, bool accumulate, float* row_max) {
   TORCH_CHECK(available(), "tfkernels: amx::gemm needs a CPU with AMX-BF16 and the OS's grant of the tile state");
   TORCH_CHECK(ldb >= (cols + 15) / 16 * 16, "amx::gemm: ldb ", ldb, " shorter than ", cols,
               " columns rounded up to 16");
 #ifdef TFK_HAVE_AMX
-  gemm_tiles(m, cols, pairs, a, lda, b, ldb, c, ldc, accumulate);
+  gemm_tiles(m, cols, pairs, a, lda, b, ldb, c, ldc, accumulate, row_max);
 #endif
 }
 

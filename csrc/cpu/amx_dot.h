@@ -25,9 +25,11 @@ bool available();
 
 // C[m][cols] = (C if accumulate) + sum over p < pairs of A[i][p] . B[p][c], where
 // A[i][p] is the word of bf16 elements a[i * lda + 2p] and the next one, and B is
-// packed with ldb >= cols rounded up to 16. fp32 accumulation. One thread; only
-// after available().
+// packed with ldb >= cols rounded up to 16. fp32 accumulation. With row_max (not null),
+// also row_max[i] = max_j C[i][j], read back while each block of C is in L1 (the
+// attention forward's running max without a pass over S; a NaN may be dropped, as
+// by f32dot::gemm_row_max). One thread; only after available().
 void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b,
-          int64_t ldb, float* c, int64_t ldc, bool accumulate);
+          int64_t ldb, float* c, int64_t ldc, bool accumulate, float* row_max = nullptr);
 
 }  // namespace tfkernels::cpu::amx

@@ -122,6 +122,31 @@ TFK_AVX512_BF16 void round_rows_avx512_bf16(const float* src, int64_t lds, int64
   }
 }
 
+TFK_AVX512_BF16 float exp2_round_row_avx512_bf16(const float* s, int64_t n, float c, float m, c10::BFloat16* p) {
+  const __m512 vc = _mm512_set1_ps(c), vm = _mm512_set1_ps(m);
+  const __m512 lo = _mm512_set1_ps(-126.0f), hi = _mm512_set1_ps(127.0f);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s + j), vc, vm);
+    // min and max return their second operand when either is NaN: a NaN x stays.
+    const __m512 xc = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
+    const __m512 r = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(xc, r);
+    __m512 poly = _mm512_set1_ps(9.57010221e-3f);
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(5.59178628e-2f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(2.40247443e-1f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(6.93121791e-1f));
+    poly = _mm512_fmadd_ps(poly, f, _mm512_set1_ps(9.99999285e-1f));
+    // poly * 2^r in one instruction; lanes below -126 (and past n) to 0.
+    const __mmask16 keep = lanes & _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);
+    const __m512 y = _mm512_maskz_scalef_ps(keep, poly, r);
+    total = _mm512_add_ps(total, y);
+    _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p + j), lanes, (__m256i)_mm512_cvtneps_pbh(y));
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
 #endif  // TFK_HAVE_BF16_DOT
 
 }  // namespace
@@ -161,6 +186,14 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t col
   return pack_row_pairs_avx512_bf16(src, ld, n, cols, dst, ldp);
 #else
   return false;
+#endif
+}
+
+float exp2_round_row(const float* s, int64_t n, float c, float m, c10::BFloat16* p) {
+#ifdef TFK_HAVE_BF16_DOT
+  return exp2_round_row_avx512_bf16(s, n, c, m, p);
+#else
+  return 0.0f;
 #endif
 }
 

@@ -46,6 +46,13 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t col
 // when n is odd, so that a row is a whole number of pairs.
 void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd);
 
+// The attention forward's probabilities straight from its scores, in one pass:
+// p[j] = bf16(2^(s[j] c - m)) for j < n (nearest even; 0 where s[j] c - m < -126, NaN
+// kept), the polynomial of vec_math.h's exp2_poly<4> (2.6e-6 relative, far below
+// bf16's 2^-9). Returns the sum of the values before rounding, the softmax's l. Called
+// per row, so it does not check the CPU: callers check available() once per call.
+float exp2_round_row(const float* s, int64_t n, float c, float m, c10::BFloat16* p);
+
 // pack_row_pairs of an fp32 tile, each value rounded to bf16 (nearest even): the
 // transposed operand (P^T, dS^T) of a product that reduces over src's rows, read by
 // `gemm` with a_row = 2 and a_pair = 2 * ldp.
