@@ -23,10 +23,11 @@ TF32 = [pytest.param(False, id="tf32-off"), pytest.param(True, id="tf32-on")]
 
 # The CPU parity grid's (dtype, GEMM backend). The CPU kernels run bf16/half GEMMs on
 # oneDNN or on MKL, chosen from the CPU's ISA (csrc/cpu/gemm16.h), and fp32 ones on our
-# AVX-512 kernel or MKL's sgemm (on AVX2 always sgemm: f32dot::whole_gemms_available);
-# the tests force each, whichever this machine would pick.
+# AVX-512 kernel or MKL's sgemm (on AVX2 and on Intel's CPUs sgemm:
+# f32dot::whole_gemms_available); the tests force each, whichever this machine would pick.
 CPU_DTYPES = [pytest.param(torch.float64, None, id="float64"), pytest.param(torch.float32, None, id="float32"),
-              pytest.param(torch.float32, "sgemm", id="float32-sgemm")] + [
+              pytest.param(torch.float32, "sgemm", id="float32-sgemm"),
+              pytest.param(torch.float32, "whole", id="float32-whole")] + [
     pytest.param(dtype, backend, id=f"{name}-{backend}")
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")) for backend in ("onednn", "blas")] + [
     pytest.param(torch.bfloat16, "onednn-nodot", id="bf16-onednn-nodot")]
@@ -35,12 +36,15 @@ CPU_DTYPES = [pytest.param(torch.float64, None, id="float64"), pytest.param(torc
 def force_gemm16(monkeypatch, backend):
     """Make the CPU kernels run their 16-bit GEMMs on `backend` ("onednn", "blas"; None:
     the CPU's choice), or with "sgemm" their fp32 GEMMs on MKL's sgemm rather than our
-    AVX-512 kernel (csrc/cpu/f32_dot.h, the choice where the CPU has AVX-512). On a CPU
+    AVX-512 kernel (csrc/cpu/f32_dot.h, the choice where the CPU has AVX-512 and is not
+    Intel's), with "whole" on our kernel (where the CPU has AVX-512 or AVX2). On a CPU
     with AVX512-BF16, "onednn" runs the bf16 GEMMs on our vdpbf16ps tiles (gemm16.h's
     forward_on_bf16_tiles, and mm_out_cpu for the backwards) and "onednn-nodot" keeps
     them on oneDNN."""
     if backend == "sgemm":
         monkeypatch.setenv("TFKERNELS_CPU_F32_DOT", "0")
+    elif backend == "whole":
+        monkeypatch.setenv("TFKERNELS_CPU_F32_DOT", "whole")
     elif backend == "onednn-nodot":
         monkeypatch.setenv("TFKERNELS_CPU_GEMM16", "onednn")
         monkeypatch.setenv("TFKERNELS_CPU_BF16_DOT", "0")

@@ -7,6 +7,10 @@ namespace tfkernels::cpu {
 // ("avx512_f", "avx512_bf16", "amx_bf16", ...). Detected once per process.
 bool cpu_has(const char* capability);
 
+// Whether the CPU is Intel's (cpuid's vendor string "GenuineIntel"): MKL, torch's
+// BLAS, is tuned for them and runs its fp32 GEMMs at the FMA peak there.
+bool cpu_is_intel();
+
 // Fails with a clear error unless the CPU has `capability`: the guard of entry
 // points compiled for an ISA extension, which callers reach only after asking for it
 // (a CPU without it would otherwise fault on an illegal instruction).

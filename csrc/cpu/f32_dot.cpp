@@ -64,9 +64,15 @@ void exp2_scaled(float* s, int64_t n, float c, float m) {
   kernel(s, n, c, m);
 }
 
+// Not on Intel's CPUs, for which MKL is tuned: on 2 Xeon cores (AVX-512, AMX) its
+// sgemm ran at the FMA peak, 327-333 GFLOP/s at 2048^3, where the packed kernel
+// reached 260 (on AMD's Zen 4, 62% of the peak against ~85%: README, CPU GEMMs).
+// TFKERNELS_CPU_F32_DOT=whole runs them on our kernels there too (the tests do).
 bool whole_gemms_available() {
   const Backend* backend = chosen();
-  return backend != nullptr && backend->whole_gemms;
+  if (backend == nullptr || !backend->whole_gemms) return false;
+  const char* value = std::getenv("TFKERNELS_CPU_F32_DOT");
+  return !cpu_is_intel() || (value != nullptr && std::string(value) == "whole");
 }
 
 void pack_transposed(const float* src, int64_t ld, int64_t n, int64_t cols, float* dst, int64_t ldp) {
