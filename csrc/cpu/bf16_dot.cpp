@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -122,6 +123,20 @@ TFK_AVX512_BF16 void round_rows_avx512_bf16(const float* src, int64_t lds, int64
   }
 }
 
+// out[i][c] = bf16(src[i][c] + bias[c]) for a rows x cols block of fp32 sums (rows
+// cols apart), as StoreBf16 rounds a tile.
+TFK_AVX512_BF16 void round_bias_rows(const float* src, int64_t rows, int64_t cols, const float* bias, uint16_t* out,
+                                     int64_t ldo) {
+  const StoreBf16 store{out, ldo, bias};
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t z = 0; 16 * z < cols; ++z) {
+      const __mmask16 lanes = first_lanes(cols - 16 * z);
+      store.store<true>(static_cast<int>(i), static_cast<int>(z), _mm512_maskz_loadu_ps(lanes, src + i * cols + 16 * z),
+                        lanes);
+    }
+  }
+}
+
 TFK_AVX512_BF16 float exp2_round_row_avx512_bf16(const float* s, int64_t n, float c, float m, c10::BFloat16* p) {
   const __m512 vc = _mm512_set1_ps(c), vm = _mm512_set1_ps(m);
   const __m512 lo = _mm512_set1_ps(-126.0f), hi = _mm512_set1_ps(127.0f);
@@ -224,6 +239,8 @@ void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_
 
 bool prepacked_applies(int64_t k) { return k > 0 && k % 2 == 0 && available() && !cpu_has("amx_bf16"); }
 
+bool prepacked_on_amx(int64_t k) { return k > 0 && k % 2 == 0 && available() && amx::available(); }
+
 f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n) {
   require_cpu("avx512_bf16", "bf16dot::pack_weight_transposed");
   TORCH_CHECK(k % 2 == 0 && ldw % 2 == 0, "bf16dot::pack_weight_transposed: k and ldw must be even, got ", k, ", ",
@@ -274,8 +291,18 @@ void gemm_prepacked_rounded(int64_t m, int64_t cols, int64_t pairs, const c10::B
               "bf16dot::gemm_prepacked_rounded: pairs [", p0, ", ", p0 + pairs, ") x columns [", c0, ", ", c0 + cols,
               ") outside the packed ", b.k(), " x ", b.n(), " (or no pairs)");
 #ifdef TFK_HAVE_BF16_DOT
-  tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, reinterpret_cast<const uint32_t*>(b.panel(0)),
-                                    b.k() * f32dot::PackedB::kCols, p0, c0, pairs,
+  const auto* panels = reinterpret_cast<const uint32_t*>(b.panel(0));
+  const int64_t panel_words = b.k() * f32dot::PackedB::kCols;
+  if (a_pair == 2 && c0 % 16 == 0 && amx::available()) {
+    // On the matrix unit: its fp32 sums into a block in cache, then bias and rounding.
+    thread_local std::vector<float> sums;
+    sums.resize(static_cast<size_t>(m * cols));
+    amx::gemm_panels(m, cols, pairs, a, a_row, amx::PanelsB{panels, f32dot::PackedB::kCols, panel_words}, p0, c0,
+                     sums.data(), cols, false);
+    round_bias_rows(sums.data(), m, cols, bias, reinterpret_cast<uint16_t*>(out), ldo);
+    return;
+  }
+  tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, panels, panel_words, p0, c0, pairs,
                                     StoreBf16{reinterpret_cast<uint16_t*>(out), ldo, bias});
 #endif
 }
