@@ -144,9 +144,11 @@ struct TileC {
   }
 };
 
-// The block of kStripsA x kStripsB C tiles at B column j0, over every chunk.
+// The block of kStripsA x kStripsB C tiles at B column j0, over chunks [q0, q1),
+// added to C (accumulate) or to zero.
 template <int kStripsA, int kStripsB>
-TFK_AMX void block(const StripA* a, const ChunksB& b, int64_t j0, const TileC* c, int64_t chunks, bool accumulate) {
+TFK_AMX void block(const StripA* a, const ChunksB& b, int64_t j0, const TileC* c, int64_t q0, int64_t q1,
+                   bool accumulate) {
   constexpr bool kFour = kStripsA == 2 && kStripsB == 2;
   if (accumulate) {
     _tile_loadd(0, c[0].ptr, c[0].stride);
@@ -159,7 +161,7 @@ TFK_AMX void block(const StripA* a, const ChunksB& b, int64_t j0, const TileC* c
     if constexpr (kStripsA == 2) _tile_zero(2);
     if constexpr (kFour) _tile_zero(3);
   }
-  for (int64_t q = 0; q < chunks; ++q) {
+  for (int64_t q = q0; q < q1; ++q) {
     _tile_loadd(4, a[0].at(q), a[0].stride_at(q));
     _tile_loadd(6, b.at(q, j0), b.stride());
     _tile_dpbf16ps(0, 4, 6);
@@ -204,46 +206,60 @@ struct StripMax {
   }
 };
 
+// Chunks of the reduction per pass over C: a strip pair of A (32 rows) and a block of
+// B (32 columns) of 8 chunks are 16 KiB each, so both stay in L1 across the pass's
+// blocks; C's sums go to memory and back once per pass.
+constexpr int64_t kPassChunks = 8;
+
 // C[m][cols] (+)= A . B[:, c0 : c0 + cols]; c0 a multiple of 16 (a B tile never
-// straddles two panels).
+// straddles two panels). In passes over the reduction (kPassChunks); each pass walks
+// C in blocks of 2 x 2 tiles, strips of A outer, so a strip pair stays in L1 while the
+// B blocks stream past it.
 TFK_AMX void gemm_tiles(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
                         const PanelsB& b, int64_t c0, float* c, int64_t ldc, bool accumulate, float* row_max) {
-  const int64_t chunks = (pairs + kTile - 1) / kTile;
+  const int64_t chunks = (pairs + kTile - 1) / kTile, strips = (m + kTile - 1) / kTile;
   thread_local std::vector<uint32_t> a_pads, b_tail;
-  a_pads.resize(static_cast<size_t>(2 * kTile * chunks * kTile));
+  a_pads.resize(static_cast<size_t>(strips * kTile * chunks * kTile));
+  thread_local std::vector<StripA> A;
+  A.resize(static_cast<size_t>(strips));
+  for (int64_t r = 0; r < strips; ++r) {
+    A[r] = strip_a(a, lda, r * kTile, std::min(kTile, m - r * kTile), pairs, a_pads.data() + r * kTile * chunks * kTile);
+  }
   const ChunksB B = chunks_b(b, pairs, c0, cols, b_tail);
   alignas(64) float scratch[4][kTile * kTile];
   StripMax strip_max;
   load_config();
-  for (int64_t i0 = 0; i0 < m; i0 += 2 * kTile) {
-    const int strips_a = i0 + kTile < m ? 2 : 1;
-    StripA A[2];
-    for (int r = 0; r < strips_a; ++r) {
-      const int64_t row = i0 + r * kTile;
-      A[r] = strip_a(a, lda, row, std::min(kTile, m - row), pairs, a_pads.data() + r * kTile * chunks * kTile);
-    }
-    const int64_t strip_rows = std::min(2 * kTile, m - i0);
-    if (row_max) strip_max.reset(strip_rows);
-    for (int64_t j0 = 0; j0 < cols; j0 += 2 * kTile) {
-      const int strips_b = j0 + kTile < cols ? 2 : 1;
-      TileC C[4];
-      for (int r = 0; r < strips_a; ++r) {
-        for (int s = 0; s < strips_b; ++s) {
-          const int64_t row = i0 + r * kTile, col = j0 + s * kTile;
-          C[2 * r + s] = TileC(c + row * ldc + col, ldc, std::min(kTile, m - row), std::min(kTile, cols - col),
-                               scratch[2 * r + s], accumulate);
+  // At least one pass, so that C is written even when there is nothing to add.
+  for (int64_t q0 = 0; q0 == 0 || q0 < chunks; q0 += kPassChunks) {
+    const int64_t q1 = std::min(chunks, q0 + kPassChunks);
+    const bool add = accumulate || q0 > 0, last_pass = q1 == chunks;
+    for (int64_t i0 = 0; i0 < m; i0 += 2 * kTile) {
+      const int strips_a = i0 + kTile < m ? 2 : 1;
+      const StripA* strip = A.data() + i0 / kTile;
+      const int64_t strip_rows = std::min(2 * kTile, m - i0);
+      const bool track_max = row_max != nullptr && last_pass;
+      if (track_max) strip_max.reset(strip_rows);
+      for (int64_t j0 = 0; j0 < cols; j0 += 2 * kTile) {
+        const int strips_b = j0 + kTile < cols ? 2 : 1;
+        TileC C[4];
+        for (int r = 0; r < strips_a; ++r) {
+          for (int s = 0; s < strips_b; ++s) {
+            const int64_t row = i0 + r * kTile, col = j0 + s * kTile;
+            C[2 * r + s] = TileC(c + row * ldc + col, ldc, std::min(kTile, m - row), std::min(kTile, cols - col),
+                                 scratch[2 * r + s], add);
+          }
         }
+        if (strips_a == 2 && strips_b == 2) block<2, 2>(strip, B, c0 + j0, C, q0, q1, add);
+        else if (strips_a == 2) block<2, 1>(strip, B, c0 + j0, C, q0, q1, add);
+        else if (strips_b == 2) block<1, 2>(strip, B, c0 + j0, C, q0, q1, add);
+        else block<1, 1>(strip, B, c0 + j0, C, q0, q1, add);
+        for (int r = 0; r < strips_a; ++r) {
+          for (int s = 0; s < strips_b; ++s) C[2 * r + s].finish();
+        }
+        if (track_max) strip_max.add(c + i0 * ldc, ldc, strip_rows, j0, std::min(2 * kTile, cols - j0));
       }
-      if (strips_a == 2 && strips_b == 2) block<2, 2>(A, B, c0 + j0, C, chunks, accumulate);
-      else if (strips_a == 2) block<2, 1>(A, B, c0 + j0, C, chunks, accumulate);
-      else if (strips_b == 2) block<1, 2>(A, B, c0 + j0, C, chunks, accumulate);
-      else block<1, 1>(A, B, c0 + j0, C, chunks, accumulate);
-      for (int r = 0; r < strips_a; ++r) {
-        for (int s = 0; s < strips_b; ++s) C[2 * r + s].finish();
-      }
-      if (row_max) strip_max.add(c + i0 * ldc, ldc, strip_rows, j0, std::min(2 * kTile, cols - j0));
+      if (track_max) strip_max.reduce(strip_rows, row_max + i0);
     }
-    if (row_max) strip_max.reduce(strip_rows, row_max + i0);
   }
   // Back to the initial tile state: a context switch then saves no tile data.
   _tile_release();
