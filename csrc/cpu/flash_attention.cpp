@@ -346,6 +346,76 @@ inline int64_t spread_or(bool spread, int64_t ld, int64_t unit) {
   return ((ld + unit - 1) / unit | 1) * unit;
 }
 
+// The bf16 products' K (as K^T pairs, keys as columns) and V (pairs of keys as rows)
+// of every (sequence, kv head), packed once before the tasks where the products run on
+// AMX: per tile, every query block packed them again (8% of the S2048 D128 forward's
+// samples). Each sequence's keys start at a multiple of 16, so its pairs line up with
+// key 0; a tile that starts on an odd key, or a sequence with a non-finite V (whose
+// tiles need the per-tile check), packs its own as before.
+struct PackedKV {
+  at::Tensor kt, v;  // 32-bit words: per kv head [D/2][ld], and [cols/2][vp_ld]
+  std::vector<int64_t> col0;  // the first column of each sequence
+  std::vector<uint8_t> v_finite;  // per (sequence, kv head)
+  int64_t ld = 0, cols = 0, vp_ld = 0, D = 0, B = 0;
+  bool ready() const { return kt.defined(); }
+  const uint32_t* kt_of(int64_t b, int64_t hk) const {
+    return reinterpret_cast<const uint32_t*>(kt.const_data_ptr<int32_t>()) + hk * (D / 2) * ld + col0[b];
+  }
+  const uint32_t* v_of(int64_t b, int64_t hk) const {
+    return reinterpret_cast<const uint32_t*>(v.const_data_ptr<int32_t>()) + (hk * (cols / 2) + col0[b] / 2) * vp_ld;
+  }
+  bool v_all_finite(int64_t b, int64_t hk) const { return v_finite[hk * B + b] != 0; }
+};
+
+template <typename OutT>
+PackedKV pack_keys_values(const AttentionCall& call, RowView<const OutT> k, RowView<const OutT> v, bool amx_products) {
+  PackedKV kv;
+  if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
+    // K rows as 32-bit words for f32dot's transpose (bf16dot::pack_transposed zeroes
+    // to the end of each packed row, which here holds the other sequences).
+    if (!amx_products || k.ld() % 2 != 0) return kv;
+    const Sequences& seqs = call.seqs;
+    const int64_t Hkv = call.kv_heads, D = call.head_dim, B = seqs.count();
+    constexpr int64_t kRows = 256;  // keys per task of the packing pass (even)
+    kv.col0.resize(B);
+    std::vector<std::pair<int64_t, int64_t>> blocks;  // (sequence, first key)
+    for (int64_t b = 0; b < B; ++b) {
+      kv.col0[b] = kv.cols;
+      kv.cols += bf16dot::packed_ld(seqs.k_rows(b));
+      for (int64_t j = 0; j < seqs.k_rows(b); j += kRows) blocks.emplace_back(b, j);
+    }
+    // A tile's last 16 columns may reach 15 past the last sequence's. Columns past a
+    // sequence's keys are read only into sums that are dropped (amx::gemm's edge tiles).
+    kv.ld = f32dot::spread_ld(kv.cols + 16);
+    kv.vp_ld = bf16dot::packed_ld(D);
+    kv.D = D;
+    kv.B = B;
+    const auto words = at::TensorOptions().dtype(at::kInt);
+    kv.kt = at::empty({std::max<int64_t>(1, Hkv * (D / 2) * kv.ld)}, words);
+    kv.v = at::empty({std::max<int64_t>(1, Hkv * (kv.cols / 2) * kv.vp_ld)}, words);
+    auto* kt = reinterpret_cast<uint32_t*>(kv.kt.mutable_data_ptr<int32_t>());
+    auto* vp = reinterpret_cast<uint32_t*>(kv.v.mutable_data_ptr<int32_t>());
+    const auto n_blocks = static_cast<int64_t>(blocks.size());
+    std::vector<uint8_t> block_finite(Hkv * n_blocks);
+    at::parallel_for(0, Hkv * n_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t hk = t / n_blocks;
+        const auto [b, j] = blocks[t % n_blocks];
+        const int64_t rows = std::min(kRows, seqs.k_rows(b) - j), key = seqs.k_start(b) + j;
+        f32dot::pack_transposed(reinterpret_cast<const float*>(k.at(key, hk)), k.ld() / 2, rows, D / 2,
+                                reinterpret_cast<float*>(kt + hk * (D / 2) * kv.ld + kv.col0[b] + j), kv.ld);
+        block_finite[t] = bf16dot::pack_row_pairs(v.at(key, hk), v.ld(), rows, D,
+                                                  vp + (hk * (kv.cols / 2) + (kv.col0[b] + j) / 2) * kv.vp_ld, kv.vp_ld);
+      }
+    });
+    kv.v_finite.assign(Hkv * B, 1);
+    for (int64_t t = 0; t < Hkv * n_blocks; ++t) {
+      if (!block_finite[t]) kv.v_finite[(t / n_blocks) * B + blocks[t % n_blocks].first] = 0;
+    }
+  }
+  return kv;
+}
+
 // A block of query rows of one sequence: the forward's unit of work, once per head.
 struct QueryBlock {
   int64_t seq, i0;
@@ -402,6 +472,8 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   const bool amx_products = dot && amx::available();
   const bool max_in_product = (fast || amx_products) && var.softcap <= 0 && c > T(0);
 
+  const PackedKV packed_kv = pack_keys_values<OutT>(call, k, v, amx_products);
+
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;
   TaskQueue queue(tasks);
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
@@ -437,11 +509,15 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         T* S = sbuf.data();
         if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
           if (dot) {
-            bf16dot::pack_transposed(k.at(k0 + j0, hk), k.ld(), n, D / 2, kpack.data(), kp_ld);
-            if (amx_products) {
+            if (packed_kv.ready()) {
+              amx::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), packed_kv.kt_of(b, hk) + j0, packed_kv.ld, S, lds,
+                        false, max_in_product ? smax.data() : nullptr);
+            } else if (amx_products) {
+              bf16dot::pack_transposed(k.at(k0 + j0, hk), k.ld(), n, D / 2, kpack.data(), kp_ld);
               amx::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), kpack.data(), kp_ld, S, lds, false,
                         max_in_product ? smax.data() : nullptr);
             } else {
+              bf16dot::pack_transposed(k.at(k0 + j0, hk), k.ld(), n, D / 2, kpack.data(), kp_ld);
               bf16dot::gemm(m, n, D / 2, q.at(q0 + i0, h), q.ld(), 2, kpack.data(), kp_ld, S, lds, false);
             }
           }
@@ -462,8 +538,14 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         }
         // bf16 products: V packed first, since whether it is finite decides how P is made.
         bool v_finite = false;
+        const uint32_t* vp = vpack.data();
         if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
-          if (dot) v_finite = bf16dot::pack_row_pairs(v.at(k0 + j0, hk), v.ld(), n, D, vpack.data(), vp_ld);
+          if (packed_kv.ready() && j0 % 2 == 0 && packed_kv.v_all_finite(b, hk)) {
+            vp = packed_kv.v_of(b, hk) + j0 / 2 * vp_ld;
+            v_finite = true;
+          } else if (dot) {
+            v_finite = bf16dot::pack_row_pairs(v.at(k0 + j0, hk), v.ld(), n, D, vpack.data(), vp_ld);
+          }
         }
         // Without dropout (which zeroes P after the sum has taken it), the exponentials
         // write P in bf16 for P V themselves (exp_to_bf16), a pass over the tile less. A
@@ -511,7 +593,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
           if (dot && (v_finite || !hidden_pairs)) {
             if (!p_direct) bf16dot::round_rows(S, lds, m, n, pbuf.data(), p_ld);
-            bf16dot::gemm(m, D, (n + 1) / 2, pbuf.data(), p_ld, 2, vpack.data(), vp_ld, acc.data(), D, true);
+            bf16dot::gemm(m, D, (n + 1) / 2, pbuf.data(), p_ld, 2, vp, vp_ld, acc.data(), D, true);
             continue;
           }
         }
