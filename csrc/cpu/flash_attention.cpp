@@ -337,15 +337,6 @@ KeysTransposed transpose_keys(const AttentionCall& call, RowView<const OutT> k, 
   return kt;
 }
 
-// `ld` elements, or with `spread` the next stride that is an odd multiple of `unit`
-// elements (64 bytes: 16 floats, 32 bf16): rows of the AMX products' tiles (S, P),
-// which a 1-2 KiB stride would crowd into a few L1 sets (B1 H8 bf16 forward on 2 AMX
-// Xeon cores, alternating calls: S512 D128 1.42 -> 1.32 ms, S2048 D64 12.0 -> 10.9).
-inline int64_t spread_or(bool spread, int64_t ld, int64_t unit) {
-  if (!spread) return ld;
-  return ((ld + unit - 1) / unit | 1) * unit;
-}
-
 // The bf16 products' K (as K^T pairs, keys as columns) and V (pairs of keys as rows)
 // of every (sequence, kv head), packed once before the tasks where the products run on
 // AMX: per tile, every query block packed them again (8% of the S2048 D128 forward's
@@ -460,7 +451,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   const T keep_scale = static_cast<T>(var.keep_scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
-  const int64_t kp_ld = bf16dot::packed_ld(bk_max), vp_ld = bf16dot::packed_ld(D), p_ld = spread_or(dot, bk_max + (bk_max & 1), 32);
+  const int64_t kp_ld = bf16dot::packed_ld(bk_max), vp_ld = bf16dot::packed_ld(D), p_ld = dot ? 2 * f32dot::spread_ld((bk_max + 1) / 2) : bk_max + (bk_max & 1);
   const int64_t kt_ld = f32dot::spread_ld(f32dot::packed_ld(bk_max));
   const KeysTransposed keys_t = transpose_keys<T, OutT>(call, k, fast);
   // Each row's max score straight from the product's registers, a pass over S less
@@ -478,7 +469,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   TaskQueue queue(tasks);
   at::parallel_for(0, workers(tasks), 1, [&](int64_t, int64_t) {
     constexpr bool widen = !std::is_same_v<T, OutT>;
-    Scratch<T> sbuf(bq_max * spread_or(dot, bk_max, 16)), acc(bq_max * D), mrow(bq_max), lrow(bq_max);
+    Scratch<T> sbuf(bq_max * (dot ? f32dot::spread_ld(bk_max) : bk_max)), acc(bq_max * D), mrow(bq_max), lrow(bq_max);
     Scratch<T> smax(max_in_product ? bq_max : 0);
     const int64_t ld_own = row_ld(D);
     Scratch<T> qbuf(widen && !dot ? bq_max * ld_own : 0), kbuf(widen && !dot && !keys_t.ready() ? bk_max * ld_own : 0);
@@ -493,7 +484,11 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
       const int64_t len_q = seqs.q_len(b), q0 = seqs.q_start(b), k0 = seqs.k_start(b);
       const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b), dot || fast);
       const int64_t i0 = blk.i0, m = std::min(bq, len_q - i0);
-      const int64_t lds = spread_or(dot, bk, 16);  // S's row stride
+      // On the bf16 products, S and P rows an odd number of cache lines apart (spread_ld):
+      // a 1-2 KiB stride crowded the AMX tiles' rows into a few L1 sets (B1 H8 bf16
+      // forward, 2 AMX Xeon cores, alternating calls: S512 D128 1.42 -> 1.32 ms, S2048
+      // D64 12.0 -> 10.9).
+      const int64_t lds = dot ? f32dot::spread_ld(bk) : bk;  // S's row stride
       const SeqBand band = call.band.of(len_q, seqs.k_len(b));
       int64_t ldq = 0, ldk = 0, ldv;
       const T* Q = dot ? nullptr : tile_rows<T>(q.at(q0 + i0, h), q.ld(), m, D, qbuf.data(), ldq);
