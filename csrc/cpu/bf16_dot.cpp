@@ -9,6 +9,7 @@
 
 #include "cpu/amx_dot.h"
 #include "cpu/cpu_caps.h"
+#include "cpu/tile_utils.h"
 
 #include <algorithm>
 #include <cstring>
@@ -123,6 +124,16 @@ TFK_AVX512_BF16 void round_rows_avx512_bf16(const float* src, int64_t lds, int64
   }
 }
 
+TFK_AVX512_BF16 void scale_round_row_avx512_bf16(const float* src, int64_t n, float scale, c10::BFloat16* dst) {
+  const __m512 a = _mm512_set1_ps(scale);
+  auto* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, src + j), a);
+    _mm256_mask_storeu_epi16(d + j, lanes, (__m256i)_mm512_cvtneps_pbh(x));
+  }
+}
+
 // out[i][c] = bf16(src[i][c] + bias[c]) for a rows x cols block of fp32 sums (rows
 // cols apart), as StoreBf16 rounds a tile.
 TFK_AVX512_BF16 void round_bias_rows(const float* src, int64_t rows, int64_t cols, const float* bias, uint16_t* out,
@@ -226,6 +237,12 @@ void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFl
 #endif
 }
 
+void scale_round_row(const float* src, int64_t n, float scale, c10::BFloat16* dst) {
+#ifdef TFK_HAVE_BF16_DOT
+  scale_round_row_avx512_bf16(src, n, scale, dst);
+#endif
+}
+
 void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row, int64_t a_pair,
           const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   require_cpu("avx512_bf16", "bf16dot::gemm");
@@ -295,11 +312,11 @@ void gemm_prepacked_rounded(int64_t m, int64_t cols, int64_t pairs, const c10::B
   const int64_t panel_words = b.k() * f32dot::PackedB::kCols;
   if (a_pair == 2 && c0 % 16 == 0 && amx::available()) {
     // On the matrix unit: its fp32 sums into a block in cache, then bias and rounding.
-    thread_local std::vector<float> sums;
-    sums.resize(static_cast<size_t>(m * cols));
+    thread_local tile::Scratch<float> block;
+    float* sums = block.grow(m * cols);
     amx::gemm_panels(m, cols, pairs, a, a_row, amx::PanelsB{panels, f32dot::PackedB::kCols, panel_words}, p0, c0,
-                     sums.data(), cols, false);
-    round_bias_rows(sums.data(), m, cols, bias, reinterpret_cast<uint16_t*>(out), ldo);
+                     sums, cols, false);
+    round_bias_rows(sums, m, cols, bias, reinterpret_cast<uint16_t*>(out), ldo);
     return;
   }
   tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, panels, panel_words, p0, c0, pairs,

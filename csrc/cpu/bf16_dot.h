@@ -46,6 +46,10 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t col
 // when n is odd, so that a row is a whole number of pairs.
 void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd);
 
+// dst[j] = bf16(src[j] * scale) (round to nearest even, NaN kept) for j < n: the
+// attention forward's output rows, O = acc / l. Per row; callers check available().
+void scale_round_row(const float* src, int64_t n, float scale, c10::BFloat16* dst);
+
 // The attention forward's probabilities straight from its scores, in one pass:
 // p[j] = bf16(2^(s[j] c - m)) for j < n (nearest even; 0 where s[j] c - m < -126, NaN
 // kept), the polynomial of vec_math.h's exp2_poly<4> (2.6e-6 relative, far below

@@ -204,6 +204,17 @@ inline void store_scaled(OutT* dst, const T* src, int64_t n, T a) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<OutT>(src[j] * a);
 }
 
+// The forward's output row dst = src * a. On the bf16 dot path through AVX512-BF16's
+// rounding: the portable loop compiles to SSE2 and took 6% of the B1 H8 S512 D128
+// bf16 forward on AMX.
+template <typename OutT, typename T>
+inline void store_output_row(OutT* dst, const T* src, int64_t n, T a, bool dot) {
+  if constexpr (std::is_same_v<OutT, c10::BFloat16> && std::is_same_v<T, float>) {
+    if (dot) return bf16dot::scale_round_row(src, n, a, dst);
+  }
+  store_scaled(dst, src, n, a);
+}
+
 template <typename T>
 inline void fill_zero(T* p, int64_t n) {
   std::fill(p, p + n, T(0));
@@ -620,7 +631,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
           // l >= 1 when the scores are finite (the max contributes exp(0) = 1). l is
           // NaN after a NaN or +inf score, and 0 when all visible scores are -inf
           // (and there is no sink): then 0 * (1 / 0) makes the output NaN, and the lse is NaN too.
-          store_scaled(dst, acc.data() + r * D, D, T(1) / lrow[r]);
+          store_output_row(dst, acc.data() + r * D, D, T(1) / lrow[r], dot);
           *lse_out = lrow[r] > T(0) ? Dom::to_lse(mrow[r], lrow[r]) : std::numeric_limits<float>::quiet_NaN();
         }
       }
