@@ -52,8 +52,8 @@ void scale_round_row(const float* src, int64_t n, float scale, c10::BFloat16* ds
 
 // The attention forward's probabilities straight from its scores, in one pass:
 // p[j] = bf16(2^(s[j] c - m)) for j < n (nearest even; 0 where s[j] c - m < -126, NaN
-// kept), the polynomial of vec_math.h's exp2_poly<4> (2.6e-6 relative, far below
-// bf16's 2^-9). Returns the sum of the values before rounding, the softmax's l. Called
+// kept), vec_math.h's exp2_poly<4> shifted to the fraction x - floor(x) (2.7e-6
+// relative, far below bf16's 2^-9). Returns the sum of the values before rounding, the softmax's l. Called
 // per row, so it does not check the CPU: callers check available() once per call.
 float exp2_round_row(const float* s, int64_t n, float c, float m, c10::BFloat16* p);
 
