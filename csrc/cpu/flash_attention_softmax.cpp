@@ -44,6 +44,11 @@ TFK_MULTIVERSION void scale_row(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
 }
 
+TFK_MULTIVERSION void scaled_copy(float* dst, const float* src, int64_t n, float a) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * a;
+}
+
 TFK_MULTIVERSION void softcap_row(float* s, int64_t n, float a, float c, float* t) {
   if (t) {
 #pragma omp simd

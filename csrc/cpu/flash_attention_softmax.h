@@ -26,6 +26,8 @@ void exp2_scaled(float* s, int64_t n, float c, float m);
 void softmax_grad(float* dp, const float* p, int64_t n, float delta);
 // x[j] <- x[j] * a for j < n.
 void scale_row(float* x, int64_t n, float a);
+// dst[j] = src[j] * a for j < n: the forward's output rows, O = acc / l.
+void scaled_copy(float* dst, const float* src, int64_t n, float a);
 // Softcap: t = tanh(s[j] * a), s[j] <- c * t, and t[j] <- t when t != nullptr.
 void softcap_row(float* s, int64_t n, float a, float c, float* t);
 // ds[j] <- ds[j] * (1 - t[j]^2): the softcap's derivative (up to the scale).
@@ -58,6 +60,9 @@ inline void softmax_grad(double* dp, const double* p, int64_t n, double delta) {
 }
 inline void scale_row(double* x, int64_t n, double a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
+}
+inline void scaled_copy(double* dst, const double* src, int64_t n, double a) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = src[j] * a;
 }
 inline void softcap_row(double* s, int64_t n, double a, double c, double* t) {
   for (int64_t j = 0; j < n; ++j) {
