@@ -89,33 +89,23 @@ StripA strip_a(const c10::BFloat16* a, int64_t lda, int64_t i0, int64_t rows, in
 }
 
 // B's chunk q at column col: in place for whole chunks, the partial last one from a
-// copy whose pair steps past `pairs` are zero (per panel: kTile steps of `width` words,
-// from the panel of the first column on).
+// copy whose pair steps past `pairs` are zero.
 struct ChunksB {
-  PanelsB b;  // from the first pair step on
-  int64_t whole, first_panel;
+  const uint32_t* b;
+  int64_t ldb, whole;
   const uint32_t* tail;
-  const uint32_t* at(int64_t q, int64_t col) const {
-    const int64_t panel = col / b.width, within = col % b.width;
-    if (q < whole) return b.words + panel * b.panel_words + q * kTile * b.width + within;
-    return tail + (panel - first_panel) * kTile * b.width + within;
-  }
-  int64_t stride() const { return 4 * b.width; }
+  const uint32_t* at(int64_t q, int64_t col) const { return (q < whole ? b + q * kTile * ldb : tail) + col; }
+  int64_t stride() const { return 4 * ldb; }
 };
 
-// The chunks of columns [c0, c0 + cols) of b (from its first pair step), with the
-// partial last chunk copied into `tail_buf`.
-ChunksB chunks_b(const PanelsB& b, int64_t pairs, int64_t c0, int64_t cols, tile::Scratch<uint32_t>& tail_buf) {
-  const int64_t whole = pairs / kTile, first = c0 / b.width, last = (c0 + cols - 1) / b.width;
-  ChunksB chunks{b, whole, first, nullptr};
-  if (whole * kTile < pairs) {
-    const int64_t panel_tail = kTile * b.width, steps = pairs - whole * kTile;
-    uint32_t* tail = tail_buf.grow((last - first + 1) * panel_tail);
-    std::fill(tail, tail + (last - first + 1) * panel_tail, 0u);
-    for (int64_t p = first; p <= last; ++p) {
-      const uint32_t* src = b.words + p * b.panel_words + whole * kTile * b.width;
-      std::copy(src, src + steps * b.width, tail + (p - first) * panel_tail);
-    }
+// The chunks of b, with the partial last chunk copied into `tail_buf`.
+ChunksB chunks_b(const uint32_t* b, int64_t ldb, int64_t pairs, tile::Scratch<uint32_t>& tail_buf) {
+  const int64_t whole = pairs / kTile, steps = pairs - whole * kTile;
+  ChunksB chunks{b, ldb, whole, nullptr};
+  if (steps > 0) {
+    uint32_t* tail = tail_buf.grow(kTile * ldb);
+    std::fill(tail + steps * ldb, tail + kTile * ldb, 0u);
+    std::copy(b + whole * kTile * ldb, b + pairs * ldb, tail);
     chunks.tail = tail;
   }
   return chunks;
@@ -213,12 +203,11 @@ struct StripMax {
 // blocks; C's sums go to memory and back once per pass.
 constexpr int64_t kPassChunks = 8;
 
-// C[m][cols] (+)= A . B[:, c0 : c0 + cols]; c0 a multiple of 16 (a B tile never
-// straddles two panels). In passes over the reduction (kPassChunks); each pass walks
+// C[m][cols] (+)= A . B. In passes over the reduction (kPassChunks); each pass walks
 // C in blocks of 2 x 2 tiles, strips of A outer, so a strip pair stays in L1 while the
 // B blocks stream past it.
 TFK_AMX void gemm_tiles(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda,
-                        const PanelsB& b, int64_t c0, float* c, int64_t ldc, bool accumulate, float* row_max) {
+                        const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate, float* row_max) {
   const int64_t chunks = (pairs + kTile - 1) / kTile, strips = (m + kTile - 1) / kTile;
   // Aligned: a tile row straddling two cache lines loads at about half speed.
   thread_local tile::Scratch<uint32_t> a_pad_buf, b_tail;
@@ -228,7 +217,7 @@ TFK_AMX void gemm_tiles(int64_t m, int64_t cols, int64_t pairs, const c10::BFloa
   for (int64_t r = 0; r < strips; ++r) {
     A[r] = strip_a(a, lda, r * kTile, std::min(kTile, m - r * kTile), pairs, a_pads + r * kTile * chunks * kTile);
   }
-  const ChunksB B = chunks_b(b, pairs, c0, cols, b_tail);
+  const ChunksB B = chunks_b(b, ldb, pairs, b_tail);
   alignas(64) float scratch[4][kTile * kTile];
   StripMax strip_max;
   load_config();
@@ -252,10 +241,10 @@ TFK_AMX void gemm_tiles(int64_t m, int64_t cols, int64_t pairs, const c10::BFloa
                                  scratch[2 * r + s], add);
           }
         }
-        if (strips_a == 2 && strips_b == 2) block<2, 2>(strip, B, c0 + j0, C, q0, q1, add);
-        else if (strips_a == 2) block<2, 1>(strip, B, c0 + j0, C, q0, q1, add);
-        else if (strips_b == 2) block<1, 2>(strip, B, c0 + j0, C, q0, q1, add);
-        else block<1, 1>(strip, B, c0 + j0, C, q0, q1, add);
+        if (strips_a == 2 && strips_b == 2) block<2, 2>(strip, B, j0, C, q0, q1, add);
+        else if (strips_a == 2) block<2, 1>(strip, B, j0, C, q0, q1, add);
+        else if (strips_b == 2) block<1, 2>(strip, B, j0, C, q0, q1, add);
+        else block<1, 1>(strip, B, j0, C, q0, q1, add);
         for (int r = 0; r < strips_a; ++r) {
           for (int s = 0; s < strips_b; ++s) C[2 * r + s].finish();
         }
@@ -286,18 +275,7 @@ void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_
   TORCH_CHECK(ldb >= (cols + 15) / 16 * 16, "amx::gemm: ldb ", ldb, " shorter than ", cols,
               " columns rounded up to 16");
 #ifdef TFK_HAVE_AMX
-  gemm_tiles(m, cols, pairs, a, lda, PanelsB{b, ldb, 0}, 0, c, ldc, accumulate, row_max);
-#endif
-}
-
-void gemm_panels(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const PanelsB& b,
-                 int64_t p0, int64_t c0, float* c, int64_t ldc, bool accumulate) {
-  TORCH_CHECK(available(), "tfkernels: amx::gemm_panels needs a CPU with AMX-BF16 and the OS's grant of the tile state");
-  TORCH_CHECK(c0 % 16 == 0 && b.width % 16 == 0, "amx::gemm_panels: first column ", c0, " and panel width ", b.width,
-              " must be multiples of 16");
-#ifdef TFK_HAVE_AMX
-  gemm_tiles(m, cols, pairs, a, lda, PanelsB{b.words + p0 * b.width, b.width, b.panel_words}, c0, c, ldc, accumulate,
-             nullptr);
+  gemm_tiles(m, cols, pairs, a, lda, b, ldb, c, ldc, accumulate, row_max);
 #endif
 }
 

@@ -32,18 +32,4 @@ bool available();
 void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const uint32_t* b,
           int64_t ldb, float* c, int64_t ldc, bool accumulate, float* row_max = nullptr);
 
-// A packed op(B) of 32-bit words in panels, as f32dot::PackedB stores one: panel q
-// (columns width * q ..) at words + q * panel_words, its pair step i at + width * i.
-// A B packed with ldb words per row is one panel of width ldb.
-struct PanelsB {
-  const uint32_t* words;
-  int64_t width, panel_words;
-};
-
-// C[m][cols] = (C if accumulate) + sum over p < pairs of A[i][p] . B[p0 + p][c0 + c],
-// A as in gemm; c0 and the panel width multiples of 16. Columns of the last 16 past
-// c0 + cols are read (within the panel) and not written.
-void gemm_panels(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t lda, const PanelsB& b,
-                 int64_t p0, int64_t c0, float* c, int64_t ldc, bool accumulate);
-
 }  // namespace tfkernels::cpu::amx

@@ -9,7 +9,6 @@
 
 #include "cpu/amx_dot.h"
 #include "cpu/cpu_caps.h"
-#include "cpu/tile_utils.h"
 
 #include <algorithm>
 #include <cstring>
@@ -134,22 +133,6 @@ TFK_AVX512_BF16 void scale_round_row_avx512_bf16(const float* src, int64_t n, fl
   }
 }
 
-// out[i][c] = bf16(src[i][c] + bias[c]) for a rows x cols block of fp32 sums (rows
-// cols apart), as StoreBf16 rounds a tile.
-TFK_AVX512_BF16 void round_bias_rows(const float* src, int64_t rows, int64_t cols, const float* bias, uint16_t* out,
-                                     int64_t ldo) {
-  const StoreBf16 store{out, ldo, bias};
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t z = 0; 16 * z < cols; ++z) {
-      const __mmask16 lanes = first_lanes(cols - 16 * z);
-      store.store<true>(static_cast<int>(i), static_cast<int>(z), _mm512_maskz_loadu_ps(lanes, src + i * cols + 16 * z),
-                        lanes);
-    }
-  }
-}
-
-// 2^x for the 16 lanes of x, rounded into p (lanes past `lanes` neither read nor
-// written), added to total.
 TFK_AVX512_BF16 inline void exp2_round_lanes(const float* s, __m512 c, __m512 m, __mmask16 lanes, c10::BFloat16* p,
                                              __m512& total) {
   const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s), c, m);
@@ -269,7 +252,6 @@ void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_
 
 bool prepacked_applies(int64_t k) { return k > 0 && k % 2 == 0 && available() && !cpu_has("amx_bf16"); }
 
-bool prepacked_on_amx(int64_t k) { return k > 0 && k % 2 == 0 && available() && amx::available(); }
 
 f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n) {
   require_cpu("avx512_bf16", "bf16dot::pack_weight_transposed");
@@ -321,18 +303,8 @@ void gemm_prepacked_rounded(int64_t m, int64_t cols, int64_t pairs, const c10::B
               "bf16dot::gemm_prepacked_rounded: pairs [", p0, ", ", p0 + pairs, ") x columns [", c0, ", ", c0 + cols,
               ") outside the packed ", b.k(), " x ", b.n(), " (or no pairs)");
 #ifdef TFK_HAVE_BF16_DOT
-  const auto* panels = reinterpret_cast<const uint32_t*>(b.panel(0));
-  const int64_t panel_words = b.k() * f32dot::PackedB::kCols;
-  if (a_pair == 2 && c0 % 16 == 0 && amx::available()) {
-    // On the matrix unit: its fp32 sums into a block in cache, then bias and rounding.
-    thread_local tile::Scratch<float> block;
-    float* sums = block.grow(m * cols);
-    amx::gemm_panels(m, cols, pairs, a, a_row, amx::PanelsB{panels, f32dot::PackedB::kCols, panel_words}, p0, c0,
-                     sums, cols, false);
-    round_bias_rows(sums, m, cols, bias, reinterpret_cast<uint16_t*>(out), ldo);
-    return;
-  }
-  tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, panels, panel_words, p0, c0, pairs,
+  tile_gemm::gemm_panels<Bf16Pairs>(m, cols, pairs, a, a_row, a_pair, reinterpret_cast<const uint32_t*>(b.panel(0)),
+                                    b.k() * f32dot::PackedB::kCols, p0, c0, pairs,
                                     StoreBf16{reinterpret_cast<uint16_t*>(out), ldo, bias});
 #endif
 }

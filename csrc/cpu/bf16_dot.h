@@ -78,9 +78,6 @@ void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_
 // (oneDNN's AMX tiles are far faster), available(), k even.
 bool prepacked_applies(int64_t k);
 
-// Whether gemm_prepacked_rounded runs a product with reduction length k on AMX (see
-// there): AMX-BF16 (amx::available()), available(), k even. The fused_qkv forward's.
-bool prepacked_on_amx(int64_t k);
 
 // W (n x k, rows ldw elements apart, ldw even) packed as op(B) = W^T.
 f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n);
@@ -101,9 +98,7 @@ void gemm_prepacked(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16*
 // out[m][cols] = bf16(sum over pairs p < pairs of A[i][p] . op(B)[p0 + p][c0 + c]
 // (+ bias[c] when bias is not null)), A as gemm_prepacked reads it, out row-major
 // (rows ldo elements apart): the fp32 sum over the whole reduction rounded once in
-// registers (nearest even), with no fp32 C in memory. pairs > 0. One thread. On AMX
-// (amx::available(); row-major A and c0 a multiple of 16) the matrix unit's sums go
-// through an fp32 block in cache instead.
+// registers (nearest even), with no fp32 C in memory. pairs > 0. One thread.
 void gemm_prepacked_rounded(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_t a_row,
                             int64_t a_pair, const f32dot::PackedB& b, int64_t p0, int64_t c0, const float* bias,
                             c10::BFloat16* out, int64_t ldo);

@@ -212,7 +212,7 @@ SharedB<T> share_b(bool trans_b, const T* b, int64_t ldb, int64_t k, int64_t n, 
   if constexpr (std::is_same_v<T, float>) {
     if (k > 0 && n > 0 && f32dot::whole_gemms_available()) shared.packed = f32dot::pack_b(trans_b, b, ldb, k, n);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (bf16_tiles && trans_b && n > 0 && ldb % 2 == 0 && (bf16dot::prepacked_applies(k) || bf16dot::prepacked_on_amx(k))) {
+    if (bf16_tiles && trans_b && n > 0 && ldb % 2 == 0 && bf16dot::prepacked_applies(k)) {
       shared.packed = bf16dot::pack_weight_transposed(b, ldb, k, n);
     }
   }

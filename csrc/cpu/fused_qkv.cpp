@@ -47,23 +47,19 @@
 namespace tfkernels::cpu {
 namespace {
 
-// Whether the forward runs head by head on W^T packed once (fused_qkv_fwd_blas's tile
-// branch) rather than on oneDNN for bf16: on bf16_dot's AVX512-BF16 tiles (see above),
-// or on AMX (gemm_prepacked_rounded hands them to the matrix unit) when each head is a
-// whole number of 16-column tiles (B1 S2048 E1024 H16 D64 on 2 AMX Xeon cores,
-// alternating calls: 8.0-8.8 ms against 8.1-9.0 on oneDNN; eager's median 7-14 ms).
+// Whether the bf16 forward runs head by head on W^T packed once (fused_qkv_fwd_blas's
+// tile branch) on bf16_dot's AVX512-BF16 tiles (see above) rather than on oneDNN. Not
+// on AMX: there oneDNN's column blocks ran 2-9% faster than our AMX tiles head by
+// head (B1 S2048 E1024 H16 D64, 2 Xeon cores: 5.06-5.15 ms against 5.5-5.7 in a row;
+// bench/run.py 2.16-2.31 against 1.90-2.21 TFLOP/s).
 template <typename scalar_t>
 bool forward_on_packed_bf16(const QkvShape& s) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const bool amx_heads = gemms_on_onednn<scalar_t>() && bf16dot::prepacked_on_amx(s.embed) && s.head_dim % 16 == 0;
-    return forward_on_bf16_tiles<scalar_t>(s.embed) || amx_heads;
-  } else {
-    return false;
-  }
+  return forward_on_bf16_tiles<scalar_t>(s.embed);
 }
 
-constexpr int64_t kFwdRows = 256;        // rows of x per forward GEMM
-constexpr int64_t kFwdCols = 256;        // output columns (heads x D) per forward GEMM of the BLAS path
+constexpr int64_t kFwdRows = 256;        // rows of x per forward GEMM of the BLAS path
+constexpr int64_t kFwdCols = 256;        // output columns (heads x D) per forward GEMM
+constexpr int64_t kFwdOneDnnRows = 2048;  // rows of x per forward GEMM on oneDNN, at most
 constexpr int64_t kDxTileBytes = 1 << 20;  // dx accumulator per backward task
 constexpr int64_t kDwCols = 1024;        // columns of E per weight-gradient task
 
@@ -139,27 +135,36 @@ void fused_qkv_fwd_blas(const QkvShape& s, const scalar_t* x, const scalar_t* w,
   });
 }
 
-// oneDNN path (16-bit types where the CPU has native 16-bit dot products): per block
-// of the flattened B*S rows, one oneDNN GEMM over every head's columns at once (N =
-// (H+2Hkv)D, bias fused, fp32 accumulation, one rounding, as eager's F.linear) into a
-// thread-local scratch in the dtype, whose head columns are then copied to the head
-// layout while the block is still in cache. One GEMM per head (N = D) ran oneDNN at
-// ~80% of this rate.
+// oneDNN path (16-bit types where the CPU has native 16-bit dot products): a task is
+// one oneDNN GEMM of a group of consecutive heads (N = heads x D of about kFwdCols,
+// bias fused, fp32 accumulation, one rounding, as eager's F.linear) over a tall block
+// of rows, into a scratch in the dtype whose head columns are then copied to the head
+// layout. oneDNN packs its B (the group's weight rows) on every call, so tall blocks
+// amortise it: 256-row blocks over all heads ran at 1.1 TFLOP/s per AMX Xeon core,
+// 2048 x 256 at 1.45 (2048 x 3072, the whole GEMM, at 1.4).
 template <typename scalar_t>
 void fused_qkv_fwd_onednn(const QkvShape& s, const scalar_t* x, const scalar_t* w, const HeadLayout<scalar_t>& out,
                           const at::Tensor& bias16) {
   const int64_t groups = s.heads + 2 * s.kv_heads, e = s.embed, d = s.head_dim, seq = s.seqlen;
-  const int64_t m = s.batch * seq, n = groups * d;
-  const int64_t mb = rows_per_task(m, kFwdRows, at::get_num_threads());
-  at::parallel_for(0, ceil_div(m, mb), 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> scratch(static_cast<size_t>(mb * n));
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * mb, rows = std::min(mb, m - r0);
-      linear_tile_aten(x + r0 * e, rows, e, e, w, n, e, bias16, scratch.data(), n);
+  const int64_t m = s.batch * seq;
+  const int64_t hg = std::max<int64_t>(1, std::min(groups, kFwdCols / std::max<int64_t>(d, 1)));
+  const int64_t head_blocks = ceil_div(groups, hg);
+  // Rows split further only where the head groups alone leave threads idle.
+  const int64_t row_blocks =
+      std::max(ceil_div(m, kFwdOneDnnRows), std::min(m, ceil_div(at::get_num_threads(), head_blocks)));
+  const int64_t mb = balanced_block(m, ceil_div(m, row_blocks)), row_tasks = ceil_div(m, mb);
+  at::parallel_for(0, row_tasks * head_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> scratch(static_cast<size_t>(mb * hg * d));
+    for (int64_t t = begin; t < end; ++t) {
+      // Row blocks inner: consecutive tasks of a thread share the group's weight rows.
+      const int64_t j0 = (t / row_tasks) * hg, r0 = (t % row_tasks) * mb;
+      const int64_t rows = std::min(mb, m - r0), heads = std::min(hg, groups - j0), n = heads * d;
+      const at::Tensor bias_cols = bias16.defined() ? bias16.narrow(0, j0 * d, n) : at::Tensor();
+      linear_tile_aten(x + r0 * e, rows, e, e, w + j0 * d * e, n, e, bias_cols, scratch.data(), n);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t b = (r0 + i) / seq, pos = (r0 + i) % seq;
         const scalar_t* row = scratch.data() + i * n;
-        for (int64_t j = 0; j < groups; ++j) std::copy(row + j * d, row + (j + 1) * d, out.at(b, j) + pos * d);
+        for (int64_t j = 0; j < heads; ++j) std::copy(row + j * d, row + (j + 1) * d, out.at(b, j0 + j) + pos * d);
       }
     }
   });
