@@ -123,6 +123,16 @@ TFK_AVX512_BF16 void round_rows_avx512_bf16(const float* src, int64_t lds, int64
   }
 }
 
+// lo[i] and hi[i] = the low and high 16 bits of words[i], for i < n.
+TFK_AVX512_BF16 void split_words_avx512_bf16(const uint32_t* words, int64_t n, uint16_t* lo, uint16_t* hi) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = first_lanes(n - i);
+    const __m512i w = _mm512_maskz_loadu_epi32(lanes, words + i);
+    _mm256_mask_storeu_epi16(lo + i, lanes, _mm512_cvtepi32_epi16(w));
+    _mm256_mask_storeu_epi16(hi + i, lanes, _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+  }
+}
+
 TFK_AVX512_BF16 void scale_round_row_avx512_bf16(const float* src, int64_t n, float scale, c10::BFloat16* dst) {
   const __m512 a = _mm512_set1_ps(scale);
   auto* d = reinterpret_cast<uint16_t*>(dst);
@@ -230,6 +240,21 @@ void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFl
   require_cpu("avx512_bf16", "bf16dot::round_rows");
 #ifdef TFK_HAVE_BF16_DOT
   round_rows_avx512_bf16(src, lds, rows, n, dst, ldd);
+#endif
+}
+
+void transpose16(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd,
+                 uint32_t* words) {
+  require_cpu("avx512_bf16", "bf16dot::transpose16");
+  TORCH_CHECK(cols % 2 == 0 && ld % 2 == 0, "bf16dot::transpose16: cols ", cols, " and ld ", ld, " must be even");
+#ifdef TFK_HAVE_BF16_DOT
+  const int64_t ldw = f32dot::packed_ld(rows);
+  // Word p of row r holds columns 2p (low half, little-endian) and 2p + 1.
+  f32dot::pack_transposed(reinterpret_cast<const float*>(src), ld / 2, rows, cols / 2, reinterpret_cast<float*>(words),
+                          ldw);
+  for (int64_t p = 0; p < cols / 2; ++p) {
+    split_words_avx512_bf16(words + p * ldw, rows, dst + 2 * p * ldd, dst + (2 * p + 1) * ldd);
+  }
 #endif
 }
 

@@ -46,6 +46,14 @@ bool pack_row_pairs(const c10::BFloat16* src, int64_t ld, int64_t n, int64_t col
 // when n is odd, so that a row is a whole number of pairs.
 void round_rows(const float* src, int64_t lds, int64_t rows, int64_t n, c10::BFloat16* dst, int64_t ldd);
 
+// dst[c * ldd + r] = src[r * ld + c] for r < rows, c < cols, of any 16-bit type: the
+// transpose of a rows x cols matrix, as 32-bit words (pairs of columns) through
+// f32dot::pack_transposed, each word row then split into its two element rows.
+// cols and ld even; `words` holds cols / 2 x f32dot::packed_ld(rows) words. Needs
+// available().
+void transpose16(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd,
+                 uint32_t* words);
+
 // dst[j] = bf16(src[j] * scale) (round to nearest even, NaN kept) for j < n: the
 // attention forward's output rows, O = acc / l. Per row; callers check available().
 void scale_round_row(const float* src, int64_t n, float scale, c10::BFloat16* dst);
