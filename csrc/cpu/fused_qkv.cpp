@@ -274,39 +274,6 @@ void fused_qkv_bwd_kernel(const QkvShape& s, const HeadLayout<const scalar_t>& g
   }
 }
 
-// Whether dW = G^T x takes G^T as a row-major matrix of its own (gather_transposed)
-// rather than as G's transposed view: on oneDNN, which ran the view's product at less
-// than half the rate (2048 x 3072 x 1024 bf16 on 2 AMX Xeon cores: 10.5 ms against
-// 4.7 on a row-major A, and torch's own transposing copy took 9 ms more). Not where
-// bf16 runs on our tiles, which pack a transposed A per block anyway.
-template <typename scalar_t>
-bool transposed_gather_pays(const QkvShape& s) {
-  if constexpr (is_16bit<scalar_t>) {
-    return gemms_on_onednn<scalar_t>() && !forward_on_bf16_tiles<scalar_t>(s.batch * s.seqlen) &&
-           bf16dot::available() && s.head_dim % 2 == 0;
-  } else {
-    return false;
-  }
-}
-
-// G^T [heads x D, B x S]: row j * D + c holds head j's gradient column c for every
-// (batch, row), each head's S x D block transposed (bf16dot::transpose16).
-template <typename scalar_t>
-at::Tensor gather_transposed(const QkvShape& s, const HeadLayout<const scalar_t>& grad, const at::TensorOptions& opts) {
-  const int64_t groups = s.heads + 2 * s.kv_heads, d = s.head_dim, rows = s.batch * s.seqlen;
-  at::Tensor gt = warm::empty({groups * d, rows}, opts);
-  auto* out = reinterpret_cast<uint16_t*>(gt.mutable_data_ptr<scalar_t>());
-  at::parallel_for(0, groups * s.batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> words(static_cast<size_t>(d / 2 * f32dot::packed_ld(s.seqlen)));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t j = t / s.batch, b = t % s.batch;
-      bf16dot::transpose16(reinterpret_cast<const uint16_t*>(grad.at(b, j)), d, s.seqlen, d,
-                           out + j * d * rows + b * s.seqlen, rows, words.data());
-    }
-  });
-  return gt;
-}
-
 // The backward as one linear layer's (see the top of the file).
 template <typename scalar_t>
 void fused_qkv_bwd_gathered(const QkvShape& s, const HeadLayout<const scalar_t>& grad, const at::Tensor& gq,
@@ -321,12 +288,7 @@ void fused_qkv_bwd_gathered(const QkvShape& s, const HeadLayout<const scalar_t>&
   const at::Tensor g2d = g.view({s.batch * s.seqlen, groups * d});
   at::Tensor gx2d = gx.view({s.batch * s.seqlen, s.embed});
   mm_out_cpu(gx2d, g2d, w);
-  const at::Tensor x2d = x.view({s.batch * s.seqlen, s.embed});
-  if (transposed_gather_pays<scalar_t>(s)) {
-    mm_out_cpu(gw, gather_transposed<scalar_t>(s, grad, x.options()), x2d);
-  } else {
-    mm_out_cpu(gw, g2d.t(), x2d);
-  }
+  mm_out_cpu(gw, g2d.t(), x.view({s.batch * s.seqlen, s.embed}));
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> bsum(static_cast<size_t>(d));
     for (int64_t j = begin; j < end; ++j) head_bias_grad(s, grad, j, bsum.data(), gb);

@@ -11,6 +11,7 @@
 #include "cpu/blas.h"
 #include "cpu/cpu_caps.h"
 #include "cpu/gelu_rows.h"
+#include "cpu/warm_buffers.h"
 
 namespace tfkernels::cpu {
 namespace {
@@ -118,6 +119,33 @@ void mm_bf16_tiles(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   });
 }
 
+// A transposed view of a row-major 16-bit matrix (a = t.t(), t contiguous m x n with
+// n even), copied row-major: transpose16 in 256 x 256 blocks, one per task.
+at::Tensor row_major_copy16(const at::Tensor& a) {
+  constexpr int64_t kBlock = 256;
+  const int64_t rows = a.size(1), cols = a.size(0);  // of the stored matrix t
+  at::Tensor dst = warm::empty({cols, rows}, a.options());
+  const auto* src = static_cast<const uint16_t*>(a.const_data_ptr());
+  auto* out = static_cast<uint16_t*>(dst.mutable_data_ptr());
+  const int64_t row_blocks = ceil_div(rows, kBlock), col_blocks = ceil_div(cols, kBlock);
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> words(static_cast<size_t>(kBlock / 2 * f32dot::packed_ld(kBlock)));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = (t / col_blocks) * kBlock, c0 = (t % col_blocks) * kBlock;
+      bf16dot::transpose16(src + r0 * cols + c0, cols, std::min(kBlock, rows - r0), std::min(kBlock, cols - c0),
+                           out + c0 * rows + r0, rows, words.data());
+    }
+  });
+  return dst;
+}
+
+// Whether a is the transposed view of a contiguous 16-bit matrix that transpose16
+// takes (an even row length; whole blocks of pairs).
+bool transposed_view16(const at::Tensor& a) {
+  return (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) && a.stride(0) == 1 &&
+         a.stride(1) == a.size(0) && a.size(0) % 2 == 0 && a.size(1) > 1 && bf16dot::available();
+}
+
 }  // namespace
 
 Gemm16 gemm16_backend(at::ScalarType dtype) {
@@ -146,7 +174,11 @@ void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
     return;
   }
   if (!is16 || gemm16_backend(dtype) == Gemm16::kOneDnn || !plain) {
-    at::mm_out(out, a, b);
+    if (plain && is16 && transposed_view16(a)) {
+      at::mm_out(out, row_major_copy16(a), b);
+    } else {
+      at::mm_out(out, a, b);
+    }
     return;
   }
   if (dtype == at::kBFloat16) {
