@@ -140,10 +140,13 @@ at::Tensor row_major_copy16(const at::Tensor& a) {
 }
 
 // Whether a is the transposed view of a contiguous 16-bit matrix that transpose16
-// takes (an even row length; whole blocks of pairs).
+// takes (an even row length) and the copy's rows are whole pairs: oneDNN's AMX kernel
+// reads a row-major A of odd k a pair at a time, the element past each row's end (the
+// next row's first) times B's zero padding, so a NaN there reached the row before
+// (tests/test_nonfinite.py); on the transposed view it pads A itself.
 bool transposed_view16(const at::Tensor& a) {
   return (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) && a.stride(0) == 1 &&
-         a.stride(1) == a.size(0) && a.size(0) % 2 == 0 && a.size(1) > 1 && bf16dot::available();
+         a.stride(1) == a.size(0) && a.size(0) % 2 == 0 && a.size(1) % 2 == 0 && bf16dot::available();
 }
 
 }  // namespace
