@@ -10,6 +10,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <utility>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -171,6 +173,26 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   detail::gemm_fallback(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// The operands of a 16-bit product a [m, k] @ b [k, n] as oneDNN should get them: for
+// a row-major a whose k is not a multiple of 32, copies padded to the next multiple
+// (zero columns of a, zero rows of b; the extra products are 0 x 0), else a and b as
+// they are. oneDNN's AMX kernel (torch 2.14) reads the last 32-element block of such
+// a row past its end (into the next row) against b's zero padding, so a NaN or Inf
+// there made the row before NaN: torch.mm on 2 AMX Xeon cores from 32 rows on, for
+// every odd k and many even ones (34, 38, 42, 68, ...), never for k a multiple of 32
+// or a transposed a (which oneDNN copies itself). A padded view of a did not help
+// (ATen copies it contiguous first).
+inline std::pair<at::Tensor, at::Tensor> whole_blocks_reduction16(const at::Tensor& a, const at::Tensor& b) {
+  constexpr int64_t kBlock = 32;
+  const bool is16 = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  const int64_t k = a.size(1), padded = (k + kBlock - 1) / kBlock * kBlock;
+  if (!is16 || k == padded || a.stride(1) != 1 || a.size(0) == 0 || b.size(1) == 0) return {a, b};
+  at::Tensor a_pad = at::zeros({a.size(0), padded}, a.options()), b_pad = at::zeros({padded, b.size(1)}, b.options());
+  a_pad.narrow(1, 0, k).copy_(a);
+  b_pad.narrow(0, 0, k).copy_(b);
+  return {a_pad, b_pad};
+}
+
 // c[rows, n] (leading dim ldc) = a[rows, k] @ b[n, k]^T (+ bias[n]), all of dtype T,
 // through ATen (oneDNN for bf16/half: fp32 accumulation, bias added in fp32, one
 // rounding, as eager F.linear). For tiles inside at::parallel_for, where oneDNN
@@ -180,13 +202,13 @@ inline void linear_tile_aten(const T* a, int64_t rows, int64_t k, int64_t lda, c
                              const at::Tensor& bias, T* c, int64_t ldc) {
   if (rows <= 0 || n <= 0) return;
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor ta = at::from_blob(const_cast<T*>(a), {rows, k}, {lda, 1}, opts);
-  at::Tensor tb = at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts);
+  const auto [ta, tbt] = whole_blocks_reduction16(at::from_blob(const_cast<T*>(a), {rows, k}, {lda, 1}, opts),
+                                                  at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts).t());
   at::Tensor tc = at::from_blob(c, {rows, n}, {ldc, 1}, opts);
   if (bias.defined()) {
-    at::addmm_out(tc, bias, ta, tb.t());
+    at::addmm_out(tc, bias, ta, tbt);
   } else {
-    at::mm_out(tc, ta, tb.t());
+    at::mm_out(tc, ta, tbt);
   }
 }
 

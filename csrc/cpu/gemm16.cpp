@@ -140,13 +140,12 @@ at::Tensor row_major_copy16(const at::Tensor& a) {
 }
 
 // Whether a is the transposed view of a contiguous 16-bit matrix that transpose16
-// takes (an even row length) and the copy's rows are whole pairs: oneDNN's AMX kernel
-// reads a row-major A of odd k a pair at a time, the element past each row's end (the
-// next row's first) times B's zero padding, so a NaN there reached the row before
-// (tests/test_nonfinite.py); on the transposed view it pads A itself.
+// takes (an even row length) and the copy's rows are whole 32-element blocks (the
+// copy would otherwise need blas.h's whole_blocks_reduction16, while oneDNN pads the
+// transposed view itself).
 bool transposed_view16(const at::Tensor& a) {
   return (a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf) && a.stride(0) == 1 &&
-         a.stride(1) == a.size(0) && a.size(0) % 2 == 0 && a.size(1) % 2 == 0 && bf16dot::available();
+         a.stride(1) == a.size(0) && a.size(0) % 2 == 0 && a.size(1) % 32 == 0 && bf16dot::available();
 }
 
 }  // namespace
@@ -180,7 +179,8 @@ void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
     if (plain && is16 && transposed_view16(a)) {
       at::mm_out(out, row_major_copy16(a), b);
     } else {
-      at::mm_out(out, a, b);
+      const auto [a_whole, b_whole] = whole_blocks_reduction16(a, b);
+      at::mm_out(out, a_whole, b_whole);
     }
     return;
   }
