@@ -181,7 +181,9 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 // there made the row before NaN: torch.mm on 2 AMX Xeon cores from 32 rows on, for
 // every odd k and many even ones (34, 38, 42, 68, ...), never for k a multiple of 32
 // or a transposed a (which oneDNN copies itself). A padded view of a did not help
-// (ATen copies it contiguous first).
+// (ATen copies it contiguous first). Known upstream (oneDNN issue 5717, fixed by pull
+// request 5723: brgemm now copies every M tile's K tail into zeroed scratch); drop this
+// once torch bundles a oneDNN with that fix.
 inline std::pair<at::Tensor, at::Tensor> whole_blocks_reduction16(const at::Tensor& a, const at::Tensor& b) {
   constexpr int64_t kBlock = 32;
   const bool is16 = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
