@@ -277,7 +277,6 @@ void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_
 
 bool prepacked_applies(int64_t k) { return k > 0 && k % 2 == 0 && available() && !cpu_has("amx_bf16"); }
 
-
 f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n) {
   require_cpu("avx512_bf16", "bf16dot::pack_weight_transposed");
   TORCH_CHECK(k % 2 == 0 && ldw % 2 == 0, "bf16dot::pack_weight_transposed: k and ldw must be even, got ", k, ", ",

@@ -61,8 +61,9 @@ void scale_round_row(const float* src, int64_t n, float scale, c10::BFloat16* ds
 // The attention forward's probabilities straight from its scores, in one pass:
 // p[j] = bf16(2^(s[j] c - m)) for j < n (nearest even; 0 where s[j] c - m < -126, NaN
 // kept), vec_math.h's exp2_poly<4> shifted to the fraction x - floor(x) (2.7e-6
-// relative, far below bf16's 2^-9). Returns the sum of the values before rounding, the softmax's l. Called
-// per row, so it does not check the CPU: callers check available() once per call.
+// relative, far below bf16's 2^-9). Returns the sum of the values before rounding,
+// the softmax's l. Called per row, so it does not check the CPU: callers check
+// available() once per call.
 float exp2_round_row(const float* s, int64_t n, float c, float m, c10::BFloat16* p);
 
 // pack_row_pairs of an fp32 tile, each value rounded to bf16 (nearest even): the
@@ -85,7 +86,6 @@ void gemm(int64_t m, int64_t cols, int64_t pairs, const c10::BFloat16* a, int64_
 // Whether they take a product with reduction length k: AVX512-BF16 without AMX-BF16
 // (oneDNN's AMX tiles are far faster), available(), k even.
 bool prepacked_applies(int64_t k);
-
 
 // W (n x k, rows ldw elements apart, ldw even) packed as op(B) = W^T.
 f32dot::PackedB pack_weight_transposed(const c10::BFloat16* w, int64_t ldw, int64_t k, int64_t n);

@@ -183,14 +183,19 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 // or a transposed a (which oneDNN copies itself). A padded view of a did not help
 // (ATen copies it contiguous first). Known upstream (oneDNN issue 5717, fixed by pull
 // request 5723: brgemm now copies every M tile's K tail into zeroed scratch); drop this
-// once torch bundles a oneDNN with that fix.
+// once torch bundles a oneDNN with that fix. b keeps its layout: a weight passed as
+// W^T is padded as W, so oneDNN still gets the transposed B that F.linear gives it and
+// no copy transposes it.
 inline std::pair<at::Tensor, at::Tensor> whole_blocks_reduction16(const at::Tensor& a, const at::Tensor& b) {
   constexpr int64_t kBlock = 32;
   const bool is16 = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
   const int64_t k = a.size(1), padded = (k + kBlock - 1) / kBlock * kBlock;
   if (!is16 || k == padded || a.stride(1) != 1 || a.size(0) == 0 || b.size(1) == 0) return {a, b};
-  at::Tensor a_pad = at::zeros({a.size(0), padded}, a.options()), b_pad = at::zeros({padded, b.size(1)}, b.options());
+  at::Tensor a_pad = at::zeros({a.size(0), padded}, a.options());
   a_pad.narrow(1, 0, k).copy_(a);
+  const bool b_transposed = b.stride(0) == 1 && b.stride(1) != 1;
+  at::Tensor b_pad = b_transposed ? at::zeros({b.size(1), padded}, b.options()).t()
+                                  : at::zeros({padded, b.size(1)}, b.options());
   b_pad.narrow(0, 0, k).copy_(b);
   return {a_pad, b_pad};
 }

@@ -465,7 +465,8 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   const T keep_scale = static_cast<T>(var.keep_scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
 
-  const int64_t kp_ld = bf16dot::packed_ld(bk_max), vp_ld = bf16dot::packed_ld(D), p_ld = dot ? 2 * f32dot::spread_ld((bk_max + 1) / 2) : bk_max + (bk_max & 1);
+  const int64_t kp_ld = bf16dot::packed_ld(bk_max), vp_ld = bf16dot::packed_ld(D);
+  const int64_t p_ld = dot ? 2 * f32dot::spread_ld((bk_max + 1) / 2) : bk_max + (bk_max & 1);
   const int64_t kt_ld = f32dot::spread_ld(f32dot::packed_ld(bk_max));
   const KeysTransposed keys_t = transpose_keys<T, OutT>(call, k, fast);
   // Each row's max score straight from the product's registers, a pass over S less
