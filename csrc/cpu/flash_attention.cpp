@@ -270,14 +270,15 @@ void tile_abt(bool fast, int64_t m, int64_t n, int64_t D, const T* a, int64_t ld
 }
 
 // C (m x n) += alpha op(A) B, op(A) = A (m x k rows) or, with trans_a, the transpose
-// of A's k x m rows; B is k x n rows.
+// of A's k x m rows; B is k x n rows. Without `accumulate`, C = alpha op(A) B (what C
+// held is ignored, NaN included).
 template <typename T>
 void tile_ab_acc(bool fast, bool trans_a, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                 const T* b, int64_t ldb, T* c, int64_t ldc) {
+                 const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate = true) {
   if constexpr (std::is_same_v<T, float>) {
-    if (fast) return f32dot::gemm(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, alpha, c, ldc, true);
+    if (fast) return f32dot::gemm(m, n, k, a, trans_a ? 1 : lda, trans_a ? lda : 1, b, ldb, alpha, c, ldc, accumulate);
   }
-  gemm_rm<T>(trans_a, false, m, n, k, alpha, a, lda, b, ldb, T(1), c, ldc);
+  gemm_rm<T>(trans_a, false, m, n, k, alpha, a, lda, b, ldb, T(accumulate ? 1 : 0), c, ldc);
 }
 
 // Keys a row cannot see must not reach it, not even as 0 x Inf = NaN. A tile GEMM
@@ -511,7 +512,10 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
 
       // A sink is a key of score sink[h] and no value: the running max and sum start from it.
       const T sink = sink_dom<T>(var, h);
-      fill_zero(acc.data(), m * D);
+      // Whether acc holds sums yet: the block's first P V product overwrites it instead
+      // of adding to zeros, and there is nothing to rescale before it (the fill and the
+      // scaling were 1.5% of the B1 H8 S512 D128 bf16 forward on AMX).
+      bool acc_live = false;
       std::fill(mrow.data(), mrow.data() + m, sink);
       std::fill(lrow.data(), lrow.data() + m, sink == neg_inf ? T(0) : Dom::exp(sink - sink));
       for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += bk) {
@@ -585,7 +589,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
                                    : Dom::exp_sum(x, nv, c, m_use, vector_exp);
             lrow[r] = lrow[r] * alpha + sum;
             mrow[r] = m_new;
-            if (alpha != T(1)) fa::scale_row(acc.data() + r * D, D, alpha);
+            if (acc_live && alpha != T(1)) fa::scale_row(acc.data() + r * D, D, alpha);
             if (var.dropout) fa::apply_keep(x, keep_of(var, bh, i0 + r, j0 + vis.lo, nv, keep.data()), nv, keep_scale);
             if (p_direct) {
               std::fill(prow, prow + vis.lo, c10::BFloat16(0.0f));
@@ -603,7 +607,8 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         if constexpr (std::is_same_v<OutT, c10::BFloat16>) {
           if (dot && (v_finite || !hidden_pairs)) {
             if (!p_direct) bf16dot::round_rows(S, lds, m, n, pbuf.data(), p_ld);
-            bf16dot::gemm(m, D, (n + 1) / 2, pbuf.data(), p_ld, 2, vp, vp_ld, acc.data(), D, true);
+            bf16dot::gemm(m, D, (n + 1) / 2, pbuf.data(), p_ld, 2, vp, vp_ld, acc.data(), D, acc_live);
+            acc_live = true;
             continue;
           }
         }
@@ -614,8 +619,9 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
         // (Zen 3, S2048 D128, 3 x 31 alternating rounds).
         const T* V = tile_rows<T>(v.at(k0 + j0, hk), v.ld(), n, D, vbuf.data(), ldv, fast);
         if (!hidden_pairs || all_finite(V, n, D, ldv)) {
-          tile_ab_acc(fast, false, m, D, n, T(1), S, lds, V, ldv, acc.data(), D);
+          tile_ab_acc(fast, false, m, D, n, T(1), S, lds, V, ldv, acc.data(), D, acc_live);
         } else {
+          if (!acc_live) fill_zero(acc.data(), m * D);
           for (int64_t r = 0; r < m; ++r) {
             const Span vis = band.visible(i0 + r, j0, n);
             if (vis.size() > 0)
@@ -623,7 +629,9 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
                          acc.data() + r * D, D);
           }
         }
+        acc_live = true;
       }
+      if (!acc_live) fill_zero(acc.data(), m * D);  // no key tile: every row is empty (written as 0 below)
       for (int64_t r = 0; r < m; ++r) {
         const int64_t g = q0 + i0 + r;
         OutT* dst = out.at(g, h);
