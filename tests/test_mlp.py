@@ -164,6 +164,18 @@ def test_fused_mlp_matches_reference(case, bias, approximate, dtype, gemm16, mon
                ["out", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2"], dtype, approximate=approximate)
 
 
+@pytest.mark.parametrize("f32_gemms", ["0", "whole"], ids=["blas-tiles", "packed-tiles"])
+def test_linear_gelu_fp32_crosses_tiles(f32_gemms, monkeypatch):
+    """fp32 forward over several tiles in both dims (rows 600, features 1100: past the
+    256 x 512 tiles of the BLAS path and the 128 x 256 of our packed kernels), with
+    the GEMMs on BLAS (TFKERNELS_CPU_F32_DOT=0) and on our kernels (=whole)."""
+    monkeypatch.setenv("TFKERNELS_CPU_F32_DOT", f32_gemms)
+    x, w, b = linear_inputs("cpu", (600,), 72, 1100, True, torch.float32)
+    grad = torch.randn(600, 1100)
+    _check_cpu(tfkernels.linear_gelu, reference.linear_gelu, [x, w, b], grad,
+               ["out", "grad_x", "grad_weight", "grad_bias"], torch.float32, approximate="tanh")
+
+
 def test_fused_mlp_large_rows_cross_blocks():
     # More rows and hidden units than one block of the CPU kernel (512 rows, 256 hidden).
     x, w1, b1 = linear_inputs("cpu", (1100,), 48, 600, True, torch.float64)
