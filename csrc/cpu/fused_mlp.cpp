@@ -7,12 +7,13 @@
 //     h_tile   = gelu(pre_tile)                   (thread-local, L2-sized)
 //     out_block += h_tile W2[:, f]^T
 // so the hidden activation h is never stored in full. 16-bit types on the oneDNN
-// backend (gemm16.h: CPUs with native 16-bit dot products) instead run two oneDNN
-// GEMMs per block of rows (x W1^T + b1 over all hidden units, then h W2^T + b2)
-// with h in a thread-local rows x F scratch: oneDNN has no fp32 output for 16-bit
-// inputs through ATen, and accumulating per hidden block in the dtype would round
-// too often. On the BLAS backend they take the loop above with MKL's fp32-output
-// GEMM (the pre tile and the output accumulator in fp32).
+// backend (gemm16.h: CPUs with native 16-bit dot products) instead run the two
+// whole oneDNN GEMMs (x W1^T + b1, then h W2^T + b2, each on every thread) with the
+// GELU pass between them and h in memory kept between calls (warm_buffers.h):
+// oneDNN has no fp32 output for 16-bit inputs through ATen, and accumulating per
+// hidden block in the dtype would round too often. On the BLAS backend they take the
+// loop above with MKL's fp32-output GEMM (the pre tile and the output accumulator
+// in fp32).
 //
 // Backward:
 //   dpre = (grad_out W2) * gelu'(pre), tile by tile (GEMM, then the dGELU pass
@@ -55,7 +56,6 @@ constexpr int64_t kHidden = 512;
 // 392 / 412 ms (min / median), 256 rows 385 / 409, 512 rows 384 / 402.
 constexpr int64_t kBwdRows = 256;
 constexpr int64_t kGw2Rows = 512;     // rows per gw2 GEMM (K of that GEMM)
-constexpr int64_t kFwdRows16 = 256;   // rows per 16-bit forward task (h scratch: rows x F)
 
 struct MlpShape {
   int64_t rows, in_features, hidden, out_features;
@@ -67,28 +67,28 @@ std::vector<int64_t> with_last(const at::Tensor& x, int64_t features) {
   return sizes;
 }
 
-// 16-bit types: per block of rows, pre = x W1^T + b1 and out = h W2^T + b2 are two
-// oneDNN GEMMs through ATen (fp32 accumulation, bias in fp32, one rounding each, as
-// eager); h = gelu(pre) lives in a thread-local rows x F scratch.
+// 16-bit types: pre = x W1^T + b1 and out = h W2^T + b2 are two whole oneDNN GEMMs
+// through ATen (fp32 accumulation, bias in fp32, one rounding each, as eager), and
+// h = gelu(pre) a parallel pass between them. Whole GEMMs, not one pair per block of
+// rows: oneDNN packs its B (all of W1, all of W2) on every call, which 256-row
+// blocks repeated 8 times at M2048 (d1024 ff4096 bf16 on 2 AMX Xeon cores, medians
+// of 12 interleaved calls in two runs: 25.3 / 25.5 ms in 256-row blocks, 22.6 / 22.8
+// in 512, 16.1 / 16.7 whole; eager 27.1 / 29.5).
 template <typename scalar_t>
 void fused_mlp_fwd_kernel_16bit(const MlpShape& s, const scalar_t* x, const scalar_t* w1, const at::Tensor& b1,
                                 const scalar_t* w2, const at::Tensor& b2, scalar_t* pre, scalar_t* out,
                                 GeluApprox approx) {
   const int64_t m = s.rows, d = s.in_features, f = s.hidden, n = s.out_features;
-  const int64_t mb = rows_per_task(m, kFwdRows16, at::get_num_threads());
-  at::parallel_for(0, ceil_div(m, mb), 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> h(static_cast<size_t>(mb * f));
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t r0 = blk * mb, rows = std::min(mb, m - r0);
-      scalar_t* p = pre != nullptr ? pre + r0 * f : h.data();
-      linear_tile_aten(x + r0 * d, rows, d, d, w1, f, d, b1, p, f);
-      for (int64_t i = 0; i < rows; ++i) {
-        gelu_fwd(p + i * f, static_cast<const float*>(nullptr), static_cast<scalar_t*>(nullptr), h.data() + i * f, f,
-                 approx);
-      }
-      linear_tile_aten(h.data(), rows, f, f, w2, n, f, b2, out + r0 * n, n);
+  const at::Tensor h_buf = warm::empty({m, f}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+  scalar_t* h = h_buf.mutable_data_ptr<scalar_t>();
+  scalar_t* p = pre != nullptr ? pre : h;  // without pre, the GELU runs in place
+  linear_tile_aten(x, m, d, d, w1, f, d, b1, p, f);
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      gelu_fwd(p + i * f, static_cast<const float*>(nullptr), static_cast<scalar_t*>(nullptr), h + i * f, f, approx);
     }
   });
+  linear_tile_aten(h, m, f, f, w2, n, f, b2, out, n);
 }
 
 template <typename scalar_t>
