@@ -3,9 +3,12 @@
 // Forward: the output [M, N] is cut into tiles of kRowTile x kColTile; each task
 // runs a single-threaded GEMM for its tile (into `pre`, or into `out` itself when
 // pre is not saved) and then the bias + GELU pass over the tile while it is still
-// in cache (L2-sized tiles). 16-bit types run the GEMM gemm16.h chooses: oneDNN
-// through ATen with the bias fused (fp32 accumulation, one rounding, then the GELU
-// of the rounded value, as eager), or MKL into an fp32 tile whose GELU epilogue
+// in cache (L2-sized tiles). 16-bit types run the GEMM gemm16.h chooses: on oneDNN
+// one whole GEMM through ATen on every thread, bias fused (fp32 accumulation, one
+// rounding), then a parallel GELU pass over the rounded value, as eager (per-tile
+// oneDNN calls each repacked their columns of W: 8 times all of W at M2048 K1024
+// N4096 bf16, 11.2-11.4 ms against 8.2-9.4 whole on 2 AMX Xeon cores, fwd+bwd 38.7
+// against 35.5; eager 17-21 / 60); or MKL into an fp32 tile whose GELU epilogue
 // rounds pre and out once each; bf16 on AVX512-BF16 without AMX runs the latter
 // structure on bf16_dot's tiles with W^T packed once (forward_on_bf16_tiles:
 // M2048 K1024 N4096, alternating calls on a 2-core Zen 4, 50.5 ms against 57.1 on
@@ -46,11 +49,6 @@ constexpr int64_t kColTile = 256;
 // (512 x 512 and 256 x 1024 alike; F.linear alone 52.7 / 54.9).
 constexpr int64_t kRowTileBlas = 256;
 constexpr int64_t kColTileBlas = 512;
-// 16-bit tiles go through oneDNN, whose per-call cost is larger: 256 x 512 (256 KiB
-// of bf16, still within L2) took the bf16 forward from 1.04x to 1.13-1.18x eager
-// in three interleaved runs (128 x 256 before).
-constexpr int64_t kRowTile16 = 256;
-constexpr int64_t kColTile16 = 512;
 
 std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t features) {
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
@@ -63,38 +61,37 @@ void linear_gelu_fwd_kernel(const scalar_t* x, const scalar_t* w, const acc_type
                             scalar_t* out, int64_t m, int64_t n, int64_t k, GeluApprox approx,
                             const at::Tensor& bias16, Gemm16 backend) {
   const bool tiles = forward_on_bf16_tiles<scalar_t>(k);
-  const bool onednn = is_16bit<scalar_t> && backend == Gemm16::kOneDnn && !tiles;
+  if constexpr (is_16bit<scalar_t>) {
+    if (backend == Gemm16::kOneDnn && !tiles) {
+      // The GELU in place when pre is not saved.
+      scalar_t* dst = pre != nullptr ? pre : out;
+      linear_tile_aten(x, m, k, k, w, n, k, bias16, dst, n);
+      at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) {
+          gelu_fwd(dst + i * n, static_cast<const float*>(nullptr), static_cast<scalar_t*>(nullptr), out + i * n, n,
+                   approx);
+        }
+      });
+      return;
+    }
+  }
   // W^T, packed once for all tiles where the GEMMs run on our kernels (blas.h).
   const SharedB<scalar_t> wt = share_b(true, w, k, k, n, tiles);
   const bool fp32_blas = std::is_same_v<scalar_t, float> && wt.packed.empty();
-  const int64_t mb = balanced_block(m, onednn ? kRowTile16 : fp32_blas ? kRowTileBlas : kRowTile);
-  const int64_t nb = balanced_block(n, onednn ? kColTile16 : fp32_blas ? kColTileBlas : kColTile);
+  const int64_t mb = balanced_block(m, fp32_blas ? kRowTileBlas : kRowTile);
+  const int64_t nb = balanced_block(n, fp32_blas ? kColTileBlas : kColTile);
   const int64_t tiles_m = ceil_div(m, mb), tiles_n = ceil_div(n, nb);
   at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(is_16bit<scalar_t> && !onednn ? static_cast<size_t>(mb * nb) : 0);
+    std::vector<float> acc(is_16bit<scalar_t> ? static_cast<size_t>(mb * nb) : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = (t / tiles_n) * mb, c0 = (t % tiles_n) * nb;
       const int64_t rows = std::min(mb, m - r0), cols = std::min(nb, n - c0);
       const auto* b = bias != nullptr ? bias + c0 : nullptr;
       if constexpr (is_16bit<scalar_t>) {
-        if (!onednn) {
-          gemm_rm_shared<scalar_t, float>(false, rows, cols, k, 1.0f, x + r0 * k, k, wt, 0, c0, 0.0f, acc.data(), cols);
-          for (int64_t i = 0; i < rows; ++i) {
-            const int64_t off = (r0 + i) * n + c0;
-            gelu_fwd(acc.data() + i * cols, b, pre != nullptr ? pre + off : nullptr, out + off, cols, approx);
-          }
-          continue;
-        }
-        // oneDNN: the GEMM adds the bias in fp32 and rounds once, as eager's addmm
-        // does; the GELU then runs on the rounded pre-activation, in place, while it
-        // is in cache.
-        scalar_t* dst = pre != nullptr ? pre : out;
-        linear_tile_aten(x + r0 * k, rows, k, k, w + c0 * k, cols, k,
-                         bias16.defined() ? bias16.narrow(0, c0, cols) : at::Tensor(), dst + r0 * n + c0, n);
+        gemm_rm_shared<scalar_t, float>(false, rows, cols, k, 1.0f, x + r0 * k, k, wt, 0, c0, 0.0f, acc.data(), cols);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t off = (r0 + i) * n + c0;
-          gelu_fwd(dst + off, static_cast<const float*>(nullptr), static_cast<scalar_t*>(nullptr), out + off, cols,
-                   approx);
+          gelu_fwd(acc.data() + i * cols, b, pre != nullptr ? pre + off : nullptr, out + off, cols, approx);
         }
       } else {
         scalar_t* dst = pre != nullptr ? pre : out;
