@@ -81,13 +81,7 @@ void fused_mlp_fwd_kernel_16bit(const MlpShape& s, const scalar_t* x, const scal
   const int64_t m = s.rows, d = s.in_features, f = s.hidden, n = s.out_features;
   const at::Tensor h_buf = warm::empty({m, f}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
   scalar_t* h = h_buf.mutable_data_ptr<scalar_t>();
-  scalar_t* p = pre != nullptr ? pre : h;  // without pre, the GELU runs in place
-  linear_tile_aten(x, m, d, d, w1, f, d, b1, p, f);
-  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      gelu_fwd(p + i * f, static_cast<const float*>(nullptr), static_cast<scalar_t*>(nullptr), h + i * f, f, approx);
-    }
-  });
+  linear_gelu_onednn(x, m, d, w1, f, b1, pre, h, approx);
   linear_tile_aten(h, m, f, f, w2, n, f, b2, out, n);
 }
 

@@ -14,8 +14,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
 
 #include "cpu/blas.h"
+#include "cpu/gelu_rows.h"
 
 namespace tfkernels::cpu {
 
@@ -65,5 +67,23 @@ bool forward_on_bf16_tiles(int64_t k) {
 // transposed view's product at less than half the rate: 3072 x 2048 x 1024 bf16 on 2
 // AMX Xeon cores, 10.5 ms against 4.7 plus 0.6 for the copy).
 void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+// out = gelu(x W^T + bias) for x [m, k] and W [n, k] rows, on the kOneDnn backend: one
+// whole oneDNN GEMM on every thread, bias fused (fp32 accumulation, one rounding, as
+// eager's addmm) into `pre` (or into `out` when pre is null), then a parallel GELU
+// pass over the rounded value. One call per GEMM, not one per tile: oneDNN packs
+// its B on every call, and tiles of rows repacked all of W once per row block
+// (linear_gelu, fused_mlp: measured there).
+template <typename T>
+void linear_gelu_onednn(const T* x, int64_t m, int64_t k, const T* w, int64_t n, const at::Tensor& bias, T* pre,
+                        T* out, GeluApprox approx) {
+  T* dst = pre != nullptr ? pre : out;  // without pre, the GELU runs in place
+  linear_tile_aten(x, m, k, k, w, n, k, bias, dst, n);
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      gelu_fwd(dst + i * n, static_cast<const float*>(nullptr), static_cast<T*>(nullptr), out + i * n, n, approx);
+    }
+  });
+}
 
 }  // namespace tfkernels::cpu

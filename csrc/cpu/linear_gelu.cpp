@@ -62,18 +62,7 @@ void linear_gelu_fwd_kernel(const scalar_t* x, const scalar_t* w, const acc_type
                             const at::Tensor& bias16, Gemm16 backend) {
   const bool tiles = forward_on_bf16_tiles<scalar_t>(k);
   if constexpr (is_16bit<scalar_t>) {
-    if (backend == Gemm16::kOneDnn && !tiles) {
-      // The GELU in place when pre is not saved.
-      scalar_t* dst = pre != nullptr ? pre : out;
-      linear_tile_aten(x, m, k, k, w, n, k, bias16, dst, n);
-      at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t i = r0; i < r1; ++i) {
-          gelu_fwd(dst + i * n, static_cast<const float*>(nullptr), static_cast<scalar_t*>(nullptr), out + i * n, n,
-                   approx);
-        }
-      });
-      return;
-    }
+    if (backend == Gemm16::kOneDnn && !tiles) return linear_gelu_onednn(x, m, k, w, n, bias16, pre, out, approx);
   }
   // W^T, packed once for all tiles where the GEMMs run on our kernels (blas.h).
   const SharedB<scalar_t> wt = share_b(true, w, k, k, n, tiles);
