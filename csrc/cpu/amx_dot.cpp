@@ -57,6 +57,10 @@ TFK_AMX void load_config() {
     cfg.colsb[t] = kTileBytes;
     cfg.rows[t] = kTile;
   }
+  // GCC's _tile_loadconfig tells the compiler it reads only 8 bytes of cfg, so the
+  // stores of the rest may sink past it: inlined into a larger function, the tile
+  // loads then met an all-zero colsb and faulted (#GP, seen as SIGSEGV).
+  asm volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
