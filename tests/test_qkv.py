@@ -137,6 +137,21 @@ def test_cpu_bf16_outputs_are_exact_sums_rounded_once(gemm16, batch, seqlen, mon
         assert torch.equal(out, ref.to(torch.bfloat16)), name
 
 
+@pytest.mark.parametrize("gemm", ["sgemm", "whole"])
+def test_cpu_fp32_forward_over_row_chunks(gemm, monkeypatch):
+    """fp32 on MKL runs whole GEMMs over chunks of rows whose output is at most 64 MiB
+    (csrc/cpu/fused_qkv.cpp, fused_qkv_fwd_whole): 8193 tokens x 2048 outputs take two
+    chunks, the second partial, and a chunk boundary falls inside a sequence. The
+    other CPU cases fit one chunk. ("whole": our packed fp32 tiles, where the CPU has them.)"""
+    force_gemm16(monkeypatch, gemm)
+    batch, seqlen, embed, heads, kv_heads, head_dim = 3, 2731, 64, 16, 8, 64
+    x, w, b = make_inputs("cpu", batch, seqlen, embed, heads, kv_heads, head_dim, True, torch.float32)
+    outs = tfkernels.fused_qkv(x, w, b, num_heads=heads, num_kv_heads=kv_heads)
+    refs = reference.fused_qkv(x.double(), w.double(), b.double(), num_heads=heads, num_kv_heads=kv_heads)
+    for name, out, ref in zip("qkv", outs, refs):
+        check_fp32(name, out, ref, tf32=False)
+
+
 def test_fused_qkv_backward_op_direct():
     # The backward op itself, with all three gradients, against autograd on the reference.
     batch, seqlen, embed, heads, kv_heads, head_dim = 2, 13, 40, 9, 3, 16

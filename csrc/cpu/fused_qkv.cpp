@@ -12,7 +12,9 @@
 // oneDNN, eager 42.4), each head's rows written straight to the layout with the bias
 // added and the rounding done in registers (no fp32 scratch: 3% faster than through
 // it); fp32 on f32_dot's tiles likewise accumulates straight into the layout. Both:
-// accumulation in fp32 (fp64 for fp64), one rounding.
+// accumulation in fp32 (fp64 for fp64), one rounding. fp32 and fp64 on MKL instead run
+// whole GEMMs, on every thread, over chunks of rows into warm scratch that a parallel
+// pass copies to the layout (fused_qkv_fwd_whole says why).
 // BLAS tasks are ordered (batch, row block, head group) so a thread's consecutive
 // GEMMs reuse the same rows of x from cache.
 //
@@ -60,6 +62,7 @@ bool forward_on_packed_bf16(const QkvShape& s) {
 constexpr int64_t kFwdRows = 256;        // rows of x per forward GEMM of the BLAS path
 constexpr int64_t kFwdCols = 256;        // output columns (heads x D) per forward GEMM
 constexpr int64_t kFwdOneDnnRows = 2048;  // rows of x per forward GEMM on oneDNN, at most
+constexpr int64_t kFwdWholeBytes = int64_t{64} << 20;  // scratch of a whole-GEMM chunk of rows, at most
 constexpr int64_t kDxTileBytes = 1 << 20;  // dx accumulator per backward task
 constexpr int64_t kDwCols = 1024;        // columns of E per weight-gradient task
 
@@ -135,6 +138,47 @@ void fused_qkv_fwd_blas(const QkvShape& s, const scalar_t* x, const scalar_t* w,
   });
 }
 
+// Whether the forward runs fused_qkv_fwd_whole: fp64, and fp32 where its GEMMs go to
+// MKL (not f32_dot's packed tiles: f32dot::whole_gemms_available).
+template <typename scalar_t>
+bool forward_as_whole_gemms() {
+  return std::is_same_v<scalar_t, double> || (std::is_same_v<scalar_t, float> && !f32dot::whole_gemms_available());
+}
+
+// MKL path (fp32 and fp64 on MKL): one GEMM x W^T + bias on every thread per chunk of
+// rows (all of them unless the scratch would pass kFwdWholeBytes), into warm scratch,
+// then a parallel copy of each head's columns to its rows of the layout. MKL packs
+// both operands on every call, so the per-task tiles of fused_qkv_fwd_blas packed x's
+// rows once per head group and W's once per row block: B1 S2048 E1024 H16 fp32 on 2
+// AMX Xeon cores, 22 interleaved calls: 36.1 ms in 256 x 256 tiles, 32.8 whole with
+// the copy (2 ms of it), eager 33.2, F.linear alone 30.9; the same sums either way
+// (no split of the reduction), bit for bit here.
+template <typename scalar_t>
+void fused_qkv_fwd_whole(const QkvShape& s, const scalar_t* x, const scalar_t* w, const at::Tensor& bias,
+                         const HeadLayout<scalar_t>& out) {
+  const int64_t groups = s.heads + 2 * s.kv_heads, e = s.embed, d = s.head_dim, seq = s.seqlen;
+  const int64_t m = s.batch * seq, n = groups * d;
+  const int64_t chunk = std::clamp<int64_t>(kFwdWholeBytes / static_cast<int64_t>(sizeof(scalar_t) * n), 1, m);
+  at::Tensor y = warm::empty({chunk, n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  for (int64_t r0 = 0; r0 < m; r0 += chunk) {
+    const int64_t rows = std::min(chunk, m - r0);
+    linear_tile_aten(x + r0 * e, rows, e, e, w, n, e, bias, yp, n);  // outside parallel_for: every thread
+    // Tasks of (head, block of rows): each writes one contiguous block of the layout.
+    const int64_t row_blocks = ceil_div(rows, kFwdRows);
+    at::parallel_for(0, groups * row_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t j = t / row_blocks, i0 = (t % row_blocks) * kFwdRows, i1 = std::min(rows, i0 + kFwdRows);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t b = (r0 + i) / seq, pos = (r0 + i) % seq;
+          const scalar_t* src = yp + i * n + j * d;
+          std::copy(src, src + d, out.at(b, j) + pos * d);
+        }
+      }
+    });
+  }
+}
+
 // oneDNN path (16-bit types where the CPU has native 16-bit dot products): a task is
 // one oneDNN GEMM of a group of consecutive heads (N = heads x D of about kFwdCols,
 // bias fused, fp32 accumulation, one rounding, as eager's F.linear) over a tall block
@@ -189,7 +233,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_qkv_cpu(const at::Tensor& x
     using acc_t = acc_type<scalar_t>;
     const HeadLayout<scalar_t> out{q.mutable_data_ptr<scalar_t>(), k.mutable_data_ptr<scalar_t>(),
                                    v.mutable_data_ptr<scalar_t>(), s.heads, s.kv_heads, s.seqlen, s.head_dim};
-    if (gemms_on_onednn<scalar_t>() && !forward_on_packed_bf16<scalar_t>(s)) {
+    if (forward_as_whole_gemms<scalar_t>()) {
+      fused_qkv_fwd_whole<scalar_t>(s, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                    bias.defined() ? bias.detach() : at::Tensor(), out);
+    } else if (gemms_on_onednn<scalar_t>() && !forward_on_packed_bf16<scalar_t>(s)) {
       fused_qkv_fwd_onednn<scalar_t>(s, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), out, bias16);
     } else {
       fused_qkv_fwd_blas<scalar_t>(s, x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
