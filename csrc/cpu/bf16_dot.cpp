@@ -143,8 +143,8 @@ TFK_AVX512_BF16 void scale_round_row_avx512_bf16(const float* src, int64_t n, fl
   }
 }
 
-TFK_AVX512_BF16 inline void exp2_round_lanes(const float* s, __m512 c, __m512 m, __mmask16 lanes, c10::BFloat16* p,
-                                             __m512& total) {
+// 2^(s c - m) for the lanes of s, added to total; returns the values (0 in lanes off).
+TFK_AVX512_BF16 inline __m512 exp2_lanes(const float* s, __m512 c, __m512 m, __mmask16 lanes, __m512& total) {
   const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, s), c, m);
   // 2^x = 2^f 2^floor(x), f = x - floor(x) in [0, 1) in one vreduceps; vscalefps
   // multiplies by 2^floor(x) itself, so floor(x) is never formed. No clamps: the
@@ -161,7 +161,7 @@ TFK_AVX512_BF16 inline void exp2_round_lanes(const float* s, __m512 c, __m512 m,
   const __mmask16 keep = lanes & _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
   const __m512 y = _mm512_maskz_scalef_ps(keep, poly, x);
   total = _mm512_add_ps(total, y);
-  _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p), lanes, (__m256i)_mm512_cvtneps_pbh(y));
+  return y;
 }
 
 TFK_AVX512_BF16 float exp2_round_row_avx512_bf16(const float* s, int64_t n, float c, float m, c10::BFloat16* p) {
@@ -170,11 +170,16 @@ TFK_AVX512_BF16 float exp2_round_row_avx512_bf16(const float* s, int64_t n, floa
   // vectors without a mask (its computation cost as much as the exponential's adds).
   __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
   int64_t j = 0;
+  // 32 values per step, rounded by one vcvtne2ps2bf16 and written by one 64-byte store.
   for (; j + 32 <= n; j += 32) {
-    exp2_round_lanes(s + j, vc, vm, 0xffff, p + j, even);
-    exp2_round_lanes(s + j + 16, vc, vm, 0xffff, p + j + 16, odd);
+    const __m512 lo = exp2_lanes(s + j, vc, vm, 0xffff, even), hi = exp2_lanes(s + j + 16, vc, vm, 0xffff, odd);
+    _mm512_storeu_si512(p + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
-  for (; j < n; j += 16) exp2_round_lanes(s + j, vc, vm, first_lanes(n - j), p + j, even);
+  for (; j < n; j += 16) {
+    const __mmask16 lanes = first_lanes(n - j);
+    const __m512 y = exp2_lanes(s + j, vc, vm, lanes, even);
+    _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(p + j), lanes, (__m256i)_mm512_cvtneps_pbh(y));
+  }
   return _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
 }
 
