@@ -80,9 +80,22 @@ struct HeadLayout {
     if (j < kv_heads) return k + (b * kv_heads + j) * block;
     return v + (b * kv_heads + (j - kv_heads)) * block;
   }
+  // Flat token rows [r0, r0 + rows) (row b * seqlen + s) of heads [j0, j0 + heads),
+  // from a row-major block in the dtype: row i at src + i * ld, head j0 + jj's D
+  // values from column jj * D.
+  void store_rows(const T* src, int64_t ld, int64_t r0, int64_t rows, int64_t j0, int64_t heads) const {
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t b = (r0 + i) / seqlen, pos = (r0 + i) % seqlen;
+      const T* row = src + i * ld;
+      for (int64_t jj = 0; jj < heads; ++jj) {
+        std::copy(row + jj * head_dim, row + (jj + 1) * head_dim, at(b, j0 + jj) + pos * head_dim);
+      }
+    }
+  }
 };
 
-// BLAS path (fp32, fp64, and 16-bit on the BLAS backend): a task computes a block of
+// Tile path (fp32 on f32_dot's packed tiles, bf16 on bf16_dot's, 16-bit on the BLAS
+// backend; fp32 on MKL and fp64 take fused_qkv_fwd_whole): a task computes a block of
 // rows for a group of consecutive heads in one GEMM (their weight rows are
 // contiguous), N = heads x D of about kFwdCols, into a scratch in the accumulation
 // type started from the bias, then copies each head's columns to its own rows of
@@ -169,11 +182,7 @@ void fused_qkv_fwd_whole(const QkvShape& s, const scalar_t* x, const scalar_t* w
     at::parallel_for(0, groups * row_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t j = t / row_blocks, i0 = (t % row_blocks) * kFwdRows, i1 = std::min(rows, i0 + kFwdRows);
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t b = (r0 + i) / seq, pos = (r0 + i) % seq;
-          const scalar_t* src = yp + i * n + j * d;
-          std::copy(src, src + d, out.at(b, j) + pos * d);
-        }
+        out.store_rows(yp + i0 * n + j * d, n, r0 + i0, i1 - i0, j, 1);
       }
     });
   }
@@ -205,11 +214,7 @@ void fused_qkv_fwd_onednn(const QkvShape& s, const scalar_t* x, const scalar_t* 
       const int64_t rows = std::min(mb, m - r0), heads = std::min(hg, groups - j0), n = heads * d;
       const at::Tensor bias_cols = bias16.defined() ? bias16.narrow(0, j0 * d, n) : at::Tensor();
       linear_tile_aten(x + r0 * e, rows, e, e, w + j0 * d * e, n, e, bias_cols, scratch.data(), n);
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t b = (r0 + i) / seq, pos = (r0 + i) % seq;
-        const scalar_t* row = scratch.data() + i * n;
-        for (int64_t j = 0; j < heads; ++j) std::copy(row + j * d, row + (j + 1) * d, out.at(b, j0 + j) + pos * d);
-      }
+      out.store_rows(scratch.data(), n, r0, rows, j0, heads);
     }
   });
 }
