@@ -85,11 +85,6 @@ void gemm(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t a_row,
   kernels("gemm").gemm(m, cols, depth, a, a_row, a_step, b, ldb, alpha, c, ldc, accumulate);
 }
 
-void gemm_row_max(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb,
-                  float* c, int64_t ldc, float* row_max) {
-  kernels("gemm_row_max").gemm_row_max(m, cols, depth, a, lda, b, ldb, c, ldc, row_max);
-}
-
 void gemm_packed(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                  int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   kernels("gemm_packed").gemm_packed(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
@@ -138,6 +133,13 @@ void gemm_prepacked(bool trans_a, int64_t m, int64_t cols, int64_t depth, float 
   kernels("gemm_prepacked")
       .gemm_prepacked(trans_a, m, cols, depth, alpha, a, lda, b.panel(0), b.k() * PackedB::kCols, k0, c0, c, ldc,
                       accumulate);
+}
+
+void gemm_row_max(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t lda, const PackedB& b, int64_t c0,
+                  float* c, int64_t ldc, float* row_max) {
+  TORCH_CHECK(depth >= 0 && depth <= b.k() && c0 >= 0 && cols >= 0 && c0 + cols <= b.n(), "f32dot::gemm_row_max: ",
+              depth, " steps x columns [", c0, ", ", c0 + cols, ") outside the packed ", b.k(), " x ", b.n());
+  kernels("gemm_row_max").gemm_row_max(m, cols, depth, a, lda, b.panel(0), b.k() * PackedB::kCols, c0, c, ldc, row_max);
 }
 
 }  // namespace tfkernels::cpu::f32dot

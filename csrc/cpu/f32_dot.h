@@ -57,13 +57,6 @@ void pack_transposed(const float* src, int64_t ld, int64_t n, int64_t cols, floa
 void gemm(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t a_row, int64_t a_step, const float* b,
           int64_t ldb, float alpha, float* c, int64_t ldc, bool accumulate);
 
-// C[i][c] = sum over p < depth of A[i][p] B[p][c] for a row-major A (rows lda apart),
-// as gemm with alpha 1 over C, and row_max[i] = max over c < cols of C[i][c]: the
-// attention forward's S = Q K^T with the softmax's row max taken from the registers
-// (a NaN in a row may or may not reach its max).
-void gemm_row_max(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t lda, const float* b, int64_t ldb,
-                  float* c, int64_t ldc, float* row_max);
-
 // Row-major C[m][n] = alpha op(A) op(B) (+ C if accumulate), op(X) = X or X^T as
 // gemm_rm (blas.h) takes them, for operands of any size: op(B) is packed in panels
 // of 128 reduction steps x 64 columns (contiguous, so the micro-kernel's loads stay
@@ -109,5 +102,13 @@ PackedB pack_b(bool trans_b, const float* b, int64_t ldb, int64_t k, int64_t n);
 // k0), so results match it bit for bit. One thread.
 void gemm_prepacked(bool trans_a, int64_t m, int64_t cols, int64_t depth, float alpha, const float* a, int64_t lda,
                     const PackedB& b, int64_t k0, int64_t c0, float* c, int64_t ldc, bool accumulate);
+
+// C[i][c] = sum over p < depth of A[i][p] op(B)[p][c0 + c] for a row-major A (rows lda
+// apart), over C, and row_max[i] = max over c < cols of C[i][c]: the attention
+// forward's S = Q K^T from K^T packed once per call, the softmax's row max taken from
+// the registers (a NaN in a row may or may not reach its max). Sums over all depth
+// steps in one block (gemm_prepacked's blocks of 128 would store and reload them).
+void gemm_row_max(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t lda, const PackedB& b, int64_t c0,
+                  float* c, int64_t ldc, float* row_max);
 
 }  // namespace tfkernels::cpu::f32dot

@@ -21,9 +21,9 @@ struct Backend {
   // f32dot::gemm.
   void (*gemm)(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t a_row, int64_t a_step, const float* b,
                int64_t ldb, float alpha, float* c, int64_t ldc, bool accumulate);
-  // f32dot::gemm_row_max.
-  void (*gemm_row_max)(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t lda, const float* b,
-                       int64_t ldb, float* c, int64_t ldc, float* row_max);
+  // f32dot::gemm_row_max over the panels of a PackedB (one every panel_stride floats).
+  void (*gemm_row_max)(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t lda, const float* panels,
+                       int64_t panel_stride, int64_t c0, float* c, int64_t ldc, float* row_max);
   // f32dot::gemm_packed.
   void (*gemm_packed)(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                       int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);

@@ -87,11 +87,12 @@ struct Kernels {
   }
 
   static TFK_TILE_TARGET void gemm_row_max(int64_t m, int64_t cols, int64_t depth, const float* a, int64_t lda,
-                                           const float* b, int64_t ldb, float* c, int64_t ldc, float* row_max) {
+                                           const float* panels, int64_t panel_stride, int64_t c0, float* c,
+                                           int64_t ldc, float* row_max) {
     thread_local std::vector<float> lane_max;
     lane_max.assign(static_cast<size_t>(m * kLanes), -__builtin_inff());
-    tile_gemm::gemm_to<F32<Isa>>(m, cols, depth, a, lda, 1, b, ldb,
-                                 tile_gemm::StoreF32LaneMax<Isa>{c, ldc, lane_max.data()});
+    tile_gemm::gemm_panels<F32<Isa>>(m, cols, depth, a, lda, 1, panels, panel_stride, 0, c0, depth,
+                                     tile_gemm::StoreF32LaneMax<Isa>{c, ldc, lane_max.data()});
     for (int64_t i = 0; i < m; ++i) row_max[i] = Isa::max_across(Isa::load(lane_max.data() + i * kLanes));
   }
 

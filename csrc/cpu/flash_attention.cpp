@@ -255,17 +255,13 @@ void transpose_tile(const T* b, int64_t ldb, int64_t n, int64_t D, T* bt, int64_
 }
 
 // S (m x n) = A B^T for the rows of A (m x D) and B (n x D): from bt, B^T as
-// transpose_tile packed it, when fast; from B itself through BLAS otherwise. With
-// row_max (fast path only), also row_max[i] = max_j S[i][j], from the product's
-// registers (f32dot::gemm_row_max).
+// transpose_tile packed it, when fast; from B itself through BLAS otherwise.
 template <typename T>
 void tile_abt(bool fast, int64_t m, int64_t n, int64_t D, const T* a, int64_t lda, const T* b, int64_t ldb,
-              const T* bt, int64_t ldbt, T* s, int64_t lds, T* row_max = nullptr) {
+              const T* bt, int64_t ldbt, T* s, int64_t lds) {
   if constexpr (std::is_same_v<T, float>) {
-    if (fast && row_max) return f32dot::gemm_row_max(m, n, D, a, lda, bt, ldbt, s, lds, row_max);
     if (fast) return f32dot::gemm(m, n, D, a, lda, 1, bt, ldbt, 1.0f, s, lds, false);
   }
-  TORCH_CHECK(row_max == nullptr, "tile_abt: a row max only on the fp32 tile kernels");
   gemm_rm<T>(false, true, m, n, D, T(1), a, lda, b, ldb, T(0), s, lds);
 }
 
@@ -301,18 +297,29 @@ T exp_to_bf16(const T* x, int64_t n, T c, T m, c10::BFloat16* p) {
   }
 }
 
-// K^T of every (sequence, kv head) for the forward's fast fp32 path, transposed once
+// K^T of every (sequence, kv head) for the forward's fast fp32 path, packed once
 // before the tasks: every query block of a sequence reads the same keys, and
-// transposing them per task cost 12% of the S512 D128 forward (perf). Per kv head a
-// [D][ld] matrix whose columns are the key rows, each sequence's starting at a
-// multiple of 16 (so parallel blocks never share a vector of padding).
+// transposing them per task cost 12% of the S512 D128 forward (perf). In f32dot's
+// panels of 64 key columns x D steps, contiguous: as one [D][keys] matrix, each step
+// of the micro-kernel read its row segment from another page (an 8 KiB stride at
+// S2048), and Q K^T ran 18% slower than P V on 2 AVX-512 Xeon cores. A sequence's
+// keys start on a panel, kv head hk's at column hk * head_cols.
 struct KeysTransposed {
-  at::Tensor buf;
-  std::vector<int64_t> col0;  // the first column of each sequence
-  int64_t ld = 0, D = 0;
-  bool ready() const { return buf.defined(); }
-  const float* of(int64_t b, int64_t hk) const { return buf.const_data_ptr<float>() + hk * D * ld + col0[b]; }
+  f32dot::PackedB panels;
+  std::vector<int64_t> col0;  // the first column of each sequence within a head
+  int64_t head_cols = 0;
+  bool ready() const { return !panels.empty(); }
+  int64_t column(int64_t b, int64_t hk, int64_t j) const { return hk * head_cols + col0[b] + j; }
 };
+
+// S (m x n) = Q K^T for keys [j0, j0 + n) of sequence b, kv head hk, with each row's
+// max from the product's registers where row_max is given.
+inline void scores_from_panels(const KeysTransposed& kt, int64_t m, int64_t n, int64_t D, const float* q,
+                               int64_t ldq, int64_t b, int64_t hk, int64_t j0, float* s, int64_t lds,
+                               float* row_max) {
+  if (row_max) return f32dot::gemm_row_max(m, n, D, q, ldq, kt.panels, kt.column(b, hk, j0), s, lds, row_max);
+  f32dot::gemm_prepacked(false, m, n, D, 1.0f, q, ldq, kt.panels, 0, kt.column(b, hk, j0), s, lds, false);
+}
 
 // 16-bit inputs are widened first, a block of rows at a time (per key tile instead,
 // as before, was 1-3% slower at S512 D64/D128 bf16 and 6% at S512 D128 fp16 on Zen 3;
@@ -324,18 +331,16 @@ KeysTransposed transpose_keys(const AttentionCall& call, RowView<const OutT> k, 
     if (!fast) return kt;
     const Sequences& seqs = call.seqs;
     const int64_t Hkv = call.kv_heads, D = call.head_dim, B = seqs.count();
-    constexpr int64_t kRows = 256;  // key rows per task of the transposing pass
+    constexpr int64_t kCols = f32dot::PackedB::kCols;
+    constexpr int64_t kRows = 4 * kCols;  // key rows per task of the transposing pass
     kt.col0.resize(B);
     std::vector<std::pair<int64_t, int64_t>> blocks;  // (sequence, first key row)
     for (int64_t b = 0; b < B; ++b) {
-      kt.col0[b] = kt.ld;
-      kt.ld += f32dot::packed_ld(seqs.k_rows(b));
+      kt.col0[b] = kt.head_cols;
+      kt.head_cols += (seqs.k_rows(b) + kCols - 1) / kCols * kCols;
       for (int64_t j = 0; j < seqs.k_rows(b); j += kRows) blocks.emplace_back(b, j);
     }
-    kt.ld = f32dot::spread_ld(kt.ld);
-    kt.D = D;
-    kt.buf = at::empty({std::max<int64_t>(1, Hkv * D * kt.ld)}, at::TensorOptions().dtype(at::kFloat));
-    float* dst = kt.buf.mutable_data_ptr<float>();
+    kt.panels = f32dot::PackedB(D, std::max<int64_t>(1, Hkv * kt.head_cols));
     const auto n_blocks = static_cast<int64_t>(blocks.size());
     at::parallel_for(0, Hkv * n_blocks, 1, [&](int64_t begin, int64_t end) {
       Scratch<float> widened(std::is_same_v<OutT, float> ? 0 : kRows * row_ld(D));
@@ -345,7 +350,10 @@ KeysTransposed transpose_keys(const AttentionCall& call, RowView<const OutT> k, 
         const int64_t rows = std::min(kRows, seqs.k_rows(b) - j);
         int64_t ld;
         const float* src = tile_rows<float>(k.at(seqs.k_start(b) + j, hk), k.ld(), rows, D, widened.data(), ld);
-        f32dot::pack_transposed(src, ld, rows, D, dst + hk * D * kt.ld + kt.col0[b] + j, kt.ld);
+        for (int64_t r = 0; r < rows; r += kCols) {
+          f32dot::pack_transposed(src + r * ld, ld, std::min(kCols, rows - r), D,
+                                  kt.panels.panel(kt.column(b, hk, j + r) / kCols), kCols);
+        }
       }
     });
   }
@@ -468,7 +476,6 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
 
   const int64_t kp_ld = bf16dot::packed_ld(bk_max), vp_ld = bf16dot::packed_ld(D);
   const int64_t p_ld = dot ? 2 * f32dot::spread_ld((bk_max + 1) / 2) : bk_max + (bk_max & 1);
-  const int64_t kt_ld = f32dot::spread_ld(f32dot::packed_ld(bk_max));
   const KeysTransposed keys_t = transpose_keys<T, OutT>(call, k, fast);
   // Each row's max score straight from the product's registers, a pass over S less
   // (B1 H8 fp32 forward on Zen 3: D64 2.5-7% faster at S2048, 2% at S512; D80 2%;
@@ -492,7 +499,6 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
     Scratch<T> vbuf(copies_rows<T, OutT>(v.ld(), fast) ? bk_max * ld_own : 0);
     Scratch<uint32_t> kpack(dot ? D / 2 * kp_ld : 0), vpack(dot ? (bk_max + 1) / 2 * vp_ld : 0);
     Scratch<c10::BFloat16> pbuf(dot ? bq_max * p_ld : 0);
-    Scratch<T> ktbuf(fast && !keys_t.ready() ? D * kt_ld : 0);
     Scratch<uint8_t> keep(var.dropout ? bk_max + 8 : 0);
     for (int64_t task; queue.next(task);) {
       const QueryBlock blk = blocks[task / H];
@@ -503,7 +509,8 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
       // On the bf16 products, S and P rows an odd number of cache lines apart (spread_ld):
       // a 1-2 KiB stride crowded the AMX tiles' rows into a few L1 sets (B1 H8 bf16
       // forward, 2 AMX Xeon cores, alternating calls: S512 D128 1.42 -> 1.32 ms, S2048
-      // D64 12.0 -> 10.9).
+      // D64 12.0 -> 10.9). The fp32 tiles showed no difference (same machine, S512 and
+      // S2048, D64 and D128, 16 rounds in shuffled order: within 2%).
       const int64_t lds = dot ? f32dot::spread_ld(bk) : bk;  // S's row stride
       const SeqBand band = call.band.of(len_q, seqs.k_len(b));
       int64_t ldq = 0, ldk = 0, ldv;
@@ -537,18 +544,17 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
           }
         }
         if (!dot) {
-          // K itself only where K^T is not ready (read through BLAS, or transposed per tile).
-          const T* K = keys_t.ready() ? nullptr : tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
-          const T* kt = ktbuf.data();  // K^T: transposed before the tasks, or here
-          int64_t kt_stride = kt_ld;
+          bool done = false;  // on K^T's panels (the fast path), else K's rows through BLAS
           if constexpr (std::is_same_v<T, float>) {
             if (keys_t.ready()) {
-              kt = keys_t.of(b, hk) + j0;
-              kt_stride = keys_t.ld;
+              scores_from_panels(keys_t, m, n, D, Q, ldq, b, hk, j0, S, lds, max_in_product ? smax.data() : nullptr);
+              done = true;
             }
           }
-          if (fast && !keys_t.ready()) transpose_tile(K, ldk, n, D, ktbuf.data(), kt_ld);
-          tile_abt(fast, m, n, D, Q, ldq, K, ldk, kt, kt_stride, S, lds, max_in_product ? smax.data() : nullptr);
+          if (!done) {
+            const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
+            tile_abt<T>(false, m, n, D, Q, ldq, K, ldk, nullptr, 0, S, lds);
+          }
         }
         // bf16 products: V packed first, since whether it is finite decides how P is made.
         bool v_finite = false;
