@@ -94,11 +94,12 @@ using tile::all_finite;
 // At S2048 D128 fp32 on Zen 3 (AVX2 tiles, 512 KiB L2, alternating calls against 256 x
 // 512): 256 x 256 within noise, 128 x 256 and 128 x 512 8-12% slower, 64 x 256 and
 // 64 x 512 22-25%: every query block re-reads K^T and copies V.
+// mid_rows: the query rows for sequences of 192 to 767 queries (mid_query_rows).
 struct FwdBlocks {
   int64_t bq, bk;
 };
-FwdBlocks fwd_blocks(int64_t seqlen_q, int64_t seqlen_k, bool packs_tiles = false) {
-  const int64_t bq = seqlen_q >= 768 ? 256 : seqlen_q >= 192 ? (packs_tiles ? 128 : 64) : 32;
+FwdBlocks fwd_blocks(int64_t seqlen_q, int64_t seqlen_k, int64_t mid_rows = 64) {
+  const int64_t bq = seqlen_q >= 768 ? 256 : seqlen_q >= 192 ? mid_rows : 32;
   const int64_t bk = 512;
   return {std::max<int64_t>(1, std::min(bq, seqlen_q)), std::max<int64_t>(1, std::min(bk, seqlen_k))};
 }
@@ -121,6 +122,21 @@ BwdBlocks bwd_blocks(int64_t len_q, int64_t k_rows) {
 
 // The threads a pass of `tasks` tasks runs on (at::parallel_for gives each one index).
 int64_t workers(int64_t tasks) { return std::min<int64_t>(tasks, at::get_num_threads()); }
+
+// The forward's query rows for mid-length sequences (fwd_blocks): 64 through BLAS, 128
+// on our tile kernels (see above), and 256 on the fp32 tiles where every row sees
+// every key and 256-row blocks still give each thread 4 tasks or more: B1 H8 S512 fp32
+// on 2 AVX-512 Xeon cores, 12 rounds in shuffled order: D128 3.32 -> 3.18 ms, D64
+// 1.71 -> 1.69. Not under a causal mask or window (the diagonal blocks' hidden pairs:
+// causal S512 6% slower at 256) nor on the bf16 products (within 1%).
+int64_t mid_query_rows(const AttentionCall& call, bool dot, bool fast) {
+  if (!dot && !fast) return 64;
+  const bool full_band = call.band.left < 0 && call.band.right < 0;
+  if (dot || !full_band) return 128;
+  int64_t tasks = 0;
+  for (int64_t b = 0; b < call.seqs.count(); ++b) tasks += (call.seqs.q_len(b) + 255) / 256 * call.heads;
+  return tasks >= 4 * at::get_num_threads() ? 256 : 128;
+}
 
 // `units` reordered by decreasing cost (ties keep their order).
 template <typename Unit>
@@ -437,13 +453,13 @@ struct QueryBlock {
 
 // Every sequence's query blocks, costliest first (rows x keys they see, + 1 per
 // row for the output).
-std::vector<QueryBlock> query_blocks(const AttentionCall& call, bool packs_tiles) {
+std::vector<QueryBlock> query_blocks(const AttentionCall& call, int64_t mid_rows) {
   const Sequences& seqs = call.seqs;
   std::vector<QueryBlock> blocks;
   std::vector<int64_t> cost;
   for (int64_t b = 0; b < seqs.count(); ++b) {
     const int64_t len_q = seqs.q_len(b);
-    const int64_t bq = fwd_blocks(len_q, seqs.k_rows(b), packs_tiles).bq;
+    const int64_t bq = fwd_blocks(len_q, seqs.k_rows(b), mid_rows).bq;
     const SeqBand band = call.band.of(len_q, seqs.k_len(b));
     for (int64_t i0 = 0; i0 < len_q; i0 += bq) {
       const int64_t m = std::min(bq, len_q - i0);
@@ -468,8 +484,9 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
   // The exponentials on f32_dot's vector kernels wherever they run (also under the bf16
   // products: B1 H8 S2048 D64 bf16 forward on 2 AMX Xeon cores 566 -> 599 GFLOP/s).
   const bool vector_exp = std::is_same_v<T, float> && f32dot::available();
-  const std::vector<QueryBlock> blocks = query_blocks(call, dot || fast);
-  const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows(), dot || fast);
+  const int64_t mid_rows = mid_query_rows(call, dot, fast);
+  const std::vector<QueryBlock> blocks = query_blocks(call, mid_rows);
+  const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows(), mid_rows);
   const T c = score_mult<T>(var, call.scale);
   const T keep_scale = static_cast<T>(var.keep_scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -504,7 +521,7 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
       const QueryBlock blk = blocks[task / H];
       const int64_t h = task % H, b = blk.seq, hk = h / G, bh = b * H + h;
       const int64_t len_q = seqs.q_len(b), q0 = seqs.q_start(b), k0 = seqs.k_start(b);
-      const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b), dot || fast);
+      const auto [bq, bk] = fwd_blocks(len_q, seqs.k_rows(b), mid_rows);
       const int64_t i0 = blk.i0, m = std::min(bq, len_q - i0);
       // On the bf16 products, S and P rows an odd number of cache lines apart (spread_ld):
       // a 1-2 KiB stride crowded the AMX tiles' rows into a few L1 sets (B1 H8 bf16
@@ -677,7 +694,7 @@ void refine_lse(const AttentionCall& call, RowView<const T> q, RowView<const T> 
   const Sequences& seqs = call.seqs;
   const Variants& var = call.var;
   const int64_t H = call.heads, G = H / call.kv_heads, D = call.head_dim;
-  const std::vector<QueryBlock> blocks = query_blocks(call, false);
+  const std::vector<QueryBlock> blocks = query_blocks(call, 64);
   const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows());
   const T c = score_mult<T>(var, call.scale);
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;
