@@ -94,11 +94,14 @@ using tile::all_finite;
 // At S2048 D128 fp32 on Zen 3 (AVX2 tiles, 512 KiB L2, alternating calls against 256 x
 // 512): 256 x 256 within noise, 128 x 256 and 128 x 512 8-12% slower, 64 x 256 and
 // 64 x 512 22-25%: every query block re-reads K^T and copies V.
-// mid_rows: the query rows for sequences of 192 to 767 queries (mid_query_rows).
 struct FwdBlocks {
   int64_t bq, bk;
 };
-FwdBlocks fwd_blocks(int64_t seqlen_q, int64_t seqlen_k, int64_t mid_rows = 64) {
+// Query rows of a mid-length sequence (192 to 767 queries) through BLAS; our tile
+// kernels take more (mid_query_rows).
+constexpr int64_t kBlasMidRows = 64;
+// mid_rows: the query rows for sequences of 192 to 767 queries.
+FwdBlocks fwd_blocks(int64_t seqlen_q, int64_t seqlen_k, int64_t mid_rows = kBlasMidRows) {
   const int64_t bq = seqlen_q >= 768 ? 256 : seqlen_q >= 192 ? mid_rows : 32;
   const int64_t bk = 512;
   return {std::max<int64_t>(1, std::min(bq, seqlen_q)), std::max<int64_t>(1, std::min(bk, seqlen_k))};
@@ -130,7 +133,7 @@ int64_t workers(int64_t tasks) { return std::min<int64_t>(tasks, at::get_num_thr
 // 1.71 -> 1.69. Not under a causal mask or window (the diagonal blocks' hidden pairs:
 // causal S512 6% slower at 256) nor on the bf16 products (within 1%).
 int64_t mid_query_rows(const AttentionCall& call, bool dot, bool fast) {
-  if (!dot && !fast) return 64;
+  if (!dot && !fast) return kBlasMidRows;
   const bool full_band = call.band.left < 0 && call.band.right < 0;
   if (dot || !full_band) return 128;
   int64_t tasks = 0;
@@ -329,12 +332,18 @@ struct KeysTransposed {
 };
 
 // S (m x n) = Q K^T for keys [j0, j0 + n) of sequence b, kv head hk, with each row's
-// max from the product's registers where row_max is given.
-inline void scores_from_panels(const KeysTransposed& kt, int64_t m, int64_t n, int64_t D, const float* q,
-                               int64_t ldq, int64_t b, int64_t hk, int64_t j0, float* s, int64_t lds,
-                               float* row_max) {
-  if (row_max) return f32dot::gemm_row_max(m, n, D, q, ldq, kt.panels, kt.column(b, hk, j0), s, lds, row_max);
-  f32dot::gemm_prepacked(false, m, n, D, 1.0f, q, ldq, kt.panels, 0, kt.column(b, hk, j0), s, lds, false);
+// max from the product's registers where row_max is given (T = float: K^T is packed
+// only on the fp32 tiles).
+template <typename T>
+void scores_from_panels(const KeysTransposed& kt, int64_t m, int64_t n, int64_t D, const T* q, int64_t ldq,
+                        int64_t b, int64_t hk, int64_t j0, T* s, int64_t lds, T* row_max) {
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t c0 = kt.column(b, hk, j0);
+    if (row_max) return f32dot::gemm_row_max(m, n, D, q, ldq, kt.panels, c0, s, lds, row_max);
+    f32dot::gemm_prepacked(false, m, n, D, 1.0f, q, ldq, kt.panels, 0, c0, s, lds, false);
+  } else {
+    TORCH_CHECK(false, "scores_from_panels: only on float scores");
+  }
 }
 
 // 16-bit inputs are widened first, a block of rows at a time (per key tile instead,
@@ -561,14 +570,9 @@ void attention_fwd(const AttentionCall& call, RowView<const OutT> q, RowView<con
           }
         }
         if (!dot) {
-          bool done = false;  // on K^T's panels (the fast path), else K's rows through BLAS
-          if constexpr (std::is_same_v<T, float>) {
-            if (keys_t.ready()) {
-              scores_from_panels(keys_t, m, n, D, Q, ldq, b, hk, j0, S, lds, max_in_product ? smax.data() : nullptr);
-              done = true;
-            }
-          }
-          if (!done) {
+          if (keys_t.ready()) {  // the fast path: K^T's panels
+            scores_from_panels<T>(keys_t, m, n, D, Q, ldq, b, hk, j0, S, lds, max_in_product ? smax.data() : nullptr);
+          } else {  // K's rows through BLAS
             const T* K = tile_rows<T>(k.at(k0 + j0, hk), k.ld(), n, D, kbuf.data(), ldk);
             tile_abt<T>(false, m, n, D, Q, ldq, K, ldk, nullptr, 0, S, lds);
           }
@@ -694,7 +698,7 @@ void refine_lse(const AttentionCall& call, RowView<const T> q, RowView<const T> 
   const Sequences& seqs = call.seqs;
   const Variants& var = call.var;
   const int64_t H = call.heads, G = H / call.kv_heads, D = call.head_dim;
-  const std::vector<QueryBlock> blocks = query_blocks(call, 64);
+  const std::vector<QueryBlock> blocks = query_blocks(call, kBlasMidRows);
   const auto [bq_max, bk_max] = fwd_blocks(seqs.max_q_len(), seqs.max_k_rows());
   const T c = score_mult<T>(var, call.scale);
   const int64_t tasks = static_cast<int64_t>(blocks.size()) * H;
