@@ -162,8 +162,17 @@ TFK_TILE_TARGET void column_block(int64_t m, int64_t steps, const typename Kind:
       i = kRows;
     }
   }
-  for (; i + kRows <= m; i += kRows) {
+  // A last 1 or 2 rows join the last full micro-tile's 6 as 4 + 3 or 4 + 4: a 1- or
+  // 2-row tile loads the B vectors for 4 or 8 FMAs a step, a 3- or 4-row one for 12 or
+  // 16 (each row's sums are the same either way).
+  const int64_t rest_rows = m % kRows;
+  const int64_t full_end = m - rest_rows - (rest_rows > 0 && rest_rows < 3 && m > kRows ? kRows : 0);
+  for (; i + kRows <= full_end; i += kRows) {
     micro_kernel<Kind, kRows, NZ, kMaskedTail>(steps, a + i * a_row, a_row, a_step, b, ldb, out.at(i, 0), tail);
+  }
+  if (m - i > kRows) {
+    micro_kernel<Kind, 4, NZ, kMaskedTail>(steps, a + i * a_row, a_row, a_step, b, ldb, out.at(i, 0), tail);
+    i += 4;
   }
   a += i * a_row;
   const Out rest = out.at(i, 0);
