@@ -230,10 +230,12 @@ def test_num_splits(kv_device, num_splits):
     check_case(case, torch.float32, kv_device)
 
 
-def test_deterministic_across_threads():
-    """Key splits are chosen from the shape and merged in order: bitwise equal results on
-    any thread count (B * Hkv = 1 here, so the default splits the keys)."""
-    case = Case([1000, 300], 1, 1, 4, 1, 64, is_causal=True)
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_deterministic_across_threads(kv_heads):
+    """Key splits are chosen from the shape and merged in order, and a decode call's kv
+    heads run as groups: bitwise equal results on any thread count (B * Hkv <= 8 here,
+    so the default splits the keys)."""
+    case = Case([1000, 300], 1, 1, 8, kv_heads, 64, is_causal=True)
     q, k_cache, v_cache, kw = make_inputs(case, torch.float32, "cpu")
     threads = torch.get_num_threads()
     results = []
@@ -246,6 +248,19 @@ def test_deterministic_across_threads():
         torch.set_num_threads(threads)
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
+def test_head_strided_cache_matches_contiguous():
+    """A cache whose heads are not side by side ([B, Hkv, S, D] storage seen as [B, S, Hkv, D])
+    gives the contiguous cache's result bit for bit: the same sums, read from other addresses."""
+    case = Case([17, 1000, 300], 1, 1, 8, 2, 64, is_causal=True)
+    q, k_cache, v_cache, kw = make_inputs(case, torch.float32, "cpu")
+    expected = tfkernels.flash_attention_with_kvcache(q, k_cache.clone(), v_cache.clone(), return_lse=True, **kw)
+    k_strided = k_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    v_strided = v_cache.transpose(1, 2).contiguous().transpose(1, 2)
+    assert k_strided.stride(2) != k_cache.stride(2)
+    got = tfkernels.flash_attention_with_kvcache(q, k_strided, v_strided, return_lse=True, **kw)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def test_cache_seqlens_int_and_int64(kv_device):

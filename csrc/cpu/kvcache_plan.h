@@ -91,4 +91,26 @@ inline Plan make_plan(int64_t batch, int64_t kv_heads, int64_t group, int64_t se
   return plan;
 }
 
+// plan.tasks' indices ordered (sequence, query block, key split, kv head): the tasks of
+// the kv heads of one (sequence, query block, key split), which have the same keys (an
+// item's keys and splits depend only on its sequence and rows), side by side, so that
+// any divisor of kv_heads cuts the order into groups of such tasks.
+inline std::vector<int64_t> tasks_by_kv_head(const Plan& plan, int64_t kv_heads) {
+  const int64_t n_items = static_cast<int64_t>(plan.items.size());
+  std::vector<int64_t> first_task(n_items + 1, 0);
+  for (int64_t it = 0; it < n_items; ++it) first_task[it + 1] = first_task[it] + plan.items[it].splits;
+  // Items run sequence, kv head, query block (make_plan).
+  const int64_t blocks = n_items / std::max<int64_t>(1, kv_heads * (n_items > 0 ? plan.items.back().b + 1 : 1));
+  std::vector<int64_t> order;
+  order.reserve(plan.tasks.size());
+  for (int64_t seq0 = 0; seq0 < n_items; seq0 += kv_heads * blocks) {
+    for (int64_t qb = 0; qb < blocks; ++qb) {
+      for (int64_t sp = 0; sp < plan.items[seq0 + qb].splits; ++sp) {
+        for (int64_t hk = 0; hk < kv_heads; ++hk) order.push_back(first_task[seq0 + hk * blocks + qb] + sp);
+      }
+    }
+  }
+  return order;
+}
+
 }  // namespace tfkernels::cpu::kvcache
