@@ -44,12 +44,10 @@ def _plain_eager_grad(args):
     """Whether gradients will flow through a call on `args` and nothing that needs the
     registered formula is active: no tracing, functorch transform or autocast, and only
     plain tensors."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if not any(t.requires_grad for t in tensors) or any(type(t) is not torch.Tensor for t in tensors):
+    if not _needs_grad(*tensors) or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    return not torch.is_autocast_enabled(tensors[0].device.type)
+    return all(type(t) is torch.Tensor for t in tensors) and not torch.is_autocast_enabled(tensors[0].device.type)
 
 
 def _register_autograd(name, backward, setup_context):

@@ -166,7 +166,6 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
   // idle (num_splits = 1 with few sequences); then the largest divisor of Hkv that does
   // not. Results do not depend on it: each task sums the same tiles either way.
   const bool decode = max_rows <= kvcache::kRowLoopMaxRows;
-  const std::vector<int64_t> order = kvcache::tasks_by_kv_head(plan, s.kv_heads);
   int64_t group = decode ? s.kv_heads : 1;
   while (group > 1 && (s.kv_heads % group != 0 || n_tasks / group < at::get_num_threads())) --group;
   // Keys per tile in a group: the tile's K rows of all heads in ~256 KiB, V's as many
@@ -187,7 +186,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
     Scratch<const In*> kptr(kKeyTile + kvcache::kAhead), vptr(kKeyTile + kvcache::kAhead);
     Scratch<int64_t> vis_lo(max_rows), vis_hi(max_rows);
     for (int64_t gi = begin; gi < end; ++gi) {
-      const kvcache::Task& first = plan.tasks[order[gi * group]];
+      const kvcache::Task& first = plan.tasks[gi * group];
       // One task of the group (member `slot`): its item's rows and where their state lives.
       struct Member {
         const kvcache::Task* task;
@@ -196,7 +195,7 @@ void attention(const KvcacheShape& s, const Attrs& attrs, const Band& band, cons
         RowState<T> st;
       };
       auto member = [&](int64_t slot) {
-        const kvcache::Task& task = plan.tasks[order[gi * group + slot]];
+        const kvcache::Task& task = plan.tasks[gi * group + slot];
         const kvcache::Item& item = plan.items[task.item];
         const int64_t part = (item.first_partial + task.split) * max_rows;
         const RowState<T> st = item.splits > 1

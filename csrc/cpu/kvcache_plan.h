@@ -72,8 +72,7 @@ inline Plan make_plan(int64_t batch, int64_t kv_heads, int64_t group, int64_t se
     chunk = (total_keys + kTargetTasks - 1) / kTargetTasks;
     chunk = std::max<int64_t>(key_tile, (chunk + key_tile - 1) / key_tile * key_tile);
   }
-  for (int64_t it = 0; it < n_items; ++it) {
-    Item& item = plan.items[it];
+  for (Item& item : plan.items) {
     const int64_t size = item.keys.size();
     if (num_splits > 0) item.splits = num_splits;
     else if (chunk > 0) item.splits = std::max<int64_t>(1, (size + chunk - 1) / chunk);
@@ -81,36 +80,27 @@ inline Plan make_plan(int64_t batch, int64_t kv_heads, int64_t group, int64_t se
       item.first_partial = plan.partials;
       plan.partials += item.splits;
     }
-    for (int64_t s = 0; s < item.splits; ++s) {
-      // Auto: chunk-long pieces from the band's start; fixed count: near-equal pieces.
-      const int64_t lo = chunk > 0 ? std::min(size, s * chunk) : size * s / item.splits;
-      const int64_t hi = chunk > 0 ? std::min(size, (s + 1) * chunk) : size * (s + 1) / item.splits;
-      plan.tasks.push_back(Task{it, s, item.keys.lo + lo, item.keys.lo + hi});
-    }
   }
-  return plan;
-}
-
-// plan.tasks' indices ordered (sequence, query block, key split, kv head): the tasks of
-// the kv heads of one (sequence, query block, key split), which have the same keys (an
-// item's keys and splits depend only on its sequence and rows), side by side, so that
-// any divisor of kv_heads cuts the order into groups of such tasks.
-inline std::vector<int64_t> tasks_by_kv_head(const Plan& plan, int64_t kv_heads) {
-  const int64_t n_items = static_cast<int64_t>(plan.items.size());
-  std::vector<int64_t> first_task(n_items + 1, 0);
-  for (int64_t it = 0; it < n_items; ++it) first_task[it + 1] = first_task[it] + plan.items[it].splits;
-  // Items run sequence, kv head, query block (make_plan).
-  const int64_t blocks = n_items / std::max<int64_t>(1, kv_heads * (n_items > 0 ? plan.items.back().b + 1 : 1));
-  std::vector<int64_t> order;
-  order.reserve(plan.tasks.size());
-  for (int64_t seq0 = 0; seq0 < n_items; seq0 += kv_heads * blocks) {
+  // Tasks ordered (sequence, query block, key split, kv head): the kv heads of one
+  // (sequence, query block, key split) side by side, with the same keys (an item's keys
+  // and splits depend only on its sequence and rows), so that a divisor of kv_heads
+  // cuts the list into groups for one thread (flash_kvcache.cpp's decode).
+  const int64_t blocks = (seqlen_q + plan.bq - 1) / plan.bq;  // items per (sequence, kv head)
+  for (int64_t b = 0; b < batch; ++b) {
     for (int64_t qb = 0; qb < blocks; ++qb) {
-      for (int64_t sp = 0; sp < plan.items[seq0 + qb].splits; ++sp) {
-        for (int64_t hk = 0; hk < kv_heads; ++hk) order.push_back(first_task[seq0 + hk * blocks + qb] + sp);
+      const Item& lead = plan.items[b * kv_heads * blocks + qb];
+      const int64_t size = lead.keys.size();
+      for (int64_t s = 0; s < lead.splits; ++s) {
+        // Auto: chunk-long pieces from the band's start; fixed count: near-equal pieces.
+        const int64_t lo = chunk > 0 ? std::min(size, s * chunk) : size * s / lead.splits;
+        const int64_t hi = chunk > 0 ? std::min(size, (s + 1) * chunk) : size * (s + 1) / lead.splits;
+        for (int64_t hk = 0; hk < kv_heads; ++hk) {
+          plan.tasks.push_back(Task{(b * kv_heads + hk) * blocks + qb, s, lead.keys.lo + lo, lead.keys.lo + hi});
+        }
       }
     }
   }
-  return order;
+  return plan;
 }
 
 }  // namespace tfkernels::cpu::kvcache
