@@ -39,6 +39,7 @@
 #include "cpu/blas.h"
 #include "cpu/gelu_rows.h"
 #include "cpu/gemm16.h"
+#include "cpu/linear_gelu_fwd.h"
 #include "cpu/warm_buffers.h"
 
 namespace tfkernels::cpu {
@@ -83,6 +84,25 @@ void fused_mlp_fwd_kernel_16bit(const MlpShape& s, const scalar_t* x, const scal
   scalar_t* h = h_buf.mutable_data_ptr<scalar_t>();
   linear_gelu_onednn(x, m, d, w1, f, b1, pre, h, approx);
   linear_tile_aten(h, m, f, f, w2, n, f, b2, out, n);
+}
+
+// bf16 where bf16_dot's tiles take both GEMMs (forward_on_bf16_tiles): the same two
+// whole GEMMs on them instead of on oneDNN, h = gelu(x W1^T + b1) as linear_gelu's
+// forward makes it (the GELU in the tiles' epilogue, from the fp32 sum), then
+// h W2^T + b2 with W2^T packed once. M2048 d1024 ff4096 tanh on 2 Zen 4 cores,
+// medians of 12 shuffled calls in each of 3 processes: 86.8-88.1 ms on oneDNN,
+// 80.1-81.2 here (eager 102-108); oneDNN's GEMMs also swing from process to process.
+// (A template so that the dtype dispatch compiles it for every type; only bf16 calls it.)
+template <typename scalar_t>
+void fused_mlp_fwd_bf16_tiles(const MlpShape& s, const at::Tensor& x, const at::Tensor& w1, const float* b1,
+                              const at::Tensor& w2, const float* b2, scalar_t* pre, at::Tensor& out,
+                              GeluApprox approx) {
+  const at::Tensor h = warm::empty({s.rows, s.hidden}, x.options());
+  linear_gelu_fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(), b1, pre,
+                                   h.mutable_data_ptr<scalar_t>(), s.rows, s.hidden, s.in_features, approx,
+                                   at::Tensor(), Gemm16::kOneDnn);
+  at::Tensor out2d = out.view({s.rows, s.out_features});
+  linear_bf16_tiles(out2d, h, w2, b2);
 }
 
 template <typename scalar_t>
@@ -160,10 +180,21 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cpu(const at::Tensor& x_, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_mlp", [&] {
     using acc_t = acc_type<scalar_t>;
     if constexpr (is_16bit<scalar_t>) {
-      // Not on bf16_dot's tiles (gemm16.h's forward_on_bf16_tiles): with the hidden
-      // blocks accumulating into an fp32 output block, they measured 0.96x these
-      // oneDNN calls (2-core Zen 4, M2048 d1024 ff4096, alternating calls; row blocks
-      // of 128-512 and hidden blocks of 512-2048 all within noise of it).
+      // On bf16_dot's tiles as two whole GEMMs where they take both (gemm16.h's
+      // forward_on_bf16_tiles); not as the loop above, whose hidden blocks accumulate
+      // into an fp32 output block: that measured 0.96x the oneDNN calls below (2-core
+      // Zen 4, M2048 d1024 ff4096, alternating calls; row blocks of 128-512 and hidden
+      // blocks of 512-2048 all within noise of it).
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (forward_on_bf16_tiles<scalar_t>(s.in_features) && forward_on_bf16_tiles<scalar_t>(s.hidden) &&
+            s.out_features > 0) {
+          const float* b1p = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
+          const float* b2p = b2.defined() ? b2.const_data_ptr<float>() : nullptr;
+          fused_mlp_fwd_bf16_tiles<scalar_t>(s, x.view({s.rows, s.in_features}), w1, b1p, w2, b2p,
+                                   save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr, out, approx);
+          return;
+        }
+      }
       if (gemm16_backend(x.scalar_type()) == Gemm16::kOneDnn) {
         // Detached: parallel_for workers do not inherit the autograd exclusion above.
         const at::Tensor b1d = b1_.has_value() && b1_->defined() ? b1_->detach().contiguous() : at::Tensor();

@@ -89,10 +89,11 @@ bool mm_on_bf16_tiles(const at::Tensor& a, const at::Tensor& b) {
   return b_rows || (b_cols && b.stride(1) % 2 == 0);
 }
 
-// out = a @ b on bf16_dot's tiles: op(B) packed once into panels of pairs, A read in
-// place when its rows are contiguous, else each task packs its rows' pairs
-// (pack_row_pairs); each output's fp32 sum over all of k is rounded once in registers.
-void mm_bf16_tiles(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+// out = a @ b (+ bias, fp32, when not null) on bf16_dot's tiles: op(B) packed once
+// into panels of pairs, A read in place when its rows are contiguous, else each task
+// packs its rows' pairs (pack_row_pairs); each output's fp32 sum over all of k (and
+// the bias) is rounded once in registers.
+void mm_bf16_tiles(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const float* bias = nullptr) {
   using T = c10::BFloat16;
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1), pairs = (k + 1) / 2;
   const f32dot::PackedB packed = b.stride(1) == 1
@@ -108,12 +109,12 @@ void mm_bf16_tiles(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * block, rows = std::min(block, m - r0);
       if (a_rows) {
-        bf16dot::gemm_prepacked_rounded(rows, n, pairs, a0 + r0 * lda, lda, 2, packed, 0, 0, nullptr, c + r0 * n, n);
+        bf16dot::gemm_prepacked_rounded(rows, n, pairs, a0 + r0 * lda, lda, 2, packed, 0, 0, bias, c + r0 * n, n);
       } else {
         const int64_t ldp = bf16dot::packed_ld(rows);
         bf16dot::pack_row_pairs(a0 + r0, lda, k, rows, a_pairs.data(), ldp);
         bf16dot::gemm_prepacked_rounded(rows, n, pairs, reinterpret_cast<const T*>(a_pairs.data()), 2, 2 * ldp,
-                                        packed, 0, 0, nullptr, c + r0 * n, n);
+                                        packed, 0, 0, bias, c + r0 * n, n);
       }
     }
   });
@@ -161,6 +162,13 @@ Gemm16 gemm16_backend(at::ScalarType dtype) {
   }
   const bool fast = dtype == at::kBFloat16 ? native.bf16 : dtype == at::kHalf ? native.half : true;
   return fast ? Gemm16::kOneDnn : Gemm16::kBlas;
+}
+
+void linear_bf16_tiles(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const float* bias) {
+  const at::Tensor wt = w.t();
+  TORCH_CHECK(out.is_contiguous() && x.numel() > 0 && w.numel() > 0 && mm_on_bf16_tiles(x, wt),
+              "linear_bf16_tiles: operands that bf16_dot's tiles do not take");
+  mm_bf16_tiles(out, x, wt, bias);
 }
 
 void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {

@@ -68,6 +68,11 @@ bool forward_on_bf16_tiles(int64_t k) {
 // AMX Xeon cores, 10.5 ms against 4.7 plus 0.6 for the copy).
 void mm_out_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
+// out = x W^T + bias for x [m, k] and W [n, k] (bf16, contiguous; bias fp32 [n] or
+// null) on bf16_dot's tiles, W^T packed once, each output's fp32 sum rounded once:
+// a forward GEMM where forward_on_bf16_tiles(k) holds.
+void linear_bf16_tiles(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const float* bias);
+
 // out = gelu(x W^T + bias) for x [m, k] and W [n, k] rows, on the kOneDnn backend: one
 // whole oneDNN GEMM on every thread, bias fused (fp32 accumulation, one rounding, as
 // eager's addmm) into `pre` (or into `out` when pre is null), then a parallel GELU
