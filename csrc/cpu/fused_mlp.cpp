@@ -11,9 +11,10 @@
 // whole oneDNN GEMMs (x W1^T + b1, then h W2^T + b2, each on every thread) with the
 // GELU pass between them and h in memory kept between calls (warm_buffers.h):
 // oneDNN has no fp32 output for 16-bit inputs through ATen, and accumulating per
-// hidden block in the dtype would round too often. On the BLAS backend they take the
-// loop above with MKL's fp32-output GEMM (the pre tile and the output accumulator
-// in fp32).
+// hidden block in the dtype would round too often. bf16 on AVX512-BF16 without AMX
+// runs the same two whole GEMMs on bf16_dot's tiles (fused_mlp_fwd_bf16_tiles). On
+// the BLAS backend they take the loop above with MKL's fp32-output GEMM (the pre
+// tile and the output accumulator in fp32).
 //
 // Backward:
 //   dpre = (grad_out W2) * gelu'(pre), tile by tile (GEMM, then the dGELU pass
@@ -191,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cpu(const at::Tensor& x_, const at:
           const float* b1p = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
           const float* b2p = b2.defined() ? b2.const_data_ptr<float>() : nullptr;
           fused_mlp_fwd_bf16_tiles<scalar_t>(s, x.view({s.rows, s.in_features}), w1, b1p, w2, b2p,
-                                   save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr, out, approx);
+                                             save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr, out, approx);
           return;
         }
       }
