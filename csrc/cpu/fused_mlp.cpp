@@ -12,7 +12,7 @@
 // GELU pass between them and h in memory kept between calls (warm_buffers.h):
 // oneDNN has no fp32 output for 16-bit inputs through ATen, and accumulating per
 // hidden block in the dtype would round too often. bf16 on AVX512-BF16 without AMX
-// runs the same two whole GEMMs on bf16_dot's tiles (fused_mlp_fwd_bf16_tiles). On
+// runs the same two whole GEMMs on bf16_dot's tiles (fused_mlp_fwd_kernel_16bit). On
 // the BLAS backend they take the loop above with MKL's fp32-output GEMM (the pre
 // tile and the output accumulator in fp32).
 //
@@ -69,41 +69,37 @@ std::vector<int64_t> with_last(const at::Tensor& x, int64_t features) {
   return sizes;
 }
 
-// 16-bit types: pre = x W1^T + b1 and out = h W2^T + b2 are two whole oneDNN GEMMs
-// through ATen (fp32 accumulation, bias in fp32, one rounding each, as eager), and
-// h = gelu(pre) a parallel pass between them. Whole GEMMs, not one pair per block of
-// rows: oneDNN packs its B (all of W1, all of W2) on every call, which 256-row
-// blocks repeated 8 times at M2048 (d1024 ff4096 bf16 on 2 AMX Xeon cores, medians
-// of 12 interleaved calls in two runs: 25.3 / 25.5 ms in 256-row blocks, 22.6 / 22.8
-// in 512, 16.1 / 16.7 whole; eager 27.1 / 29.5).
+// 16-bit types on the oneDNN backend: pre = x W1^T + b1, h = gelu(pre) and out =
+// h W2^T + b2 as two whole GEMMs (each on every thread), h in warm memory between them.
+// The first is linear_gelu's forward (linear_gelu_fwd.h): one oneDNN GEMM through
+// ATen (fp32 accumulation, bias in fp32, one rounding, as eager) and a parallel GELU
+// pass, or, for bf16 where bf16_dot's tiles take it (gemm16.h's forward_on_bf16_tiles),
+// the tiles with the GELU in their epilogue from the fp32 sum; the second likewise
+// through ATen or on the tiles (linear_bf16_tiles, W2^T packed once). Whole GEMMs, not
+// one pair per block of rows: oneDNN packs its B (all of W1, all of W2) on every call,
+// which 256-row blocks repeated 8 times at M2048 (d1024 ff4096 bf16 on 2 AMX Xeon
+// cores, medians of 12 interleaved calls in two runs: 25.3 / 25.5 ms in 256-row
+// blocks, 22.6 / 22.8 in 512, 16.1 / 16.7 whole; eager 27.1 / 29.5). On the tiles
+// against oneDNN (M2048 d1024 ff4096 tanh, 2 Zen 4 cores, medians of 12 shuffled calls
+// in each of 3 processes): 80.1-81.2 ms against 86.8-88.1 (eager 102-108); oneDNN's
+// GEMMs also swing from process to process.
 template <typename scalar_t>
-void fused_mlp_fwd_kernel_16bit(const MlpShape& s, const scalar_t* x, const scalar_t* w1, const at::Tensor& b1,
-                                const scalar_t* w2, const at::Tensor& b2, scalar_t* pre, scalar_t* out,
-                                GeluApprox approx) {
+void fused_mlp_fwd_kernel_16bit(const MlpShape& s, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                const at::Tensor& b1_16, const at::Tensor& w2, const at::Tensor& b2,
+                                const at::Tensor& b2_16, scalar_t* pre, at::Tensor& out, GeluApprox approx) {
+  using acc_t = acc_type<scalar_t>;
   const int64_t m = s.rows, d = s.in_features, f = s.hidden, n = s.out_features;
-  const at::Tensor h_buf = warm::empty({m, f}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
-  scalar_t* h = h_buf.mutable_data_ptr<scalar_t>();
-  linear_gelu_onednn(x, m, d, w1, f, b1, pre, h, approx);
-  linear_tile_aten(h, m, f, f, w2, n, f, b2, out, n);
-}
-
-// bf16 where bf16_dot's tiles take both GEMMs (forward_on_bf16_tiles): the same two
-// whole GEMMs on them instead of on oneDNN, h = gelu(x W1^T + b1) as linear_gelu's
-// forward makes it (the GELU in the tiles' epilogue, from the fp32 sum), then
-// h W2^T + b2 with W2^T packed once. M2048 d1024 ff4096 tanh on 2 Zen 4 cores,
-// medians of 12 shuffled calls in each of 3 processes: 86.8-88.1 ms on oneDNN,
-// 80.1-81.2 here (eager 102-108); oneDNN's GEMMs also swing from process to process.
-// (A template so that the dtype dispatch compiles it for every type; only bf16 calls it.)
-template <typename scalar_t>
-void fused_mlp_fwd_bf16_tiles(const MlpShape& s, const at::Tensor& x, const at::Tensor& w1, const float* b1,
-                              const at::Tensor& w2, const float* b2, scalar_t* pre, at::Tensor& out,
-                              GeluApprox approx) {
-  const at::Tensor h = warm::empty({s.rows, s.hidden}, x.options());
-  linear_gelu_fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(), b1, pre,
-                                   h.mutable_data_ptr<scalar_t>(), s.rows, s.hidden, s.in_features, approx,
-                                   at::Tensor(), Gemm16::kOneDnn);
-  at::Tensor out2d = out.view({s.rows, s.out_features});
-  linear_bf16_tiles(out2d, h, w2, b2);
+  const at::Tensor h = warm::empty({m, f}, x.options());
+  linear_gelu_fwd_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(),
+                                   b1.defined() ? b1.const_data_ptr<acc_t>() : nullptr, pre,
+                                   h.mutable_data_ptr<scalar_t>(), m, f, d, approx, b1_16, Gemm16::kOneDnn);
+  at::Tensor out2d = out.view({m, n});
+  if (n > 0 && forward_on_bf16_tiles<scalar_t>(f)) {
+    linear_bf16_tiles(out2d, h, w2, b2.defined() ? b2.const_data_ptr<acc_t>() : nullptr);
+  } else {
+    linear_tile_aten(h.const_data_ptr<scalar_t>(), m, f, f, w2.const_data_ptr<scalar_t>(), n, f, b2_16,
+                     out2d.mutable_data_ptr<scalar_t>(), n);
+  }
 }
 
 template <typename scalar_t>
@@ -181,29 +177,16 @@ std::tuple<at::Tensor, at::Tensor> fused_mlp_cpu(const at::Tensor& x_, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_mlp", [&] {
     using acc_t = acc_type<scalar_t>;
     if constexpr (is_16bit<scalar_t>) {
-      // On bf16_dot's tiles as two whole GEMMs where they take both (gemm16.h's
-      // forward_on_bf16_tiles); not as the loop above, whose hidden blocks accumulate
-      // into an fp32 output block: that measured 0.96x the oneDNN calls below (2-core
-      // Zen 4, M2048 d1024 ff4096, alternating calls; row blocks of 128-512 and hidden
+      // Not as fused_mlp_fwd_kernel on bf16_dot's tiles: its hidden blocks accumulate into an
+      // fp32 output block, which measured 0.96x the two whole oneDNN GEMMs (2-core Zen
+      // 4, M2048 d1024 ff4096, alternating calls; row blocks of 128-512 and hidden
       // blocks of 512-2048 all within noise of it).
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-        if (forward_on_bf16_tiles<scalar_t>(s.in_features) && forward_on_bf16_tiles<scalar_t>(s.hidden) &&
-            s.out_features > 0) {
-          const float* b1p = b1.defined() ? b1.const_data_ptr<float>() : nullptr;
-          const float* b2p = b2.defined() ? b2.const_data_ptr<float>() : nullptr;
-          fused_mlp_fwd_bf16_tiles<scalar_t>(s, x.view({s.rows, s.in_features}), w1, b1p, w2, b2p,
-                                             save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr, out, approx);
-          return;
-        }
-      }
       if (gemm16_backend(x.scalar_type()) == Gemm16::kOneDnn) {
         // Detached: parallel_for workers do not inherit the autograd exclusion above.
         const at::Tensor b1d = b1_.has_value() && b1_->defined() ? b1_->detach().contiguous() : at::Tensor();
         const at::Tensor b2d = b2_.has_value() && b2_->defined() ? b2_->detach().contiguous() : at::Tensor();
-        fused_mlp_fwd_kernel_16bit<scalar_t>(s, x.const_data_ptr<scalar_t>(), w1.const_data_ptr<scalar_t>(), b1d,
-                                             w2.const_data_ptr<scalar_t>(), b2d,
-                                             save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr,
-                                             out.mutable_data_ptr<scalar_t>(), approx);
+        fused_mlp_fwd_kernel_16bit<scalar_t>(s, x.view({s.rows, s.in_features}), w1, b1, b1d, w2, b2, b2d,
+                                             save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr, out, approx);
         return;
       }
     }
